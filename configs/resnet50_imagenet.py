@@ -1,0 +1,53 @@
+"""ResNet-50 v1.5 on ImageNet-1k, the standard recipe: bf16 compute, SGD + Nesterov
+momentum 0.9, batch 1024, learning rate 0.1 x batch/256 with 5 warmup epochs then cosine,
+weight decay 1e-4 (not on biases/BatchNorm), label smoothing 0.1, 90 epochs,
+inception crop + flip; evaluation at 224 px centre crop.
+
+  tfds build imagenet2012 --file_format=array_record  # needs the manual download
+  python -m train --config=configs/resnet50_imagenet.py --workdir=runs/resnet50
+"""
+
+from train.defaults import base_config
+
+_TRAIN_IMAGES = 1_281_167
+
+
+def get_config(variant: str | None = None):
+    c = base_config()
+    c.dataset = "imagenet2012"
+    c.eval_split = "validation"
+    c.augment = "inception"
+    c.image_size = 224
+    c.image_mean = (0.485, 0.456, 0.406)
+    c.image_std = (0.229, 0.224, 0.225)
+    c.model = {"name": "ResNet50"}
+    c.dtype = "bfloat16"
+    c.label_smoothing = 0.1
+    c.batch_size = 1024
+    steps_per_epoch = _TRAIN_IMAGES // c.batch_size
+    c.total_steps = 90 * steps_per_epoch
+    c.optimizer.name = "sgd"
+    c.optimizer.learning_rate = 0.1 * c.batch_size / 256
+    c.optimizer.nesterov = True
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 5 * steps_per_epoch
+    c.eval_every = steps_per_epoch
+    c.checkpoint_every = steps_per_epoch
+    c.data_threads = 32
+    c.log_every = 100
+    if variant == "smoke":  # a narrow ResNet-50 on small synthetic images
+        c.dataset = "synthetic"
+        c.synthetic_shape = (80, 80, 3)
+        c.image_size = 64  # the inception crop, at a small size
+        c.num_classes = 10
+        c.model.num_filters = 8
+        c.dtype = "float32"
+        c.batch_size = 8
+        c.total_steps = 2
+        c.optimizer.warmup_steps = 1
+        c.eval_every = 0
+        c.checkpoint_every = 0
+        c.log_every = 1
+        c.data_threads = 2
+    return c

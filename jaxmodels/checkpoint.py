@@ -1,0 +1,183 @@
+"""Checkpoints: Orbax, behind one small class.
+
+* Asynchronous saves (the train loop goes on while the arrays are written).
+* Atomic: Orbax writes a step to a temporary folder and renames it when complete, so an
+  interrupted save never replaces a good checkpoint and `latest_step` only sees complete ones.
+* Keep the last K.
+* Restore onto any mesh: the target shardings decide where each array lands.
+* The data iterator's position (a small JSON dict) is saved with the state, so a resumed
+  run sees exactly the batches it would have seen.
+* A checkpoint from a different model fails with the list of mismatched tensors.
+
+Example:
+  >>> ckpt = Checkpointer("/tmp/run/checkpoints", max_to_keep=2)  # doctest: +SKIP
+  >>> ckpt.save(100, state, data_state={"next_index": 100})        # doctest: +SKIP
+  >>> state, data_state = ckpt.restore(abstract_state)             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxmodels.errors import CheckpointError
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {"/".join(_key_name(k) for k in path): tuple(x.shape) for path, x in leaves}
+
+
+def _as_dict(state: Any) -> Any:
+    """A pytree's nodes as plain dicts (so metadata and targets compare by name)."""
+    flat = jax.tree_util.tree_leaves_with_path(state)
+    out: dict[str, Any] = {}
+    for path, leaf in flat:
+        out["/".join(_key_name(k) for k in path)] = leaf
+    return out
+
+
+class Checkpointer:
+    """Saves and restores a train state plus a JSON data-iterator state.
+
+    Args:
+      directory: where step folders go (created if missing).
+      max_to_keep: keep the newest K complete checkpoints.
+      async_save: write in a background thread.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True
+    ):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_handlers={
+                    "state": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(),
+                },
+            )
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot create checkpoint directory {self.directory}: {e}. "
+                "Choose a writable --workdir."
+            ) from e
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        self._manager.reload()
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        self._manager.reload()
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any] | None = None) -> bool:
+        """Starts saving `state` (and `data_state`) as `step`; returns at once if async."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state or {}),
+        )
+        return self._manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        """Blocks until every pending save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def _check_compatible(self, step: int, target: Any) -> None:
+        path = os.path.join(self.directory, str(step))
+        try:
+            meta = self._manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - any failure here means unreadable
+            raise CheckpointError(
+                f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). Delete that "
+                "folder to resume from the previous checkpoint, or use a new --workdir."
+            ) from e
+        if meta is None:
+            raise CheckpointError(
+                f"checkpoint {path} has no readable state metadata (partial write?). Delete "
+                "that folder to resume from the previous checkpoint, or use a new --workdir."
+            )
+        theirs = {k: tuple(v.shape) for k, v in _as_dict(meta).items() if hasattr(v, "shape")}
+        ours = _flat_shapes(target)
+
+        def order(key: str) -> tuple[int, str]:  # parameters first: the informative part
+            return (0 if key.startswith("params") else 1, key)
+
+        missing = sorted(set(ours) - set(theirs), key=order)
+        unexpected = sorted(set(theirs) - set(ours), key=order)
+        shapes = sorted(
+            f"{k}: checkpoint {theirs[k]} vs model {ours[k]}"
+            for k in set(ours) & set(theirs)
+            if theirs[k] != ours[k]
+        )
+        shapes.sort(key=order)
+        if missing or unexpected or shapes:
+            lines = [f"checkpoint {path} was written by a different model or optimizer:"]
+            for title, items in (
+                ("missing in checkpoint", missing),
+                ("not in this model", unexpected),
+                ("shape mismatch", shapes),
+            ):
+                if items:
+                    shown = ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
+                    lines.append(f"  {title} ({len(items)}): {shown}")
+            lines.append("Use the config that wrote it, or a new --workdir to start a fresh run.")
+            raise CheckpointError("\n".join(lines))
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores onto the shapes, dtypes and shardings of `target`.
+
+        Args:
+          target: a pytree like the saved state whose leaves are arrays or
+            `jax.ShapeDtypeStruct`s with `.sharding` (the mesh may differ from the one
+            that saved).
+          step: which checkpoint; default the latest complete one.
+
+        Returns:
+          (state, data_state).
+
+        Raises:
+          CheckpointError: no checkpoint, a different model, or unreadable files.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        self._check_compatible(step, target)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - report any read failure with the path
+            path = os.path.join(self.directory, str(step))
+            raise CheckpointError(
+                f"could not read checkpoint {path} ({type(e).__name__}: {e}). Delete that "
+                "folder to resume from the previous checkpoint, or use a new --workdir."
+            ) from e
+        return restored["state"], dict(restored["data"] or {})

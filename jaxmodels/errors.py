@@ -1,0 +1,25 @@
+"""Errors that carry a message meant for the user: what is wrong and how to fix it.
+
+The application catches `UserError` at the top level, prints its message and exits
+with a non-zero status instead of showing a traceback from deep inside JAX.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user; the message names the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config key is unknown, or values are inconsistent."""
+
+
+class DataError(UserError):
+    """A dataset is missing, unreadable or not of the expected form."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is unreadable, partial, or belongs to a different model."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced a NaN or infinite loss."""

@@ -1,0 +1,51 @@
+"""Losses and metrics, computed in float32 whatever the model's compute dtype.
+
+Every function takes optional per-example `weights` (0 for padding examples), so an
+evaluation over a dataset whose size the batch does not divide counts each real example
+exactly once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _weights(labels: jax.Array, weights: jax.Array | None) -> jax.Array:
+    return jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+
+
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax cross-entropy with integer labels.
+
+    Args:
+      logits: <float>[..., num_classes].
+      labels: <int>[...].
+      weights: <float>[...] or None.
+      label_smoothing: mass spread uniformly over the classes.
+
+    Returns:
+      (sum of weighted losses, sum of weights), both float32 scalars; divide for the mean.
+    """
+    logits = logits.astype(jnp.float32)
+    w = _weights(labels, weights)
+    if label_smoothing:
+        num_classes = logits.shape[-1]
+        onehot = jax.nn.one_hot(labels, num_classes)
+        targets = onehot * (1 - label_smoothing) + label_smoothing / num_classes
+        losses = optax.softmax_cross_entropy(logits, targets)
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(losses * w), jnp.sum(w)
+
+
+def correct(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Weighted number of examples whose arg-max prediction equals the label."""
+    hits = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return jnp.sum(hits * _weights(labels, weights))

@@ -1,0 +1,177 @@
+"""Optimizers and learning-rate schedules, built in one place from plain arguments.
+
+`make_optimizer` returns one `optax.GradientTransformation`:
+
+    clip by global norm -> optimizer(learning_rate=schedule) [-> MultiSteps accumulation]
+
+The learning rate is an injected hyperparameter, so the value in force lives in the
+optimizer state and `current_learning_rate(opt_state)` reads it for logging.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> tx = make_optimizer("adamw", 1e-3, total_steps=100, warmup_steps=10,
+  ...                     schedule="cosine", weight_decay=0.05, grad_clip_norm=1.0)
+  >>> state = tx.init({"w": jnp.ones((2, 2))})
+  >>> float(current_learning_rate(state))
+  0.0
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxmodels.errors import ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd", "lamb", "lars")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def make_schedule(
+    learning_rate: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    end_factor: float = 0.0,
+) -> optax.Schedule:
+    """Linear warmup from 0, then constant / cosine / linear decay to `end_factor * lr`.
+
+    `total_steps` counts optimizer updates (after gradient accumulation).
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    if warmup_steps < 0 or (total_steps > 0 and warmup_steps > total_steps):
+        raise ConfigError(
+            f"warmup_steps={warmup_steps} must be between 0 and total_steps={total_steps}"
+        )
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if schedule == "constant":
+        main = optax.constant_schedule(learning_rate)
+    elif schedule == "cosine":
+        main = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_factor)
+    else:
+        main = optax.linear_schedule(learning_rate, learning_rate * end_factor, decay_steps)
+    if warmup_steps == 0:
+        return main
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay applies to matrices and kernels, not to biases and norm scales."""
+    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(
+    name: str,
+    learning_rate: float,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    end_factor: float = 0.0,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_clip_norm: float | None = None,
+    accumulate_steps: int = 1,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Builds the optimizer.
+
+    Args:
+      name: one of `OPTIMIZERS`: adam, adamw, rmsprop, sgd (with momentum), lamb, lars.
+      learning_rate: peak learning rate.
+      total_steps: number of optimizer updates (for the decay schedule).
+      warmup_steps, schedule, end_factor: see `make_schedule`.
+      weight_decay: decoupled weight decay (adamw, lamb, lars) or L2 added to the gradient
+        (sgd, rmsprop, adam); never applied to 1-D parameters (biases, norm scales).
+      momentum, nesterov: for sgd, rmsprop and lars.
+      b1, b2, eps: for adam, adamw and lamb.
+      grad_clip_norm: clip the gradient to this global norm first (None or 0: off).
+      accumulate_steps: accumulate gradients over this many micro-steps before an update
+        (`optax.MultiSteps`); the effective batch is `accumulate_steps` times larger.
+      mu_dtype: storage dtype of first moments (e.g. bfloat16 to save memory).
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    if learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+    if accumulate_steps < 1:
+        raise ConfigError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+    sched = make_schedule(learning_rate, total_steps, warmup_steps, schedule, end_factor)
+
+    def build(learning_rate: Any) -> optax.GradientTransformation:
+        l2 = weight_decay > 0 and name in ("sgd", "rmsprop", "adam")
+        parts = []
+        if l2:
+            parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
+        if name == "adam":
+            parts.append(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype))
+        elif name == "adamw":
+            parts.append(
+                optax.adamw(
+                    learning_rate,
+                    b1=b1,
+                    b2=b2,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                    mask=_decay_mask,
+                    mu_dtype=mu_dtype,
+                )
+            )
+        elif name == "rmsprop":
+            parts.append(optax.rmsprop(learning_rate, eps=eps, momentum=momentum))
+        elif name == "sgd":
+            parts.append(
+                optax.sgd(
+                    learning_rate,
+                    momentum=momentum or None,
+                    nesterov=nesterov,
+                    accumulator_dtype=mu_dtype,
+                )
+            )
+        elif name == "lamb":
+            parts.append(
+                optax.lamb(
+                    learning_rate,
+                    b1=b1,
+                    b2=b2,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                    mask=_decay_mask,
+                )
+            )
+        else:  # lars
+            parts.append(
+                optax.lars(
+                    learning_rate,
+                    weight_decay=weight_decay,
+                    weight_decay_mask=_decay_mask,
+                    trust_ratio_mask=_decay_mask,
+                    momentum=momentum,
+                    nesterov=nesterov,
+                )
+            )
+        return optax.chain(*parts)
+
+    tx = optax.inject_hyperparams(build)(learning_rate=sched)
+    if grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+    if accumulate_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulate_steps)
+    return tx
+
+
+def current_learning_rate(opt_state: Any) -> jax.Array:
+    """The learning rate the next update will use, read from an optimizer's state."""
+    for _, value in optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate"):
+        if hasattr(value, "shape"):  # the value, not the schedule's own state
+            return value
+    raise ValueError("optimizer state has no injected learning_rate")

@@ -1,0 +1,161 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Models name the axes of their parameters and key activations with *logical* names
+(`batch`, `embed`, `mlp`, `heads`, `conv_out`, ...). How those names land on the
+devices is decided here, and only here, by a named rule set chosen from the config:
+
+| rules     | batch split over  | parameters split over                         |
+|-----------|-------------------|-----------------------------------------------|
+| `data`    | data, fsdp        | nothing (replicated)                          |
+| `fsdp`    | data, fsdp        | fsdp (one large axis of each tensor)          |
+| `fsdp_tp` | data, fsdp        | fsdp, and tensor over heads / mlp / vocab     |
+
+The mesh always has the three axes `('data', 'fsdp', 'tensor')`; a rule set that names an
+axis of size 1 costs nothing. A dimension that the mesh axis does not divide is left
+replicated rather than failing (e.g. a 10-way classifier on 8 devices).
+
+Example:
+  >>> import jax
+  >>> mesh = make_mesh(data=-1)
+  >>> mesh.axis_names
+  ('data', 'fsdp', 'tensor')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxmodels.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The one table. Each entry is (logical name, mesh axis or axes); a logical name may appear
+# several times: Flax takes the first entry whose mesh axis the tensor is not using yet.
+_BATCH = ("batch", ("data", "fsdp"))
+RULES: dict[str, tuple[tuple[str, Any], ...]] = {
+    "data": (_BATCH,),
+    "fsdp": (
+        _BATCH,
+        ("embed", "fsdp"),
+        ("conv_out", "fsdp"),
+        ("mlp", "fsdp"),
+        ("vocab", "fsdp"),
+        ("conv_in", "fsdp"),
+    ),
+    "fsdp_tp": (
+        _BATCH,
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("conv_out", "tensor"),
+        ("embed", "fsdp"),
+        ("conv_in", "fsdp"),
+        ("mlp", "fsdp"),
+        ("conv_out", "fsdp"),
+    ),
+}
+
+
+def logical_rules(name: str) -> tuple[tuple[str, Any], ...]:
+    """Returns the rule set `name` (one of `RULES`)."""
+    if name not in RULES:
+        raise ConfigError(
+            f"unknown sharding rules {name!r}; choose one of {sorted(RULES)} "
+            "(config key sharding.rules)"
+        )
+    return RULES[name]
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None
+) -> Mesh:
+    """Builds the `('data', 'fsdp', 'tensor')` mesh over all (or the given) devices.
+
+    Args:
+      data, fsdp, tensor: axis sizes; at most one may be -1, meaning "all devices left".
+      devices: defaults to `jax.devices()` (every device of every process).
+
+    Raises:
+      ConfigError: when the sizes do not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    n = len(devices)
+    if sizes.count(-1) > 1:
+        raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if known <= 0 or n % known:
+            raise ConfigError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} do not divide the "
+                f"{n} available devices; set mesh.data/fsdp/tensor so their product is {n}"
+            )
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n or min(sizes) < 1:
+        raise ConfigError(
+            f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} multiply to "
+            f"{math.prod(sizes)}, but there are {n} devices; set mesh.data/fsdp/tensor "
+            f"so their product is {n} (or use -1 for one of them)"
+        )
+    # Auto axes: XLA propagates shardings; models only annotate (with_logical_constraint).
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+    """Number of ways the batch is split (the product of the `data` and `fsdp` axes)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Sharding of a batch array: leading axis over `data` x `fsdp`, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide evenly."""
+    out = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if shape[i] % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def state_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """Mesh shardings for a pytree whose leaves carry logical names (`nn.Partitioned`).
+
+    Args:
+      abstract_boxed_tree: the output of `jax.eval_shape` of an init function, with the
+        `nn.LogicallyPartitioned` boxes still on (not unboxed). Leaves without names are
+        replicated.
+      mesh: the device mesh.
+      rules: logical -> mesh rules (see `logical_rules`).
+
+    Returns:
+      A pytree of `NamedSharding` with the structure of the *unboxed* tree.
+    """
+    logical = nn.get_partition_spec(abstract_boxed_tree)
+    shapes = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        abstract_boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
+    mesh_specs = nn.logical_to_mesh(logical, rules)
+
+    def leaf(spec: PartitionSpec, x: Any) -> NamedSharding:
+        return NamedSharding(mesh, _fit_spec(spec, x.shape, mesh))
+
+    return jax.tree.map(leaf, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))

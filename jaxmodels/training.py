@@ -1,0 +1,255 @@
+"""The pure building blocks of training: state, sharded init, train and eval steps.
+
+The train step is a pure function `(state, batch) -> (state, metrics)`, compiled once
+with `jax.jit(in_shardings, out_shardings, donate_argnums=0)`. The state is created
+already sharded: `jax.eval_shape` of the init gives shapes and logical axis names, the
+rules give mesh shardings, and the init is jitted with those `out_shardings`, so no
+device ever holds a full copy of a sharded parameter.
+
+Example (single device works the same as a pod):
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxmodels import cnn, optim, sharding, training
+  >>> mesh = sharding.make_mesh(data=-1)
+  >>> model = cnn.SeedCNN()
+  >>> tx = optim.make_optimizer("adam", 1e-3, total_steps=10)
+  >>> state, shardings = training.create_train_state(
+  ...     model, tx, [jnp.zeros((8, 28, 28, 1))], jax.random.PRNGKey(0),
+  ...     mesh, sharding.logical_rules("data"))
+  >>> loss_fn, eval_fn = training.classification_fns(model)
+  >>> step = training.compile_train_step(loss_fn, shardings, mesh)
+  >>> batch = {"image": jnp.zeros((8, 28, 28, 1)), "label": jnp.zeros((8,), jnp.int32)}
+  >>> state, metrics = step(state, batch)
+  >>> int(state.step)
+  1
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxmodels import losses, optim, sharding
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+# loss_fn(params, model_state, batch, rng) -> (loss, (new_model_state, metrics))
+LossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, tuple[Any, Metrics]]]
+# eval_fn(params, model_state, batch) -> metrics as sums over the batch (incl. "count")
+EvalFn = Callable[[Any, Any, Batch], Metrics]
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a run needs to continue: a plain pytree (checkpointable as is).
+
+    Attributes:
+      step: number of train steps taken (micro-steps when accumulating gradients).
+      params: the `params` collection (float32 storage).
+      model_state: every other mutable collection, e.g. `batch_stats`.
+      opt_state: the optimizer's state.
+      rng: base PRNG key; step `s` uses `fold_in(rng, s)` (dropout etc.).
+      tx: the optimizer (static, not saved).
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    rng: jax.Array
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def mesh_context(mesh: Mesh, rules: Any) -> contextlib.ExitStack:
+    """Context in which models' logical constraints resolve against `mesh` and `rules`."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    example_inputs: Sequence[Any],
+    rng: jax.Array,
+    mesh: Mesh,
+    rules: Any,
+) -> tuple[TrainState, TrainState]:
+    """Initialises parameters and optimizer state directly in their sharded layout.
+
+    Args:
+      model: a Flax module called as `model(*example_inputs, train=False)`.
+      tx: the optimizer.
+      example_inputs: positional inputs with the right shapes and dtypes (any batch size).
+      rng: PRNG key for the initialisation.
+      mesh, rules: where and how to shard (see `jaxmodels.sharding`).
+
+    Returns:
+      (state, shardings): the state, and a `TrainState` of `NamedSharding` with the same
+      structure, for `jit` in/out shardings and for restoring checkpoints.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    init_rng, state_rng = jax.random.split(rng)
+    inputs = [jnp.asarray(v) for v in example_inputs]
+
+    def init_variables(key: jax.Array) -> Any:
+        return model.init({"params": key, "dropout": key}, *inputs, train=False)
+
+    def init(key: jax.Array) -> TrainState:
+        variables = nn.meta.unbox(init_variables(key))
+        params = variables.pop("params")
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=variables,
+            opt_state=tx.init(params),
+            rng=state_rng,
+            tx=tx,
+        )
+
+    with mesh_context(mesh, rules):
+        abstract_vars = jax.eval_shape(init_variables, init_rng)
+        var_shardings = dict(sharding.state_shardings(abstract_vars, mesh, rules))
+        param_shardings = var_shardings.pop("params")
+        abstract = jax.eval_shape(init, init_rng)
+        opt_shardings = optax.tree_map_params(
+            tx,
+            lambda _, s: s,
+            abstract.opt_state,
+            param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
+        shardings = abstract.replace(
+            step=replicated,
+            params=param_shardings,
+            model_state=var_shardings,
+            opt_state=opt_shardings,
+            rng=replicated,
+        )
+        state = jax.jit(init, out_shardings=shardings)(init_rng)
+    return state, shardings
+
+
+def train_step(state: TrainState, batch: Batch, loss_fn: LossFn) -> tuple[TrainState, Metrics]:
+    """One optimizer step; pure. Metrics include loss, grad_norm and learning_rate."""
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def objective(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
+        return loss_fn(params, state.model_state, batch, rng)
+
+    (loss, (model_state, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        **metrics,
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": optim.current_learning_rate(state.opt_state),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def compile_train_step(
+    loss_fn: LossFn, shardings: TrainState, mesh: Mesh, rules: Any = ()
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """`train_step` jitted once with shardings and state donation."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        lambda state, batch: train_step(state, batch, loss_fn),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    return _in_mesh(jitted, mesh, rules)
+
+
+def compile_eval_step(
+    eval_fn: EvalFn, shardings: TrainState, mesh: Mesh, rules: Any = ()
+) -> Callable[[TrainState, Batch], Metrics]:
+    """Jitted `eval_fn(params, model_state, batch)`, returning replicated metric sums."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        lambda state, batch: eval_fn(state.params, state.model_state, batch),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=replicated,
+    )
+    return _in_mesh(jitted, mesh, rules)
+
+
+def _in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Any) -> Callable[..., Any]:
+    def wrapped(*args: Any) -> Any:
+        with mesh_context(mesh, rules):
+            return fn(*args)
+
+    wrapped.lower = lambda *a: _lower(fn, mesh, rules, *a)  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _lower(fn: Any, mesh: Mesh, rules: Any, *args: Any) -> Any:
+    with mesh_context(mesh, rules):
+        return fn.lower(*args)
+
+
+def classification_fns(
+    model: nn.Module,
+    label_smoothing: float = 0.0,
+    input_transform: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[LossFn, EvalFn]:
+    """Loss and eval functions for `model(image, train) -> logits` with integer labels.
+
+    Batches are dicts with `image`, `label` and, for evaluation, an optional `weight`
+    (0 for padding examples). Mutable collections (BatchNorm's `batch_stats`) are
+    updated in training mode. `input_transform` maps the batch's images to the model's
+    input inside the step (e.g. uint8 -> normalised bfloat16 on the device).
+    """
+    transform = input_transform or (lambda x: x)
+
+    def loss_fn(params: Any, model_state: Any, batch: Batch, rng: jax.Array) -> Any:
+        variables = {"params": params, **model_state}
+        logits, new_state = model.apply(
+            variables,
+            transform(batch["image"]),
+            train=True,
+            mutable=list(model_state.keys()),
+            rngs={"dropout": rng},
+        )
+        loss_sum, count = losses.cross_entropy(logits, batch["label"], None, label_smoothing)
+        accuracy = losses.correct(logits, batch["label"]) / count
+        return loss_sum / count, (dict(new_state), {"accuracy": accuracy})
+
+    def eval_fn(params: Any, model_state: Any, batch: Batch) -> Metrics:
+        logits = model.apply(
+            {"params": params, **model_state}, transform(batch["image"]), train=False
+        )
+        weights = batch.get("weight")
+        loss_sum, count = losses.cross_entropy(logits, batch["label"], weights)
+        return {
+            "loss": loss_sum,
+            "accuracy": losses.correct(logits, batch["label"], weights),
+            "count": count,
+        }
+
+    return loss_fn, eval_fn
+
+
+def first_non_finite(tree: Any) -> str | None:
+    """Path of the first leaf holding a NaN or inf (host-side check), or None."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    flags = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in leaves])
+    for (path, _), ok in zip(leaves, flags, strict=True):
+        if not ok:
+            return jax.tree_util.keystr(path)
+    return None

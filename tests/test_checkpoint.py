@@ -1,0 +1,109 @@
+"""Checkpoints: round trip, another mesh, keep-last-K, atomicity, clear errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxmodels import checkpoint, cnn, optim, sharding, training
+from jaxmodels.errors import CheckpointError
+
+
+def _state(mesh_kw, rules_name="fsdp", model=None, seed=0):
+    mesh = sharding.make_mesh(**mesh_kw)
+    model = model or cnn.SeedCNN()
+    tx = optim.make_optimizer("adamw", 1e-3, total_steps=10, weight_decay=0.1)
+    return training.create_train_state(
+        model,
+        tx,
+        [jnp.zeros((1, 28, 28, 1))],
+        jax.random.PRNGKey(seed),
+        mesh,
+        sharding.logical_rules(rules_name),
+    )
+
+
+def _assert_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_with_data_state(tmp_path):
+    state, _ = _state({"data": 2, "fsdp": 4})
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(7, state, {"iterator": {"next_index": 7}})
+    ckpt.wait()
+    assert ckpt.latest_step() == 7
+    fresh, _ = _state({"data": 2, "fsdp": 4}, seed=1)
+    restored, data = ckpt.restore(fresh)
+    _assert_equal(restored, state)
+    assert data == {"iterator": {"next_index": 7}}
+    ckpt.close()
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    state, _ = _state({"data": 2, "fsdp": 4})
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, state)
+    ckpt.wait()
+    target, _ = _state({"data": 8}, rules_name="data", seed=3)
+    restored, _ = ckpt.restore(target)
+    _assert_equal(restored, state)
+    assert restored.params["Dense_0"]["kernel"].sharding.spec == P(None, None)
+    assert state.params["Dense_0"]["kernel"].sharding.spec == P("fsdp", None)
+
+
+def test_keeps_last_k(tmp_path):
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2)
+    for step in (1, 2, 3):
+        ckpt.save(step, state)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 3]
+
+
+def test_unfinished_save_is_ignored(tmp_path):
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, state)
+    ckpt.wait()
+    # What an interrupted save leaves behind: a temporary folder, never renamed.
+    shutil.copytree(tmp_path / "1", tmp_path / "2.orbax-checkpoint-tmp-123")
+    assert checkpoint.Checkpointer(tmp_path).latest_step() == 1
+
+
+def test_different_model_is_named(tmp_path):
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, state)
+    ckpt.wait()
+    other, _ = _state({"data": 8}, "data", model=cnn.SeedCNN(num_classes=5))
+    with pytest.raises(CheckpointError, match=r"(?s)different model.*params/Dense_1/kernel"):
+        ckpt.restore(other)
+
+
+def test_corrupt_checkpoint_is_reported_with_its_path(tmp_path):
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, state)
+    ckpt.wait()
+    state_dir = tmp_path / "1" / "state"
+    for root, _, files in os.walk(state_dir):
+        for f in files:
+            if f != "_METADATA":
+                os.remove(os.path.join(root, f))
+    with pytest.raises(CheckpointError, match=str(tmp_path / "1")):
+        checkpoint.Checkpointer(tmp_path).restore(state)
+    assert (tmp_path / "1").exists(), "a failed restore must not delete anything"
+
+
+def test_no_checkpoint_is_an_error(tmp_path):
+    state, _ = _state({"data": 8}, "data")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        checkpoint.Checkpointer(tmp_path).restore(state)

@@ -1,0 +1,278 @@
+"""The application end to end: the default job learns, resume is exact, preemption saves,
+several processes equal one, and bad input fails with a clear message."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmodels.errors import CheckpointError, ConfigError, DataError, NonFiniteError, UserError
+from tests.helpers import ROOT, app_env, run_app, saved_params, train_cmd
+from train import logs
+from train.trainer import train_and_evaluate, validate_config
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load_config(name: str, variant: str | None = None):
+    path = os.path.join(ROOT, "configs", name)
+    spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    config.progress_bar = False
+    return config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("variant", [None, "smoke"])
+def test_every_config_parses_and_validates(path, variant):
+    config = load_config(os.path.basename(path), variant)
+    validate_config(config)
+    assert config.total_steps > 0
+
+
+@pytest.mark.parametrize("name", ["cnn_mnist.py", "resnet18_cifar10.py", "resnet50_imagenet.py"])
+def test_smoke_variants_train(name, tmp_path):
+    config = load_config(name, "smoke")
+    train_and_evaluate(config, str(tmp_path))
+    rows = [r for r in logs.read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert rows[-1]["step"] == config.total_steps
+    assert np.isfinite(rows[-1]["train/loss"])
+    assert os.path.isdir(tmp_path / "checkpoints" / str(config.total_steps))
+
+
+def test_default_job_reaches_97_percent(tmp_path):
+    """README command 1: the CNN on the embedded digits, full config."""
+    config = load_config("cnn_digits.py")
+    start = time.perf_counter()
+    result = train_and_evaluate(config, str(tmp_path))
+    elapsed = time.perf_counter() - start
+    assert result["eval/accuracy"] >= 0.97, result
+    rows = logs.read_metrics(str(tmp_path))
+    assert {"train/loss", "train/accuracy", "train/learning_rate"} <= set(rows[0])
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [450, 900, 1350]
+    assert os.path.exists(tmp_path / "config.json")
+    print(f"default job: {result} in {elapsed:.1f}s")
+
+
+def _wait_for_step(workdir: str, step: int, proc: subprocess.Popen, timeout: float = 240):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        if os.path.exists(path):
+            rows = logs.read_metrics(workdir)
+            if rows and rows[-1]["step"] >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError("run made no progress")
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
+    total = 400
+    overrides = [
+        f"--config.total_steps={total}",
+        "--config.log_every=5",
+        "--config.eval_every=0",
+        "--config.checkpoint_every=100",
+    ]
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    done = run_app("configs/cnn_digits.py", straight, *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        train_cmd("configs/cnn_digits.py", broken, *overrides),
+        cwd=ROOT,
+        env=app_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(broken, 20, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saved step" in out
+    saved = int(out.split("SIGTERM: saved step ")[1].split(";")[0])
+    assert 20 <= saved < total
+    assert os.path.isdir(os.path.join(broken, "checkpoints", str(saved)))
+
+    resumed = run_app("configs/cnn_digits.py", broken, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {saved}" in resumed.stdout
+
+    a, b = saved_params(straight, total), saved_params(broken, total)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # Same batches: every loss logged after the resume point is bitwise the same.
+    ref = {r["step"]: r["train/loss"] for r in logs.read_metrics(straight) if "train/loss" in r}
+    after = [r for r in logs.read_metrics(broken) if r["step"] >= saved + 5 and "train/loss" in r]
+    assert after
+    for r in after:
+        assert r["train/loss"] == ref[r["step"]], r["step"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    """jax.distributed on one machine: 2 processes x 4 devices == 1 process x 8 devices."""
+    overrides = ["--config.total_steps=12", "--config.eval_every=6", "--config.log_every=3"]
+    single = str(tmp_path / "single")
+    one = run_app("configs/cnn_digits.py", single, *overrides)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    multi = str(tmp_path / "multi")
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            train_cmd(
+                "configs/cnn_digits.py",
+                multi,
+                *overrides,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=ROOT,
+            env=app_env(devices=4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 process(es)" in outs[0][0]
+    a, b = saved_params(single, 12), saved_params(multi, 12)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    ea = [r for r in logs.read_metrics(single) if "eval/accuracy" in r]
+    eb = [r for r in logs.read_metrics(multi) if "eval/accuracy" in r]
+    assert [r["eval/accuracy"] for r in ea] == [r["eval/accuracy"] for r in eb]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _assert_clean_failure(proc, *phrases):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in proc.stderr, (phrase, proc.stderr[-3000:])
+
+
+def test_unknown_override_key_fails_cleanly(tmp_path):
+    proc = run_app("configs/cnn_digits.py", str(tmp_path), "--config.no_such_key=1")
+    _assert_clean_failure(proc, "no_such_key")
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unknown_key_in_config_file_is_named():
+    config = load_config("cnn_digits.py")
+    with config.unlocked():
+        config.optimzer = {"name": "sgd"}
+    with pytest.raises(ConfigError, match="unknown config key 'optimzer'.*'optimizer"):
+        validate_config(config)
+
+
+def test_unknown_model_field_is_named(tmp_path):
+    config = load_config("cnn_digits.py")
+    config.model.widht = 3
+    with pytest.raises(ConfigError, match="widht"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_batch_not_divisible_fails_cleanly(tmp_path):
+    proc = run_app("configs/cnn_digits.py", str(tmp_path), "--config.batch_size=30")
+    _assert_clean_failure(proc, "batch_size=30 is not divisible by the data-parallel size 8")
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    config = load_config("cnn_mnist.py")
+    config.data_dir = str(tmp_path / "empty")
+    with pytest.raises(DataError, match=r"(?s)not prepared.*never downloads.*tfds build mnist"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_missing_dataset_fails_cleanly_from_the_command_line(tmp_path):
+    proc = run_app(
+        "configs/cnn_mnist.py", str(tmp_path / "run"), f"--config.data_dir={tmp_path}/empty"
+    )
+    _assert_clean_failure(proc, "tfds build mnist")
+
+
+def test_unwritable_workdir_fails_cleanly(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run_app("configs/cnn_digits.py", str(blocker / "run"))
+    _assert_clean_failure(proc, "not writable", "--workdir")
+
+
+def test_checkpoint_from_a_different_model_is_refused_and_kept(tmp_path):
+    config = load_config("cnn_digits.py", "smoke")
+    train_and_evaluate(config, str(tmp_path))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    other = load_config("cnn_digits.py", "smoke")
+    other.model = {"name": "ResNet18", "small_images": True, "num_filters": 8}
+    with pytest.raises(
+        CheckpointError, match=r"(?s)different model.*(missing|not in this model).*params/"
+    ):
+        train_and_evaluate(other, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path):
+    config = load_config("cnn_digits.py", "smoke")
+    config.optimizer.name = "sgd"
+    config.total_steps = 10
+    train_and_evaluate(config, str(tmp_path))  # a good run to step 10 ...
+    config.total_steps = 40
+    config.checkpoint_every = 5
+    config.log_every = 5
+    config.optimizer.learning_rate = 1e30  # ... resumed with a learning rate that diverges
+    with pytest.raises(NonFiniteError, match=r"non-finite loss .* at step (\d+)") as info:
+        train_and_evaluate(config, str(tmp_path))
+    message = str(info.value)
+    bad_step = int(message.split(" at step ")[1].split(";")[0].split(".")[0])
+    assert 10 < bad_step <= 15
+    assert "first non-finite parameter" in message
+    kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert kept and max(kept) < bad_step
+    assert f"last good checkpoint is step {max(kept)}" in message
+    params = saved_params(str(tmp_path), max(kept))
+    assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+def test_user_errors_are_user_errors():
+    for cls in (CheckpointError, ConfigError, DataError, NonFiniteError):
+        assert issubclass(cls, UserError)
+
+
+def test_metrics_file_is_json_lines(tmp_path):
+    config = load_config("cnn_digits.py", "smoke")
+    train_and_evaluate(config, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert all("step" in r for r in rows)
+    assert any("eval/loss" in r for r in rows)
+    assert jax.device_count() == 8

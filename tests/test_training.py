@@ -1,0 +1,170 @@
+"""Sharded training steps equal the single-device step; mesh and rules behave."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxmodels import cnn, optim, sharding, training
+from jaxmodels.errors import ConfigError
+
+# Float32 sums over 8 shards reorder additions, so results agree to ~1e-6, not bitwise;
+# a real sharding error (a per-shard BatchNorm statistic, a missing gradient all-reduce)
+# is off by orders of magnitude more than these tolerances.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _small_resnet():
+    """Two stages of basic blocks: every ResNet part (BN, projections), fast to compile."""
+    return cnn.ResNet(
+        stage_sizes=(1, 1),
+        block_cls=cnn.ResNetBlock,
+        num_classes=10,
+        small_images=True,
+        num_filters=8,
+    )
+
+
+def _run(mesh_kw, rules_name, steps=3, accumulate=1):
+    mesh = sharding.make_mesh(**mesh_kw)
+    rules = sharding.logical_rules(rules_name)
+    model = _small_resnet()
+    # SGD is linear in the gradient, so a sharding error shows at full size (Adam would
+    # amplify float32 reordering noise in near-zero gradients to ~lr).
+    tx = optim.make_optimizer(
+        "sgd", 0.1, total_steps=10, weight_decay=1e-4, accumulate_steps=accumulate
+    )
+    state, shardings = training.create_train_state(
+        model, tx, [jnp.zeros((1, 16, 16, 3))], jax.random.PRNGKey(0), mesh, rules
+    )
+    loss_fn, _ = training.classification_fns(model)
+    step = training.compile_train_step(loss_fn, shardings, mesh, rules)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        batch = {
+            "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, size=(16,)).astype(np.int32),
+        }
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state), losses, state
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    return _run({"devices": jax.devices()[:1], "data": 1}, "data")
+
+
+@pytest.mark.parametrize(
+    "mesh_kw,rules_name",
+    [({"data": 8}, "data"), ({"data": 2, "fsdp": 4}, "fsdp"), ({"data": 1, "fsdp": 8}, "fsdp")],
+    ids=["data8", "data2_fsdp4", "fsdp8"],
+)
+def test_sharded_step_equals_single_device(single_device, mesh_kw, rules_name):
+    ref, ref_losses, _ = single_device
+    got, got_losses, live = _run(mesh_kw, rules_name)
+    np.testing.assert_allclose(got_losses, ref_losses, rtol=RTOL)
+    for name in ("params", "model_state"):
+        flat_ref = jax.tree_util.tree_leaves_with_path(getattr(ref, name))
+        flat_got = jax.tree.leaves(getattr(got, name))
+        for (path, a), b in zip(flat_ref, flat_got, strict=True):
+            np.testing.assert_allclose(
+                b, a, rtol=RTOL, atol=ATOL, err_msg=f"{name}{jax.tree_util.keystr(path)}"
+            )
+    # The batch statistics really are the global ones, not one shard's.
+    assert "batch_stats" in got.model_state
+    if rules_name == "fsdp":
+        specs = [x.sharding.spec for x in jax.tree.leaves(live.params)]
+        assert any("fsdp" in str(s) for s in specs), "FSDP sharded no parameter"
+
+
+def test_batchnorm_statistics_are_global_over_the_sharded_batch():
+    """Each device holds a batch slice with a different mean; the BN mean is the global one."""
+    mesh = sharding.make_mesh(data=8)
+    rules = sharding.logical_rules("data")
+    model = _small_resnet()
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+    x = np.concatenate([np.full((2, 8, 8, 3), i, np.float32) for i in range(8)])
+    xs = jax.device_put(x, sharding.batch_sharding(mesh, 4))
+
+    def stats(v, batch):
+        _, new = model.apply(v, batch, train=True, mutable=["batch_stats"])
+        return new["batch_stats"]["bn_init"]["mean"]
+
+    with training.mesh_context(mesh, rules):
+        sharded = jax.jit(stats)(variables, xs)
+    local = jax.jit(stats)(variables, x)
+    np.testing.assert_allclose(sharded, local, rtol=1e-5, atol=1e-6)
+    one_shard = jax.jit(stats)(variables, x[:2])
+    assert not np.allclose(one_shard, local)
+
+
+def test_gradient_accumulation_runs_sharded():
+    _, losses, state = _run({"data": 8}, "data", steps=4, accumulate=2)
+    assert int(state.step) == 4
+    assert all(np.isfinite(losses))
+
+
+def test_state_is_created_sharded_and_donated():
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    rules = sharding.logical_rules("fsdp")
+    model = cnn.SeedCNN()
+    tx = optim.make_optimizer("adam", 1e-3, total_steps=10)
+    state, shardings = training.create_train_state(
+        model, tx, [jnp.zeros((1, 28, 28, 1))], jax.random.PRNGKey(0), mesh, rules
+    )
+    kernel = state.params["Dense_0"]["kernel"]  # [1600, 128]: embed x mlp
+    assert kernel.sharding.spec == P("fsdp", None)
+    assert kernel.addressable_shards[0].data.shape == (400, 128)
+    # Adam's moments follow their parameters' layout.
+    mu = optax.tree_utils.tree_get(state.opt_state, "mu")["Dense_0"]["kernel"]
+    assert mu.sharding.spec == P("fsdp", None)
+    loss_fn, _ = training.classification_fns(model)
+    step = training.compile_train_step(loss_fn, shardings, mesh, rules)
+    batch = {"image": np.zeros((8, 28, 28, 1), np.float32), "label": np.zeros(8, np.int32)}
+    new_state, _ = step(state, batch)
+    assert kernel.is_deleted(), "the old state should have been donated"
+    assert new_state.params["Dense_0"]["kernel"].sharding.spec == P("fsdp", None)
+
+
+def test_fsdp_tp_rules_shard_over_tensor_axis():
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    rules = sharding.logical_rules("fsdp_tp")
+    model = cnn.SeedCNN()
+    tx = optim.make_optimizer("sgd", 1e-3, total_steps=10)
+    state, _ = training.create_train_state(
+        model, tx, [jnp.zeros((1, 28, 28, 1))], jax.random.PRNGKey(0), mesh, rules
+    )
+    assert state.params["Dense_0"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    # 10 classes do not divide over 2 fsdp devices? they do; over tensor they are not named.
+    assert state.params["Dense_1"]["kernel"].sharding.spec == P("tensor", None)
+
+
+def test_indivisible_dimension_stays_replicated():
+    mesh = sharding.make_mesh(data=1, fsdp=8)
+    spec = sharding._fit_spec(P("fsdp", None), (10, 4), mesh)
+    assert spec == P(None, None)
+    assert sharding._fit_spec(P("fsdp", None), (16, 4), mesh) == P("fsdp", None)
+
+
+def test_mesh_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="multiply to 6, but there are 8 devices"):
+        sharding.make_mesh(data=3, fsdp=2)
+    with pytest.raises(ConfigError, match="at most one"):
+        sharding.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ConfigError, match="do not divide"):
+        sharding.make_mesh(data=-1, fsdp=3)
+    with pytest.raises(ConfigError, match="unknown sharding rules"):
+        sharding.logical_rules("zero3")
+    assert dict(sharding.make_mesh(data=-1, fsdp=2).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+
+
+def test_first_non_finite_names_the_leaf():
+    tree = {"a": jnp.ones(3), "b": {"c": jnp.array([1.0, jnp.nan])}}
+    assert training.first_non_finite(tree) == "['b']['c']"
+    assert training.first_non_finite({"a": jnp.ones(3)}) is None

@@ -1,0 +1,1 @@
+"""The training application: `python -m train --config=configs/X.py --workdir=DIR`."""

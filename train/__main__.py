@@ -1,0 +1,78 @@
+"""Command line: flags only.
+
+  python -m train --config=configs/cnn_digits.py --workdir=runs/digits \\
+      [--config.total_steps=500 --config.batch_size=64 ...]
+
+Multi-process (one process per host, or several on one machine):
+  python -m train ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+or `--distributed` to let `jax.distributed.initialize()` detect the cluster (SLURM, TPU pods, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/X.py[:variant]).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    from jaxmodels.errors import UserError
+
+    logging.set_verbosity(logging.WARNING)  # Orbax/TFDS are chatty at INFO
+
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+
+    from train.trainer import train_and_evaluate
+
+    try:
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if jax.process_index() == 0 and result:
+        print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
+    return 0
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with bad flags and config overrides reported in one clean line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        message = f"bad --config override: {e}"
+    text = message.strip("\"'")
+    print(
+        f"error: {text}\nUsage: python -m train --config=configs/X.py --workdir=DIR "
+        "[--config.KEY=VALUE ...]",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

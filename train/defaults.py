@@ -1,0 +1,65 @@
+"""The keys every config has, with their defaults. Config files start from `base_config()`
+and change what they need; a key that is not here is an error at start."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "image_classification"
+
+    # Data.
+    c.dataset = "sklearn_digits"  # TFDS name, "sklearn_digits" (embedded) or "synthetic"
+    c.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.augment = "auto"  # auto | none | cifar | inception
+    c.image_size = 224  # crop size for the inception preset
+    c.image_mean = (0.0,)  # per-channel, after scaling to [0, 1]
+    c.image_std = (1.0,)
+    c.num_classes = 0  # 0: from the dataset
+    c.synthetic_shape = (224, 224, 3)
+    c.data_threads = 4
+    c.prefetch = 4  # batches prepared ahead
+
+    # Model.
+    c.model = ml_collections.ConfigDict({"name": "SeedCNN"})
+    c.dtype = "float32"  # computation dtype; parameters are always stored in float32
+    c.label_smoothing = 0.0
+
+    # Optimization.
+    c.batch_size = 128  # global, over all processes and devices
+    c.eval_batch_size = 0  # 0: batch_size
+    c.total_steps = 1000
+    c.optimizer = ml_collections.ConfigDict(
+        {
+            "name": "adam",  # adam | adamw | rmsprop | sgd | lamb | lars
+            "learning_rate": 1e-3,
+            "schedule": "constant",  # constant | cosine | linear (after warmup)
+            "warmup_steps": 0,
+            "end_factor": 0.0,
+            "weight_decay": 0.0,
+            "momentum": 0.9,
+            "nesterov": False,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "grad_clip_norm": 0.0,  # 0: off
+            "accumulate_steps": 1,
+        }
+    )
+
+    # Parallelism: mesh axis sizes (-1: all remaining devices) and the logical-axis rules.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = "data"  # data | fsdp | fsdp_tp
+
+    # Loop, logs and checkpoints.
+    c.seed = 0
+    c.log_every = 50
+    c.eval_every = 500  # 0: only at the end
+    c.checkpoint_every = 500  # 0: only at the end
+    c.keep_checkpoints = 3
+    c.progress_bar = True
+    return c

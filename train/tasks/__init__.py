@@ -1,0 +1,66 @@
+"""Tasks: each module turns a config into a model, its loss/eval functions and its data.
+
+A task module exposes `build(config, process_index, process_count) -> Task`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+
+from jaxmodels.errors import ConfigError
+from jaxmodels.training import EvalFn, LossFn
+
+TASKS = ("image_classification",)
+
+
+@dataclasses.dataclass
+class Task:
+    """What the trainer needs from a task.
+
+    Attributes:
+      model: the Flax module.
+      example_inputs: positional model inputs with the right shapes (for initialisation).
+      loss_fn, eval_fn: see `jaxmodels.training`.
+      train_iterator: makes this process's resumable (`get_state`/`set_state`) iterator
+        of local train batches.
+      eval_iterator: makes one pass of local eval batches (with `weight`), or None.
+      info: facts for the log (dataset sizes, classes).
+    """
+
+    model: nn.Module
+    example_inputs: list[Any]
+    loss_fn: LossFn
+    eval_fn: EvalFn
+    train_iterator: Callable[[], Any]
+    eval_iterator: Callable[[], Iterator[dict[str, Any]]] | None
+    info: dict[str, Any]
+
+
+def build(config: Any, process_index: int, process_count: int) -> Task:
+    if config.task not in TASKS:
+        raise ConfigError(f"unknown task {config.task!r} (config key task); choose one of {TASKS}")
+    module = importlib.import_module(f"train.tasks.{config.task}")
+    return module.build(config, process_index, process_count)
+
+
+def make_module(namespace: Any, spec: Any, **fixed: Any) -> nn.Module:
+    """Instantiates `namespace.<spec.name>(**spec_without_name, **fixed)` with checked keys."""
+    spec = dict(spec)
+    name = spec.pop("name")
+    factory = getattr(namespace, name, None)
+    if factory is None or not callable(factory):
+        raise ConfigError(f"unknown model {name!r} (config key model.name)")
+    cls = getattr(factory, "func", factory)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise ConfigError(
+            f"model {name} has no field(s) {unknown} (config keys model.{unknown[0]} ...); "
+            f"its fields are {sorted(fields - {'parent', 'name'})}"
+        )
+    return factory(**spec, **fixed)

@@ -1,0 +1,69 @@
+"""Image classification: CNNs and ResNets on TFDS datasets, the embedded digits or
+synthetic images; softmax cross-entropy, accuracy."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmodels import cnn, training
+from train.data import images, pipeline
+from train.tasks import Task, make_module
+
+
+def build(config: Any, process_index: int, process_count: int) -> Task:
+    dtype = jnp.dtype(config.dtype)
+    augment = images.augment_preset(config.dataset, config.augment)
+    train_pre, eval_pre = images.preprocessors(augment, config.image_size)
+    if config.dataset == images.SYNTHETIC:
+        num_classes = config.num_classes or 1000
+        train_source = pipeline.SyntheticImages(tuple(config.synthetic_shape), num_classes)
+        eval_source = None
+    else:
+        train_source, num_classes = images.open_source(
+            config.dataset, config.train_split, config.data_dir
+        )
+        eval_source, _ = images.open_source(config.dataset, config.eval_split, config.data_dir)
+        num_classes = config.num_classes or num_classes
+    sample = train_pre(train_source[0], np.random.default_rng(0))["image"]
+
+    model = make_module(cnn, config.model, num_classes=num_classes, dtype=dtype)
+    transform = functools.partial(
+        images.normalize_on_device, mean=config.image_mean, std=config.image_std, dtype=dtype
+    )
+    loss_fn, eval_fn = training.classification_fns(
+        model, label_smoothing=config.label_smoothing, input_transform=transform
+    )
+    common = dict(process_index=process_index, process_count=process_count)
+    train_iterator = functools.partial(
+        pipeline.train_iterator,
+        train_source,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        preprocess=train_pre,
+        num_threads=config.data_threads,
+        prefetch=config.prefetch,
+        **common,
+    )
+    eval_iterator = None
+    if eval_source is not None:
+        eval_iterator = functools.partial(
+            pipeline.eval_batches,
+            eval_source,
+            global_batch_size=config.eval_batch_size or config.batch_size,
+            preprocess=eval_pre,
+            num_threads=config.data_threads,
+            **common,
+        )
+    info = {
+        "dataset": config.dataset,
+        "num_classes": num_classes,
+        "train_examples": len(train_source),
+        "eval_examples": len(eval_source) if eval_source is not None else 0,
+        "image_shape": tuple(sample.shape),
+    }
+    example = transform(jnp.zeros((1, *sample.shape), jnp.uint8))
+    return Task(model, [example], loss_fn, eval_fn, train_iterator, eval_iterator, info)

@@ -1,0 +1,307 @@
+"""`train_and_evaluate(config, workdir)`: sharded init, the loop, eval, checkpoints, logs.
+
+The loop keeps Python out of the device's way: steps are dispatched asynchronously, the
+next batch is read while the device computes, and the host waits for results only every
+`log_every` steps (and before each checkpoint, so that no checkpoint ever holds a state
+from after a non-finite loss).
+
+Resuming is automatic: if `workdir/checkpoints` holds a complete checkpoint, the state and
+the data iterator's position are restored from it, and the run continues as if it had
+never stopped (bitwise on CPU). SIGTERM (preemption) saves a checkpoint, then returns.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxmodels import checkpoint, optim, sharding, training
+from jaxmodels.errors import ConfigError, NonFiniteError, UserError
+from train import tasks
+from train.defaults import base_config
+from train.logs import MetricWriter
+
+
+def _flat(c: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in c.items():
+        if isinstance(v, ml_collections.ConfigDict | dict) and k != "model":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Unknown keys and inconsistent values fail here, naming the key."""
+    known = _flat(base_config())
+    known_prefixes = {k.rsplit(".", i)[0] for k in known for i in range(k.count(".") + 1)}
+    for full in _flat(config):
+        if full in known:
+            continue
+        parts = full.split(".")
+        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        key = next((p for p in prefixes if p not in known_prefixes), full)
+        close = difflib.get_close_matches(key, known_prefixes, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    for key in ("total_steps", "batch_size", "log_every"):
+        if int(config[key]) <= 0:
+            raise ConfigError(f"config key {key} must be > 0, got {config[key]}")
+    for key in ("eval_every", "checkpoint_every", "eval_batch_size", "num_classes"):
+        if int(config[key]) < 0:
+            raise ConfigError(f"config key {key} must be >= 0, got {config[key]}")
+    if config.keep_checkpoints < 1:
+        raise ConfigError("config key keep_checkpoints must be >= 1")
+    try:
+        jnp.dtype(config.dtype)
+    except TypeError as e:
+        raise ConfigError(f"config key dtype: {config.dtype!r} is not a dtype") from e
+    if len(config.image_mean) != len(config.image_std):
+        raise ConfigError("config keys image_mean and image_std must have the same length")
+
+
+def _check_batch(config: Any, mesh: Any) -> None:
+    ways = sharding.batch_parallelism(mesh)
+    procs = jax.process_count()
+    for key in ("batch_size", "eval_batch_size"):
+        b = int(config[key]) or int(config.batch_size)
+        if b % ways or b % procs:
+            raise ConfigError(
+                f"{key}={b} is not divisible by the data-parallel size {ways} "
+                f"(mesh data x fsdp over {jax.device_count()} devices, {procs} process(es)); "
+                f"use a multiple of {np.lcm(ways, procs)}"
+            )
+
+
+def prepare_workdir(workdir: str) -> str:
+    """Creates `workdir` and checks that it is writable."""
+    workdir = os.path.abspath(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(
+            f"workdir {workdir} is not writable ({e.strerror}); pass a --workdir you can write to"
+        ) from e
+    return workdir
+
+
+def _make_optimizer(config: Any) -> Any:
+    o = config.optimizer
+    return optim.make_optimizer(
+        o.name,
+        o.learning_rate,
+        total_steps=config.total_steps // o.accumulate_steps,
+        warmup_steps=o.warmup_steps,
+        schedule=o.schedule,
+        end_factor=o.end_factor,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        grad_clip_norm=o.grad_clip_norm or None,
+        accumulate_steps=o.accumulate_steps,
+    )
+
+
+def _global_batch(local: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
+    def put(x: np.ndarray) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
+
+    return {k: put(v) for k, v in local.items()}
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks; restores the old handler on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def agreed(self) -> bool:
+        """True when any process got SIGTERM (a collective when there are several)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))
+
+
+def evaluate(task: tasks.Task, eval_step: Any, state: Any, mesh: Any) -> dict[str, float]:
+    """One pass over the eval split; returns `eval/<metric>` means."""
+    assert task.eval_iterator is not None
+    totals: dict[str, Any] = {}
+    for local in task.eval_iterator():
+        sums = eval_step(state, _global_batch(local, mesh))
+        totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals.pop("count")), 1.0)
+    return {f"eval/{k}": float(v) / count for k, v in totals.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
+
+    Returns the last evaluation's metrics (or the last train metrics without an eval set).
+    """
+    validate_config(config)
+    workdir = prepare_workdir(workdir)
+    lead = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = sharding.logical_rules(config.sharding_rules)
+    _check_batch(config, mesh)
+
+    task = tasks.build(config, jax.process_index(), jax.process_count())
+    tx = _make_optimizer(config)
+    state, shardings = training.create_train_state(
+        task.model, tx, task.example_inputs, jax.random.PRNGKey(config.seed), mesh, rules
+    )
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+    )
+    train_iter = task.train_iterator()
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state)
+        train_iter.set_state(data_state["iterator"])
+        start = int(state.step)
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        print(
+            f"{'resuming at step ' + str(start) if start else 'starting'}: "
+            f"{type(task.model).__name__} ({n_params:,} params), "
+            f"{json.dumps(task.info)}, mesh {dict(mesh.shape)}, rules {config.sharding_rules}, "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+            f"{jax.process_count()} process(es)",
+            flush=True,
+        )
+
+    train_step = training.compile_train_step(task.loss_fn, shardings, mesh, rules)
+    eval_step = training.compile_eval_step(task.eval_fn, shardings, mesh, rules)
+    writer = MetricWriter(workdir, enabled=lead)
+    bar = None
+    if lead and config.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=config.total_steps,
+            initial=start,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_time, last_step = time.perf_counter(), start
+    result: dict[str, float] = {}
+
+    def flush(step: int) -> None:
+        """Waits for the pending steps' metrics, checks them, writes their mean."""
+        nonlocal last_time, last_step, result
+        if not pending:
+            return
+        values = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, values, strict=True):
+            if not np.isfinite(m["loss"]):
+                bad = training.first_non_finite(state.params)
+                where = f"; first non-finite parameter after it: {bad}" if bad else ""
+                kept = ckpt.latest_step()
+                raise NonFiniteError(
+                    f"non-finite loss ({m['loss']}) at step {s + 1}{where}. Stopped; the last "
+                    f"good checkpoint is step {kept} in {ckpt.directory}. Lower the learning "
+                    "rate, add grad_clip_norm, or check the data."
+                    if kept is not None
+                    else f"non-finite loss ({m['loss']}) at step {s + 1}{where}. Stopped "
+                    "before any checkpoint. Lower the learning rate, add grad_clip_norm, "
+                    "or check the data."
+                )
+        now = time.perf_counter()
+        mean = {f"train/{k}": float(np.mean([m[k] for m in values])) for k in values[0]}
+        mean["train/steps_per_sec"] = (step - last_step) / max(now - last_time, 1e-9)
+        last_time, last_step = now, step
+        pending.clear()
+        writer.write(step, mean)
+        result = mean
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{mean['train/loss']:.4f}", steps_s=f"{mean['train/steps_per_sec']:.1f}"
+            )
+
+    def save(step: int) -> None:
+        ckpt.save(step, state, {"iterator": train_iter.get_state()})
+
+    try:
+        with _Preemption() as preempt:
+            step = start
+            while step < config.total_steps:
+                batch = _global_batch(next(train_iter), mesh)
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics))
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                last = step == config.total_steps
+                do_eval = task.eval_iterator is not None and (
+                    last or (config.eval_every and step % config.eval_every == 0)
+                )
+                do_ckpt = last or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                at_flush = step % config.log_every == 0 or do_eval or do_ckpt or last
+                # One process can stop at any step; several must agree, at log points.
+                if at_flush or (preempt.requested and jax.process_count() == 1):
+                    flush(step)
+                    if preempt.agreed():
+                        save(step)
+                        ckpt.wait()
+                        if lead:
+                            print(f"\nSIGTERM: saved step {step}; exiting.", flush=True)
+                        return result
+                if do_ckpt:
+                    save(step)
+                if do_eval:
+                    result = evaluate(task, eval_step, state, mesh)
+                    writer.write(step, result)
+                    if lead:
+                        text = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
+                        (bar.write if bar is not None else print)(f"step {step}: {text}")
+            if start == config.total_steps and task.eval_iterator is not None:
+                result = evaluate(task, eval_step, state, mesh)
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    return result
