@@ -161,7 +161,18 @@ def make_optimizer(
             )
         return optax.chain(*parts)
 
-    tx = optax.inject_hyperparams(build)(learning_rate=sched)
+    injected = optax.inject_hyperparams(build)(learning_rate=sched)
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        # inject_hyperparams keeps the rate it just used; store the next update's instead,
+        # so the state always says what the coming step will apply (it is recomputed from
+        # the count on every update, so the stored value is only ever read for logging).
+        updates, state = injected.update(updates, state, params)
+        rate = state.hyperparams["learning_rate"]
+        upcoming = jnp.asarray(sched(state.count), rate.dtype)
+        return updates, state._replace(hyperparams={**state.hyperparams, "learning_rate": upcoming})
+
+    tx: optax.GradientTransformation = optax.GradientTransformation(injected.init, update)
     if grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
     if accumulate_steps > 1:

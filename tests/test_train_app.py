@@ -276,3 +276,13 @@ def test_metrics_file_is_json_lines(tmp_path):
     assert all("step" in r for r in rows)
     assert any("eval/loss" in r for r in rows)
     assert jax.device_count() == 8
+
+
+def test_tensorboard_events_when_the_extra_is_installed(tmp_path):
+    pytest.importorskip("tensorboardX", reason="needs the tensorboard extra")
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = 5
+    config.eval_every = 5
+    train_and_evaluate(config, str(tmp_path))
+    events = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+    assert events and os.path.getsize(events[0]) > 100

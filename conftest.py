@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported) and a private TFDS dir."""
+"""Test setup (tests and doctests): 8 simulated CPU devices, set before jax is imported,
+and a private TFDS data dir."""
 
 from __future__ import annotations
 
@@ -13,6 +14,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never touch the user's ~/tensorflow_datasets; the embedded digits are written here.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="jaxmodels-tfds-")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -1,0 +1,235 @@
+"""Tests for jaxmodels.optim: every optimizer trains, schedules, logged learning rate,
+gradient accumulation, weight-decay masking and gradient clipping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxmodels import optim
+from jaxmodels.errors import ConfigError
+
+
+def _least_squares():
+    """A small, well-conditioned linear least-squares problem over one kernel."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
+    y = x @ jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    # Non-zero initial kernel: LAMB and LARS scale steps by the parameter norm.
+    params = {"kernel": jnp.asarray(0.3 * rng.normal(size=(4, 3)), jnp.float32)}
+
+    def loss(p):
+        return jnp.mean((x @ p["kernel"] - y) ** 2)
+
+    return params, loss
+
+
+# A typical learning rate for each optimizer on this problem (LARS's trust ratio has a
+# coefficient of 1e-3, so its nominal rate is much larger).
+_LEARNING_RATES = {
+    "adam": 0.1,
+    "adamw": 0.1,
+    "rmsprop": 0.02,
+    "sgd": 0.1,
+    "lamb": 0.3,
+    "lars": 30.0,
+}
+
+
+def _lr_used(tx, state, params):
+    """Applies one sgd update with a gradient of ones; returns (lr it used, new state)."""
+    ones = jax.tree.map(jnp.ones_like, params)
+    updates, state = tx.update(ones, state, params)
+    return -float(updates["w"][0]), state
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_every_optimizer_lowers_least_squares_loss(name):
+    assert set(_LEARNING_RATES) == set(optim.OPTIMIZERS)
+    params, loss = _least_squares()
+    tx = optim.make_optimizer(
+        name,
+        _LEARNING_RATES[name],
+        total_steps=20,
+        warmup_steps=2,
+        schedule="cosine",
+        weight_decay=1e-4,
+        grad_clip_norm=10.0,
+    )
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    initial = float(loss(params))
+    for _ in range(20):
+        params, state, _ = step(params, state)
+    final = float(loss(params))
+    assert np.isfinite(final)
+    assert final < initial / 2, (name, initial, final)
+
+
+def test_unknown_optimizer_raises_config_error_naming_it():
+    with pytest.raises(ConfigError, match="adamax_typo"):
+        optim.make_optimizer("adamax_typo", 1e-3, total_steps=10)
+
+
+@pytest.mark.parametrize("kwargs", [{"learning_rate": 0.0}, {"accumulate_steps": 0}])
+def test_bad_optimizer_arguments_raise(kwargs):
+    args = {"learning_rate": 1e-3, **kwargs}
+    lr = args.pop("learning_rate")
+    with pytest.raises(ConfigError):
+        optim.make_optimizer("sgd", lr, total_steps=10, **args)
+
+
+def test_unknown_schedule_raises_config_error_naming_it():
+    with pytest.raises(ConfigError, match="cosinus"):
+        optim.make_schedule(1.0, 100, schedule="cosinus")
+    with pytest.raises(ConfigError, match="cosinus"):
+        optim.make_optimizer("adam", 1e-3, total_steps=100, schedule="cosinus")
+
+
+@pytest.mark.parametrize("warmup", [-1, 101])
+def test_bad_warmup_raises(warmup):
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        optim.make_schedule(1.0, 100, warmup_steps=warmup, schedule="cosine")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_warmup_then_decay_schedule(schedule):
+    peak, total, warmup, end = 0.4, 100, 10, 0.1
+    s = optim.make_schedule(peak, total, warmup, schedule, end_factor=end)
+    np.testing.assert_allclose(float(s(0)), 0.0, atol=1e-7)
+    np.testing.assert_allclose(float(s(warmup // 2)), peak / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(s(warmup)), peak, rtol=1e-6)
+    np.testing.assert_allclose(float(s(total)), end * peak, rtol=1e-5)
+    np.testing.assert_allclose(float(s(total + 50)), end * peak, rtol=1e-5)
+    # Half-way through the decay both are at the mean of peak and end value; in the first
+    # half cosine stays above the straight line, linear is on it.
+    mid = float(s((warmup + total) // 2))
+    np.testing.assert_allclose(mid, (peak + end * peak) / 2, rtol=1e-5)
+    quarter = warmup + (total - warmup) // 4
+    line = peak - (peak - end * peak) * (quarter - warmup) / (total - warmup)
+    if schedule == "linear":
+        np.testing.assert_allclose(float(s(quarter)), line, rtol=1e-5)
+    else:
+        assert float(s(quarter)) > line * 1.05
+
+
+def test_schedule_without_warmup_starts_at_peak():
+    s = optim.make_schedule(0.3, 50, 0, "cosine", end_factor=0.0)
+    np.testing.assert_allclose(float(s(0)), 0.3, rtol=1e-6)
+    np.testing.assert_allclose(float(s(50)), 0.0, atol=1e-7)
+
+
+def test_constant_schedule():
+    s = optim.make_schedule(0.25, 100, 0, "constant")
+    for step in (0, 1, 50, 100, 1000):
+        np.testing.assert_allclose(float(s(step)), 0.25, rtol=1e-7)
+    s = optim.make_schedule(0.25, 100, 4, "constant")
+    np.testing.assert_allclose(float(s(0)), 0.0, atol=1e-7)
+    np.testing.assert_allclose(float(s(2)), 0.125, rtol=1e-6)
+    for step in (4, 50, 1000):
+        np.testing.assert_allclose(float(s(step)), 0.25, rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [{}, {"grad_clip_norm": 100.0}, {"grad_clip_norm": 100.0, "accumulate_steps": 2}],
+    ids=["plain", "clipped", "clipped+accumulated"],
+)
+def test_current_learning_rate_is_the_one_the_next_update_uses(wrap):
+    """Before every update, `current_learning_rate` equals the schedule at that update's
+    index and the learning rate the update then applies (sgd without momentum, g = 1)."""
+    kw = {"total_steps": 8, "warmup_steps": 3, "schedule": "linear", "end_factor": 0.25}
+    sched = optim.make_schedule(1.0, **kw)
+    tx = optim.make_optimizer("sgd", 1.0, momentum=0.0, **kw, **wrap)
+    params = {"w": jnp.zeros((3,))}
+    state = tx.init(params)
+    micro = wrap.get("accumulate_steps", 1)
+    logged, used = [], []
+    for _ in range(6):
+        logged.append(float(optim.current_learning_rate(state)))
+        for _ in range(micro - 1):
+            lr, state = _lr_used(tx, state, params)
+            assert lr == 0.0  # no update until the last micro-step
+        lr, state = _lr_used(tx, state, params)
+        used.append(lr)
+    expected = [float(sched(k)) for k in range(6)]
+    np.testing.assert_allclose(used, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(logged, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_current_learning_rate_at_init_and_missing():
+    tx = optim.make_optimizer("adamw", 1e-3, total_steps=100, schedule="constant")
+    state = tx.init({"w": jnp.ones((2, 2))})
+    np.testing.assert_allclose(float(optim.current_learning_rate(state)), 1e-3, rtol=1e-6)
+    plain = optax.sgd(0.1).init({"w": jnp.ones((2,))})
+    with pytest.raises(ValueError, match="learning_rate"):
+        optim.current_learning_rate(plain)
+
+
+def test_gradient_accumulation_equals_one_step_with_mean_gradient():
+    params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.25, -0.75])}
+    g1 = {"w": jnp.array([[0.3, -1.0], [2.0, 0.1]]), "b": jnp.array([1.0, -0.5])}
+    g2 = {"w": jnp.array([[-0.7, 0.4], [1.0, 0.9]]), "b": jnp.array([0.2, 0.6])}
+    kw = {"total_steps": 10, "momentum": 0.0}
+
+    acc = optim.make_optimizer("sgd", 0.5, accumulate_steps=2, **kw)
+    state = acc.init(params)
+    updates, state = acc.update(g1, state, params)
+    after_first = optax.apply_updates(params, updates)
+    jax.tree.map(np.testing.assert_array_equal, after_first, params)
+    updates, state = acc.update(g2, state, after_first)
+    accumulated = optax.apply_updates(after_first, updates)
+
+    one = optim.make_optimizer("sgd", 0.5, **kw)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+    updates, _ = one.update(mean, one.init(params), params)
+    single = optax.apply_updates(params, updates)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), accumulated, single)
+    assert not np.allclose(accumulated["w"], params["w"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop", "lamb", "lars"])
+def test_weight_decay_shrinks_kernels_but_not_biases(name):
+    params = {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = optim.make_optimizer(name, 0.01, total_steps=10, weight_decay=0.1)
+    state = tx.init(params)
+    p = params
+    for _ in range(3):
+        updates, state = tx.update(zeros, state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_array_equal(p["bias"], params["bias"])
+    assert np.all(np.abs(np.asarray(p["kernel"])) < 2.0)
+    assert np.all(np.asarray(p["kernel"]) > 0.0)
+
+
+def test_no_weight_decay_leaves_params_unchanged_with_zero_gradient():
+    params = {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = optim.make_optimizer("adamw", 0.01, total_steps=10, weight_decay=0.0)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, optax.apply_updates(params, updates), params)
+
+
+def test_grad_clip_norm_bounds_the_update():
+    params = {"a": jnp.zeros((2,)), "b": jnp.zeros((2, 2))}
+    grads = {"a": jnp.array([6.0, 0.0]), "b": jnp.array([[0.0, 8.0], [0.0, 0.0]])}
+    assert float(optax.global_norm(grads)) == pytest.approx(10.0)
+    tx = optim.make_optimizer("sgd", 1.0, total_steps=10, momentum=0.0, grad_clip_norm=1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-6)
+    # Same direction, scaled down.
+    np.testing.assert_allclose(updates["a"], -grads["a"] / 10, rtol=1e-6)
+    np.testing.assert_allclose(updates["b"], -grads["b"] / 10, rtol=1e-6)
+    # A small gradient passes unchanged.
+    small = jax.tree.map(lambda g: g / 100, grads)
+    updates, _ = tx.update(small, tx.init(params), params)
+    jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -g, rtol=1e-6), updates, small)
