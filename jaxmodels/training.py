@@ -206,22 +206,28 @@ def _lower(fn: Any, mesh: Mesh, rules: Any, *args: Any) -> Any:
 def classification_fns(
     model: nn.Module,
     label_smoothing: float = 0.0,
-    input_transform: Callable[[jax.Array], jax.Array] | None = None,
+    inputs: Callable[[Batch], tuple[Any, ...]] | None = None,
 ) -> tuple[LossFn, EvalFn]:
-    """Loss and eval functions for `model(image, train) -> logits` with integer labels.
+    """Loss and eval functions for `model(*inputs(batch), train=...) -> logits`.
 
-    Batches are dicts with `image`, `label` and, for evaluation, an optional `weight`
-    (0 for padding examples). Mutable collections (BatchNorm's `batch_stats`) are
-    updated in training mode. `input_transform` maps the batch's images to the model's
-    input inside the step (e.g. uint8 -> normalised bfloat16 on the device).
+    Batches are dicts with the model's inputs, integer `label`s and, for evaluation, an
+    optional `weight` (0 for padding examples). Mutable collections (BatchNorm's
+    `batch_stats`) are updated in training mode.
+
+    Args:
+      model: the classifier.
+      label_smoothing: for the training loss.
+      inputs: picks (and may transform, inside the step) the model's positional inputs
+        from a batch; default `(batch["image"],)`. E.g. uint8 images normalised to
+        bfloat16 on the device, or `(batch["tokens"], batch["length"])` for a text model.
     """
-    transform = input_transform or (lambda x: x)
+    inputs = inputs or (lambda batch: (batch["image"],))
 
     def loss_fn(params: Any, model_state: Any, batch: Batch, rng: jax.Array) -> Any:
         variables = {"params": params, **model_state}
         logits, new_state = model.apply(
             variables,
-            transform(batch["image"]),
+            *inputs(batch),
             train=True,
             mutable=list(model_state.keys()),
             rngs={"dropout": rng},
@@ -231,9 +237,7 @@ def classification_fns(
         return loss_sum / count, (dict(new_state), {"accuracy": accuracy})
 
     def eval_fn(params: Any, model_state: Any, batch: Batch) -> Metrics:
-        logits = model.apply(
-            {"params": params, **model_state}, transform(batch["image"]), train=False
-        )
+        logits = model.apply({"params": params, **model_state}, *inputs(batch), train=False)
         weights = batch.get("weight")
         loss_sum, count = losses.cross_entropy(logits, batch["label"], weights)
         return {

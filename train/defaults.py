@@ -8,10 +8,11 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "image_classification"
+    c.task = "image_classification"  # image_classification | text_classification
 
     # Data.
-    c.dataset = "sklearn_digits"  # TFDS name, "sklearn_digits" (embedded) or "synthetic"
+    # TFDS name; embedded: "sklearn_digits" (images), "stdlib_docs" (text); or "synthetic"
+    c.dataset = "sklearn_digits"
     c.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.train_split = "train"
     c.eval_split = "test"
@@ -21,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_std = (1.0,)
     c.num_classes = 0  # 0: from the dataset
     c.synthetic_shape = (224, 224, 3)
+    c.vocab_size = 10_000  # text: word vocabulary built from the training split
+    c.max_length = 100  # text: tokens per example (padded / truncated)
+    c.text_key = ""  # text: the TFDS feature holding the text ("" = by dataset)
     c.data_threads = 4
     c.prefetch = 4  # batches prepared ahead
 

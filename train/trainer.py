@@ -182,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rules = sharding.logical_rules(config.sharding_rules)
     _check_batch(config, mesh)
 
-    task = tasks.build(config, jax.process_index(), jax.process_count())
+    task = tasks.build(config, jax.process_index(), jax.process_count(), workdir)
     tx = _make_optimizer(config)
     state, shardings = training.create_train_state(
         task.model, tx, task.example_inputs, jax.random.PRNGKey(config.seed), mesh, rules

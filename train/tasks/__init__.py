@@ -1,6 +1,7 @@
 """Tasks: each module turns a config into a model, its loss/eval functions and its data.
 
-A task module exposes `build(config, process_index, process_count) -> Task`.
+A task module exposes `build(config, process_index, process_count, workdir) -> Task`
+(the workdir holds what a task must keep across restarts, e.g. a text vocabulary).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import flax.linen as nn
 from jaxmodels.errors import ConfigError
 from jaxmodels.training import EvalFn, LossFn
 
-TASKS = ("image_classification",)
+TASKS = ("image_classification", "text_classification")
 
 
 @dataclasses.dataclass
@@ -41,11 +42,11 @@ class Task:
     info: dict[str, Any]
 
 
-def build(config: Any, process_index: int, process_count: int) -> Task:
+def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:
     if config.task not in TASKS:
         raise ConfigError(f"unknown task {config.task!r} (config key task); choose one of {TASKS}")
     module = importlib.import_module(f"train.tasks.{config.task}")
-    return module.build(config, process_index, process_count)
+    return module.build(config, process_index, process_count, workdir)
 
 
 def make_module(namespace: Any, spec: Any, **fixed: Any) -> nn.Module:

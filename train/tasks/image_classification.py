@@ -14,7 +14,7 @@ from train.data import images, pipeline
 from train.tasks import Task, make_module
 
 
-def build(config: Any, process_index: int, process_count: int) -> Task:
+def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:  # noqa: ARG001
     dtype = jnp.dtype(config.dtype)
     augment = images.augment_preset(config.dataset, config.augment)
     train_pre, eval_pre = images.preprocessors(augment, config.image_size)
@@ -35,7 +35,9 @@ def build(config: Any, process_index: int, process_count: int) -> Task:
         images.normalize_on_device, mean=config.image_mean, std=config.image_std, dtype=dtype
     )
     loss_fn, eval_fn = training.classification_fns(
-        model, label_smoothing=config.label_smoothing, input_transform=transform
+        model,
+        label_smoothing=config.label_smoothing,
+        inputs=lambda batch: (transform(batch["image"]),),
     )
     common = dict(process_index=process_index, process_count=process_count)
     train_iterator = functools.partial(

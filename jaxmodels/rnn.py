@@ -1,0 +1,433 @@
+"""Recurrent models: the LSTM cell, a fast multi-layer (bi)LSTM, and a text classifier.
+
+The cell is the classic one (gate order i, f, g, o, as in PyTorch and cuDNN):
+
+    i = sigmoid(W_i x + U_i h + b_i)      f = sigmoid(W_f x + U_f h + b_f)
+    g = tanh(W_g x + U_g h + b_g)         o = sigmoid(W_o x + U_o h + b_o)
+    c_t = f * c_{t-1} + i * g             h_t = o * tanh(c_t)
+
+`LSTM` runs sequences with `lax.scan`: the input projection `x @ W` for all time steps is
+ONE matmul before the loop, and only the recurrent `h @ U` is inside it. Variable-length
+batches are given by `lengths`: padded steps never change the state and output zeros, and
+the backward direction of a bidirectional layer starts at each sequence's own last token.
+On GPU a cuDNN backend (`jax.experimental.rnn`) computes the same function from the same
+parameters (`backend="cudnn"`, or `"auto"`).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> model = LSTMClassifier(vocab_size=100, embed_dim=8, hidden_size=16, num_layers=2,
+  ...                        num_classes=3)
+  >>> tokens = jnp.ones((4, 10), jnp.int32)
+  >>> lengths = jnp.array([10, 7, 3, 1])
+  >>> variables = model.init(jax.random.PRNGKey(0), tokens, lengths)
+  >>> model.apply(variables, tokens, lengths).shape
+  (4, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+State = tuple[jax.Array, jax.Array]  # (h, c)
+
+BACKENDS = ("auto", "scan", "cudnn")
+POOLINGS = ("last", "mean", "max")
+
+
+def _uniform(scale: float) -> Callable[..., jax.Array]:
+    """U(-scale, scale), PyTorch's LSTM initialisation with scale = 1/sqrt(hidden)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -scale, scale)
+
+    return init
+
+
+def lstm_gates(z: jax.Array, c: jax.Array) -> State:
+    """The cell update from pre-activations `z` <float32>[..., 4H] and cell state `c`."""
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return h, c
+
+
+class LSTMCell(nn.Module):
+    """One LSTM step (the gates above), for use in custom loops.
+
+    Parameters: `input_kernel` <[features, 4H]>, `recurrent_kernel` <[H, 4H]>, `bias` <[4H]>,
+    the same names and layout as each direction of `LSTM`.
+
+    Attributes:
+      hidden_size: H.
+      dtype: matmul computation dtype (gates and cell state are float32).
+      param_dtype: parameter storage dtype.
+    """
+
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry: State, x: jax.Array) -> tuple[State, jax.Array]:
+        """Args: carry (h, c) <[batch, H]> each; x <[batch, features]>.
+
+        Returns ((h, c), h).
+        """
+        wi, wh, b = _direction_params(self, x.shape[-1], self.hidden_size, self.param_dtype)
+        h, c = carry
+        z = _matmul(x, wi, self.dtype) + _matmul(h, wh, self.dtype) + b
+        h, c = lstm_gates(z, c.astype(_acc(self.dtype)))
+        return (h, c), h
+
+
+def _direction_params(
+    module: nn.Module, features: int, hidden: int, param_dtype: Dtype, prefix: str = ""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    init = _uniform(1.0 / np.sqrt(hidden))
+    wi = module.param(
+        f"{prefix}input_kernel",
+        nn.with_logical_partitioning(init, ("embed", None)),
+        (features, 4 * hidden),
+        param_dtype,
+    )
+    wh = module.param(
+        f"{prefix}recurrent_kernel",
+        nn.with_logical_partitioning(init, (None, None)),
+        (hidden, 4 * hidden),
+        param_dtype,
+    )
+    b = module.param(
+        f"{prefix}bias", nn.with_logical_partitioning(init, (None,)), (4 * hidden,), param_dtype
+    )
+    return wi, wh, b
+
+
+def _acc(dtype: Dtype) -> Any:
+    """Accumulation / state dtype: float32, or wider if the computation dtype is wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _matmul(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
+    """x @ w in `dtype`, accumulated and returned in float32 (at least)."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=_acc(dtype))
+
+
+def reverse_padded(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reverses each sequence's first `lengths[b]` steps; padding stays in place.
+
+    x: <[batch, time, ...]>, lengths: <int>[batch].
+    """
+    t = jnp.arange(x.shape[1])[None, :]
+    idx = jnp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _scan_direction(
+    x: jax.Array,
+    lengths: jax.Array,
+    h0: jax.Array,
+    c0: jax.Array,
+    wi: jax.Array,
+    wh: jax.Array,
+    b: jax.Array,
+    dtype: Dtype,
+    unroll: int,
+) -> tuple[jax.Array, State]:
+    """One direction of one layer over [batch, time, features]; returns (outputs, (h, c))."""
+    acc = _acc(dtype)
+    zx = _matmul(x, wi, dtype) + b.astype(acc)  # the one big input projection
+    zx = jnp.swapaxes(zx, 0, 1)  # [time, batch, 4H]
+    mask = (jnp.arange(x.shape[1])[:, None] < lengths[None, :])[..., None]  # [time, batch, 1]
+    wh_c = wh.astype(dtype)
+
+    def step(carry: State, inputs: tuple[jax.Array, jax.Array]) -> tuple[State, jax.Array]:
+        h, c = carry
+        z, m = inputs
+        z = z + jnp.matmul(h.astype(dtype), wh_c, preferred_element_type=acc)
+        h_new, c_new = lstm_gates(z, c)
+        h = jnp.where(m, h_new, h)
+        c = jnp.where(m, c_new, c)
+        return (h, c), jnp.where(m, h_new, 0.0)
+
+    carry = (h0.astype(acc), c0.astype(acc))
+    (h, c), ys = jax.lax.scan(step, carry, (zx, mask), unroll=unroll)
+    return jnp.swapaxes(ys, 0, 1), (h, c)
+
+
+def check_lengths(lengths: Any, batch: int, time: int) -> None:
+    """Raises ValueError for a lengths array that cannot describe a [batch, time] batch.
+
+    Shapes are always checked; values only when concrete (outside jit).
+    """
+    if jnp.shape(lengths) != (batch,):
+        raise ValueError(
+            f"lengths has shape {jnp.shape(lengths)} but the batch has {batch} sequences: "
+            "pass one length per sequence, <int>[batch]"
+        )
+    if isinstance(lengths, jax.core.Tracer):
+        return
+    values = np.asarray(lengths)
+    if values.size and values.min() < 1:
+        raise ValueError(
+            f"lengths must be >= 1 (found {values.min()}): empty sequences have no last "
+            "state; drop them or give them one padding token"
+        )
+    if values.size and values.max() > time:
+        raise ValueError(
+            f"lengths must be <= the sequence length {time} (found {values.max()}); "
+            "truncate the lengths or pad the tokens to the longest sequence"
+        )
+
+
+def cudnn_available() -> bool:
+    """True when the default backend is an NVIDIA GPU (cuDNN's LSTM applies)."""
+    return jax.default_backend() == "gpu"
+
+
+class LSTM(nn.Module):
+    """A stack of (bi)LSTM layers over a batch of variable-length sequences.
+
+    Attributes:
+      hidden_size: H per direction.
+      num_layers: stacked layers; layer l+1 reads layer l's outputs.
+      bidirectional: also run each layer backwards (outputs concatenated: 2H).
+      dropout: dropout rate between layers (not after the last), in training only.
+      unroll: scan unroll factor (a speed knob; numbers are unchanged).
+      backend: "scan" (portable), "cudnn" (GPU; jax.experimental.rnn), or "auto" (cuDNN
+        on an NVIDIA GPU, scan elsewhere). Both compute the same function of the same
+        parameters; cuDNN computes in float32 (jaxlib's cuDNN RNN rejects bfloat16).
+      dtype: matmul dtype of the scan path (gates and cell state are float32).
+      param_dtype: parameter storage dtype.
+
+    Parameters: for layer l and direction d in (fwd, bwd): `l{l}_{d}_input_kernel`
+    <[in, 4H]>, `l{l}_{d}_recurrent_kernel` <[H, 4H]>, `l{l}_{d}_bias` <[4H]>, gates in
+    order i, f, g, o. A PyTorch `nn.LSTM` maps as weight_ih = input_kernel.T,
+    weight_hh = recurrent_kernel.T, bias_ih + bias_hh = bias.
+    """
+
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+    unroll: int = 1
+    backend: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        lengths: jax.Array | None = None,
+        initial_state: State | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, State]:
+        """Runs the stack.
+
+        Args:
+          x: <float>[batch, time, features].
+          lengths: <int>[batch] valid steps per sequence (default: all `time`).
+          initial_state: (h0, c0), each <float>[num_layers * num_directions, batch, H]
+            (PyTorch's layout: index = layer * num_directions + direction); default zeros.
+          deterministic: disables dropout.
+
+        Returns:
+          outputs <dtype>[batch, time, num_directions * H] (zeros at padded steps) and
+          (h_n, c_n) <float32>[num_layers * num_directions, batch, H]: each sequence's state
+          after its last valid step.
+        """
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        batch, time, _ = x.shape
+        lengths = jnp.full((batch,), time, jnp.int32) if lengths is None else lengths
+        check_lengths(lengths, batch, time)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        n_states = self.num_layers * self.num_directions
+        if initial_state is None:
+            zeros = jnp.zeros((n_states, batch, self.hidden_size), _acc(self.dtype))
+            initial_state = (zeros, zeros)
+        h0, c0 = initial_state
+        if h0.shape != (n_states, batch, self.hidden_size) or c0.shape != h0.shape:
+            raise ValueError(
+                f"initial_state must be two arrays of shape {(n_states, batch, self.hidden_size)}"
+                f" (layers*directions, batch, hidden), got {h0.shape} and {c0.shape}"
+            )
+
+        params = []
+        features = x.shape[-1]
+        for layer in range(self.num_layers):
+            for d in ("fwd", "bwd")[: self.num_directions]:
+                params.append(
+                    _direction_params(
+                        self, features, self.hidden_size, self.param_dtype, f"l{layer}_{d}_"
+                    )
+                )
+            features = self.num_directions * self.hidden_size
+
+        use_cudnn = self.backend == "cudnn" or (self.backend == "auto" and cudnn_available())
+        if use_cudnn:
+            if self.dropout and not deterministic:
+                raise ValueError("dropout between layers is supported by the scan backend only")
+            return self._cudnn(x, lengths, h0, c0, params)
+
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(self.num_directions):
+                k = layer * self.num_directions + d
+                wi, wh, b = params[k]
+                inp = x if d == 0 else reverse_padded(x, lengths)
+                y, (h, c) = _scan_direction(
+                    inp, lengths, h0[k], c0[k], wi, wh, b, self.dtype, self.unroll
+                )
+                outs.append(y if d == 0 else reverse_padded(y, lengths))
+                hs.append(h)
+                cs.append(c)
+            x = jnp.concatenate(outs, axis=-1).astype(self.dtype)
+            if self.dropout and layer < self.num_layers - 1:
+                x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        return x, (jnp.stack(hs), jnp.stack(cs))
+
+    def _cudnn(
+        self,
+        x: jax.Array,
+        lengths: jax.Array,
+        h0: jax.Array,
+        c0: jax.Array,
+        params: list[tuple[jax.Array, jax.Array, jax.Array]],
+    ) -> tuple[jax.Array, State]:
+        from jax.experimental import rnn
+
+        weights = pack_cudnn_weights(params)
+        y, h, c = rnn.lstm(
+            x.astype(jnp.float32),
+            h0.astype(jnp.float32),
+            c0.astype(jnp.float32),
+            weights,
+            lengths,
+            input_size=x.shape[-1],
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            dropout=0.0,
+            bidirectional=self.bidirectional,
+        )
+        mask = jnp.arange(x.shape[1])[None, :, None] < lengths[:, None, None]
+        return jnp.where(mask, y, 0.0).astype(self.dtype), (h, c)
+
+
+def pack_cudnn_weights(params: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """Our per-direction (input_kernel, recurrent_kernel, bias) as cuDNN's flat vector.
+
+    cuDNN's layout: for each layer*direction, W_ih [4H, in] then W_hh [4H, H]; then for each,
+    b_ih [4H] then b_hh [4H]. Our single bias goes to b_ih; b_hh is zero.
+    """
+    weights = []
+    for wi, wh, _ in params:
+        weights += [wi.T.reshape(-1), wh.T.reshape(-1)]
+    for _, _, b in params:
+        weights += [b, jnp.zeros_like(b)]
+    return jnp.concatenate([w.astype(jnp.float32) for w in weights])
+
+
+class LSTMClassifier(nn.Module):
+    """Embedding -> stacked (bi)LSTM -> pooled state -> dense logits.
+
+    The article's Keras model is `LSTMClassifier(10000, 64, 128, 2, 10)` on sequences of
+    length 100.
+
+    Attributes:
+      vocab_size, embed_dim, hidden_size, num_layers, num_classes: the sizes.
+      bidirectional: biLSTM layers.
+      pooling: "last" (each sequence's state after its last valid token; for a biLSTM the
+        forward final state and the backward state at the first token), "mean" or "max"
+        over valid steps.
+      dropout: between LSTM layers and before the head (training only).
+      unroll, backend, dtype, param_dtype: see `LSTM`.
+    """
+
+    vocab_size: int
+    embed_dim: int
+    hidden_size: int
+    num_layers: int
+    num_classes: int
+    bidirectional: bool = False
+    pooling: str = "last"
+    dropout: float = 0.0
+    unroll: int = 1
+    backend: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, tokens: jax.Array, lengths: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        """tokens: <int>[batch, time]; lengths: <int>[batch]. Returns <float32>[batch, classes]."""
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be <int>[batch, time], got shape {tokens.shape}")
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+            values = np.asarray(tokens)  # concrete: checked on the host, outside any trace
+            top, low = int(values.max()), int(values.min())
+            if top >= self.vocab_size or low < 0:
+                raise ValueError(
+                    f"token ids must be in [0, {self.vocab_size}) (vocab_size), found "
+                    f"{low if low < 0 else top}; check the tokenizer's vocabulary size"
+                )
+        batch, time = tokens.shape
+        lengths = jnp.full((batch,), time, jnp.int32) if lengths is None else lengths
+        check_lengths(lengths, batch, time)
+        tokens = nn.with_logical_constraint(tokens, ("batch", None))
+        embed = nn.Embed(
+            self.vocab_size,
+            self.embed_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(1.0), ("vocab", "embed")
+            ),
+        )
+        x = embed(tokens)
+        lstm = LSTM(
+            self.hidden_size,
+            self.num_layers,
+            self.bidirectional,
+            self.dropout,
+            self.unroll,
+            self.backend,
+            self.dtype,
+            self.param_dtype,
+        )
+        ys, (h_n, _) = lstm(x, lengths, deterministic=not train)
+        mask = (jnp.arange(time)[None, :] < jnp.asarray(lengths)[:, None])[..., None]
+        if self.pooling == "last":
+            pooled = jnp.concatenate(list(h_n[-lstm.num_directions :]), axis=-1)
+        elif self.pooling == "mean":
+            total = jnp.sum(jnp.where(mask, ys.astype(jnp.float32), 0.0), axis=1)
+            pooled = total / jnp.maximum(jnp.sum(mask, axis=1), 1)
+        else:
+            pooled = jnp.max(jnp.where(mask, ys.astype(jnp.float32), -jnp.inf), axis=1)
+        pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train)
+        logits = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("embed", "classes")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
+        )(pooled.astype(self.dtype))
+        return logits.astype(jnp.float32)

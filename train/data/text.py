@@ -1,0 +1,477 @@
+"""Text-classification data: the embedded standard-library docstrings, TFDS sources, words.
+
+The embedded dataset, `stdlib_docs`, is made of the docstrings of the Python standard
+library, labelled by the area of the library they document. It is real English prose
+written by many authors over three decades, it ships with every Python, and so it needs
+no network. The ten classes (label, name), each a fixed set of top-level modules and
+packages with all of their importable submodules:
+
+* 0 `email`: e-mail messages and mail protocols (email, mailbox, smtplib, imaplib,
+  poplib, mimetypes, quopri).
+* 1 `web`: the web and markup (http, urllib, html, xml, wsgiref, xmlrpc, webbrowser).
+* 2 `concurrency`: running things at once (asyncio, concurrent, multiprocessing,
+  threading, queue, sched, subprocess).
+* 3 `files`: files, paths and archives (os, posixpath, io, pathlib, shutil, tempfile,
+  glob, fnmatch, filecmp, zipfile, tarfile, gzip, bz2, lzma, zlib).
+* 4 `text`: strings and text formats (string, re, textwrap, difflib, unicodedata,
+  codecs, csv, json).
+* 5 `testing`: testing, debugging and profiling (unittest, doctest, pdb, bdb, trace,
+  cProfile, profile, pstats, timeit).
+* 6 `numbers`: numbers and randomness (math, cmath, decimal, fractions, random,
+  statistics, numbers).
+* 7 `datatypes`: containers and types (collections, dataclasses, enum, typing, array,
+  heapq, bisect, copy, weakref, types).
+* 8 `language`: Python inspecting and processing Python (ast, dis, inspect, importlib,
+  tokenize, symtable, compileall, pydoc).
+* 9 `networking`: sockets and network protocols (socket, ssl, select, selectors,
+  socketserver, ftplib, ipaddress).
+
+How it is made: every allowed module is imported (submodules that fail to import, test
+packages and `__main__` modules are skipped), and the module's own docstring and those of
+the classes, functions and methods it defines (in sorted order; docstrings inherited from
+elsewhere are not counted) are collected. A docstring found in more than one area is
+dropped as ambiguous; of the rest, those of at least 8 words are kept, whitespace
+collapsed, and one longer than 120 words is cut into near-equal chunks of at most 120
+words. Each chunk is one example, `{"text": str, "label": int}`. About 4,000 examples
+(their number depends a little on the Python version); the classes are not balanced.
+Whole docstrings go to `train` or `test` (a fixed hash of where they were found, ~80/20),
+so no docstring is split across the two.
+
+The dataset is registered with TFDS as `stdlib_docs` and written as array_record on
+first use (about a second), then read like any TFDS dataset with `as_data_source`.
+
+Words become ids with `WordTokenizer`, a vocabulary built from a training split, and
+`text_preprocess` turns records into fixed-length `{"tokens", "length", "label"}` examples
+for the Grain pipelines in `train.data.pipeline`.
+
+Example:
+    >>> import tempfile
+    >>> from train.data import pipeline
+    >>> data_dir = tempfile.mkdtemp()
+    >>> source, num_classes, names = open_text_source(
+    ...     "stdlib_docs", "train", data_dir)  # doctest: +ELLIPSIS
+    Downloading and preparing dataset ...
+    Dataset stdlib_docs downloaded and prepared to ...
+    >>> num_classes, names[:3]
+    (10, ['email', 'web', 'concurrency'])
+    >>> tokenizer = WordTokenizer.build(read_texts(source, "text"), vocab_size=5000)
+    >>> preprocess = text_preprocess(tokenizer, max_length=128, text_key="text")
+    >>> batches = pipeline.train_iterator(
+    ...     source, global_batch_size=32, seed=0, preprocess=preprocess)
+    >>> batch = next(batches)
+    >>> batch["tokens"].shape, batch["length"].shape, batch["label"].shape
+    ((32, 128), (32,), (32,))
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import functools
+import importlib
+import inspect
+import json
+import math
+import os
+import pkgutil
+import re
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxmodels.errors import DataError
+from train.data.images import default_data_dir
+
+EMBEDDED = "stdlib_docs"
+
+# Area -> top-level modules and packages it is made of (label = position in this table).
+AREAS: dict[str, tuple[str, ...]] = {
+    "email": ("email", "mailbox", "smtplib", "imaplib", "poplib", "mimetypes", "quopri"),
+    "web": ("http", "urllib", "html", "xml", "wsgiref", "xmlrpc", "webbrowser"),
+    "concurrency": (
+        "asyncio",
+        "concurrent",
+        "multiprocessing",
+        "threading",
+        "queue",
+        "sched",
+        "subprocess",
+    ),
+    "files": (
+        "os",
+        "posixpath",
+        "io",
+        "pathlib",
+        "shutil",
+        "tempfile",
+        "glob",
+        "fnmatch",
+        "filecmp",
+        "zipfile",
+        "tarfile",
+        "gzip",
+        "bz2",
+        "lzma",
+        "zlib",
+    ),
+    "text": ("string", "re", "textwrap", "difflib", "unicodedata", "codecs", "csv", "json"),
+    "testing": (
+        "unittest",
+        "doctest",
+        "pdb",
+        "bdb",
+        "trace",
+        "cProfile",
+        "profile",
+        "pstats",
+        "timeit",
+    ),
+    "numbers": ("math", "cmath", "decimal", "fractions", "random", "statistics", "numbers"),
+    "datatypes": (
+        "collections",
+        "dataclasses",
+        "enum",
+        "typing",
+        "array",
+        "heapq",
+        "bisect",
+        "copy",
+        "weakref",
+        "types",
+    ),
+    "language": (
+        "ast",
+        "dis",
+        "inspect",
+        "importlib",
+        "tokenize",
+        "symtable",
+        "compileall",
+        "pydoc",
+    ),
+    "networking": ("socket", "ssl", "select", "selectors", "socketserver", "ftplib", "ipaddress"),
+}
+CLASS_NAMES: tuple[str, ...] = tuple(AREAS)
+
+MIN_WORDS = 8
+MAX_WORDS = 120
+_SPLIT_SEED = 20_26
+_TEST_PERCENT = 20
+# Feature holding the text, for TFDS datasets whose text is not under "text".
+_TEXT_KEYS = {"ag_news_subset": "description", "glue": "sentence"}
+
+# ---------------------------------------------------------------------------------------
+# Collecting the docstrings.
+
+
+def _skipped(part: str) -> bool:
+    return part in ("__main__", "test", "tests") or part.startswith("test_")
+
+
+def _modules(top: str) -> Iterator[Any]:
+    """`top` and all of its importable submodules, depth first in sorted order."""
+    try:
+        module = importlib.import_module(top)
+    except Exception:  # noqa: BLE001 - a module that cannot be imported here is skipped
+        return
+    yield module
+    path = getattr(module, "__path__", None)
+    if path is None:
+        return
+    for info in sorted(pkgutil.iter_modules(path), key=lambda info: info.name):
+        if not _skipped(info.name):
+            yield from _modules(f"{top}.{info.name}")
+
+
+def _defined_in(obj: Any, module_name: str) -> bool:
+    """Whether `obj` belongs to `module_name` (or its C accelerator, e.g. `_heapq`)."""
+    owner = getattr(obj, "__module__", None)
+    if not isinstance(owner, str):
+        return False
+    if owner == module_name or owner.lstrip("_") == module_name:
+        return True
+    return module_name == "os" and owner in ("posix", "nt")
+
+
+def _own_doc(obj: Any) -> str | None:
+    doc = getattr(obj, "__doc__", None)
+    return " ".join(doc.split()) if isinstance(doc, str) else None
+
+
+def _docstrings(module: Any) -> Iterator[tuple[str, str | None]]:
+    """(qualified name, docstring) of a module and what it defines, in sorted order."""
+    name = module.__name__
+    yield name, _own_doc(module)
+    for key, obj in sorted(vars(module).items()):
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)) or not _defined_in(obj, name):
+            continue
+        yield f"{name}.{key}", _own_doc(obj)
+        if not inspect.isclass(obj):
+            continue
+        for member_key, member in sorted(vars(obj).items()):
+            if member_key.startswith("__") and member_key not in ("__init__", "__call__"):
+                continue
+            if isinstance(member, classmethod | staticmethod):
+                member = member.__func__
+            if inspect.isroutine(member) or isinstance(member, property):
+                yield f"{name}.{key}.{member_key}", _own_doc(member)
+
+
+def _chunks(text: str) -> list[str]:
+    words = text.split()
+    n = math.ceil(len(words) / MAX_WORDS)
+    bounds = [round(i * len(words) / n) for i in range(n + 1)]
+    return [" ".join(words[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _is_test(qualname: str) -> bool:
+    return zlib.crc32(f"{_SPLIT_SEED}:{qualname}".encode()) % 100 < _TEST_PERCENT
+
+
+def stdlib_examples() -> dict[str, list[tuple[str, str, int]]]:
+    """All examples as {"train"|"test": [(key, text, label), ...]}, deterministically."""
+    found: dict[str, tuple[str, set[int]]] = {}  # docstring -> (first qualname, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated modules (e.g. typing.re) warn on access
+        for label, tops in enumerate(AREAS.values()):
+            for top in sorted(tops):
+                for module in _modules(top):
+                    for qualname, doc in _docstrings(module):
+                        if doc and len(doc.split()) >= MIN_WORDS:
+                            found.setdefault(doc, (qualname, set()))[1].add(label)
+    splits: dict[str, list[tuple[str, str, int]]] = {"train": [], "test": []}
+    seen: set[str] = set()
+    for doc, (qualname, labels) in sorted(found.items(), key=lambda item: item[1][0]):
+        if len(labels) != 1:
+            continue  # the same text documents several areas
+        split = splits["test" if _is_test(qualname) else "train"]
+        for i, chunk in enumerate(_chunks(doc)):
+            if chunk not in seen:
+                seen.add(chunk)
+                split.append((f"{qualname}#{i}", chunk, next(iter(labels))))
+    return splits
+
+
+class StdlibDocs(tfds.core.GeneratorBasedBuilder):
+    """Docstrings of the Python standard library, labelled by the area they document."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "text": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+                }
+            ),
+            supervised_keys=("text", "label"),
+            homepage="https://docs.python.org/3/library/",
+        )
+
+    def _split_generators(self, dl_manager):  # noqa: ARG002 - nothing to download
+        examples = stdlib_examples()
+        return {split: self._generate_examples(examples[split]) for split in ("train", "test")}
+
+    def _generate_examples(self, examples: list[tuple[str, str, int]]):
+        for key, text, label in examples:
+            yield key, {"text": text, "label": label}
+
+
+def prepare(data_dir: str) -> StdlibDocs:
+    """Writes the dataset under `data_dir` if it is not there yet; returns the builder.
+
+    A file lock makes concurrent first uses (several processes on one machine) safe.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    builder = StdlibDocs(data_dir=data_dir, file_format="array_record")
+    if builder.is_prepared():
+        return builder
+    with open(os.path.join(data_dir, ".stdlib_docs.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = StdlibDocs(data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            builder.download_and_prepare()
+    return StdlibDocs(data_dir=data_dir, file_format="array_record")
+
+
+# ---------------------------------------------------------------------------------------
+# Sources.
+
+
+def text_key_for(name: str, text_key: str | None = None) -> str:
+    """The feature holding the text in dataset `name` (`text_key` if given)."""
+    if text_key:
+        return text_key
+    return _TEXT_KEYS.get(name, _TEXT_KEYS.get(name.split("/")[0], "text"))
+
+
+def open_text_source(
+    name: str, split: str, data_dir: str | None, text_key: str | None = None
+) -> tuple[Any, int, list[str]]:
+    """A random-access source for `split` of text dataset `name`, its class count and names.
+
+    `stdlib_docs` is prepared on first use; any other TFDS dataset (e.g. `imdb_reviews`,
+    `ag_news_subset`) must already be prepared in `data_dir`: nothing is downloaded.
+    Records hold the text under `text_key_for(name, text_key)` (possibly as bytes; see
+    `record_text`) and an integer `label`.
+    """
+    data_dir = data_dir or default_data_dir()
+    if name == EMBEDDED:
+        builder = prepare(data_dir)
+    else:
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as e:  # noqa: BLE001 - TFDS raises several kinds here
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"unknown TFDS dataset {name!r} ({first_line}). Check the name (config key "
+                "dataset); the list is at tensorflow.org/datasets/catalog"
+            ) from e
+        if not builder.is_prepared():
+            raise DataError(
+                f"dataset {name!r} is not prepared in {data_dir}, and training never "
+                "downloads. Prepare it once where there is network access, e.g.\n"
+                f"  pip install tensorflow tensorflow-datasets && tfds build {name} "
+                f"--data_dir={data_dir} --file_format=array_record\n"
+                "then copy that folder here (or point --config.data_dir at it). "
+                f"The embedded dataset {EMBEDDED!r} needs no download."
+            )
+    features = builder.info.features
+    key = text_key_for(name, text_key)
+    if key not in features or "label" not in features:
+        raise DataError(
+            f"dataset {name!r} has features {sorted(features)}; text classification needs a "
+            f"text feature {key!r} (config key text_key) and a 'label'"
+        )
+    try:
+        source = builder.as_data_source(split=split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"cannot read split {split!r} of {name!r} in {data_dir}: {e}. Datasets must be "
+            "prepared as array_record (tfds build --file_format=array_record)."
+        ) from e
+    label = features["label"]
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise DataError(f"the 'label' of dataset {name!r} is not a class label: {label}")
+    return source, int(label.num_classes), list(label.names)
+
+
+def record_text(record: Any, text_key: str) -> str:
+    """The text of a record as str (TFDS may return it as bytes)."""
+    text = record[text_key]
+    if isinstance(text, np.ndarray):
+        text = text.item()
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def read_texts(source: Any, text_key: str) -> list[str]:
+    """Every text of a source, in order (e.g. to build a vocabulary from `train`)."""
+    return [record_text(source[i], text_key) for i in range(len(source))]
+
+
+# ---------------------------------------------------------------------------------------
+# Words to ids.
+
+PAD, UNK = 0, 1
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words: runs of ASCII letters and digits, with inner apostrophes."""
+    return _WORD.findall(text.lower())
+
+
+class WordTokenizer:
+    """A word-level vocabulary: id 0 is `<pad>`, 1 is `<unk>`, then words by frequency.
+
+    Example:
+        >>> tok = WordTokenizer.build(["the cat sat", "the dog"], vocab_size=10)
+        >>> tok.vocab
+        ['<pad>', '<unk>', 'the', 'cat', 'dog', 'sat']
+        >>> tok.encode("The bird sat", max_length=5)
+        (array([2, 1, 5, 0, 0], dtype=int32), 3)
+    """
+
+    def __init__(self, vocab: list[str]):
+        if vocab[:2] != ["<pad>", "<unk>"] or len(set(vocab)) != len(vocab):
+            raise ValueError("vocab must start with '<pad>', '<unk>' and have no duplicates")
+        self.vocab = list(vocab)
+        self._ids = {word: i for i, word in enumerate(self.vocab)}
+
+    @classmethod
+    def build(cls, texts: Iterable[str], vocab_size: int = 10_000) -> WordTokenizer:
+        """The `vocab_size - 2` most frequent words of `texts` (ties alphabetical)."""
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be at least 2 (<pad>, <unk>), got {vocab_size}")
+        counts = collections.Counter()
+        for text in texts:
+            counts.update(words(text))
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        return cls(["<pad>", "<unk>"] + [word for word, _ in ranked[: vocab_size - 2]])
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str, max_length: int) -> tuple[np.ndarray, int]:
+        """(<int32>[max_length] ids, zero-padded and truncated; number of real tokens).
+
+        A text without words encodes as one `<unk>`, so no sequence is empty.
+        """
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        ids = [self._ids.get(word, UNK) for word in words(text)[:max_length]] or [UNK]
+        out = np.zeros(max_length, np.int32)
+        out[: len(ids)] = ids
+        return out, len(ids)
+
+    def save(self, path: str) -> None:
+        """Writes the vocabulary as JSON."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"kind": "word", "vocab": self.vocab}, f, ensure_ascii=False)
+
+    @classmethod
+    def load(cls, path: str) -> WordTokenizer:
+        """Reads a vocabulary written by `save`."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            return cls(data["vocab"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read the vocabulary {path}: {e}") from e
+
+
+def _encode_record(
+    record: Any,
+    rng: np.random.Generator,  # noqa: ARG001 - no randomness
+    *,
+    tokenizer: WordTokenizer,
+    max_length: int,
+    text_key: str,
+) -> dict[str, np.ndarray]:
+    tokens, length = tokenizer.encode(record_text(record, text_key), max_length)
+    return {
+        "tokens": tokens,
+        "length": np.int32(length),
+        "label": np.int32(record["label"]),
+    }
+
+
+def text_preprocess(tokenizer: WordTokenizer, max_length: int, text_key: str = "text") -> Any:
+    """`(record, rng) -> {"tokens": <int32>[max_length], "length": int32, "label": int32}`.
+
+    For `pipeline.train_iterator` and `pipeline.eval_batches` (whose padding examples have
+    `length` 0 and `weight` 0).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    return functools.partial(
+        _encode_record, tokenizer=tokenizer, max_length=max_length, text_key=text_key
+    )

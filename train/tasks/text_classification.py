@@ -1,0 +1,98 @@
+"""Text classification: LSTM classifiers on word ids, the embedded stdlib docstrings or a
+TFDS text dataset by name; softmax cross-entropy, accuracy.
+
+The word vocabulary is built from the training split at the first start and saved as
+`workdir/tokenizer.json`; a resumed run loads it, so ids never change under a checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxmodels import rnn, training
+from jaxmodels.errors import DataError
+from train.data import pipeline, text
+from train.tasks import Task, make_module
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _tokenizer(config: Any, workdir: str, train_source: Any, text_key: str) -> Any:
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if os.path.exists(path):
+        tokenizer = text.WordTokenizer.load(path)
+        if len(tokenizer) > config.vocab_size:
+            raise DataError(
+                f"{path} has {len(tokenizer)} words but vocab_size={config.vocab_size}; "
+                "use the config that wrote this workdir, or a new --workdir"
+            )
+        return tokenizer
+    tokenizer = text.WordTokenizer.build(text.read_texts(train_source, text_key), config.vocab_size)
+    tmp = f"{path}.tmp{os.getpid()}"
+    tokenizer.save(tmp)
+    os.replace(tmp, path)  # atomic: processes sharing the workdir agree on one file
+    return tokenizer
+
+
+def _inputs(batch: Any) -> tuple[Any, Any]:
+    # Eval padding examples have length 0 (and weight 0); give them one step so that
+    # every length is valid for every LSTM backend.
+    return batch["tokens"], jnp.maximum(batch["length"], 1)
+
+
+def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:
+    dtype = jnp.dtype(config.dtype)
+    text_key = text.text_key_for(config.dataset, config.text_key or None)
+    train_source, num_classes, names = text.open_text_source(
+        config.dataset, config.train_split, config.data_dir, text_key
+    )
+    eval_source, _, _ = text.open_text_source(
+        config.dataset, config.eval_split, config.data_dir, text_key
+    )
+    num_classes = config.num_classes or num_classes
+    tokenizer = _tokenizer(config, workdir, train_source, text_key)
+    preprocess = text.text_preprocess(tokenizer, config.max_length, text_key)
+
+    model = make_module(
+        rnn, config.model, vocab_size=config.vocab_size, num_classes=num_classes, dtype=dtype
+    )
+    loss_fn, eval_fn = training.classification_fns(
+        model, label_smoothing=config.label_smoothing, inputs=_inputs
+    )
+    common = dict(process_index=process_index, process_count=process_count)
+    train_iterator = functools.partial(
+        pipeline.train_iterator,
+        train_source,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        preprocess=preprocess,
+        num_threads=config.data_threads,
+        prefetch=config.prefetch,
+        **common,
+    )
+    eval_iterator = functools.partial(
+        pipeline.eval_batches,
+        eval_source,
+        global_batch_size=config.eval_batch_size or config.batch_size,
+        preprocess=preprocess,
+        num_threads=config.data_threads,
+        **common,
+    )
+    info = {
+        "dataset": config.dataset,
+        "num_classes": num_classes,
+        "classes": names[:10],
+        "train_examples": len(train_source),
+        "eval_examples": len(eval_source),
+        "vocabulary": len(tokenizer),
+        "max_length": config.max_length,
+    }
+    example = [
+        jnp.zeros((1, config.max_length), jnp.int32),
+        jnp.full((1,), config.max_length, jnp.int32),
+    ]
+    return Task(model, example, loss_fn, eval_fn, train_iterator, eval_iterator, info)
