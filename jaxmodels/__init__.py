@@ -2,6 +2,7 @@
 
 Modules:
   cnn         SeedCNN (the classic MNIST CNN) and the ResNet v1.5 family.
+  rnn         LSTMCell, LSTM (scan or cuDNN), LSTMClassifier.
   sharding    the device mesh and the one logical-axis rules table.
   optim       optimizers and schedules over optax.
   training    TrainState, sharded init, pure train/eval steps compiled with jit.
@@ -10,7 +11,7 @@ Modules:
   errors      user-facing errors (what is wrong and how to fix it).
 """
 
-from jaxmodels import checkpoint, cnn, errors, losses, optim, sharding, training
+from jaxmodels import checkpoint, cnn, errors, losses, optim, rnn, sharding, training
 
 __version__ = "0.1.0"
-__all__ = ["checkpoint", "cnn", "errors", "losses", "optim", "sharding", "training"]
+__all__ = ["checkpoint", "cnn", "errors", "losses", "optim", "rnn", "sharding", "training"]
