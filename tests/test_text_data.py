@@ -97,7 +97,8 @@ def test_known_docstrings_get_their_area(train_split, test_split):
 
 
 def test_prepare_is_offline_and_deterministic(docs_dir, tmp_path):
-    """A second preparation, in a fresh process with the network cut off, writes the same data."""
+    """A second preparation, in another process with the network cut off and a standard
+    function patched, writes the same data."""
     other = str(tmp_path / "again")
     code = textwrap.dedent(
         f"""
@@ -108,6 +109,11 @@ def test_prepare_is_offline_and_deterministic(docs_dir, tmp_path):
                 raise OSError(f"network access during preparation: {{event}}")
 
         sys.addaudithook(no_network)
+        import inspect
+
+        # Some packages patch standard functions on import (their docstrings go with them);
+        # the dataset must not depend on what the preparing process imported before.
+        inspect.getfile = lambda obj: "patched"
         from train.data import text
         assert text.prepare({other!r}).is_prepared()
         import socket
