@@ -1,0 +1,118 @@
+"""BERT pretraining data: sentence pairs, WordPiece, and the 80/10/10 masking of 15%."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers", reason="needs the text extra (tokenizers)")
+
+from jaxmodels.errors import DataError  # noqa: E402
+from train.data import mlm  # noqa: E402
+
+TEXTS = [
+    "The cat sat on the mat. It was warm there. The dog did not mind at all.",
+    "Numbers can be added. They can also be multiplied! Division needs care.",
+    "Files live on disks. Paths name them. Some paths are relative to the cwd.",
+    "Sockets carry bytes. A server listens on a port. Clients connect to it.",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = mlm.wordpiece(None, TEXTS, vocab_size=200)
+    source = mlm.PairSource(mlm.tokenize_documents(tokenizer, TEXTS))
+    pairs = mlm.MaskedPairs(source, tokenizer, max_length=32, max_predictions=6, seed=0)
+    return tokenizer, source, pairs
+
+
+def test_split_sentences():
+    assert mlm.split_sentences("One thing. Two things! Three? 4 is a number. e.g. not this.") == [
+        "One thing.",
+        "Two things!",
+        "Three?",
+        "4 is a number. e.g. not this.",
+    ]
+
+
+def test_wordpiece_special_tokens_and_round_trip(setup, tmp_path):
+    tokenizer, _, _ = setup
+    assert [tokenizer.token_to_id(t) for t in mlm.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    tokenizer.save_model(str(tmp_path))
+    loaded = mlm.wordpiece(str(tmp_path / "vocab.txt"))
+    text = "the cat sat on a warm mat"
+    assert loaded.encode(text, add_special_tokens=False).ids == (
+        tokenizer.encode(text, add_special_tokens=False).ids
+    )
+    with pytest.raises(DataError, match="does not exist"):
+        mlm.wordpiece(str(tmp_path / "missing.txt"))
+
+
+def _unmask(example):
+    ids = example["input_ids"].copy()
+    w = example["masked_weights"] > 0
+    ids[example["masked_positions"][w]] = example["masked_ids"][w]
+    return ids[: example["length"]]
+
+
+def test_example_layout_and_labels(setup):
+    tokenizer, source, pairs = setup
+    for i in range(40):
+        ex = pairs.eval(source[i], None)
+        n = int(ex["length"])
+        ids = _unmask(ex)
+        assert ids[0] == pairs.cls and ids[-1] == pairs.sep and list(ids).count(pairs.sep) == 2
+        assert np.all(ex["input_ids"][n:] == pairs.pad)
+        first_sep = list(ids).index(pairs.sep)
+        assert np.all(ex["token_type_ids"][: first_sep + 1] == 0)
+        assert np.all(ex["token_type_ids"][first_sep + 1 : n] == 1)
+        k = int(ex["masked_weights"].sum())
+        assert 1 <= k <= 6
+        pos = ex["masked_positions"][:k]
+        assert np.all(np.diff(pos) > 0) and np.all(ids[pos] != pairs.cls)
+        assert np.all(ids[pos] != pairs.sep)
+        if ex["nsp_label"] == 0:  # segment B is the next sentence of the same document
+            rec = source[i]
+            doc = source.documents[rec["doc"]]
+            b = ids[first_sep + 1 : -1]
+            assert list(b) == list(doc[rec["sentence"] + 1][: len(b)])
+
+
+def test_masking_statistics(setup):
+    tokenizer, source, _ = setup
+    pairs = mlm.MaskedPairs(source, tokenizer, max_length=32, max_predictions=32, seed=1)
+    kinds = {"mask": 0, "random": 0, "same": 0}
+    chosen = real = nsp = 0
+    rng = np.random.default_rng(0)
+    n = 3000
+    for i in range(n):
+        ex = pairs.train(source[i % len(source)], rng)
+        w = ex["masked_weights"] > 0
+        got = ex["input_ids"][ex["masked_positions"][w]]
+        want = ex["masked_ids"][w]
+        kinds["mask"] += int(np.sum(got == pairs.mask))
+        kinds["same"] += int(np.sum(got == want))
+        kinds["random"] += int(np.sum((got != pairs.mask) & (got != want)))
+        chosen += int(w.sum())
+        real += int(ex["length"]) - 3
+        nsp += int(ex["nsp_label"])
+    assert abs(chosen / real - 0.15) < 0.02
+    assert abs(kinds["mask"] / chosen - 0.8) < 0.03
+    # A random replacement can hit the original token: "same" is 10% plus a little.
+    assert 0.08 < kinds["same"] / chosen < 0.14
+    assert 0.06 < kinds["random"] / chosen < 0.12
+    assert abs(nsp / n - 0.5) < 0.04
+
+
+def test_eval_examples_are_fixed_by_index_and_seed(setup):
+    _, source, pairs = setup
+    a = pairs.eval(source[7], np.random.default_rng(1))
+    b = pairs.eval(source[7], np.random.default_rng(2))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_too_little_text_is_a_clear_error(setup):
+    tokenizer, _, _ = setup
+    with pytest.raises(DataError, match="at least two documents"):
+        mlm.PairSource(mlm.tokenize_documents(tokenizer, ["Only one. Document here."]))

@@ -1,0 +1,177 @@
+"""BERT pretraining data: sentence pairs for next-sentence prediction, WordPiece, masking.
+
+* Documents are lists of sentences. An example starts at sentence `s` of document `d`:
+  segment A is that sentence, segment B is the next sentence of the same document (label
+  0, "is next") or, with probability 1/2, a sentence from another document (label 1,
+  "random"), as in the BERT paper. Pairs are truncated longest-first to fit
+  `max_length` with `[CLS] A [SEP] B [SEP]`.
+* WordPiece with a fast tokenizer (`tokenizers`): loaded from a `vocab.txt`, or trained
+  on the training documents.
+* Masking: 15% of the non-special tokens (at most `max_predictions`) are chosen; of those
+  80% become `[MASK]`, 10% a random token, 10% stay; the model predicts the originals.
+
+Every example is a deterministic function of its index and the seed (augmentation rng in
+training, a per-index rng in evaluation), so resumed and multi-process runs see the
+same data. Examples are dicts of numpy arrays:
+`input_ids`, `token_type_ids` <int32>[max_length], `length` <int32> (real tokens, a prefix),
+`masked_positions`, `masked_ids` <int32>[max_predictions], `masked_weights`
+<float32>[max_predictions] (0 for unused slots), `nsp_label` <int32>.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxmodels.errors import DataError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(`])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Splits prose at sentence ends (a period, ! or ? followed by a capital or digit)."""
+    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def wordpiece(vocab_file: str | None, texts: Iterable[str] | None = None, vocab_size: int = 8000):
+    """A lower-casing BERT WordPiece tokenizer from `vocab_file`, or trained on `texts`."""
+    from tokenizers import BertWordPieceTokenizer
+
+    if vocab_file:
+        if not os.path.exists(vocab_file):
+            raise DataError(f"vocabulary file {vocab_file} does not exist (config key vocab_file)")
+        return BertWordPieceTokenizer(vocab_file, lowercase=True)
+    if texts is None:
+        raise ValueError("give a vocab_file or texts to train the vocabulary on")
+    tokenizer = BertWordPieceTokenizer(lowercase=True)
+    tokenizer.train_from_iterator(
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+    )
+    return tokenizer
+
+
+class PairSource:
+    """Random-access source of pretraining starting points over tokenised documents.
+
+    Args:
+      documents: each a list of sentences, each an <int32> array of WordPiece ids.
+    """
+
+    def __init__(self, documents: Sequence[Sequence[np.ndarray]]):
+        self.documents = [list(d) for d in documents if len(d) >= 1]
+        self.starts = [(d, s) for d, doc in enumerate(self.documents) for s in range(len(doc) - 1)]
+        if not self.starts or len(self.documents) < 2:
+            raise DataError("pretraining needs at least two documents with two sentences")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, int]:
+        d, s = self.starts[int(index) % len(self.starts)]
+        return {"index": int(index), "doc": d, "sentence": s}
+
+
+def tokenize_documents(tokenizer: Any, documents: Iterable[str]) -> list[list[np.ndarray]]:
+    """Texts -> lists of sentences of WordPiece ids (no special tokens)."""
+    out = []
+    for text in documents:
+        sentences = split_sentences(text)
+        encoded = tokenizer.encode_batch(sentences, add_special_tokens=False) if sentences else []
+        ids = [np.asarray(e.ids, np.int32) for e in encoded if e.ids]
+        if ids:
+            out.append(ids)
+    return out
+
+
+class MaskedPairs:
+    """The per-example transform: pair, truncate, assemble, mask.
+
+    Use `train(record, rng)` with Grain's per-example rng, and `eval(record, rng)` for a
+    fixed evaluation set (its rng comes from the example's index and the seed).
+    """
+
+    def __init__(
+        self,
+        source: PairSource,
+        tokenizer: Any,
+        max_length: int = 128,
+        max_predictions: int = 20,
+        mask_rate: float = 0.15,
+        seed: int = 0,
+    ):
+        if max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {max_length}")
+        self.source = source
+        self.max_length = max_length
+        self.max_predictions = max_predictions
+        self.mask_rate = mask_rate
+        self.seed = seed
+        self.vocab_size = tokenizer.get_vocab_size()
+        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.pad, self.cls, self.sep, self.mask = (
+            ids[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")
+        )
+        self.first_regular = max(ids.values()) + 1
+
+    def train(self, record: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self._example(record, rng)
+
+    def eval(self, record: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:  # noqa: ARG002
+        return self._example(record, np.random.default_rng([self.seed, record["index"]]))
+
+    def _example(self, record: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        docs = self.source.documents
+        d, s = record["doc"], record["sentence"]
+        a = docs[d][s]
+        if rng.random() < 0.5:
+            b, nsp = docs[d][s + 1], 0
+        else:
+            other = int(rng.integers(len(docs) - 1))
+            other += other >= d  # any document but this one
+            b, nsp = docs[other][int(rng.integers(len(docs[other])))], 1
+        a, b = list(a), list(b)
+        budget = self.max_length - 3
+        while len(a) + len(b) > budget:  # truncate the longer segment, from the end
+            (a if len(a) >= len(b) else b).pop()
+        tokens = [self.cls, *a, self.sep, *b, self.sep]
+        types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+        n = len(tokens)
+
+        candidates = np.array(
+            [i for i, t in enumerate(tokens) if t not in (self.cls, self.sep)], np.int64
+        )
+        count = min(self.max_predictions, max(1, int(round(len(candidates) * self.mask_rate))))
+        chosen = np.sort(rng.choice(candidates, size=count, replace=False))
+        input_ids = np.full(self.max_length, self.pad, np.int32)
+        input_ids[:n] = tokens
+        originals = input_ids[chosen].copy()
+        roll = rng.random(count)
+        random_ids = rng.integers(self.first_regular, self.vocab_size, size=count)
+        input_ids[chosen] = np.where(
+            roll < 0.8, self.mask, np.where(roll < 0.9, random_ids, originals)
+        )
+
+        token_type_ids = np.zeros(self.max_length, np.int32)
+        token_type_ids[:n] = types
+        positions = np.zeros(self.max_predictions, np.int32)
+        labels = np.zeros(self.max_predictions, np.int32)
+        weights = np.zeros(self.max_predictions, np.float32)
+        positions[:count], labels[:count], weights[:count] = chosen, originals, 1.0
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
+            "length": np.int32(n),
+            "masked_positions": positions,
+            "masked_ids": labels,
+            "masked_weights": weights,
+            "nsp_label": np.int32(nsp),
+        }
