@@ -1,9 +1,9 @@
 """BERT pretraining data: sentence pairs for next-sentence prediction, WordPiece, masking.
 
-* Documents are lists of sentences. An example starts at sentence `s` of document `d`:
-  segment A is that sentence, segment B is the next sentence of the same document (label
-  0, "is next") or, with probability 1/2, a sentence from another document (label 1,
-  "random"), as in the BERT paper. Pairs are truncated longest-first to fit
+* Documents are split into sentences. An example starts at a random sentence `s` of its
+  document: segment A is that sentence, segment B is the next sentence of the same
+  document (label 0, "is next") or, with probability 1/2, a sentence from another
+  document (label 1, "random"), as in the BERT paper. Pairs are truncated longest-first to fit
   `max_length` with `[CLS] A [SEP] B [SEP]`.
 * WordPiece with a fast tokenizer (`tokenizers`): loaded from a `vocab.txt`, or trained
   on the training documents.
@@ -20,6 +20,7 @@ same data. Examples are dicts of numpy arrays:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -60,36 +61,38 @@ def wordpiece(vocab_file: str | None, texts: Iterable[str] | None = None, vocab_
 
 
 class PairSource:
-    """Random-access source of pretraining starting points over tokenised documents.
+    """Random-access source of pretraining examples over a corpus of documents.
+
+    Example `i` starts in document `i mod len(texts)`: an epoch visits every document once
+    and the starting sentence is drawn per example. Documents are split into sentences and
+    tokenised on demand (cached), so a corpus as large as Wikipedia is never tokenised up
+    front. A document of one sentence always gets a random segment B.
 
     Args:
-      documents: each a list of sentences, each an <int32> array of WordPiece ids.
+      texts: random-access sequence of document texts (a list, or a TFDS source wrapped
+        to return text).
+      tokenizer: a `tokenizers` WordPiece tokenizer.
+      cache_size: tokenised documents kept in memory.
     """
 
-    def __init__(self, documents: Sequence[Sequence[np.ndarray]]):
-        self.documents = [list(d) for d in documents if len(d) >= 1]
-        self.starts = [(d, s) for d, doc in enumerate(self.documents) for s in range(len(doc) - 1)]
-        if not self.starts or len(self.documents) < 2:
-            raise DataError("pretraining needs at least two documents with two sentences")
+    def __init__(self, texts: Sequence[str], tokenizer: Any, cache_size: int = 4096):
+        if len(texts) < 2:
+            raise DataError("pretraining needs a corpus of at least two documents")
+        self.texts = texts
+        self.tokenizer = tokenizer
+        self.document = functools.lru_cache(maxsize=cache_size)(self._tokenize)
+
+    def _tokenize(self, d: int) -> list[np.ndarray]:
+        sentences = split_sentences(self.texts[d]) or [""]
+        encoded = self.tokenizer.encode_batch(sentences, add_special_tokens=False)
+        ids = [np.asarray(e.ids, np.int32) for e in encoded if e.ids]
+        return ids or [np.asarray([self.tokenizer.token_to_id("[UNK]")], np.int32)]
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self.texts)
 
     def __getitem__(self, index: int) -> dict[str, int]:
-        d, s = self.starts[int(index) % len(self.starts)]
-        return {"index": int(index), "doc": d, "sentence": s}
-
-
-def tokenize_documents(tokenizer: Any, documents: Iterable[str]) -> list[list[np.ndarray]]:
-    """Texts -> lists of sentences of WordPiece ids (no special tokens)."""
-    out = []
-    for text in documents:
-        sentences = split_sentences(text)
-        encoded = tokenizer.encode_batch(sentences, add_special_tokens=False) if sentences else []
-        ids = [np.asarray(e.ids, np.int32) for e in encoded if e.ids]
-        if ids:
-            out.append(ids)
-    return out
+        return {"index": int(index), "doc": int(index) % len(self.texts)}
 
 
 class MaskedPairs:
@@ -129,15 +132,17 @@ class MaskedPairs:
         return self._example(record, np.random.default_rng([self.seed, record["index"]]))
 
     def _example(self, record: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        docs = self.source.documents
-        d, s = record["doc"], record["sentence"]
-        a = docs[d][s]
-        if rng.random() < 0.5:
-            b, nsp = docs[d][s + 1], 0
+        doc = self.source.document(record["doc"])
+        s = int(rng.integers(max(len(doc) - 1, 1)))
+        a = doc[s]
+        if len(doc) > 1 and rng.random() < 0.5:
+            b, nsp = doc[s + 1], 0
         else:
-            other = int(rng.integers(len(docs) - 1))
-            other += other >= d  # any document but this one
-            b, nsp = docs[other][int(rng.integers(len(docs[other])))], 1
+            n = len(self.source)
+            other = int(rng.integers(n - 1))
+            other += other >= record["doc"]  # any document but this one
+            other_doc = self.source.document(other)
+            b, nsp = other_doc[int(rng.integers(len(other_doc)))], 1
         a, b = list(a), list(b)
         budget = self.max_length - 3
         while len(a) + len(b) > budget:  # truncate the longer segment, from the end
