@@ -165,9 +165,12 @@ def evaluate(task: tasks.Task, eval_step: Any, state: Any, mesh: Any) -> dict[st
     for local in task.eval_iterator():
         sums = eval_step(state, _global_batch(local, mesh))
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = max(float(totals.pop("count")), 1.0)
-    return {f"eval/{k}": float(v) / count for k, v in totals.items()}
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    # Each metric is a sum; it is divided by its own `<name>_count` if the task gives one
+    # (e.g. masked tokens for an MLM accuracy), else by `count` (examples).
+    count = max(totals.pop("count"), 1.0)
+    counts = {k: totals.pop(k) for k in [k for k in totals if k.endswith("_count")]}
+    return {f"eval/{k}": v / max(counts.get(f"{k}_count", count), 1.0) for k, v in totals.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -1,0 +1,322 @@
+"""Command line of `python -m benchmarks` (see the package docstring for the usage)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any
+
+from benchmarks import report, specs, timing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    import benchmarks
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=benchmarks.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--suite",
+        choices=sorted(specs.SUITES),
+        default=None,
+        help="workload sizes (default: gpu on a GPU backend, else cpu)",
+    )
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these workloads")
+    parser.add_argument("--steps", type=int, default=None, help="K: steps per timed window")
+    parser.add_argument("--windows", type=int, default=None, help="R: timed windows")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps after the first step"
+    )
+    parser.add_argument(
+        "--devices",
+        default="1",
+        help='data-parallel devices: "1" (default), a count, or "all"; the batch is global',
+    )
+    parser.add_argument("--json", metavar="FILE", help="write the rows and metadata as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of items/s (matplotlib)")
+    parser.add_argument(
+        "--peers", action="store_true", help="also time the PyTorch peers (separate process)"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s for MFU (default: the table in benchmarks.specs by device kind)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every workload in this process (faster to start; peak memory is then only "
+        "reported for the first workload)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="seconds allowed per workload process"
+    )
+    # Internal: one workload process (or the probe) started by the suite.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", default="", help=argparse.SUPPRESS)
+    return parser
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside a JAX process: the probe (what runs here) and the workload runs.
+
+
+def _probe(args: argparse.Namespace) -> dict[str, Any]:
+    """Suite, device and the (workload, impl) jobs of this machine; skipped rows."""
+    import flax
+    import jax
+
+    from benchmarks import measure, workloads
+
+    suite = args.suite or ("gpu" if jax.default_backend() == "gpu" else "cpu")
+    devices = measure.devices_for(args.devices)
+    jobs, skipped = [], []
+    for w in specs.suite(suite, args.only):
+        if w.family not in workloads.BUILDERS:
+            skipped.append(
+                timing.empty_row(
+                    w,
+                    "jax",
+                    "jax",
+                    status="skipped",
+                    note=workloads.NOT_BUILT,
+                    device=measure.device_label(devices),
+                )
+            )
+            continue
+        jobs += [(w.name, impl) for impl in workloads.impls(w.family)]
+    return {
+        "suite": suite,
+        "backend": jax.default_backend(),
+        "device": measure.device_label(devices),
+        "device_kind": devices[0].device_kind,
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+        "jobs": jobs,
+        "skipped": skipped,
+    }
+
+
+def _timing_args(args: argparse.Namespace, suite: str) -> tuple[int, int, int]:
+    defaults = specs.DEFAULT_TIMING[suite]
+    return (
+        args.steps or defaults["steps"],
+        args.windows or defaults["windows"],
+        defaults["warmup"] if args.warmup is None else args.warmup,
+    )
+
+
+def _run_here(
+    args: argparse.Namespace, suite: str, jobs: list[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """Measures `jobs` in this process."""
+    from benchmarks import measure, workloads
+
+    by_name = {w.name: w for w in specs.SUITES[suite]}
+    devices = measure.devices_for(args.devices)
+    steps, windows, warmup = _timing_args(args, suite)
+    rows = []
+    for i, (name, impl) in enumerate(jobs):
+        _log(f"[{i + 1}/{len(jobs)}] {name} {workloads.impl_label(impl)} ...")
+        row = measure.measure(
+            by_name[name],
+            impl,
+            devices,
+            steps,
+            windows,
+            warmup,
+            args.peak_tflops,
+            report_memory=i == 0,
+        )
+        if i > 0 and args.in_process and measure.peak_memory_bytes(devices) is not None:
+            row["note"] = "; ".join(
+                filter(None, [row["note"], "peak mem: only in a fresh process"])
+            )
+        rows.append(row)
+    return rows
+
+
+def _worker(args: argparse.Namespace) -> int:
+    result: Any
+    if args.probe:
+        result = _probe(args)
+    else:
+        result = _run_here(args, args.suite, [(args.only[0], args.impl)])
+    with open(args.json, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite: a probe process, one process per workload, the peer process.
+
+
+def _child(cmd: list[str], timeout: float, echo: bool = False) -> tuple[Any, str | None]:
+    """Runs `python -m <cmd...> --json TMP`; returns (parsed JSON, None) or (None, error).
+
+    The child's output is kept for the error message, and echoed to stderr if `echo`.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *cmd, "--json", out],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines: list[str] = []
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                if echo:
+                    _log(f"    {line.rstrip()}")
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None, f"timed out after {timeout:.0f} s"
+        finally:
+            reader.join(timeout=10)
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = [ln.strip() for ln in lines if ln.strip()]
+            return None, (tail[-1] if tail else f"exit status {proc.returncode}")[:300]
+        with open(out) as f:
+            return json.load(f), None
+
+
+def _common_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--devices", args.devices]
+    for name in ("steps", "windows", "warmup", "peak_tflops"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    if args.in_process:
+        info = _probe(args)
+        return info, _run_here(args, info["suite"], [tuple(j) for j in info["jobs"]])
+
+    probe_cmd = ["benchmarks", "--worker", "--probe", "--devices", args.devices]
+    probe_cmd += ["--suite", args.suite] if args.suite else []
+    probe_cmd += ["--only", *args.only] if args.only else []
+    info, error = _child(probe_cmd, args.timeout)
+    if info is None:
+        raise SystemExit(f"the JAX probe process failed: {error}")
+    by_name = {w.name: w for w in specs.SUITES[info["suite"]]}
+    rows = []
+    jobs = info["jobs"]
+    for i, (name, impl) in enumerate(jobs):
+        label = f"jax {impl}".strip()
+        _log(f"[{i + 1}/{len(jobs)}] {name} {label} ...")
+        cmd = ["benchmarks", "--worker", "--suite", info["suite"], "--only", name]
+        cmd += ["--impl", impl, *_common_flags(args)]
+        result, error = _child(cmd, args.timeout)
+        if result is None:
+            row = timing.empty_row(
+                by_name[name], label, "jax", device=info["device"], status="failed", note=error
+            )
+            _log(f"    failed: {error}")
+            rows.append(row)
+            continue
+        rows += result
+        _log(
+            f"    {result[0]['step_ms']:.2f} ms/step, first step {result[0]['first_step_s']:.1f} s"
+        )
+    return info, rows
+
+
+def _run_peers(
+    args: argparse.Namespace, suite: str, rows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], str | None]:
+    forward = {r["workload"]: r["forward_flops"] for r in rows if r.get("forward_flops")}
+    cmd = ["benchmarks.peers", "--suite", suite]
+    cmd += ["--only", *args.only] if args.only else []
+    cmd += ["--flops", *[f"{k}={v}" for k, v in forward.items()]] if forward else []
+    for name in ("steps", "windows", "warmup", "peak_tflops"):
+        value = getattr(args, name)
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    _log("peers (PyTorch, separate process) ...")
+    workloads = specs.suite(suite, args.only)
+    result, error = _child(cmd, args.timeout * max(1, len(workloads)), echo=True)
+    if result is None:
+        return [], f"peer process failed: {error}"
+    return result, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit(report.MATPLOTLIB_MISSING)
+    for suite in specs.SUITES:  # fail on a misspelt --only before starting anything
+        specs.suite(suite, args.only)
+
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    info, rows = _run_suite(args)
+    rows += info["skipped"]
+    peer_error = None
+    if args.peers:
+        peer_rows, peer_error = _run_peers(args, info["suite"], rows)
+        rows += peer_rows
+    order = [w.name for w in specs.SUITES[info["suite"]]]
+    rows = report.sort_rows(rows, order)
+    report.add_ratios(rows)
+
+    steps, windows, warmup = _timing_args(args, info["suite"])
+    argv_text = sys.argv[1:] if argv is None else argv
+    metadata = {
+        "date": started,
+        "suite": info["suite"],
+        "device": info["device"],
+        "device_kind": info["device_kind"],
+        "backend": info["backend"],
+        "jax_version": info["jax_version"],
+        "flax_version": info["flax_version"],
+        "command": shlex.join(["python", "-m", "benchmarks", *argv_text]),
+        "steps_per_window": steps,
+        "windows": windows,
+        "warmup_steps": warmup,
+    }
+    print(
+        f"# {metadata['date']}  suite {info['suite']}  {info['device']}  jax {info['jax_version']}"
+        f"  K={steps} steps x R={windows} windows (median), {warmup} warm-up"
+    )
+    print(report.format_table(rows))
+    if peer_error:
+        print(peer_error)
+    if args.json:
+        report.write_json(args.json, rows, metadata)
+    if args.plot:
+        report.plot(args.plot, rows, f"{info['suite']} suite, {info['device']}")
+    return 0

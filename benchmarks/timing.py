@@ -1,0 +1,137 @@
+"""The timing protocol and the derived numbers of a row, shared by our runs and the peers.
+
+Protocol (`time_training`), after the training state exists:
+
+1. *first step*: wall time of one step including compilation, up to the device finishing;
+2. *warm-up*: a few more steps, not timed;
+3. R *windows* of K steps each, each window ended by a device synchronisation; the step time
+   is the median over windows of window time / K.
+
+Only the steps run in the timed loop: the batch is synthetic and already on the device, and
+nothing is read back to the host inside a window.
+
+Pure Python: imported by the PyTorch peer process too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import specs
+
+__all__ = ["ROW_KEYS", "Timing", "derive", "empty_row", "time_training"]
+
+# Keys of a row, in table order (see `benchmarks.report` for the column titles).
+ROW_KEYS = (
+    "workload",
+    "impl",
+    "device",
+    "precision",
+    "batch",
+    "shape",
+    "step_ms",
+    "items_per_s",
+    "tokens_per_s",
+    "tflops",
+    "mfu_pct",
+    "first_step_s",
+    "peak_mem_gib",
+    "ours_per_peer",
+    "framework",
+    "status",
+    "forward_flops",
+    "model_flops_per_step",
+    "window_ms",
+    "note",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds: the first step (with compilation), the median step, each window's step."""
+
+    first_step_s: float
+    step_s: float
+    window_s: list[float]
+
+
+def time_training(
+    step: Callable[[], Any],
+    sync: Callable[[], Any],
+    steps: int,
+    windows: int,
+    warmup: int,
+) -> Timing:
+    """Times `step()` (one training step, asynchronous) with `sync()` waiting for the device."""
+    if steps < 1 or windows < 1 or warmup < 0:
+        raise SystemExit(
+            f"need --steps >= 1, --windows >= 1 and --warmup >= 0; got {steps}, {windows}, {warmup}"
+        )
+    start = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    sync()
+    per_step = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        per_step.append((time.perf_counter() - start) / steps)
+    return Timing(first, statistics.median(per_step), per_step)
+
+
+def empty_row(spec: specs.Workload, impl: str, framework: str, **values: Any) -> dict[str, Any]:
+    """A row with every key, the workload's sizes filled in."""
+    row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+    row.update(
+        workload=spec.name,
+        impl=impl,
+        precision=spec.precision,
+        batch=spec.batch,
+        shape=spec.shape,
+        framework=framework,
+        status="ok",
+        note="",
+    )
+    row.update(values)
+    return row
+
+
+def derive(
+    row: dict[str, Any],
+    workload: specs.Workload,
+    timing: Timing,
+    forward_flops: float | None,
+    device_kind: str,
+    peak_tflops: float | None = None,
+) -> dict[str, Any]:
+    """Fills the timed and derived columns of `row` (in place) and returns it.
+
+    items/s = batch / step time; tokens/s = batch x sequence length / step time (sequence
+    models); TFLOP/s = model FLOPs per step / step time; MFU = that / the device's peak at the
+    row's precision (blank when the peak is unknown).
+    """
+    step_s = timing.step_s
+    row["step_ms"] = 1e3 * step_s
+    row["window_ms"] = [1e3 * t for t in timing.window_s]
+    row["first_step_s"] = timing.first_step_s
+    row["items_per_s"] = workload.batch / step_s
+    if workload.seq_len is not None:
+        row["tokens_per_s"] = workload.batch * workload.seq_len / step_s
+    if forward_flops:
+        row["forward_flops"] = forward_flops
+        row["model_flops_per_step"] = specs.BACKWARD_FACTOR * forward_flops
+        achieved = row["model_flops_per_step"] / step_s
+        row["tflops"] = achieved / 1e12
+        peak = specs.peak_flops(device_kind, row["precision"], peak_tflops)
+        if peak:
+            row["mfu_pct"] = 100.0 * achieved / peak
+    return row

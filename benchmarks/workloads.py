@@ -1,0 +1,178 @@
+"""JAX side of the workloads: one builder per model family.
+
+A builder takes a `benchmarks.specs.Workload` and an implementation name and returns a
+`Built`: the model, a synthetic host batch, the loss (and eval) functions for
+`jaxmodels.training`, and the model + inputs whose forward pass `benchmarks.flops` counts.
+
+Adding a family (BERT, a Transformer LM) is writing one builder and registering it in
+`BUILDERS` (plus `IMPLS` if it has several implementations); until then its workloads show up
+as skipped rows with `NOT_BUILT` as the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.specs import Workload
+from jaxmodels import cnn, rnn, training
+
+__all__ = [
+    "BUILDERS",
+    "IMPLS",
+    "NOT_BUILT",
+    "Built",
+    "impls",
+]
+
+NOT_BUILT = "family not built yet (jaxmodels.bert / transformer)"
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Built:
+    """Everything needed to time one workload with one implementation.
+
+    Attributes:
+      model: the Flax module trained.
+      batch: the synthetic batch, host numpy arrays with the global batch size.
+      inputs: the keys of `batch` that are the model's positional inputs, in order.
+      loss_fn, eval_fn: for `training.compile_train_step` / `compile_eval_step`.
+      flops_model: the module whose forward pass is counted (the same function as `model`,
+        possibly another backend: a cuDNN call has no jaxpr to count).
+      precision: the precision the implementation computes in (shown in the row).
+      note: shown in the row.
+    """
+
+    model: nn.Module
+    batch: dict[str, np.ndarray]
+    inputs: tuple[str, ...]
+    loss_fn: training.LossFn
+    eval_fn: training.EvalFn
+    flops_model: nn.Module
+    precision: str
+    note: str = ""
+
+    def model_inputs(self) -> list[np.ndarray]:
+        return [self.batch[k] for k in self.inputs]
+
+
+Builder = Callable[[Workload, str], Built]
+
+
+def _images(w: Workload, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    num_classes = w.model.get("num_classes", 10)
+    return {
+        "image": rng.standard_normal((w.batch, *w.input_shape), np.float32),
+        "label": rng.integers(0, num_classes, (w.batch,), np.int32),
+    }
+
+
+def build_cnn(w: Workload, impl: str) -> Built:
+    """SeedCNN (the MNIST CNN)."""
+    del impl
+    model = cnn.SeedCNN(dtype=_DTYPES[w.precision], **w.model)
+    loss_fn, eval_fn = training.classification_fns(model)
+    batch = _images(w, np.random.default_rng(0))
+    return Built(model, batch, ("image",), loss_fn, eval_fn, model, w.precision)
+
+
+def build_resnet(w: Workload, impl: str) -> Built:
+    """ResNet-50 v1.5 with BatchNorm in training mode."""
+    del impl
+    model = cnn.ResNet50(dtype=_DTYPES[w.precision], **w.model)
+    loss_fn, eval_fn = training.classification_fns(model)
+    batch = _images(w, np.random.default_rng(0))
+    return Built(model, batch, ("image",), loss_fn, eval_fn, model, w.precision)
+
+
+class FlaxRNNClassifier(nn.Module):
+    """The stock-Flax baseline: Embed -> nn.RNN(OptimizedLSTMCell) x L -> last state -> Dense.
+
+    The same function as `LSTMClassifier` with "last" pooling (its FLOPs are counted on
+    ours), built from Flax's own parts, to measure what the scan path gains over them.
+    """
+
+    vocab_size: int
+    embed_dim: int
+    hidden_size: int
+    num_layers: int
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, lengths: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)(tokens)
+        for _ in range(self.num_layers):
+            cell = nn.OptimizedLSTMCell(self.hidden_size, dtype=self.dtype)
+            x = nn.RNN(cell)(x, seq_lengths=lengths)
+        last = x[jnp.arange(x.shape[0]), lengths - 1]
+        return nn.Dense(self.num_classes, dtype=self.dtype)(last).astype(jnp.float32)
+
+
+def build_lstm(w: Workload, impl: str) -> Built:
+    """LSTMClassifier on full-length sequences, backend `impl` (scan or cudnn), or the
+    stock-Flax baseline (`flax_rnn`)."""
+    if impl == "flax_rnn":
+        ours = build_lstm(w, "scan")
+        model = FlaxRNNClassifier(**w.model, dtype=_DTYPES[w.precision])
+        loss_fn, eval_fn = training.classification_fns(
+            model, inputs=lambda b: (b["tokens"], b["lengths"])
+        )
+        note = "stock Flax nn.RNN(OptimizedLSTMCell) baseline"
+        return Built(
+            model, ours.batch, ours.inputs, loss_fn, eval_fn, ours.flops_model, w.precision, note
+        )
+    model = rnn.LSTMClassifier(**w.model, backend=impl, dtype=_DTYPES[w.precision])
+    rng = np.random.default_rng(0)
+    seq = w.seq_len
+    batch = {
+        "tokens": rng.integers(0, w.model["vocab_size"], (w.batch, seq), np.int32),
+        "lengths": np.full((w.batch,), seq, np.int32),
+        "label": rng.integers(0, w.model["num_classes"], (w.batch,), np.int32),
+    }
+    loss_fn, eval_fn = training.classification_fns(
+        model, inputs=lambda b: (b["tokens"], b["lengths"])
+    )
+    precision, note = w.precision, ""
+    if impl == "cudnn":
+        precision, note = "float32", "cuDNN LSTM computes in float32"
+    return Built(
+        model,
+        batch,
+        ("tokens", "lengths"),
+        loss_fn,
+        eval_fn,
+        model.clone(backend="scan"),
+        precision,
+        note,
+    )
+
+
+BUILDERS: dict[str, Builder] = {
+    "cnn": build_cnn,
+    "resnet": build_resnet,
+    "lstm": build_lstm,
+}
+
+# Families with several implementations: a function listing those that apply here.
+IMPLS: dict[str, Callable[[], list[str]]] = {
+    "lstm": lambda: ["scan"] + (["cudnn"] if rnn.cudnn_available() else []) + ["flax_rnn"],
+}
+
+
+def impls(family: str) -> list[str]:
+    """Implementations of `family` to run on this machine ("" when there is only one)."""
+    return IMPLS[family]() if family in IMPLS else [""]
+
+
+def impl_label(impl: str) -> str:
+    """The table's impl column for our rows."""
+    return f"jax {impl}".strip()

@@ -1,0 +1,214 @@
+"""Benchmarks: the FLOP counter against hand counts, the CLI end to end, the peer process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import flops, report, specs
+from jaxmodels import cnn, rnn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED_CNN_FORWARD = 5_262_080  # SeedCNN forward FLOPs per 28x28x1 image, counted by hand below
+
+
+def _shape(*dims: int, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(dims, dtype)
+
+
+def _env() -> dict[str, str]:
+    """One CPU device for the benchmark processes (pytest's 8 simulated ones are not needed)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
+    )
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+# --- FLOP counter -------------------------------------------------------------------------------
+
+
+def test_dense_flops():
+    # [4, 3] @ [3, 5]: 2 * 4 * 3 * 5; the bias add is elementwise and not counted.
+    assert flops.forward_flops(nn.Dense(5), _shape(4, 3), train_kwarg=False) == 120
+
+
+def test_conv_flops():
+    # VALID 3x3 over 8x8 -> [2, 6, 6, 4]: 2 * (2*6*6*4) outputs * 9 taps * 3 input features.
+    conv = nn.Conv(4, (3, 3), padding="VALID")
+    assert flops.forward_flops(conv, _shape(2, 8, 8, 3), train_kwarg=False) == 2 * 288 * 9 * 3
+    # Grouped: each output sees 6 / 3 = 2 input features.
+    grouped = nn.Conv(6, (3, 3), padding="VALID", feature_group_count=3)
+    assert flops.forward_flops(grouped, _shape(2, 8, 8, 6), train_kwarg=False) == 2 * 432 * 9 * 2
+
+
+def test_lstm_scan_flops():
+    b, t, f, h = 2, 5, 3, 4
+    count = flops.forward_flops(rnn.LSTM(h, backend="scan"), _shape(b, t, f), train_kwarg=False)
+    # One input projection for all steps, then t recurrent matmuls inside the scan.
+    assert count == 2 * b * t * f * 4 * h + t * 2 * b * h * 4 * h
+
+
+def test_control_flow_flops():
+    w = jnp.ones((3, 3))
+
+    def fn(x):
+        x, _ = jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=7)  # 7 matmuls
+        x = jax.lax.cond(x.sum() > 0, lambda c: (c @ w) @ w, lambda c: c, x)  # max branch: 2
+        x = jax.checkpoint(lambda c: jax.nn.relu(c) @ w)(x)  # remat + custom_jvp inside: 1
+        return jax.lax.while_loop(lambda c: c.sum() < 3, lambda c: c @ w, x)  # body once: 1
+
+    one = 2 * 2 * 3 * 3
+    assert flops.jaxpr_flops(fn, _shape(2, 3)) == (7 + 2 + 1 + 1) * one
+
+
+def test_seed_cnn_flops_by_hand():
+    by_hand = (
+        2 * 26 * 26 * 32 * 9 * 1  # conv 1
+        + 2 * 11 * 11 * 64 * 9 * 32  # conv 2
+        + 2 * 1600 * 128  # dense 1
+        + 2 * 128 * 10  # dense 2
+    )
+    assert by_hand == SEED_CNN_FORWARD
+    assert flops.forward_flops(cnn.SeedCNN(), _shape(3, 28, 28, 1)) == 3 * by_hand
+
+
+def test_embedding_gather_counts_zero():
+    model = rnn.LSTMClassifier(50, 8, 16, 1, 3, backend="scan")
+    tokens, lengths = _shape(2, 5, dtype=jnp.int32), _shape(2, dtype=jnp.int32)
+    expected = 2 * 2 * 5 * 8 * 64 + 5 * 2 * 2 * 16 * 64 + 2 * 2 * 16 * 3
+    assert flops.forward_flops(model, tokens, lengths) == expected
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def test_ratios_and_table():
+    rows = [
+        {"workload": "a", "impl": "torch eager", "framework": "torch", "items_per_s": 50.0},
+        {"workload": "a", "impl": "jax scan", "framework": "jax", "items_per_s": 100.0},
+        {"workload": "a", "impl": "jax cudnn", "framework": "jax", "items_per_s": 150.0},
+        {"workload": "b", "impl": "jax", "framework": "jax", "status": "skipped", "note": "why"},
+    ]
+    rows = report.sort_rows(rows, ["a", "b"])
+    report.add_ratios(rows)
+    assert [r["impl"] for r in rows] == ["jax scan", "jax cudnn", "torch eager", "jax"]
+    assert rows[2]["ours_per_peer"] == pytest.approx(3.0)
+    table = report.format_table(rows)
+    assert "3.00x" in table and "skipped: why" in table
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_imports_stay_light():
+    code = (
+        "import sys, benchmarks.peers;"
+        "assert 'jax' not in sys.modules, 'the peer process must not import JAX';"
+        "import benchmarks.cli, benchmarks.measure, benchmarks.workloads;"
+        "heavy = {'torch', 'torchvision', 'transformers', 'matplotlib', 'grain',"
+        " 'tensorflow_datasets', 'ml_collections', 'train'} & set(sys.modules);"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), check=True, timeout=60)
+
+
+def test_cli_writes_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _run(
+        "benchmarks",
+        "--suite",
+        "cpu",
+        "--only",
+        "mnist_cnn",
+        "lstm_article",
+        "--steps",
+        "2",
+        "--windows",
+        "2",
+        "--json",
+        str(out),
+    )
+    data = json.loads(out.read_text())
+    assert data["metadata"]["suite"] == "cpu"
+    assert data["metadata"]["command"].startswith("python -m benchmarks --suite cpu")
+    rows = {(r["workload"], r["impl"]): r for r in data["rows"]}
+    assert set(rows) == {("mnist_cnn", "jax"), ("lstm_article", "jax scan")}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["device"] == "cpu x1"
+        assert row["items_per_s"] > 0 and row["step_ms"] > 0 and row["tflops"] > 0
+        assert len(row["window_ms"]) == 2
+        assert row["model_flops_per_step"] == 3 * row["forward_flops"] > 0
+        assert row["mfu_pct"] is None  # no peak FLOP/s known for a CPU
+    mnist = rows[("mnist_cnn", "jax")]
+    w = {x.name: x for x in specs.SUITES["cpu"]}
+    assert mnist["forward_flops"] == w["mnist_cnn"].batch * SEED_CNN_FORWARD
+    lstm = rows[("lstm_article", "jax scan")]
+    assert lstm["tokens_per_s"] == pytest.approx(lstm["items_per_s"] * w["lstm_article"].seq_len)
+    assert "mnist_cnn" in proc.stdout and "items/s" in proc.stdout
+
+
+def test_cli_lists_unbuilt_families_as_skipped(tmp_path):
+    out = tmp_path / "rows.json"
+    _run("benchmarks", "--only", "bert_base", "transformer_lm", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["workload"] for r in rows] == ["bert_base", "transformer_lm"]
+    for row in rows:
+        assert row["status"] == "skipped"
+        assert row["note"] == "family not built yet (jaxmodels.bert / transformer)"
+
+
+@pytest.mark.reference
+def test_peer_process_cpu(tmp_path):
+    pytest.importorskip("torch", reason="the peers need PyTorch (reference extra)")
+    out = tmp_path / "peers.json"
+    mnist_forward = 64 * SEED_CNN_FORWARD
+    _run(
+        "benchmarks.peers",
+        "--suite",
+        "cpu",
+        "--only",
+        "mnist_cnn",
+        "lstm_article",
+        "--steps",
+        "1",
+        "--windows",
+        "2",
+        "--warmup",
+        "0",
+        "--flops",
+        f"mnist_cnn={mnist_forward}",
+        "--json",
+        str(out),
+    )
+    rows = {(r["workload"], r["impl"]): r for r in json.loads(out.read_text())}
+    for key in [("mnist_cnn", "torch eager"), ("lstm_article", "torch eager")]:
+        assert rows[key]["status"] == "ok", rows[key]
+        assert rows[key]["items_per_s"] > 0
+    mnist = rows[("mnist_cnn", "torch eager")]
+    assert mnist["model_flops_per_step"] == 3 * mnist_forward
+    assert mnist["tflops"] == pytest.approx(3 * mnist_forward / mnist["step_ms"] * 1e-9)
+    assert rows[("lstm_article", "torch compile")]["status"] == "skipped"
+    assert rows[("all", "keras")]["status"] == "skipped"
