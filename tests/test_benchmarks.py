@@ -154,7 +154,16 @@ def test_cli_writes_rows(tmp_path):
     assert data["metadata"]["suite"] == "cpu"
     assert data["metadata"]["command"].startswith("python -m benchmarks --suite cpu")
     rows = {(r["workload"], r["impl"]): r for r in data["rows"]}
-    assert set(rows) == {("mnist_cnn", "jax"), ("lstm_article", "jax scan")}
+    assert set(rows) == {
+        ("mnist_cnn", "jax"),
+        ("lstm_article", "jax scan"),
+        ("lstm_article", "jax flax_rnn"),
+    }
+    # The stock-Flax baseline is the same function: the same FLOP count as ours.
+    assert (
+        rows[("lstm_article", "jax flax_rnn")]["forward_flops"]
+        == rows[("lstm_article", "jax scan")]["forward_flops"]
+    )
     for row in rows.values():
         assert row["status"] == "ok", row
         assert row["device"] == "cpu x1"
