@@ -3,6 +3,10 @@
 Modules:
   cnn         SeedCNN (the classic MNIST CNN) and the ResNet v1.5 family.
   rnn         LSTMCell, LSTM (scan or cuDNN), LSTMClassifier.
+  attention   multi-head attention on jax.nn.dot_product_attention (xla | cudnn), KV cache.
+  transformer positions, encoder/decoder blocks, encoder-decoder, decoder-only LM, generate.
+  bert        BertConfig presets, BertModel, pretraining and classification heads,
+              Hugging Face checkpoints (from_pretrained / save_pretrained).
   sharding    the device mesh and the one logical-axis rules table.
   optim       optimizers and schedules over optax.
   training    TrainState, sharded init, pure train/eval steps compiled with jit.
@@ -11,7 +15,31 @@ Modules:
   errors      user-facing errors (what is wrong and how to fix it).
 """
 
-from jaxmodels import checkpoint, cnn, errors, losses, optim, rnn, sharding, training
+from jaxmodels import (
+    attention,
+    bert,
+    checkpoint,
+    cnn,
+    errors,
+    losses,
+    optim,
+    rnn,
+    sharding,
+    training,
+    transformer,
+)
 
 __version__ = "0.1.0"
-__all__ = ["checkpoint", "cnn", "errors", "losses", "optim", "rnn", "sharding", "training"]
+__all__ = [
+    "attention",
+    "bert",
+    "checkpoint",
+    "cnn",
+    "errors",
+    "losses",
+    "optim",
+    "rnn",
+    "sharding",
+    "training",
+    "transformer",
+]

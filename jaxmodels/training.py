@@ -87,7 +87,8 @@ def create_train_state(
     Args:
       model: a Flax module called as `model(*example_inputs, train=False)`.
       tx: the optimizer.
-      example_inputs: positional inputs with the right shapes and dtypes (any batch size).
+      example_inputs: positional inputs with the right shapes and dtypes (any batch size;
+        None for an optional input left out).
       rng: PRNG key for the initialisation.
       mesh, rules: where and how to shard (see `jaxmodels.sharding`).
 
@@ -97,7 +98,7 @@ def create_train_state(
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     init_rng, state_rng = jax.random.split(rng)
-    inputs = [jnp.asarray(v) for v in example_inputs]
+    inputs = [None if v is None else jnp.asarray(v) for v in example_inputs]
 
     def init_variables(key: jax.Array) -> Any:
         return model.init({"params": key, "dropout": key}, *inputs, train=False)

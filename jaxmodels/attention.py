@@ -1,0 +1,497 @@
+"""Scaled dot-product attention and multi-head attention with masks and a KV cache.
+
+`dot_product_attention` computes softmax(Q K^T / sqrt(d_k) + bias) V per head on arrays in
+the BTNH layout of `jax.nn.dot_product_attention` (batch, length, heads, head_dim), with
+three ways to hide keys, which combine:
+
+* `kv_lengths` <int>[batch]: padding; keys at positions >= length get zero weight.
+* `mask`: any boolean array broadcastable to [batch, heads, q_len, kv_len], True = attend.
+* `causal`: query i sees keys j <= i (+ kv_len - q_len when the queries are the last
+  q_len positions of a longer key sequence, as in a KV cache).
+
+Two paths compute it:
+
+* the fast path, `jax.nn.dot_product_attention` with `implementation` "xla" or "cudnn"
+  (cuDNN flash attention; chosen automatically on an NVIDIA GPU for bfloat16/float16
+  inputs when nothing in the call needs the XLA path);
+* an explicit path, used for attention-probability dropout (training) and to return the
+  attention weights, that computes the softmax in float32. A query whose keys are all
+  hidden gets weight 0 everywhere and outputs zeros, never NaN.
+
+`MultiHeadAttention` projects inputs to heads with `DenseGeneral` layers named `query`,
+`key`, `value` (kernels <[embed, heads, head_dim]>) and `out` (<[heads, head_dim, embed]>),
+all carrying logical axis names, and keeps an optional KV cache for autoregressive decoding.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> q = k = v = jnp.ones((2, 5, 4, 8))  # [batch, length, heads, head_dim]
+    >>> dot_product_attention(q, k, v, kv_lengths=jnp.array([5, 3]), causal=True).shape
+    (2, 5, 4, 8)
+    >>> mha = MultiHeadAttention(num_heads=4)
+    >>> x = jnp.ones((2, 5, 32))
+    >>> variables = mha.init(jax.random.key(0), x)
+    >>> variables["params"]["query"]["kernel"].value.shape  # [embed, heads, head_dim]
+    (32, 4, 8)
+    >>> mha.apply(variables, x, causal=True).shape
+    (2, 5, 32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["IMPLEMENTATIONS", "dot_product_attention", "MultiHeadAttention", "combine_masks"]
+
+Dtype = Any
+Array = jax.Array
+
+IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+# Logical axis names of the activations and parameters.
+QKV_AXES = ("batch", "length", "heads", "kv")
+OUT_AXES = ("batch", "length", "embed")
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    """Logical AND of boolean masks (None entries ignored); None when all are None."""
+    masks = [jnp.asarray(m, bool) for m in masks if m is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+def _to_4d(x: Array) -> Array:
+    x = jnp.asarray(x)
+    if x.ndim > 4:
+        raise ValueError(
+            f"mask/bias must broadcast to [batch, heads, q_len, kv_len]; got shape {x.shape}"
+        )
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _causal_mask(q_len: int, kv_len: int) -> Array:
+    """[1, 1, q_len, kv_len]: query i sees keys j <= i + (kv_len - q_len)."""
+    offset = kv_len - q_len
+    q = jnp.arange(q_len)[:, None]
+    k = jnp.arange(kv_len)[None, :]
+    return (k <= q + offset)[None, None]
+
+
+def _lengths_mask(kv_lengths: Array, kv_len: int) -> Array:
+    """[batch, 1, 1, kv_len]: key j is visible when j < kv_lengths[b]."""
+    return (jnp.arange(kv_len)[None, :] < jnp.asarray(kv_lengths)[:, None])[:, None, None, :]
+
+
+def _on_nvidia_gpu() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        return "rocm" not in jax.devices()[0].client.platform_version.lower()
+    except Exception:  # a client without the attribute: assume CUDA
+        return True
+
+
+def _auto_implementation(query: Array, key: Array, needs_xla: bool) -> str:
+    """cuDNN on an NVIDIA GPU for half-precision inputs it supports; XLA otherwise."""
+    head_dim = query.shape[-1]
+    if (
+        not needs_xla
+        and query.dtype in (jnp.bfloat16, jnp.float16)
+        and query.dtype == key.dtype
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and _on_nvidia_gpu()
+    ):
+        return "cudnn"
+    return "xla"
+
+
+def _partitioned(
+    init: Callable[..., Array], shape: tuple[int, ...], names: tuple[str, ...]
+) -> Callable[..., Array]:
+    """A `DenseGeneral` initialiser carrying logical names for a kernel/bias of `shape`.
+
+    `DenseGeneral` calls its initialiser with a flattened 2D (kernel) or 1D (bias) shape and
+    reshapes afterwards; a plain `nn.with_logical_partitioning` would then constrain the
+    flat array with the names of the full one, which fails under logical axis rules
+    (google/flax#3676). Here the value is reshaped to `shape` before it is boxed, so the
+    numbers are exactly `DenseGeneral`'s (fan-in and fan-out from the flat shape).
+    """
+
+    def reshaped(key: Array, flat_shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+        return jnp.reshape(init(key, flat_shape, dtype), shape)
+
+    return nn.with_logical_partitioning(reshaped, names)
+
+
+def _check_inputs(query: Array, key: Array, value: Array, implementation: str | None) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; choose one of "
+            f"{IMPLEMENTATIONS} (None picks cudnn on an NVIDIA GPU, else xla)"
+        )
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError(
+            "query, key and value must be [batch, length, heads, head_dim]; got shapes "
+            f"{query.shape}, {key.shape}, {value.shape}"
+        )
+    if key.shape != value.shape:
+        raise ValueError(f"key and value shapes differ: {key.shape} vs {value.shape}")
+    if query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"query {query.shape} and key {key.shape} must agree on batch and head_dim"
+        )
+    if query.shape[2] % key.shape[2]:
+        raise ValueError(
+            f"query heads ({query.shape[2]}) must be a multiple of key/value heads ({key.shape[2]})"
+        )
+
+
+def _explicit_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None,
+    mask: Array | None,
+    dropout_rate: float,
+    dropout_rng: Array | None,
+) -> tuple[Array, Array]:
+    """softmax(QK^T/sqrt(d) + bias) V with the softmax in float32; returns (out, weights)."""
+    groups = query.shape[2] // key.shape[2]
+    if groups > 1:  # grouped-query attention: share each key/value head among `groups`
+        key = jnp.repeat(key, groups, axis=2)
+        value = jnp.repeat(value, groups, axis=2)
+    scale = 1.0 / np.sqrt(query.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32).astype(
+        jnp.float32
+    )
+    logits = logits * scale
+    if bias is not None:
+        logits = logits + _to_4d(bias).astype(jnp.float32)
+    if mask is not None:
+        mask = _to_4d(mask)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        # Rows with every key hidden would be uniform after the softmax: make them zero.
+        weights = jnp.where(mask, weights, 0.0)
+    probs = weights
+    if dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum(
+        "bhqk,bkhd->bqhd",
+        probs.astype(value.dtype),
+        value,
+        preferred_element_type=jnp.promote_types(value.dtype, jnp.float32),
+    )
+    return out.astype(query.dtype), weights
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    kv_lengths: Array | None = None,
+    causal: bool = False,
+    implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Scaled dot-product attention, softmax(Q K^T / sqrt(d_k) + bias) V, per head.
+
+    Args:
+        query: <dtype>[batch, q_len, heads, head_dim].
+        key: <dtype>[batch, kv_len, kv_heads, head_dim]; kv_heads divides heads (equal for
+            ordinary multi-head attention, fewer for grouped-query attention).
+        value: <dtype>[batch, kv_len, kv_heads, head_dim].
+        bias: optional additive logits bias, broadcastable to [batch, heads, q_len, kv_len].
+        mask: optional <bool> array broadcastable to [batch, heads, q_len, kv_len];
+            True = attend.
+        kv_lengths: optional <int>[batch] number of real keys per sequence; keys at
+            positions >= length get zero weight (right padding).
+        causal: query i attends to keys j <= i + (kv_len - q_len), i.e. the queries are
+            the last q_len positions of the key sequence (q_len == kv_len: j <= i).
+        implementation: None (auto: "cudnn" on an NVIDIA GPU for bfloat16/float16 inputs
+            when no feature of the call needs XLA, else "xla"), "xla" or "cudnn".
+        dropout_rate: attention-probability dropout rate, applied only when
+            `deterministic` is False.
+        dropout_rng: PRNG key for the dropout; required when dropout is active.
+        deterministic: True disables dropout (evaluation).
+        return_weights: also return the attention weights (before dropout).
+
+    Dropout and `return_weights` use the explicit path (float32 softmax, weights
+    materialised) whatever `implementation` says; it outputs zeros for a query row whose
+    keys are all hidden.
+
+    Returns:
+        <dtype of query>[batch, q_len, heads, head_dim], and with `return_weights` also
+        <float32>[batch, heads, q_len, kv_len] attention weights.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = k = v = jnp.ones((1, 3, 2, 4))
+        >>> out, w = dot_product_attention(q, k, v, causal=True, return_weights=True)
+        >>> w[0, 0, :2].tolist()  # [batch, heads, q_len, kv_len]
+        [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]
+    """
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    _check_inputs(query, key, value, implementation)
+    batch, q_len, _, _ = query.shape
+    kv_len = key.shape[1]
+    if kv_lengths is not None:
+        kv_lengths = jnp.asarray(kv_lengths)
+        if kv_lengths.shape != (batch,):
+            raise ValueError(
+                f"kv_lengths has shape {kv_lengths.shape}; pass one length per sequence, "
+                f"<int>[{batch}]"
+            )
+        kv_lengths = kv_lengths.astype(jnp.int32)
+    if mask is not None:
+        mask = _to_4d(jnp.asarray(mask, bool))
+    if bias is not None:
+        bias = _to_4d(bias)
+    use_dropout = dropout_rate > 0.0 and not deterministic
+    if use_dropout and dropout_rng is None:
+        raise ValueError(
+            "attention dropout is active (deterministic=False) but dropout_rng is None; "
+            "pass a PRNG key"
+        )
+
+    if use_dropout or return_weights:
+        full_mask = combine_masks(
+            mask,
+            _causal_mask(q_len, kv_len) if causal else None,
+            _lengths_mask(kv_lengths, kv_len) if kv_lengths is not None else None,
+        )
+        out, weights = _explicit_attention(
+            query, key, value, bias, full_mask, dropout_rate if use_dropout else 0.0, dropout_rng
+        )
+        return (out, weights) if return_weights else out
+
+    # jax's causal mask is aligned top-left (j <= i); with fewer queries than keys the
+    # queries are the *last* positions, so pass that case as an explicit mask.
+    is_causal = causal and q_len == kv_len
+    if causal and not is_causal:
+        mask = combine_masks(mask, _causal_mask(q_len, kv_len))
+    if implementation is None:
+        needs_xla = mask is not None or bias is not None
+        implementation = _auto_implementation(query, key, needs_xla)
+    if implementation == "cudnn":
+        if not _on_nvidia_gpu():
+            raise ValueError(
+                "implementation='cudnn' needs an NVIDIA GPU (default backend is "
+                f"{jax.default_backend()!r}); use implementation=None or 'xla'"
+            )
+        # cuDNN wants a bias/mask with full [q_len, kv_len] trailing dimensions.
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_len, kv_len))
+        if bias is not None:
+            bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_len, kv_len))
+    return jax.nn.dot_product_attention(
+        query,
+        key,
+        value,
+        bias=bias,
+        mask=mask,
+        is_causal=is_causal,
+        key_value_seq_lengths=kv_lengths,
+        implementation=implementation,
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: project to heads, attend, project back.
+
+    Parameters (logical axes in brackets): `query`, `key`, `value`: `kernel`
+    <[embed, heads, head_dim]> ('embed', 'heads', 'kv') and `bias` <[heads, head_dim]>
+    ('heads', 'kv'); `out`: `kernel` <[heads, head_dim, out_features]>
+    ('heads', 'kv', 'embed') and `bias` <[out_features]> ('embed',). A PyTorch/Hugging Face
+    projection weight W <[heads * head_dim, embed]> maps as
+    `kernel = W.T.reshape(embed, heads, head_dim)`, and an output projection
+    W <[embed, heads * head_dim]> as `kernel = W.T.reshape(heads, head_dim, embed)`.
+
+    KV cache (`decode=True`): the `cache` collection holds `cached_key` and `cached_value`
+    <[batch, max_len, heads, head_dim]> and `cache_index` <int32>[batch], the next position
+    to write for each sequence. Create it with `init` on a [batch, max_len, embed] input
+    (that pass is an ordinary causal self-attention); afterwards each `apply(...,
+    mutable=["cache"])` with a [batch, chunk, embed] input (chunk = 1 for token-by-token
+    decoding, or a whole prompt) writes the chunk's keys/values at `cache_index` and lets
+    the token at position p attend to the cached positions <= p. In decode mode
+    `kv_lengths` <int>[batch] says how many of the chunk's tokens are real (right-padded
+    prompts of different lengths): each sequence's `cache_index` advances by that many
+    (default: the chunk length), so the padding is overwritten by the next tokens before
+    anything attends to it. Positions beyond max_len are not checked under `jit`.
+
+    Attributes:
+        num_heads: number of attention heads.
+        head_dim: size of each head; default `features // num_heads`.
+        out_features: output size; default the input's feature size.
+        use_bias: add biases in the four projections.
+        dropout_rate: attention-probability dropout in training (uses the explicit path).
+        implementation: None (auto), "xla" or "cudnn"; see `dot_product_attention`.
+        dtype: computation dtype (activations, attention inputs, cache).
+        param_dtype: parameter storage dtype.
+        kernel_init: projection kernel initialiser (default N(0, 0.02), as BERT).
+        decode: keep a KV cache for autoregressive decoding (self-attention only).
+        bias_init: projection bias initialiser (default zeros).
+    """
+
+    num_heads: int
+    head_dim: int | None = None
+    out_features: int | None = None
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable[..., Array] = nn.initializers.normal(0.02)
+    decode: bool = False
+    bias_init: Callable[..., Array] = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array | None = None,
+        *,
+        kv_lengths: Array | None = None,
+        mask: Array | None = None,
+        causal: bool = False,
+        deterministic: bool = True,
+        return_weights: bool = False,
+    ) -> Array | tuple[Array, Array]:
+        """Attends from `inputs_q` to `inputs_kv` (itself when None).
+
+        Args:
+            inputs_q: <float>[batch, q_len, embed].
+            inputs_kv: <float>[batch, kv_len, embed_kv], or None for self-attention.
+            kv_lengths: <int>[batch] real keys per sequence (right padding); in decode
+                mode, the real tokens of this chunk (see the class docstring).
+            mask: <bool> broadcastable to [batch, heads, q_len, kv_len]; True = attend.
+                In decode mode kv_len is the cache length.
+            causal: no attending to later positions (implied in decode mode).
+            deterministic: True disables dropout; False needs a 'dropout' PRNG stream.
+            return_weights: also return <float32>[batch, heads, q_len, kv_len] weights.
+
+        Returns:
+            <dtype>[batch, q_len, out_features], or (that, weights).
+        """
+        if inputs_kv is None:
+            inputs_kv = inputs_q
+        elif self.decode:
+            raise ValueError(
+                "decode=True caches self-attention keys/values; pass inputs_kv=None, or "
+                "use decode=False for cross-attention"
+            )
+        features = inputs_q.shape[-1]
+        head_dim = self.head_dim
+        if head_dim is None:
+            if features % self.num_heads:
+                raise ValueError(
+                    f"features ({features}) not divisible by num_heads ({self.num_heads}); "
+                    "set head_dim explicitly"
+                )
+            head_dim = features // self.num_heads
+        out_features = self.out_features or features
+
+        def projection(name: str, in_features: int) -> nn.DenseGeneral:
+            heads = (self.num_heads, head_dim)
+            return nn.DenseGeneral(
+                features=heads,
+                axis=-1,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=_partitioned(
+                    self.kernel_init, (in_features, *heads), ("embed", "heads", "kv")
+                ),
+                bias_init=_partitioned(self.bias_init, heads, ("heads", "kv")),
+                name=name,
+            )
+
+        kv_features = inputs_kv.shape[-1]
+        query = projection("query", features)(inputs_q)
+        key = projection("key", kv_features)(inputs_kv)
+        value = projection("value", kv_features)(inputs_kv)
+        query = nn.with_logical_constraint(query, QKV_AXES)
+        key = nn.with_logical_constraint(key, QKV_AXES)
+        value = nn.with_logical_constraint(value, QKV_AXES)
+
+        if self.decode:
+            key, value, mask, kv_lengths, causal = self._use_cache(key, value, mask, kv_lengths)
+
+        dropout_rng = None
+        if self.dropout_rate > 0.0 and not deterministic:
+            dropout_rng = self.make_rng("dropout")
+        result = dot_product_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            kv_lengths=kv_lengths,
+            causal=causal,
+            implementation=self.implementation,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng,
+            deterministic=deterministic,
+            return_weights=return_weights,
+        )
+        x, weights = result if return_weights else (result, None)
+        x = nn.with_logical_constraint(x, QKV_AXES)
+        out = nn.DenseGeneral(
+            features=out_features,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_partitioned(
+                self.kernel_init, (self.num_heads, head_dim, out_features), ("heads", "kv", "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
+            name="out",
+        )(x)
+        out = nn.with_logical_constraint(out, OUT_AXES)
+        return (out, weights) if return_weights else out
+
+    def _use_cache(
+        self, key: Array, value: Array, mask: Array | None, kv_lengths: Array | None
+    ) -> tuple[Array, Array, Array | None, Array | None, bool]:
+        """Writes the chunk into the cache; returns what to attend to."""
+        batch, chunk = key.shape[:2]
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((batch,), jnp.int32))
+        if not initialized:  # sizing pass of `init`: plain causal self-attention
+            return key, value, mask, kv_lengths, True
+        max_len = cached_key.value.shape[1]
+        if chunk > max_len:
+            raise ValueError(f"decode chunk of {chunk} tokens exceeds the cache length {max_len}")
+        index = cache_index.value
+        write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))
+        cached_key.value = write(cached_key.value, key.astype(cached_key.value.dtype), index)
+        cached_value.value = write(
+            cached_value.value, value.astype(cached_value.value.dtype), index
+        )
+        step = chunk if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+        cache_index.value = index + step
+        # The chunk's token t sits at position index + t and sees cached positions <= it.
+        positions = index[:, None] + jnp.arange(chunk)[None, :]  # [batch, chunk]
+        visible = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
+        mask = combine_masks(mask, visible[:, None])  # [batch, 1, chunk, max_len]
+        return cached_key.value, cached_value.value, mask, None, False
