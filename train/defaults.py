@@ -8,7 +8,8 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "image_classification"  # image_classification | text_classification
+    # image_classification | text_classification | bert_pretraining
+    c.task = "image_classification"
 
     # Data.
     # TFDS name; embedded: "sklearn_digits" (images), "stdlib_docs" (text); or "synthetic"
@@ -25,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.vocab_size = 10_000  # text: word vocabulary built from the training split
     c.max_length = 100  # text: tokens per example (padded / truncated)
     c.text_key = ""  # text: the TFDS feature holding the text ("" = by dataset)
+    c.vocab_file = ""  # BERT: a WordPiece vocab.txt ("" = train one on the corpus)
+    c.max_predictions = 20  # BERT pretraining: masked positions per sequence (15% of tokens)
     c.data_threads = 4
     c.prefetch = 4  # batches prepared ahead
 

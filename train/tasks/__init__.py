@@ -16,7 +16,7 @@ import flax.linen as nn
 from jaxmodels.errors import ConfigError
 from jaxmodels.training import EvalFn, LossFn
 
-TASKS = ("image_classification", "text_classification")
+TASKS = ("image_classification", "text_classification", "bert_pretraining")
 
 
 @dataclasses.dataclass

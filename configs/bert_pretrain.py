@@ -1,0 +1,71 @@
+"""BERT pretraining, masked LM + next-sentence prediction.
+
+Variants:
+  (default) tiny: BERT-tiny (2 layers, 128 wide) on the embedded `stdlib_docs` corpus
+      (docstrings of the Python standard library), seq 128; learns on a CPU in minutes.
+  base: BERT-base on TFDS `wikipedia/20230601.en`, seq 128, batch 256, AdamW 1e-4,
+      10k warmup, linear decay (the published phase-1 recipe, 1M steps), bf16.
+  large: BERT-large, seq 512, batch 32 per the benchmark shape; bf16.
+  smoke: a few steps of a very small model (tests).
+
+  python -m train --config=configs/bert_pretrain.py --workdir=runs/bert_tiny
+  python -m train --config=configs/bert_pretrain.py:base --workdir=runs/bert_base \
+      --config.vocab_file=/path/to/vocab.txt
+"""
+
+from train.defaults import base_config
+
+
+def get_config(variant: str | None = None):
+    c = base_config()
+    c.task = "bert_pretraining"
+    c.dataset = "stdlib_docs"
+    c.vocab_size = 8_000  # when the vocabulary is trained on the corpus
+    c.max_length = 128
+    c.max_predictions = 20
+    c.model = {"name": "BertForPreTraining", "preset": "tiny"}
+    c.batch_size = 64
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.warmup_steps = 100
+    c.optimizer.schedule = "linear"
+    c.optimizer.grad_clip_norm = 1.0
+    c.total_steps = 2_000
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.log_every = 50
+    if variant in ("base", "large"):
+        c.dataset = "wikipedia/20230601.en"
+        c.eval_split = "train[-1000:]"
+        c.train_split = "train[:-1000]"
+        c.vocab_size = 30_522
+        c.model.preset = variant
+        c.dtype = "bfloat16"
+        c.optimizer.learning_rate = 1e-4
+        c.optimizer.warmup_steps = 10_000
+        c.total_steps = 1_000_000
+        c.eval_every = 10_000
+        c.checkpoint_every = 10_000
+        c.data_threads = 16
+        c.log_every = 100
+        if variant == "base":
+            c.batch_size = 256
+        else:
+            c.batch_size = 32
+            c.max_length = 512
+            c.max_predictions = 76
+    elif variant == "smoke":
+        c.vocab_size = 1_000
+        c.max_length = 32
+        c.max_predictions = 5
+        c.model.hidden_size = 32
+        c.model.num_heads = 2
+        c.model.intermediate_size = 64
+        c.batch_size = 16
+        c.total_steps = 6
+        c.optimizer.warmup_steps = 2
+        c.eval_every = 3
+        c.checkpoint_every = 3
+        c.log_every = 3
+    return c

@@ -1,0 +1,159 @@
+"""BERT pretraining: masked LM (on the masked positions only) + next-sentence prediction.
+
+Corpus: the embedded `stdlib_docs` (real English prose shipped with Python) or any TFDS
+text dataset by name (e.g. `wikipedia/20230601.en`, whose `text` is one article per
+record), read lazily. WordPiece vocabulary: `config.vocab_file` if given, else trained on
+the training corpus at the first start and saved as `workdir/vocab.txt` (a resumed run
+loads it, so ids never change under a checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxmodels import bert, losses
+from train.data import mlm, pipeline, text
+from train.tasks import Task
+
+VOCAB_FILE = "vocab.txt"
+_VOCAB_TRAIN_DOCS = 100_000  # documents read to train a vocabulary on a large corpus
+
+
+class _Texts:
+    """A TFDS source seen as a random-access sequence of document texts."""
+
+    def __init__(self, source: Any, key: str):
+        self.source, self.key = source, key
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> str:
+        return text.record_text(self.source[i], self.key)
+
+
+def corpus(config: Any, split: str) -> Any:
+    key = text.text_key_for(config.dataset, config.text_key or None)
+    source, _, _ = text.open_text_source(config.dataset, split, config.data_dir, key)
+    if config.dataset == text.EMBEDDED:
+        # Single-sentence docstrings could only give "random" pairs and skew the NSP labels.
+        return [t for t in text.read_texts(source, key) if len(mlm.split_sentences(t)) >= 2]
+    return _Texts(source, key)
+
+
+def tokenizer_for(config: Any, workdir: str, train_texts: Any) -> Any:
+    """The WordPiece tokenizer: the configured vocab file, the workdir's, or a new one."""
+    saved = os.path.join(workdir, VOCAB_FILE)
+    if config.vocab_file:
+        return mlm.wordpiece(config.vocab_file)
+    if os.path.exists(saved):
+        return mlm.wordpiece(saved)
+    n = min(len(train_texts), _VOCAB_TRAIN_DOCS)
+    tokenizer = mlm.wordpiece(None, (train_texts[i] for i in range(n)), config.vocab_size)
+    tmp = os.path.join(workdir, f".vocab.{os.getpid()}")
+    os.makedirs(tmp, exist_ok=True)
+    tokenizer.save_model(tmp)
+    os.replace(os.path.join(tmp, VOCAB_FILE), saved)  # atomic; processes agree on one file
+    os.rmdir(tmp)
+    return mlm.wordpiece(saved)
+
+
+def model_config(config: Any, vocab_size: int) -> bert.BertConfig:
+    spec = dict(config.model)
+    spec.pop("name", None)
+    preset = spec.pop("preset", "tiny")
+    spec.setdefault("max_position_embeddings", max(512, config.max_length))
+    return bert.BertConfig.preset(
+        preset, vocab_size=vocab_size, dtype=jnp.dtype(config.dtype), **spec
+    )
+
+
+def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:
+    train_texts = corpus(config, config.train_split)
+    eval_texts = corpus(config, config.eval_split)
+    tokenizer = tokenizer_for(config, workdir, train_texts)
+    model = bert.BertForPreTraining(model_config(config, tokenizer.get_vocab_size()))
+    make_pairs = lambda texts: mlm.MaskedPairs(  # noqa: E731
+        mlm.PairSource(texts, tokenizer),
+        tokenizer,
+        max_length=config.max_length,
+        max_predictions=config.max_predictions,
+        seed=config.seed,
+    )
+    train_pairs, eval_pairs = make_pairs(train_texts), make_pairs(eval_texts)
+
+    def apply(params: Any, batch: Any, train: bool, rngs: Any = None) -> Any:
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            None,
+            batch["token_type_ids"],
+            batch["masked_positions"],
+            train,
+            lengths=jnp.maximum(batch["length"], 1),  # eval padding rows have length 0
+            rngs=rngs,
+        )
+
+    def loss_fn(params: Any, model_state: Any, batch: Any, rng: Any) -> Any:
+        mlm_logits, nsp_logits = apply(params, batch, True, {"dropout": rng})
+        total, metrics = bert.pretraining_loss(
+            mlm_logits,
+            batch["masked_ids"],
+            batch["masked_weights"],
+            nsp_logits,
+            batch["nsp_label"],
+        )
+        return total, (model_state, metrics)
+
+    def eval_fn(params: Any, model_state: Any, batch: Any) -> Any:  # noqa: ARG001
+        mlm_logits, nsp_logits = apply(params, batch, False)
+        w = batch["weight"].astype(jnp.float32)
+        token_w = batch["masked_weights"] * w[:, None]
+        mlm_sum, tokens = losses.cross_entropy(mlm_logits, batch["masked_ids"], token_w)
+        nsp_sum, count = losses.cross_entropy(nsp_logits, batch["nsp_label"], w)
+        return {
+            "mlm_loss": mlm_sum,
+            "mlm_loss_count": tokens,
+            "mlm_accuracy": losses.correct(mlm_logits, batch["masked_ids"], token_w),
+            "mlm_accuracy_count": tokens,
+            "nsp_loss": nsp_sum,
+            "nsp_accuracy": losses.correct(nsp_logits, batch["nsp_label"], w),
+            "count": count,
+        }
+
+    common = dict(process_index=process_index, process_count=process_count)
+    train_iterator = lambda: pipeline.train_iterator(  # noqa: E731
+        train_pairs.source,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        preprocess=train_pairs.train,
+        num_threads=config.data_threads,
+        prefetch=config.prefetch,
+        **common,
+    )
+    eval_iterator = lambda: pipeline.eval_batches(  # noqa: E731
+        eval_pairs.source,
+        global_batch_size=config.eval_batch_size or config.batch_size,
+        preprocess=eval_pairs.eval,
+        num_threads=config.data_threads,
+        **common,
+    )
+    length, p = config.max_length, config.max_predictions
+    example = [
+        jnp.zeros((1, length), jnp.int32),
+        None,
+        jnp.zeros((1, length), jnp.int32),
+        jnp.zeros((1, p), jnp.int32),
+    ]
+    info = {
+        "dataset": config.dataset,
+        "train_documents": len(train_texts),
+        "eval_documents": len(eval_texts),
+        "vocabulary": tokenizer.get_vocab_size(),
+        "bert": {k: getattr(model.config, k) for k in ("num_layers", "hidden_size", "num_heads")},
+        "max_length": length,
+    }
+    return Task(model, example, loss_fn, eval_fn, train_iterator, eval_iterator, info)
