@@ -218,17 +218,24 @@ def classification_fns(
     Args:
       model: the classifier.
       label_smoothing: for the training loss.
-      inputs: picks (and may transform, inside the step) the model's positional inputs
-        from a batch; default `(batch["image"],)`. E.g. uint8 images normalised to
-        bfloat16 on the device, or `(batch["tokens"], batch["length"])` for a text model.
+      inputs: picks (and may transform, inside the step) the model's inputs from a batch:
+        a tuple of positional or a dict of keyword arguments; default `(batch["image"],)`.
+        E.g. uint8 images normalised to bfloat16 on the device, `(batch["tokens"],
+        batch["length"])` for an LSTM, `{"input_ids": ..., "lengths": ...}` for BERT.
     """
     inputs = inputs or (lambda batch: (batch["image"],))
 
+    def apply(variables: Any, batch: Batch, **kwargs: Any) -> Any:
+        args = inputs(batch)
+        if isinstance(args, Mapping):
+            return model.apply(variables, **args, **kwargs)
+        return model.apply(variables, *args, **kwargs)
+
     def loss_fn(params: Any, model_state: Any, batch: Batch, rng: jax.Array) -> Any:
         variables = {"params": params, **model_state}
-        logits, new_state = model.apply(
+        logits, new_state = apply(
             variables,
-            *inputs(batch),
+            batch,
             train=True,
             mutable=list(model_state.keys()),
             rngs={"dropout": rng},
@@ -238,7 +245,7 @@ def classification_fns(
         return loss_sum / count, (dict(new_state), {"accuracy": accuracy})
 
     def eval_fn(params: Any, model_state: Any, batch: Batch) -> Metrics:
-        logits = model.apply({"params": params, **model_state}, *inputs(batch), train=False)
+        logits = apply({"params": params, **model_state}, batch, train=False)
         weights = batch.get("weight")
         loss_sum, count = losses.cross_entropy(logits, batch["label"], weights)
         return {

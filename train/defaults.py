@@ -8,7 +8,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # image_classification | text_classification | bert_pretraining
+    # image_classification | text_classification | bert_pretraining | seq2seq | language_model
     c.task = "image_classification"
 
     # Data.
@@ -28,6 +28,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.text_key = ""  # text: the TFDS feature holding the text ("" = by dataset)
     c.vocab_file = ""  # BERT: a WordPiece vocab.txt ("" = train one on the corpus)
     c.max_predictions = 20  # BERT pretraining: masked positions per sequence (15% of tokens)
+    # Fine-tuning: start from a pretraining workdir of this library or a Hugging Face
+    # checkpoint directory (config.json + model.safetensors / pytorch_model.bin + vocab.txt).
+    c.init_from = ""
+    c.min_length = 1  # seq2seq toy_reverse / toy_sort: shortest generated sequence
+    c.eval_examples = 0  # seq2seq toy: test-split size; language_model: eval windows (0 = all)
+    c.sample_tokens = 64  # language_model `sample`: new tokens per prompt
+    c.sample_temperature = 0.8  # language_model `sample`: 0 = greedy
+    c.sample_top_k = 0  # language_model `sample`: sample among the k likeliest (0 = all)
     c.data_threads = 4
     c.prefetch = 4  # batches prepared ahead
 

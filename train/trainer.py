@@ -200,6 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, data_state = ckpt.restore(state)
         train_iter.set_state(data_state["iterator"])
         start = int(state.step)
+    elif task.init_params is not None:  # e.g. fine-tuning: the pretrained weights
+        params = task.init_params(jax.device_get(state.params))
+        state = state.replace(params=jax.device_put(params, shardings.params))
     if lead:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

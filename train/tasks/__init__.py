@@ -16,7 +16,13 @@ import flax.linen as nn
 from jaxmodels.errors import ConfigError
 from jaxmodels.training import EvalFn, LossFn
 
-TASKS = ("image_classification", "text_classification", "bert_pretraining")
+TASKS = (
+    "image_classification",
+    "text_classification",
+    "bert_pretraining",
+    "seq2seq",
+    "language_model",
+)
 
 
 @dataclasses.dataclass
@@ -31,6 +37,8 @@ class Task:
         of local train batches.
       eval_iterator: makes one pass of local eval batches (with `weight`), or None.
       info: facts for the log (dataset sizes, classes).
+      init_params: for a fresh run (no checkpoint yet), maps the initialised params to
+        the starting ones, e.g. a pretrained encoder put in place; None: keep them.
     """
 
     model: nn.Module
@@ -40,6 +48,7 @@ class Task:
     train_iterator: Callable[[], Any]
     eval_iterator: Callable[[], Iterator[dict[str, Any]]] | None
     info: dict[str, Any]
+    init_params: Callable[[Any], Any] | None = None
 
 
 def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:

@@ -1,5 +1,6 @@
-"""Text classification: LSTM classifiers on word ids, the embedded stdlib docstrings or a
-TFDS text dataset by name; softmax cross-entropy, accuracy.
+"""Text classification: LSTM classifiers on word ids, or BERT fine-tuning on WordPiece ids
+(see `bert_finetune`), on the embedded stdlib docstrings or a TFDS text dataset by name;
+softmax cross-entropy, accuracy.
 
 The word vocabulary is built from the training split at the first start and saved as
 `workdir/tokenizer.json`; a resumed run loads it, so ids never change under a checkpoint.
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from jaxmodels import rnn, training
 from jaxmodels.errors import DataError
 from train.data import pipeline, text
-from train.tasks import Task, make_module
+from train.tasks import Task, bert_finetune, make_module
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -54,14 +55,22 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         config.dataset, config.eval_split, config.data_dir, text_key
     )
     num_classes = config.num_classes or num_classes
-    tokenizer = _tokenizer(config, workdir, train_source, text_key)
-    preprocess = text.text_preprocess(tokenizer, config.max_length, text_key)
-
-    model = make_module(
-        rnn, config.model, vocab_size=config.vocab_size, num_classes=num_classes, dtype=dtype
-    )
+    init_params = None
+    if config.model.name.startswith("Bert"):
+        model, tokenizer, init_params = bert_finetune.model_and_tokenizer(
+            config, workdir, num_classes, text.read_texts(train_source, text_key)
+        )
+        preprocess = bert_finetune.preprocess(tokenizer, config.max_length, text_key)
+        inputs, vocabulary = bert_finetune.inputs, tokenizer.get_vocab_size()
+    else:
+        tokenizer = _tokenizer(config, workdir, train_source, text_key)
+        preprocess = text.text_preprocess(tokenizer, config.max_length, text_key)
+        model = make_module(
+            rnn, config.model, vocab_size=config.vocab_size, num_classes=num_classes, dtype=dtype
+        )
+        inputs, vocabulary = _inputs, len(tokenizer)
     loss_fn, eval_fn = training.classification_fns(
-        model, label_smoothing=config.label_smoothing, inputs=_inputs
+        model, label_smoothing=config.label_smoothing, inputs=inputs
     )
     common = dict(process_index=process_index, process_count=process_count)
     train_iterator = functools.partial(
@@ -88,11 +97,10 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         "classes": names[:10],
         "train_examples": len(train_source),
         "eval_examples": len(eval_source),
-        "vocabulary": len(tokenizer),
+        "vocabulary": vocabulary,
         "max_length": config.max_length,
     }
-    example = [
-        jnp.zeros((1, config.max_length), jnp.int32),
-        jnp.full((1,), config.max_length, jnp.int32),
-    ]
-    return Task(model, example, loss_fn, eval_fn, train_iterator, eval_iterator, info)
+    example = [jnp.zeros((1, config.max_length), jnp.int32)]
+    if init_params is None and not config.model.name.startswith("Bert"):
+        example.append(jnp.full((1,), config.max_length, jnp.int32))
+    return Task(model, example, loss_fn, eval_fn, train_iterator, eval_iterator, info, init_params)

@@ -1,0 +1,52 @@
+"""BERT fine-tuning for sequence classification.
+
+Default: the embedded `stdlib_docs` (10 classes), starting from a pretraining workdir of
+this library (`--config.init_from=runs/bert_tiny`, see configs/bert_pretrain.py) or a
+Hugging Face BERT directory (config.json + model.safetensors + vocab.txt); without
+`init_from` the same model trains from scratch (the baseline). `:sst2` reads TFDS
+`glue/sst2` by name (prepared locally; training never downloads).
+
+  python -m train --config=configs/bert_pretrain.py --workdir=runs/bert_tiny
+  python -m train --config=configs/bert_finetune.py --workdir=runs/bert_ft \
+      --config.init_from=runs/bert_tiny
+"""
+
+from train.defaults import base_config
+
+
+def get_config(variant: str | None = None):
+    c = base_config()
+    c.task = "text_classification"
+    c.dataset = "stdlib_docs"
+    c.max_length = 128
+    c.vocab_size = 8_000  # only when training from scratch without a vocabulary
+    c.model = {"name": "BertForSequenceClassification", "preset": "tiny"}
+    c.batch_size = 32
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.warmup_steps = 100
+    c.optimizer.schedule = "linear"
+    c.total_steps = 1_000
+    c.eval_every = 250
+    c.checkpoint_every = 500
+    c.log_every = 50
+    if variant == "sst2":
+        c.dataset = "glue/sst2"
+        c.eval_split = "validation"
+        c.max_length = 64
+        c.total_steps = 3 * 67_349 // 32
+        c.eval_every = 1_000
+        c.checkpoint_every = 1_000
+    elif variant == "smoke":
+        c.max_length = 32
+        c.vocab_size = 1_000
+        c.model.hidden_size = 32
+        c.model.num_heads = 2
+        c.model.intermediate_size = 64
+        c.total_steps = 6
+        c.optimizer.warmup_steps = 2
+        c.eval_every = 3
+        c.checkpoint_every = 3
+        c.log_every = 3
+    return c

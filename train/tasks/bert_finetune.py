@@ -1,0 +1,109 @@
+"""BERT sequence classification: the parts of `text_classification` specific to BERT.
+
+The encoder starts from `config.init_from`, when given:
+* a pretraining workdir of this library (`checkpoints/`, `config.json`, `vocab.txt`): the
+  `bert` parameters of its latest checkpoint, its vocabulary and model size;
+* a Hugging Face BERT directory (`config.json`, `model.safetensors` or
+  `pytorch_model.bin`, `vocab.txt`), read with `jaxmodels.bert.from_pretrained`.
+Otherwise the model is `config.model.preset` trained from scratch, with a WordPiece
+vocabulary trained on the training texts (saved as `workdir/vocab.txt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxmodels import bert
+from jaxmodels.errors import DataError
+from train.data import mlm, text
+from train.tasks import bert_pretraining
+
+
+def _is_hf_directory(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(
+        os.path.join(path, "checkpoints")
+    )
+
+
+def _pretrained_bert_params(workdir: str) -> Any:
+    """The `bert` parameters of the latest checkpoint of a pretraining workdir, as numpy."""
+    root = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
+    if not steps:
+        raise DataError(f"init_from={workdir}: no checkpoint in {root}")
+    path = os.path.join(root, str(steps[-1]), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
+    params = checkpointer.restore(path, target)["params"]
+    if "bert" not in params:
+        raise DataError(f"init_from={workdir}: its checkpoint holds no BERT encoder")
+    return params["bert"]
+
+
+def model_and_tokenizer(
+    config: Any, workdir: str, num_classes: int, train_texts: list[str]
+) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, init_params or None) for fine-tuning."""
+    dtype = jnp.dtype(config.dtype)
+    source = config.init_from
+    if source and _is_hf_directory(source):
+        model, variables, vocab_file = bert.from_pretrained(
+            source,
+            bert.BertForSequenceClassification,
+            num_labels=num_classes,
+            init_missing=True,
+            dtype=dtype,
+        )
+        if vocab_file is None:
+            raise DataError(f"init_from={source} has no vocab.txt")
+        encoder = variables["params"]["bert"]
+        tokenizer = mlm.wordpiece(vocab_file)
+    elif source:
+        with open(os.path.join(source, "config.json")) as f:
+            pretrain_config = ml_collections.ConfigDict(json.load(f))
+        tokenizer = mlm.wordpiece(os.path.join(source, bert_pretraining.VOCAB_FILE))
+        bert_config = bert_pretraining.model_config(pretrain_config, tokenizer.get_vocab_size())
+        bert_config = dataclasses.replace(bert_config, dtype=dtype)
+        model = bert.BertForSequenceClassification(bert_config, num_labels=num_classes)
+        encoder = _pretrained_bert_params(source)
+    else:
+        tokenizer = bert_pretraining.tokenizer_for(config, workdir, train_texts)
+        bert_config = bert_pretraining.model_config(config, tokenizer.get_vocab_size())
+        return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
+
+    def init_params(params: Any) -> Any:
+        ours = jax.tree.map(np.shape, params["bert"])
+        theirs = jax.tree.map(np.shape, encoder)
+        if ours != theirs:
+            raise DataError(f"init_from={source}: its encoder does not fit this model's")
+        return {**params, "bert": encoder}
+
+    return model, tokenizer, init_params
+
+
+def preprocess(tokenizer: Any, max_length: int, text_key: str) -> Any:
+    """record -> {"tokens": [CLS] text [SEP] padded <int32>[max_length], "length", "label"}."""
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+
+    def fn(record: Any, rng: Any) -> dict[str, Any]:  # noqa: ARG001
+        ids = tokenizer.encode(text.record_text(record, text_key), add_special_tokens=False).ids
+        ids = [cls, *ids[: max_length - 2], sep]
+        tokens = np.zeros(max_length, np.int32)
+        tokens[: len(ids)] = ids
+        return {"tokens": tokens, "length": np.int32(len(ids)), "label": np.int32(record["label"])}
+
+    return fn
+
+
+def inputs(batch: Any) -> dict[str, Any]:
+    return {"input_ids": batch["tokens"], "lengths": jnp.maximum(batch["length"], 1)}

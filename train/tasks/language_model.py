@@ -1,0 +1,155 @@
+"""Language modelling: a `DecoderOnlyLM` (GPT-style) trained on next-token prediction.
+
+Corpus: the embedded `stdlib_docs` (docstrings of the Python standard library: real
+English prose, offline) or any prepared TFDS text dataset by name whose records hold a
+text feature (read whole into memory: meant for small corpora for now). Tokens are bytes
+(UTF-8, id = byte + 3; PAD/BOS/EOS = 0/1/2; vocabulary 259), so there is no vocabulary to
+build or keep; each document ends with EOS, the documents are concatenated, and the
+examples are non-overlapping windows of `max_length + 1` tokens (`train.data.sequences`).
+
+Eval metrics: `loss` (nats per byte; the perplexity is `exp(eval/loss)`), `bits_per_byte`
+(`loss / ln 2`) and `token_accuracy` (arg-max next byte). `sample` restores a trained
+workdir and continues a prompt with `jaxmodels.transformer.generate` (temperature and top-k
+from the config keys `sample_temperature`, `sample_top_k`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmodels import checkpoint, losses, sharding, training, transformer
+from train.data import pipeline, sequences, text
+from train.tasks import Task, make_module
+
+
+def corpus(config: Any, split: str) -> np.ndarray:
+    """The split as one stream of byte ids."""
+    key = text.text_key_for(config.dataset, config.text_key or None)
+    source, _, _ = text.open_text_source(config.dataset, split, config.data_dir, key)
+    return sequences.byte_stream(text.read_texts(source, key))
+
+
+def make_model(config: Any) -> transformer.DecoderOnlyLM:
+    spec = dict(config.model)
+    spec.setdefault("max_len", config.max_length)
+    return make_module(
+        transformer, spec, vocab_size=sequences.BYTE_VOCAB, dtype=jnp.dtype(config.dtype)
+    )
+
+
+def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:  # noqa: ARG001
+    length = config.max_length
+    train_windows = sequences.Windows(corpus(config, config.train_split), length)
+    eval_windows = sequences.Windows(
+        corpus(config, config.eval_split), length, config.eval_examples
+    )
+    model = make_model(config)
+
+    def loss_fn(params: Any, model_state: Any, batch: Any, rng: Any) -> Any:
+        logits = model.apply({"params": params}, batch["tokens"], None, True, rngs={"dropout": rng})
+        loss_sum, tokens = losses.cross_entropy(
+            logits, batch["labels"], None, config.label_smoothing
+        )
+        accuracy = losses.correct(logits, batch["labels"]) / tokens
+        return loss_sum / tokens, (model_state, {"token_accuracy": accuracy})
+
+    def eval_fn(params: Any, model_state: Any, batch: Any) -> Any:  # noqa: ARG001
+        logits = model.apply({"params": params}, batch["tokens"], None, False)
+        w = jnp.broadcast_to(batch["weight"].astype(jnp.float32)[:, None], batch["labels"].shape)
+        loss_sum, tokens = losses.cross_entropy(logits, batch["labels"], w)
+        return {
+            "loss": loss_sum,
+            "loss_count": tokens,
+            "bits_per_byte": loss_sum / math.log(2),
+            "bits_per_byte_count": tokens,
+            "token_accuracy": losses.correct(logits, batch["labels"], w),
+            "token_accuracy_count": tokens,
+            "count": jnp.sum(batch["weight"].astype(jnp.float32)),
+        }
+
+    identity = lambda record, rng: record  # noqa: ARG005, E731 - windows come ready
+    common = dict(process_index=process_index, process_count=process_count)
+    train_iterator = lambda: pipeline.train_iterator(  # noqa: E731
+        train_windows,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        preprocess=identity,
+        num_threads=config.data_threads,
+        prefetch=config.prefetch,
+        **common,
+    )
+    eval_iterator = lambda: pipeline.eval_batches(  # noqa: E731
+        eval_windows,
+        global_batch_size=config.eval_batch_size or config.batch_size,
+        preprocess=identity,
+        num_threads=config.data_threads,
+        **common,
+    )
+    info = {
+        "dataset": config.dataset,
+        "tokenizer": "bytes",
+        "train_tokens": int(len(train_windows.stream)),
+        "train_windows": len(train_windows),
+        "eval_windows": len(eval_windows),
+        "vocabulary": sequences.BYTE_VOCAB,
+        "max_length": length,
+    }
+    example = [jnp.zeros((1, length), jnp.int32)]
+    return Task(model, example, loss_fn, eval_fn, train_iterator, eval_iterator, info)
+
+
+def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 0) -> list[str]:
+    """Continues each prompt with the model of the latest checkpoint in `workdir`.
+
+    Sampling uses the config keys `sample_temperature` and `sample_top_k` (0: all tokens;
+    temperature 0: greedy); `max_new_tokens` defaults to `sample_tokens`, and is cut so that
+    prompt + continuation fit in the model's `max_len`.
+
+    Returns:
+        The continuations (text after the prompt; stops at EOS).
+    """
+    from train.trainer import _make_optimizer
+
+    model = make_model(config)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    example = [jnp.zeros((1, config.max_length), jnp.int32)]
+    state, _ = training.create_train_state(
+        model,
+        _make_optimizer(config),
+        example,
+        jax.random.PRNGKey(config.seed),
+        mesh,
+        sharding.logical_rules("data"),
+    )
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        state, _ = ckpt.restore(state)
+    finally:
+        ckpt.close()
+    encoded = [sequences.encode_bytes(p)[-(model.max_len - 1) :] for p in prompts]
+    lengths = np.array([max(len(e), 1) for e in encoded], np.int32)
+    prompt = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for i, e in enumerate(encoded):
+        prompt[i, : len(e)] = e
+        if not len(e):
+            prompt[i, 0] = sequences.BOS
+    new = min(max_new_tokens or config.sample_tokens, model.max_len - prompt.shape[1])
+    greedy = config.sample_temperature <= 0
+    out = transformer.generate(
+        model,
+        state.params,
+        prompt,
+        lengths,
+        max_new_tokens=new,
+        rng=jax.random.key(config.seed),
+        temperature=config.sample_temperature if not greedy else 1.0,
+        top_k=config.sample_top_k or None,
+        greedy=greedy,
+    )
+    return [sequences.decode_bytes(row) for row in np.asarray(out)]
