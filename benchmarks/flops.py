@@ -16,6 +16,14 @@ The count, used for every framework compared (our rows and the peer rows get the
   function of ``custom_jvp``/``custom_vjp`` calls once each; a ``scan`` body times the scan
   length; a ``cond`` as its most expensive branch; a ``while`` body once (its trip count is not
   static, so the count is a lower bound).
+* **Transformers** (BERT, the decoder-only LM): the count is then the usual 6 x N x tokens
+  (N: the weights of the matmuls) + attention (Q K^T and weights x V, over the full
+  seq x seq also when causal), matmuls only. Attention through cuDNN is a custom call with no
+  matmuls in the jaxpr, so those forwards are counted on the XLA attention
+  (`benchmarks.workloads.Built.flops_model`, as the cuDNN LSTM is counted on the scan one).
+  BERT's masked-LM head is counted where the model computes it: on the masked positions only
+  (the "MLM head on the masked 15% only" convention; the model gathers them before the
+  vocabulary projection).
 * **model FLOPs per step** = 3 x forward FLOPs (the backward pass costs about twice the
   forward: one matmul for the input gradient, one for the weight gradient). Optimizer updates
   and recomputation (remat) are not counted, so this is *model* FLOPs, as in MFU.

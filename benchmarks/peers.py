@@ -19,7 +19,17 @@ Peers (each an optimizer step in the timing: zero_grad, forward, loss, backward,
 * ``lstm_*``: Embedding + ``nn.LSTM`` (cuDNN on GPU) + Linear on the last layer's final state,
   bfloat16 autocast where the workload is bfloat16, Adam; eager, and ``torch.compile`` on GPU
   (dynamo leaves ``nn.LSTM`` itself eager).
-* BERT / Transformer LM: skipped until the JAX family exists (then: ``transformers``).
+* ``bert_*``: ``transformers.BertForPreTraining`` with the same sizes (`specs.BERT_PRESETS`,
+  random init, ``attn_implementation="sdpa"``, dropout 0.1), bfloat16 autocast, AdamW; eager
+  and ``torch.compile`` (GPU only). The same batch shapes: full-length sequences (an all-ones
+  attention mask), masked-LM labels -100 except at the masked positions, NSP labels; the loss
+  is the model's own (MLM + NSP). Its MLM head runs on every position (the PyTorch
+  reference gathers nothing), so it does more arithmetic than ours; TFLOP/s and MFU still
+  use our count (head on the masked positions only), as for every peer.
+* ``transformer_lm``: ``transformers.GPT2LMHeadModel`` with the same sizes (pre-LayerNorm,
+  learned positions, tanh GELU, tied embeddings, no dropout, ``attn_implementation="sdpa"``),
+  bfloat16 autocast, AdamW, next-token cross-entropy; eager and ``torch.compile`` (GPU only).
+  Skipped if ``transformers`` is missing (as the BERT peers).
 * Keras: only if ``keras`` is importable (no Keras peer is written yet).
 
 On CPU, ``torch.compile`` rows are skipped: compile time would dominate the tiny sizes.
@@ -40,7 +50,8 @@ __all__ = ["main", "run_peers"]
 
 TORCHVISION_MISSING = "torchvision is not installed"
 NO_CPU_COMPILE = "torch.compile peers run on GPU only (compile time dominates tiny CPU sizes)"
-BERT_LATER = "peer waits for the JAX family (transformers BERT / GPT-2 once it exists)"
+TRANSFORMERS_MISSING = "transformers is not installed"
+BERT_MLM_NOTE = "MLM head on all positions (HF); MFU from our count (masked only)"
 
 
 def _device() -> tuple[Any, str, str]:
@@ -100,6 +111,8 @@ def _optimizer(w: specs.Workload, params: Any) -> Any:
         return torch.optim.SGD(params, lr=w.learning_rate, momentum=0.9)
     if w.optimizer == "adam":
         return torch.optim.Adam(params, lr=w.learning_rate)
+    if w.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=w.learning_rate)
     raise ValueError(f"{w.name}: no peer optimizer for {w.optimizer!r}")
 
 
@@ -120,14 +133,102 @@ def _peer_impls(w: specs.Workload, device: Any) -> list[tuple[str, str | None]]:
         return [("torch eager", None), ("torch compile", compile_skip)]
     if w.family == "lstm":
         return [("torch eager", None), ("torch compile", compile_skip)]
-    return [("transformers", BERT_LATER)]
+    if w.family in ("bert", "transformer_lm"):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            return [("torch eager", TRANSFORMERS_MISSING), ("torch compile", TRANSFORMERS_MISSING)]
+        return [("torch eager", None), ("torch compile", compile_skip)]
+    raise ValueError(f"no peer for family {w.family!r}")
 
 
-def _build(w: specs.Workload, device: Any) -> tuple[Any, list[Any], Any]:
-    """(model, inputs, labels) on `device`, with the workload's synthetic batch."""
+def _bert(w: specs.Workload, gen: Any) -> tuple[Any, dict[str, Any]]:
+    """transformers BertForPreTraining of the workload's preset and its batch (kwargs)."""
+    import torch
+    import transformers
+
+    layers, hidden, heads = specs.BERT_PRESETS[w.model["preset"]]
+    config = transformers.BertConfig(
+        vocab_size=specs.BERT_VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=specs.BERT_MAX_POSITIONS,
+        hidden_act="gelu",
+        attn_implementation="sdpa",
+    )
+    model = transformers.BertForPreTraining(config)
+    b, t, slots = w.batch, w.seq_len, w.model["max_predictions"]
+    real = min(slots, max(1, round(0.15 * t)))  # as `benchmarks.workloads.masked_predictions`
+    input_ids = torch.randint(0, specs.BERT_VOCAB, (b, t), generator=gen)
+    # `real` distinct positions per row, never [CLS] (0); every other label is -100.
+    positions = 1 + torch.argsort(torch.rand(b, t - 1, generator=gen), dim=1)[:, :real]
+    mlm_labels = torch.full((b, t), -100, dtype=torch.long)
+    mlm_labels.scatter_(1, positions, torch.randint(0, specs.BERT_VOCAB, (b, real), generator=gen))
+    token_type_ids = torch.zeros(b, t, dtype=torch.long)
+    token_type_ids[:, t // 2 :] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones(b, t, dtype=torch.long),
+        "token_type_ids": token_type_ids,
+        "labels": mlm_labels,
+        "next_sentence_label": torch.randint(0, 2, (b,), generator=gen),
+    }
+    return model, batch
+
+
+def _gpt2(w: specs.Workload, gen: Any) -> tuple[Any, dict[str, Any]]:
+    """transformers GPT2LMHeadModel with the `DecoderOnlyLM` sizes and its batch (kwargs)."""
+    import torch
+    import transformers
+
+    m = w.model
+    config = transformers.GPT2Config(
+        vocab_size=m["vocab_size"],
+        n_positions=m["max_len"],
+        n_embd=m["embed_dim"],
+        n_layer=m["num_layers"],
+        n_head=m["num_heads"],
+        n_inner=m["mlp_dim"],
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    tokens = torch.randint(0, m["vocab_size"], (w.batch, w.seq_len), generator=gen)
+    return model, {"input_ids": tokens}
+
+
+def _loss(w: specs.Workload, output: Any, batch: dict[str, Any], labels: Any) -> Any:
+    """The training loss of the peer's forward `output` (float32)."""
+    import torch.nn.functional as F
+
+    if w.family == "bert":
+        return output.loss.float()  # the model's own MLM + NSP loss
+    if w.family == "transformer_lm":
+        logits = output.logits[:, :-1].float()
+        tokens = batch["input_ids"][:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    return F.cross_entropy(output.float(), labels)
+
+
+def _build(w: specs.Workload, device: Any) -> tuple[Any, list[Any], dict[str, Any], Any]:
+    """(model, positional inputs, keyword inputs, labels) on `device`: the workload's
+    synthetic batch."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
+    if w.family in ("bert", "transformer_lm"):
+        model, batch = (_bert if w.family == "bert" else _gpt2)(w, gen)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return model.to(device), [], batch, None
     num_classes = w.model.get("num_classes", 10)
     labels = torch.randint(0, num_classes, (w.batch,), generator=gen)
     if w.family == "cnn":
@@ -150,7 +251,7 @@ def _build(w: specs.Workload, device: Any) -> tuple[Any, list[Any], Any]:
     if w.family == "resnet":
         model = model.to(memory_format=torch.channels_last)
     inputs = [x.to(device) for x in inputs]  # .to keeps the channels_last layout
-    return model, inputs, labels.to(device)
+    return model, inputs, {}, labels.to(device)
 
 
 def measure_peer(
@@ -164,12 +265,11 @@ def measure_peer(
 ) -> dict[str, Any]:
     """Times one peer training step; returns its row."""
     import torch
-    import torch.nn.functional as F
 
     device, kind, label = _device()
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    model, inputs, labels = _build(w, device)
+    model, inputs, kwargs, labels = _build(w, device)
     model.train()
     opt = _optimizer(w, model.parameters())
     forward = torch.compile(model) if impl == "torch compile" else model
@@ -183,8 +283,8 @@ def measure_peer(
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast():
-            logits = forward(*inputs)
-        loss = F.cross_entropy(logits.float(), labels)
+            output = forward(*inputs, **kwargs)
+        loss = _loss(w, output, kwargs, labels)
         loss.backward()
         opt.step()
 
@@ -199,6 +299,8 @@ def measure_peer(
         notes.append(f"nn.LSTM computes in {str(lstm_dtype).removeprefix('torch.')}")
         if impl == "torch compile":
             notes.append("dynamo leaves nn.LSTM eager")
+    if w.family == "bert":
+        notes.append(BERT_MLM_NOTE)
     row = timing.empty_row(w, impl, "torch", device=label, note="; ".join(notes))
     # MFU against the peak of the precision the workload computes in.
     timing.derive(row, w, result, forward_flops, kind, peak_tflops)

@@ -8,6 +8,26 @@ Suites: ``gpu`` holds the sizes that mean something on an accelerator; ``cpu`` h
 sizes of the same workloads that keep the whole suite (with peers) to a minute or two on a
 laptop. CPU numbers exercise the code path; they say nothing about accelerator targets.
 
+Transformer workloads:
+
+* ``bert_base`` / ``bert_large``: `jaxmodels.bert.BertForPreTraining` (masked LM + next-sentence
+  prediction, dropout 0.1 as published), AdamW, the two phases of BERT pretraining: base at
+  seq 128, batch 256; large at seq 512, batch 32. 15% of the tokens are masked; the model
+  takes P = ``max_predictions`` masked positions per sequence, the fixed-size slots of the
+  original recipe: 0.15 x 128 = 19.2 -> 20 slots (the original ``max_predictions_per_seq``
+  for seq 128; 19 real predictions, 1 padding slot of weight 0), 0.15 x 512 = 76.8 -> 76 slots
+  (all real). CPU sizes: preset tiny, seq 32 / P 5 and seq 64 / P 10. Sequences are full
+  length and passed as ``lengths`` (the fast attention path), not as an attention mask. With
+  attention dropout active, the training step computes attention on the explicit path of
+  `jaxmodels.attention` (float32 softmax), not cuDNN.
+* ``transformer_lm``: `jaxmodels.transformer.DecoderOnlyLM` at GPT-2-small size (12 layers,
+  768 wide, 12 heads, MLP 3072) with a 32768-token vocabulary, next-token cross-entropy,
+  AdamW; seq 512 and batch 32 (16k tokens per step) rather than GPT-2's 1024 context, to keep
+  the float32 logits (batch x seq x vocab) and activation memory modest. CPU: 2 layers,
+  64 wide, seq 32, batch 4.
+
+Items are sequences for every token workload; tokens/s = batch x sequence length / step time.
+
 Peak FLOP/s (for MFU), by ``jax.devices()[0].device_kind`` (PyTorch's
 ``torch.cuda.get_device_name()`` gives the same string), per compute precision, dense
 (no structured sparsity):
@@ -27,6 +47,7 @@ from typing import Any
 
 __all__ = [
     "BACKWARD_FACTOR",
+    "BERT_PRESETS",
     "DEFAULT_TIMING",
     "PEAK_FLOPS",
     "SUITES",
@@ -62,7 +83,9 @@ class Workload:
       precision: compute dtype, ``float32`` or ``bfloat16`` (parameters are float32).
       batch: global batch (examples per step).
       input_shape: one example's shape: (height, width, channels) or (sequence length,).
-      model: keyword arguments of the family's model.
+      model: keyword arguments of the family's model. BERT (``bert``): ``preset`` (a name of
+        `BERT_PRESETS`) and ``max_predictions``, P, the masked-LM slots per sequence (see the
+        module docstring); ``transformer_lm``: the fields of `jaxmodels.transformer.DecoderOnlyLM`.
       optimizer, learning_rate: for `jaxmodels.optim.make_optimizer` (and the peers' twin).
     """
 
@@ -90,6 +113,23 @@ class Workload:
 
 _TOKEN_FAMILIES = ("lstm", "bert", "transformer_lm")
 
+# BERT sizes by preset: (layers, hidden, heads); intermediate 4 x hidden, vocabulary 30522,
+# 512 positions. The same table as `jaxmodels.bert.PRESETS` (a test keeps them equal), here
+# because the peer process does not import JAX.
+BERT_PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 128, 2),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+BERT_VOCAB = 30522
+BERT_MAX_POSITIONS = 512
+
+# GPT-2-small-like decoder-only LM (`jaxmodels.transformer.DecoderOnlyLM`): pre-LayerNorm,
+# learned positions, tanh GELU, tied embeddings, no dropout; a 32768-token vocabulary.
+_GPT2_SMALL = dict(
+    vocab_size=32768, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, max_len=512
+)
+
 _ARTICLE_LSTM = dict(vocab_size=10000, embed_dim=64, hidden_size=128, num_layers=2, num_classes=10)
 _BIG_LSTM = dict(vocab_size=10000, embed_dim=1024, hidden_size=1024, num_layers=2, num_classes=10)
 
@@ -108,10 +148,28 @@ SUITES: dict[str, tuple[Workload, ...]] = {
         ),
         Workload("lstm_article", "lstm", "bfloat16", 512, (100,), _ARTICLE_LSTM),
         Workload("lstm_2x1024", "lstm", "bfloat16", 256, (128,), _BIG_LSTM),
-        # Sizes provisional until the families exist.
-        Workload("bert_base", "bert", "bfloat16", 32, (512,), {"preset": "base"}, "adamw"),
-        Workload("bert_large", "bert", "bfloat16", 16, (512,), {"preset": "large"}, "adamw"),
-        Workload("transformer_lm", "transformer_lm", "bfloat16", 32, (1024,), {}, "adamw"),
+        # BERT pretraining phase 1 (seq 128) and phase 2 (seq 512) shapes: MLM + NSP.
+        Workload(
+            "bert_base",
+            "bert",
+            "bfloat16",
+            256,
+            (128,),
+            {"preset": "base", "max_predictions": 20},
+            "adamw",
+            1e-4,
+        ),
+        Workload(
+            "bert_large",
+            "bert",
+            "bfloat16",
+            32,
+            (512,),
+            {"preset": "large", "max_predictions": 76},
+            "adamw",
+            1e-4,
+        ),
+        Workload("transformer_lm", "transformer_lm", "bfloat16", 32, (512,), _GPT2_SMALL, "adamw"),
     ),
     "cpu": (
         Workload("mnist_cnn", "cnn", "float32", 64, (28, 28, 1), {"num_classes": 10}),
@@ -135,10 +193,35 @@ SUITES: dict[str, tuple[Workload, ...]] = {
             (16,),
             {**_BIG_LSTM, "embed_dim": 64, "hidden_size": 64},
         ),
-        # Sizes provisional until the families exist.
-        Workload("bert_base", "bert", "float32", 2, (32,), {"preset": "tiny"}, "adamw"),
-        Workload("bert_large", "bert", "float32", 2, (32,), {"preset": "mini"}, "adamw"),
-        Workload("transformer_lm", "transformer_lm", "float32", 2, (32,), {}, "adamw"),
+        Workload(
+            "bert_base",
+            "bert",
+            "bfloat16",
+            4,
+            (32,),
+            {"preset": "tiny", "max_predictions": 5},
+            "adamw",
+            1e-4,
+        ),
+        Workload(
+            "bert_large",
+            "bert",
+            "bfloat16",
+            2,
+            (64,),
+            {"preset": "tiny", "max_predictions": 10},
+            "adamw",
+            1e-4,
+        ),
+        Workload(
+            "transformer_lm",
+            "transformer_lm",
+            "bfloat16",
+            4,
+            (32,),
+            {**_GPT2_SMALL, "embed_dim": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 256},
+            "adamw",
+        ),
     ),
 }
 

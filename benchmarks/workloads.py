@@ -4,9 +4,9 @@ A builder takes a `benchmarks.specs.Workload` and an implementation name and ret
 `Built`: the model, a synthetic host batch, the loss (and eval) functions for
 `jaxmodels.training`, and the model + inputs whose forward pass `benchmarks.flops` counts.
 
-Adding a family (BERT, a Transformer LM) is writing one builder and registering it in
-`BUILDERS` (plus `IMPLS` if it has several implementations); until then its workloads show up
-as skipped rows with `NOT_BUILT` as the reason.
+Adding a family is writing one builder and registering it in `BUILDERS` (plus `IMPLS` if it
+has several implementations); until then its workloads show up as skipped rows with
+`NOT_BUILT` as the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.specs import Workload
-from jaxmodels import cnn, rnn, training
+from jaxmodels import bert, cnn, losses, rnn, training, transformer
 
 __all__ = [
     "BUILDERS",
@@ -31,7 +31,7 @@ __all__ = [
     "impls",
 ]
 
-NOT_BUILT = "family not built yet (jaxmodels.bert / transformer)"
+NOT_BUILT = "no JAX builder for this family yet (benchmarks.workloads.BUILDERS)"
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -156,10 +156,131 @@ def build_lstm(w: Workload, impl: str) -> Built:
     )
 
 
+class BertPretrainingBench(nn.Module):
+    """`bert.BertForPreTraining` with `lengths` as a positional input (what `Built.inputs`
+    and `training.create_train_state` pass); no attention mask, so attention takes its
+    sequence-length path. Parameters under `model`."""
+
+    config: bert.BertConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array,
+        masked_positions: jax.Array,
+        lengths: jax.Array,
+        train: bool = False,
+    ) -> tuple[jax.Array, jax.Array]:
+        return bert.BertForPreTraining(self.config, name="model")(
+            input_ids, None, token_type_ids, masked_positions, train, lengths=lengths
+        )
+
+
+def masked_predictions(seq_len: int, slots: int) -> int:
+    """Real masked-LM predictions per sequence: 15% of the tokens, at most `slots`."""
+    return min(slots, max(1, round(0.15 * seq_len)))
+
+
+def build_bert(w: Workload, impl: str) -> Built:
+    """BERT pretraining (masked LM on P masked positions + NSP), full-length sequences.
+
+    FLOPs are counted with the XLA attention (`implementation="xla"`): cuDNN attention is a
+    custom call with no matmuls in the jaxpr. The MLM head is counted where it runs, on the
+    P masked positions only (the model gathers them before the vocabulary projection).
+    """
+    del impl
+    config = bert.BertConfig.preset(w.model["preset"], dtype=_DTYPES[w.precision])
+    model = BertPretrainingBench(config)
+    rng = np.random.default_rng(0)
+    batch_size, seq, slots = w.batch, w.seq_len, w.model["max_predictions"]
+    real = masked_predictions(seq, slots)
+    # Distinct positions per row, sorted; [CLS] (position 0) is never masked.
+    positions = np.stack(
+        [np.sort(rng.choice(np.arange(1, seq), slots, replace=False)) for _ in range(batch_size)]
+    ).astype(np.int32)
+    weights = np.zeros((batch_size, slots), np.float32)
+    weights[:, :real] = 1.0
+    half = seq // 2
+    batch = {
+        "input_ids": rng.integers(0, config.vocab_size, (batch_size, seq), np.int32),
+        "token_type_ids": np.repeat(
+            np.concatenate([np.zeros(half, np.int32), np.ones(seq - half, np.int32)])[None],
+            batch_size,
+            axis=0,
+        ),
+        "masked_positions": positions,
+        "lengths": np.full((batch_size,), seq, np.int32),
+        "masked_ids": rng.integers(0, config.vocab_size, (batch_size, slots), np.int32),
+        "masked_weights": weights,
+        "nsp_label": rng.integers(0, 2, (batch_size,), np.int32),
+    }
+    inputs = ("input_ids", "token_type_ids", "masked_positions", "lengths")
+
+    def loss_fn(params: Any, model_state: Any, b: Any, key: jax.Array) -> Any:
+        mlm_logits, nsp_logits = model.apply(
+            {"params": params, **model_state},
+            *(b[k] for k in inputs),
+            train=True,
+            rngs={"dropout": key},
+        )
+        total, metrics = bert.pretraining_loss(
+            mlm_logits, b["masked_ids"], b["masked_weights"], nsp_logits, b["nsp_label"]
+        )
+        return total, (model_state, metrics)
+
+    def eval_fn(params: Any, model_state: Any, b: Any) -> Any:
+        mlm_logits, nsp_logits = model.apply(
+            {"params": params, **model_state}, *(b[k] for k in inputs), train=False
+        )
+        loss_sum, count = losses.cross_entropy(mlm_logits, b["masked_ids"], b["masked_weights"])
+        return {"loss": loss_sum, "count": count}
+
+    flops_model = BertPretrainingBench(dataclasses.replace(config, implementation="xla"))
+    note = f"MLM on {real} of {seq} tokens ({slots} slots)"
+    return Built(model, batch, inputs, loss_fn, eval_fn, flops_model, w.precision, note)
+
+
+def next_token_fns(model: nn.Module) -> tuple[training.LossFn, training.EvalFn]:
+    """Next-token cross-entropy for `model(tokens, train=...) -> logits [batch, seq, vocab]`:
+    the logits at t predict token t + 1 (seq - 1 predictions per sequence)."""
+
+    def loss_fn(params: Any, model_state: Any, b: Any, key: jax.Array) -> Any:
+        logits = model.apply(
+            {"params": params, **model_state}, b["tokens"], train=True, rngs={"dropout": key}
+        )
+        loss_sum, count = losses.cross_entropy(logits[:, :-1], b["tokens"][:, 1:])
+        return loss_sum / count, (model_state, {})
+
+    def eval_fn(params: Any, model_state: Any, b: Any) -> Any:
+        logits = model.apply({"params": params, **model_state}, b["tokens"], train=False)
+        loss_sum, count = losses.cross_entropy(logits[:, :-1], b["tokens"][:, 1:])
+        return {"loss": loss_sum, "count": count}
+
+    return loss_fn, eval_fn
+
+
+def build_transformer_lm(w: Workload, impl: str) -> Built:
+    """Decoder-only LM (GPT-2 style), next-token loss on full-length sequences.
+
+    FLOPs are counted with the XLA attention, as for BERT; the causal attention matmuls
+    count in full (seq x seq), as computed.
+    """
+    del impl
+    model = transformer.DecoderOnlyLM(**w.model, dtype=_DTYPES[w.precision])
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, w.model["vocab_size"], (w.batch, w.seq_len), np.int32)}
+    loss_fn, eval_fn = next_token_fns(model)
+    flops_model = model.clone(implementation="xla")
+    return Built(model, batch, ("tokens",), loss_fn, eval_fn, flops_model, w.precision)
+
+
 BUILDERS: dict[str, Builder] = {
     "cnn": build_cnn,
     "resnet": build_resnet,
     "lstm": build_lstm,
+    "bert": build_bert,
+    "transformer_lm": build_transformer_lm,
 }
 
 # Families with several implementations: a function listing those that apply here.

@@ -101,6 +101,56 @@ def test_embedding_gather_counts_zero():
     assert flops.forward_flops(model, tokens, lengths) == expected
 
 
+def _cpu_workloads() -> dict[str, specs.Workload]:
+    return {w.name: w for w in specs.SUITES["cpu"]}
+
+
+def _transformer_flops_by_hand(w: specs.Workload) -> int:
+    """Forward FLOPs of a BERT / decoder-only LM workload: every matmul, attention included
+    (QK^T and PV over the full seq x seq, also when causal); the MLM head on the P masked
+    slots only; embedding look-ups 0."""
+    b, t = w.batch, w.seq_len
+    if w.family == "bert":
+        layers, h, _ = specs.BERT_PRESETS[w.model["preset"]]
+        mlp, vocab, slots = 4 * h, specs.BERT_VOCAB, w.model["max_predictions"]
+        heads = 2 * b * h * h + 2 * b * h * 2  # pooler, NSP
+        heads += 2 * b * slots * h * h + 2 * b * slots * h * vocab  # MLM transform, decoder
+    else:
+        m = w.model
+        layers, h, mlp, vocab = m["num_layers"], m["embed_dim"], m["mlp_dim"], m["vocab_size"]
+        heads = 2 * b * t * h * vocab  # tied output projection on every position
+    per_layer = (
+        4 * 2 * b * t * h * h  # Q, K, V, output projections
+        + 2 * 2 * b * t * h * mlp  # MLP
+        + 2 * 2 * b * t * t * h  # QK^T and (weights)V
+    )
+    return layers * per_layer + heads
+
+
+@pytest.mark.parametrize("name", ["bert_base", "bert_large", "transformer_lm"])
+def test_transformer_flops_by_hand(name):
+    from benchmarks import workloads
+
+    w = _cpu_workloads()[name]
+    built = workloads.BUILDERS[w.family](w, "")
+    inputs = [_shape(*x.shape, dtype=x.dtype) for x in built.model_inputs()]
+    # Counted on the XLA attention (cuDNN attention is a custom call without matmuls).
+    model = built.flops_model.config if w.family == "bert" else built.flops_model
+    assert model.implementation == "xla"
+    assert flops.forward_flops(built.flops_model, *inputs) == _transformer_flops_by_hand(w)
+
+
+def test_bert_presets_match_the_model():
+    from jaxmodels import bert
+
+    for name, sizes in specs.BERT_PRESETS.items():
+        assert bert.PRESETS[name] == sizes
+        config = bert.BertConfig.preset(name)
+        assert config.intermediate_size == 4 * sizes[1]
+        assert config.vocab_size == specs.BERT_VOCAB
+        assert config.max_position_embeddings == specs.BERT_MAX_POSITIONS
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -179,14 +229,46 @@ def test_cli_writes_rows(tmp_path):
     assert "mnist_cnn" in proc.stdout and "items/s" in proc.stdout
 
 
-def test_cli_lists_unbuilt_families_as_skipped(tmp_path):
+def test_cli_transformer_rows(tmp_path):
     out = tmp_path / "rows.json"
-    _run("benchmarks", "--only", "bert_base", "transformer_lm", "--json", str(out))
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["workload"] for r in rows] == ["bert_base", "transformer_lm"]
-    for row in rows:
-        assert row["status"] == "skipped"
-        assert row["note"] == "family not built yet (jaxmodels.bert / transformer)"
+    _run(
+        "benchmarks",
+        "--suite",
+        "cpu",
+        "--only",
+        "bert_base",
+        "transformer_lm",
+        "--steps",
+        "1",
+        "--windows",
+        "1",
+        "--warmup",
+        "0",
+        "--in-process",
+        "--json",
+        str(out),
+    )
+    rows = {r["workload"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bert_base", "transformer_lm"}
+    w = _cpu_workloads()
+    for name, row in rows.items():
+        assert row["status"] == "ok", row
+        assert row["impl"] == "jax" and row["precision"] == "bfloat16"
+        assert row["forward_flops"] == _transformer_flops_by_hand(w[name]) > 0
+        assert row["model_flops_per_step"] == 3 * row["forward_flops"]
+        assert row["tflops"] > 0 and row["items_per_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["items_per_s"] * w[name].seq_len)
+    assert rows["bert_base"]["note"] == "MLM on 5 of 32 tokens (5 slots)"
+
+
+def test_unbuilt_family_is_a_skipped_row(monkeypatch):
+    from benchmarks import cli, workloads
+
+    monkeypatch.delitem(workloads.BUILDERS, "transformer_lm")
+    info = cli._probe(cli._parser().parse_args(["--suite", "cpu", "--only", "transformer_lm"]))
+    assert info["jobs"] == []
+    [row] = info["skipped"]
+    assert row["status"] == "skipped" and row["note"] == workloads.NOT_BUILT
 
 
 @pytest.mark.reference
@@ -221,3 +303,41 @@ def test_peer_process_cpu(tmp_path):
     assert mnist["tflops"] == pytest.approx(3 * mnist_forward / mnist["step_ms"] * 1e-9)
     assert rows[("lstm_article", "torch compile")]["status"] == "skipped"
     assert rows[("all", "keras")]["status"] == "skipped"
+
+
+@pytest.mark.reference
+def test_peer_process_transformers_cpu(tmp_path):
+    pytest.importorskip("torch", reason="the peers need PyTorch (reference extra)")
+    pytest.importorskip("transformers", reason="the BERT / GPT-2 peers need transformers")
+    out = tmp_path / "peers.json"
+    w = _cpu_workloads()
+    bert_forward = _transformer_flops_by_hand(w["bert_base"])
+    _run(
+        "benchmarks.peers",
+        "--suite",
+        "cpu",
+        "--only",
+        "bert_base",
+        "transformer_lm",
+        "--steps",
+        "1",
+        "--windows",
+        "1",
+        "--warmup",
+        "0",
+        "--flops",
+        f"bert_base={bert_forward}",
+        "--json",
+        str(out),
+    )
+    rows = {(r["workload"], r["impl"]): r for r in json.loads(out.read_text())}
+    for name in ("bert_base", "transformer_lm"):
+        row = rows[(name, "torch eager")]
+        assert row["status"] == "ok", row
+        assert row["precision"] == "bfloat16 autocast"
+        assert row["items_per_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["items_per_s"] * w[name].seq_len)
+        assert rows[(name, "torch compile")]["status"] == "skipped"
+    bert_row = rows[("bert_base", "torch eager")]
+    assert bert_row["model_flops_per_step"] == 3 * bert_forward  # our count, not the peer's
+    assert "MLM head on all positions" in bert_row["note"]
