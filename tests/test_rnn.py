@@ -143,6 +143,7 @@ def test_gradients_match_finite_differences():
             ys, (h, c) = model.apply(p, x, lengths)
             return jnp.sum(ys**2) + jnp.sum(jnp.sin(h)) + jnp.sum(c)
 
+        loss = jax.jit(loss)
         grads = jax.grad(loss)(params)
         flat, unravel = jax.flatten_util.ravel_pytree(params)
         g_flat, _ = jax.flatten_util.ravel_pytree(grads)
