@@ -12,11 +12,10 @@ first use (a second or so), after which it is read like any other TFDS dataset w
 
 from __future__ import annotations
 
-import fcntl
-import os
-
 import numpy as np
 import tensorflow_datasets as tfds
+
+from train.data import embedded
 
 NUM_TRAIN = 1437
 NUM_TEST = 360
@@ -68,17 +67,5 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str) -> SklearnDigits:
-    """Writes the dataset under `data_dir` if it is not there yet; returns the builder.
-
-    A file lock makes concurrent first uses (several processes on one machine) safe.
-    """
-    os.makedirs(data_dir, exist_ok=True)
-    builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
-        return builder
-    with open(os.path.join(data_dir, ".sklearn_digits.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare()
-    return SklearnDigits(data_dir=data_dir, file_format="array_record")
+    """Writes the dataset under `data_dir` if it is not there yet; returns the builder."""
+    return embedded.prepare_once(SklearnDigits, data_dir)

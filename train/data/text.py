@@ -66,10 +66,8 @@ Example:
 from __future__ import annotations
 
 import collections
-import fcntl
 import functools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -80,7 +78,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxmodels.errors import DataError
-from train.data import stdlib_docs
+from train.data import embedded, stdlib_docs
 from train.data.images import default_data_dir
 from train.data.stdlib_docs import (  # noqa: F401 - re-exported: the dataset's definition
     AREAS,
@@ -139,20 +137,8 @@ class StdlibDocs(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str) -> StdlibDocs:
-    """Writes the dataset under `data_dir` if it is not there yet; returns the builder.
-
-    A file lock makes concurrent first uses (several processes on one machine) safe.
-    """
-    os.makedirs(data_dir, exist_ok=True)
-    builder = StdlibDocs(data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
-        return builder
-    with open(os.path.join(data_dir, ".stdlib_docs.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        builder = StdlibDocs(data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare()
-    return StdlibDocs(data_dir=data_dir, file_format="array_record")
+    """Writes the dataset under `data_dir` if it is not there yet; returns the builder."""
+    return embedded.prepare_once(StdlibDocs, data_dir)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ A task module exposes `build(config, process_index, process_count, workdir) -> T
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -74,3 +75,39 @@ def make_module(namespace: Any, spec: Any, **fixed: Any) -> nn.Module:
             f"its fields are {sorted(fields - {'parent', 'name'})}"
         )
     return factory(**spec, **fixed)
+
+
+def make_iterators(
+    config: Any,
+    process_index: int,
+    process_count: int,
+    train_source: Any,
+    train_preprocess: Any,
+    eval_source: Any = None,
+    eval_preprocess: Any = None,
+) -> tuple[Callable[[], Any], Callable[[], Iterator[dict[str, Any]]] | None]:
+    """The (train, eval) iterator factories of `train.data.pipeline` for a config."""
+    from train.data import pipeline
+
+    common = dict(
+        process_index=process_index, process_count=process_count, num_threads=config.data_threads
+    )
+    train_iterator = functools.partial(
+        pipeline.train_iterator,
+        train_source,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        preprocess=train_preprocess,
+        prefetch=config.prefetch,
+        **common,
+    )
+    if eval_source is None:
+        return train_iterator, None
+    eval_iterator = functools.partial(
+        pipeline.eval_batches,
+        eval_source,
+        global_batch_size=config.eval_batch_size or config.batch_size,
+        preprocess=eval_preprocess,
+        **common,
+    )
+    return train_iterator, eval_iterator

@@ -15,8 +15,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxmodels import bert, losses
-from train.data import mlm, pipeline, text
-from train.tasks import Task
+from train.data import mlm, text
+from train.tasks import Task, make_iterators
 
 VOCAB_FILE = "vocab.txt"
 _VOCAB_TRAIN_DOCS = 100_000  # documents read to train a vocabulary on a large corpus
@@ -124,22 +124,14 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
             "count": count,
         }
 
-    common = dict(process_index=process_index, process_count=process_count)
-    train_iterator = lambda: pipeline.train_iterator(  # noqa: E731
+    train_iterator, eval_iterator = make_iterators(
+        config,
+        process_index,
+        process_count,
         train_pairs.source,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        preprocess=train_pairs.train,
-        num_threads=config.data_threads,
-        prefetch=config.prefetch,
-        **common,
-    )
-    eval_iterator = lambda: pipeline.eval_batches(  # noqa: E731
+        train_pairs.train,
         eval_pairs.source,
-        global_batch_size=config.eval_batch_size or config.batch_size,
-        preprocess=eval_pairs.eval,
-        num_threads=config.data_threads,
-        **common,
+        eval_pairs.eval,
     )
     length, p = config.max_length, config.max_predictions
     example = [

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxmodels import cnn, training
 from train.data import images, pipeline
-from train.tasks import Task, make_module
+from train.tasks import Task, make_iterators, make_module
 
 
 def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:  # noqa: ARG001
@@ -39,27 +39,9 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         label_smoothing=config.label_smoothing,
         inputs=lambda batch: (transform(batch["image"]),),
     )
-    common = dict(process_index=process_index, process_count=process_count)
-    train_iterator = functools.partial(
-        pipeline.train_iterator,
-        train_source,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        preprocess=train_pre,
-        num_threads=config.data_threads,
-        prefetch=config.prefetch,
-        **common,
+    train_iterator, eval_iterator = make_iterators(
+        config, process_index, process_count, train_source, train_pre, eval_source, eval_pre
     )
-    eval_iterator = None
-    if eval_source is not None:
-        eval_iterator = functools.partial(
-            pipeline.eval_batches,
-            eval_source,
-            global_batch_size=config.eval_batch_size or config.batch_size,
-            preprocess=eval_pre,
-            num_threads=config.data_threads,
-            **common,
-        )
     info = {
         "dataset": config.dataset,
         "num_classes": num_classes,

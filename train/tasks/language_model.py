@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import checkpoint, losses, sharding, training, transformer
-from train.data import pipeline, sequences, text
-from train.tasks import Task, make_module
+from train.data import sequences, text
+from train.tasks import Task, make_iterators, make_module
 
 
 def corpus(config: Any, split: str) -> np.ndarray:
@@ -74,22 +74,8 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         }
 
     identity = lambda record, rng: record  # noqa: ARG005, E731 - windows come ready
-    common = dict(process_index=process_index, process_count=process_count)
-    train_iterator = lambda: pipeline.train_iterator(  # noqa: E731
-        train_windows,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        preprocess=identity,
-        num_threads=config.data_threads,
-        prefetch=config.prefetch,
-        **common,
-    )
-    eval_iterator = lambda: pipeline.eval_batches(  # noqa: E731
-        eval_windows,
-        global_batch_size=config.eval_batch_size or config.batch_size,
-        preprocess=identity,
-        num_threads=config.data_threads,
-        **common,
+    train_iterator, eval_iterator = make_iterators(
+        config, process_index, process_count, train_windows, identity, eval_windows, identity
     )
     info = {
         "dataset": config.dataset,

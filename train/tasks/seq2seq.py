@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from jaxmodels import losses, transformer
 from jaxmodels.transformer import EncoderDecoder
-from train.data import pipeline, sequences
-from train.tasks import Task, make_module
+from train.data import sequences
+from train.tasks import Task, make_iterators, make_module
 
 
 def _sources(config: Any) -> tuple[Any, Any, int]:
@@ -119,22 +119,8 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         }
 
     identity = lambda record, rng: record  # noqa: ARG005, E731 - examples come ready
-    common = dict(process_index=process_index, process_count=process_count)
-    train_iterator = lambda: pipeline.train_iterator(  # noqa: E731
-        train_source,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        preprocess=identity,
-        num_threads=config.data_threads,
-        prefetch=config.prefetch,
-        **common,
-    )
-    eval_iterator = lambda: pipeline.eval_batches(  # noqa: E731
-        eval_source,
-        global_batch_size=config.eval_batch_size or config.batch_size,
-        preprocess=identity,
-        num_threads=config.data_threads,
-        **common,
+    train_iterator, eval_iterator = make_iterators(
+        config, process_index, process_count, train_source, identity, eval_source, identity
     )
     example = [
         jnp.zeros((1, config.max_length), jnp.int32),

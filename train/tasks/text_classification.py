@@ -8,7 +8,6 @@ The word vocabulary is built from the training split at the first start and save
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -16,8 +15,8 @@ import jax.numpy as jnp
 
 from jaxmodels import rnn, training
 from jaxmodels.errors import DataError
-from train.data import pipeline, text
-from train.tasks import Task, bert_finetune, make_module
+from train.data import text
+from train.tasks import Task, bert_finetune, make_iterators, make_module
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -72,24 +71,8 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
     loss_fn, eval_fn = training.classification_fns(
         model, label_smoothing=config.label_smoothing, inputs=inputs
     )
-    common = dict(process_index=process_index, process_count=process_count)
-    train_iterator = functools.partial(
-        pipeline.train_iterator,
-        train_source,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        preprocess=preprocess,
-        num_threads=config.data_threads,
-        prefetch=config.prefetch,
-        **common,
-    )
-    eval_iterator = functools.partial(
-        pipeline.eval_batches,
-        eval_source,
-        global_batch_size=config.eval_batch_size or config.batch_size,
-        preprocess=preprocess,
-        num_threads=config.data_threads,
-        **common,
+    train_iterator, eval_iterator = make_iterators(
+        config, process_index, process_count, train_source, preprocess, eval_source, preprocess
     )
     info = {
         "dataset": config.dataset,
