@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from train.data import embedded
+from train.data import tfds_local
 
 NUM_TRAIN = 1437
 NUM_TEST = 360
@@ -68,4 +68,4 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 def prepare(data_dir: str) -> SklearnDigits:
     """Writes the dataset under `data_dir` if it is not there yet; returns the builder."""
-    return embedded.prepare_once(SklearnDigits, data_dir)
+    return tfds_local.prepare_once(SklearnDigits, data_dir)

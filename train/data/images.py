@@ -53,7 +53,7 @@ def open_source(name: str, split: str, data_dir: str | None) -> tuple[Any, int]:
     Nothing is downloaded: a dataset that is not prepared in `data_dir` is an error that
     says how to get it.
     """
-    import tensorflow_datasets as tfds
+    from train.data import tfds_local
 
     data_dir = data_dir or default_data_dir()
     if name == EMBEDDED:
@@ -61,29 +61,10 @@ def open_source(name: str, split: str, data_dir: str | None) -> tuple[Any, int]:
 
         builder = digits.prepare(data_dir)
     else:
-        try:
-            builder = tfds.builder(name, data_dir=data_dir)
-        except Exception as e:  # noqa: BLE001 - TFDS raises several kinds here
-            raise DataError(
-                f"unknown TFDS dataset {name!r} ({e}). Check the name (config key dataset); "
-                "the list is at tensorflow.org/datasets/catalog"
-            ) from e
-        if not builder.is_prepared():
-            raise DataError(
-                f"dataset {name!r} is not prepared in {data_dir}, and training never "
-                "downloads. Prepare it once where there is network access, e.g.\n"
-                f"  pip install tensorflow tensorflow-datasets && tfds build {name} "
-                f"--data_dir={data_dir} --file_format=array_record\n"
-                "then copy that folder here (or point --config.data_dir at it). "
-                f"The embedded dataset {EMBEDDED!r} needs no download."
-            )
-    try:
-        source = builder.as_data_source(split=split)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(
-            f"cannot read split {split!r} of {name!r} in {data_dir}: {e}. Datasets must be "
-            "prepared as array_record (tfds build --file_format=array_record)."
-        ) from e
+        builder = tfds_local.prepared_builder(
+            name, data_dir, f"The embedded dataset {EMBEDDED!r} needs no download."
+        )
+    source = tfds_local.split_source(builder, name, split, data_dir)
     label = builder.info.features["label"]
     return source, int(label.num_classes)
 

@@ -38,9 +38,9 @@ import re
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from jaxmodels.errors import ConfigError, DataError
+from train.data import tfds_local
 from train.data.images import default_data_dir
 
 PAD, BOS, EOS = 0, 1, 2
@@ -156,28 +156,8 @@ def translation_languages(name: str) -> tuple[str, str]:
 def tfds_source(name: str, split: str, data_dir: str | None) -> Any:
     """A random-access source of split `split` of a prepared TFDS dataset (never downloads)."""
     data_dir = data_dir or default_data_dir()
-    how = (
-        "Training never downloads. Prepare it once where there is network access, e.g.\n"
-        f"  pip install tensorflow tensorflow-datasets && tfds build {name} "
-        f"--data_dir={data_dir} --file_format=array_record\n"
-        "then copy that folder here (or point --config.data_dir at it)."
-    )
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001 - TFDS raises several kinds here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"dataset {name!r} is not prepared in {data_dir} (TFDS: {first}). {how}"
-        ) from e
-    if not builder.is_prepared():
-        raise DataError(f"dataset {name!r} is not prepared in {data_dir}. {how}")
-    try:
-        return builder.as_data_source(split=split)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(
-            f"cannot read split {split!r} of {name!r} in {data_dir}: {e}. Datasets must be "
-            "prepared as array_record (tfds build --file_format=array_record)."
-        ) from e
+    builder = tfds_local.prepared_builder(name, data_dir)
+    return tfds_local.split_source(builder, name, split, data_dir)
 
 
 class TranslationPairs:

@@ -78,7 +78,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxmodels.errors import DataError
-from train.data import embedded, stdlib_docs
+from train.data import stdlib_docs, tfds_local
 from train.data.images import default_data_dir
 from train.data.stdlib_docs import (  # noqa: F401 - re-exported: the dataset's definition
     AREAS,
@@ -138,7 +138,7 @@ class StdlibDocs(tfds.core.GeneratorBasedBuilder):
 
 def prepare(data_dir: str) -> StdlibDocs:
     """Writes the dataset under `data_dir` if it is not there yet; returns the builder."""
-    return embedded.prepare_once(StdlibDocs, data_dir)
+    return tfds_local.prepare_once(StdlibDocs, data_dir)
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,23 +166,9 @@ def open_text_source(
     if name == EMBEDDED:
         builder = prepare(data_dir)
     else:
-        try:
-            builder = tfds.builder(name, data_dir=data_dir)
-        except Exception as e:  # noqa: BLE001 - TFDS raises several kinds here
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(
-                f"unknown TFDS dataset {name!r} ({first_line}). Check the name (config key "
-                "dataset); the list is at tensorflow.org/datasets/catalog"
-            ) from e
-        if not builder.is_prepared():
-            raise DataError(
-                f"dataset {name!r} is not prepared in {data_dir}, and training never "
-                "downloads. Prepare it once where there is network access, e.g.\n"
-                f"  pip install tensorflow tensorflow-datasets && tfds build {name} "
-                f"--data_dir={data_dir} --file_format=array_record\n"
-                "then copy that folder here (or point --config.data_dir at it). "
-                f"The embedded dataset {EMBEDDED!r} needs no download."
-            )
+        builder = tfds_local.prepared_builder(
+            name, data_dir, f"The embedded dataset {EMBEDDED!r} needs no download."
+        )
     features = builder.info.features
     key = text_key_for(name, text_key)
     if key not in features or "label" not in features:
@@ -190,13 +176,7 @@ def open_text_source(
             f"dataset {name!r} has features {sorted(features)}; text classification needs a "
             f"text feature {key!r} (config key text_key) and a 'label'"
         )
-    try:
-        source = builder.as_data_source(split=split)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(
-            f"cannot read split {split!r} of {name!r} in {data_dir}: {e}. Datasets must be "
-            "prepared as array_record (tfds build --file_format=array_record)."
-        ) from e
+    source = tfds_local.split_source(builder, name, split, data_dir)
     label = features["label"]
     if not isinstance(label, tfds.features.ClassLabel):
         raise DataError(f"the 'label' of dataset {name!r} is not a class label: {label}")
