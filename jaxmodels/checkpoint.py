@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxmodels.errors import CheckpointError
@@ -181,3 +182,30 @@ class Checkpointer:
                 "folder to resume from the previous checkpoint, or use a new --workdir."
             ) from e
         return restored["state"], dict(restored["data"] or {})
+
+    def restore_params(self, step: int | None = None) -> Any:
+        """Only the model parameters of a checkpoint, as host numpy arrays.
+
+        For using a trained model (sampling, fine-tuning, export) without building its
+        optimizer: the tree and its shapes come from the checkpoint's own metadata.
+
+        Raises:
+          CheckpointError: no checkpoint, no parameters in it, or unreadable files.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        path = os.path.join(self.directory, str(step), "state")
+        try:
+            checkpointer = ocp.StandardCheckpointer()
+            tree = checkpointer.metadata(path).item_metadata.tree
+            if "params" not in tree:
+                raise CheckpointError(f"checkpoint {path} holds no model parameters")
+            target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+            return checkpointer.restore(path, target)["params"]
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - report any read failure with the path
+            raise CheckpointError(
+                f"could not read the parameters of checkpoint {path} ({type(e).__name__}: {e})"
+            ) from e

@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from jaxmodels import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,11 +47,11 @@ def run_app(config: str, workdir: str, *overrides: str, timeout: int = 300, devi
 
 def saved_params(workdir: str, step: int) -> dict:
     """The params saved at `step` in `workdir`, as a flat dict of numpy arrays."""
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path).item_metadata
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta.tree)
-    restored = checkpointer.restore(path, target)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        params = ckpt.restore_params(step)
+    finally:
+        ckpt.close()
     flat = {}
 
     def walk(prefix: str, node) -> None:
@@ -61,5 +61,5 @@ def saved_params(workdir: str, step: int) -> dict:
         else:
             flat[prefix] = np.asarray(node)
 
-    walk("", restored["params"])
+    walk("", params)
     return flat

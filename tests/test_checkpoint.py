@@ -107,3 +107,16 @@ def test_no_checkpoint_is_an_error(tmp_path):
     state, _ = _state({"data": 8}, "data")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         checkpoint.Checkpointer(tmp_path).restore(state)
+
+
+def test_restore_params_reads_only_the_parameters(tmp_path):
+    state, _ = _state({"data": 2, "fsdp": 4})
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(3, state)
+    ckpt.wait()
+    params = ckpt.restore_params()
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    _assert_equal(params, state.params)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        checkpoint.Checkpointer(tmp_path / "empty").restore_params()
+    ckpt.close()

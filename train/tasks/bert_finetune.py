@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from jaxmodels import bert
+from jaxmodels import bert, checkpoint
 from jaxmodels.errors import DataError
 from train.data import mlm, text
 from train.tasks import bert_pretraining
@@ -37,14 +36,14 @@ def _is_hf_directory(path: str) -> bool:
 def _pretrained_bert_params(workdir: str) -> Any:
     """The `bert` parameters of the latest checkpoint of a pretraining workdir, as numpy."""
     root = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
+    steps = [s for s in os.listdir(root) if s.isdigit()] if os.path.isdir(root) else []
     if not steps:
         raise DataError(f"init_from={workdir}: no checkpoint in {root}")
-    path = os.path.join(root, str(steps[-1]), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path).item_metadata.tree
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
-    params = checkpointer.restore(path, target)["params"]
+    ckpt = checkpoint.Checkpointer(root, async_save=False)
+    try:
+        params = ckpt.restore_params()
+    finally:
+        ckpt.close()
     if "bert" not in params:
         raise DataError(f"init_from={workdir}: its checkpoint holds no BERT encoder")
     return params["bert"]

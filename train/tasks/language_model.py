@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import checkpoint, losses, sharding, training, transformer
+from jaxmodels import checkpoint, losses, transformer
 from train.data import sequences, text
 from train.tasks import Task, make_iterators, make_module
 
@@ -100,22 +100,10 @@ def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 
     Returns:
         The continuations (text after the prompt; stops at EOS).
     """
-    from train.trainer import _make_optimizer
-
     model = make_model(config)
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    example = [jnp.zeros((1, config.max_length), jnp.int32)]
-    state, _ = training.create_train_state(
-        model,
-        _make_optimizer(config),
-        example,
-        jax.random.PRNGKey(config.seed),
-        mesh,
-        sharding.logical_rules("data"),
-    )
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        state, _ = ckpt.restore(state)
+        params = ckpt.restore_params()
     finally:
         ckpt.close()
     encoded = [sequences.encode_bytes(p)[-(model.max_len - 1) :] for p in prompts]
@@ -129,7 +117,7 @@ def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 
     greedy = config.sample_temperature <= 0
     out = transformer.generate(
         model,
-        state.params,
+        params,
         prompt,
         lengths,
         max_new_tokens=new,
