@@ -11,8 +11,13 @@ Building blocks, smallest first:
   function computed: `remat_policy` (recompute activations in the backward pass, see
   `REMAT_POLICIES`) and `scan_layers` (one `nn.scan` over the layers: parameters stacked on
   a leading `layers` axis, one compiled layer instead of `num_layers`).
-* `EncoderDecoder` (seq2seq) and `DecoderOnlyLM` (with a KV cache, `init_cache` and
-  `generate`).
+* `EncoderDecoder` (seq2seq, with a KV cache on the target side and `greedy_translate`)
+  and `DecoderOnlyLM` (with a KV cache, `init_cache` and `generate`).
+
+KV-cache decoding is one mechanism for both models: the decoder's self-attention keeps its
+keys/values in the `cache` collection (`MultiHeadAttention(decode=True)`, stacked on the
+`layers` axis under `scan_layers`), next to `position` <int32>[batch], the next position of
+each sequence; `init_cache` creates it for either model.
 
 Sequences are right-padded and described by lengths <int>[batch]; padded keys are never
 attended to. Logits are float32 whatever the compute `dtype`.
@@ -31,6 +36,11 @@ Example:
     (2, 5, 11)
     >>> generate(lm, params, tokens, jnp.array([5, 3]), max_new_tokens=4, greedy=True).shape
     (2, 4)
+    >>> s2s = EncoderDecoder(vocab_size=11, embed_dim=16, num_heads=2, mlp_dim=32,
+    ...                      num_encoder_layers=1, num_decoder_layers=1, max_len=12)
+    >>> params = s2s.init(jax.random.key(0), tokens, None, tokens)["params"]
+    >>> greedy_translate(s2s, params, tokens, jnp.array([5, 3]), max_length=6, bos_id=1).shape
+    (2, 6)
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ __all__ = [
     "EncoderDecoder",
     "DecoderOnlyLM",
     "generate",
+    "greedy_translate",
     "init_cache",
 ]
 
@@ -649,6 +660,25 @@ def _logits(x: Array, embed: nn.Embed | None, projection: nn.Dense | None) -> Ar
     return logits.astype(jnp.float32)
 
 
+def _decode_positions(
+    module: nn.Module, batch: int, length: int, lengths: Array | None
+) -> Array | None:
+    """Positions <int32>[batch, length] of a chunk in KV-cache decoding.
+
+    Keeps `position` <int32>[batch] (the next position of each sequence) in the `cache`
+    collection of `module` and advances it by `lengths` (the chunk's real tokens; default
+    all `length`). Returns None in the sizing pass of `init`, which creates the cache (and
+    sees positions 0..length-1). Call it from a compact method.
+    """
+    initialized = module.has_variable("cache", "position")
+    position = module.variable("cache", "position", jnp.zeros, (batch,), jnp.int32)
+    if not initialized:
+        return None
+    start = position.value
+    position.value = start + (length if lengths is None else jnp.asarray(lengths, jnp.int32))
+    return start[:, None] + jnp.arange(length)[None, :]
+
+
 class EncoderDecoder(nn.Module):
     """Sequence-to-sequence Transformer ("Attention is all you need", pre- or post-LN).
 
@@ -659,6 +689,18 @@ class EncoderDecoder(nn.Module):
     Parameters: `src_embed` (`tgt_embed` too unless the vocabularies are shared) <[vocab,
     embed]> ('vocab', 'embed'), `src_pos` / `tgt_pos` (learned tables only), `encoder`,
     `decoder`, and `output` <[embed, tgt_vocab]> unless `tie_output`.
+
+    KV-cache decoding of the target (`kv_cache=True`, or use `greedy_translate`): the same
+    mechanism as `DecoderOnlyLM(decode=True)`, on the `decode` method. Encode the source once
+    (`method=EncoderDecoder.encode`), create the cache with `init_cache(model, batch,
+    tgt_len)`, then call `model.clone(kv_cache=True).apply({"params": ..., "cache": ...},
+    encoded, src_lengths, chunk, chunk_lengths, method=EncoderDecoder.decode,
+    mutable=["cache"])` with a chunk of target tokens (BOS first), usually one token at a
+    time; `chunk_lengths` <int>[batch] (default: all) marks the chunk's real tokens, and the
+    `cache` collection's `position` <int32>[batch] the next target position of each
+    sequence. Only the decoder's self-attention is cached: the cross-attention projects the
+    encoder output to keys/values again at every step (per layer, O(src_len * embed^2) work
+    a step, no extra memory), which leaves `MultiHeadAttention` with one kind of cache.
 
     Attributes:
         vocab_size: source vocabulary (and target, when `tgt_vocab_size` is None).
@@ -683,6 +725,8 @@ class EncoderDecoder(nn.Module):
         kernel_init: initialiser of the dense kernels (default Glorot uniform).
         dtype: computation dtype.
         param_dtype: parameter storage dtype.
+        kv_cache: KV-cache mode of the target side (see above; the `decode` field of
+            `DecoderOnlyLM`, named differently because `decode` is a method here).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -718,6 +762,7 @@ class EncoderDecoder(nn.Module):
     kernel_init: Callable[..., Array] = _default_init
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kv_cache: bool = False
 
     @property
     def target_vocab_size(self) -> int:
@@ -750,7 +795,9 @@ class EncoderDecoder(nn.Module):
             scan_layers=self.scan_layers,
         )
         self.encoder = Encoder(self.num_encoder_layers, **stack, name="encoder")
-        self.decoder = Decoder(self.num_decoder_layers, **stack, name="decoder")
+        self.decoder = Decoder(
+            self.num_decoder_layers, **stack, decode=self.kv_cache, name="decoder"
+        )
         self.output = (
             None if self.tie_output else _output_projection(self, self.target_vocab_size, "output")
         )
@@ -764,6 +811,7 @@ class EncoderDecoder(nn.Module):
         x = self.dropout(x, deterministic=not train)
         return self.encoder(x, src_lengths, deterministic=not train)
 
+    @nn.compact  # only for the `position` cache variable; the submodules come from setup
     def decode(
         self,
         encoded: Array,
@@ -772,9 +820,25 @@ class EncoderDecoder(nn.Module):
         tgt_lengths: Array | None = None,
         train: bool = False,
     ) -> Array:
-        """Decoder logits <float32>[batch, tgt_len, tgt_vocab] given the encoder output."""
+        """Decoder logits given the encoder output.
+
+        Args:
+            encoded: <dtype>[batch, src_len, embed] the output of `encode`.
+            src_lengths: <int>[batch] real source tokens.
+            tgt_in_tokens: <int>[batch, tgt_len] decoder input; with `kv_cache`, the next
+                chunk of it (usually one token).
+            tgt_lengths: <int>[batch] real target tokens (None: all); with `kv_cache`, the
+                real tokens of the chunk.
+            train: enables dropout.
+
+        Returns:
+            <float32>[batch, tgt_len, tgt_vocab] logits.
+        """
         _check_tokens(tgt_in_tokens, self.target_vocab_size, "target token")
-        y = self.tgt_pos(self.tgt_embed(tgt_in_tokens))
+        positions = None
+        if self.kv_cache:
+            positions = _decode_positions(self, *tgt_in_tokens.shape, tgt_lengths)
+        y = self.tgt_pos(self.tgt_embed(tgt_in_tokens), positions)
         y = self.dropout(y, deterministic=not train)
         y = self.decoder(y, encoded, src_lengths, tgt_lengths, deterministic=not train)
         return _logits(y, self.tgt_embed, self.output)
@@ -879,14 +943,7 @@ class DecoderOnlyLM(nn.Module):
         _check_tokens(tokens, self.vocab_size)
         batch, length = tokens.shape
         embed = _embed(self, self.vocab_size, "embed")
-        positions = None
-        if self.decode:
-            initialized = self.has_variable("cache", "position")
-            position = self.variable("cache", "position", jnp.zeros, (batch,), jnp.int32)
-            if initialized:
-                start = position.value
-                positions = start[:, None] + jnp.arange(length)[None, :]
-                position.value = start + (length if lengths is None else lengths)
+        positions = _decode_positions(self, batch, length, lengths) if self.decode else None
         x = PositionEmbedding(
             self.max_len,
             kind=self.position_embedding,
@@ -923,12 +980,30 @@ def _sample(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def init_cache(model: DecoderOnlyLM, batch: int, length: int) -> Any:
-    """An empty KV cache (all zeros) for `batch` sequences of up to `length` tokens."""
-    decoder = model.clone(decode=True)
-    shapes = jax.eval_shape(
-        lambda: decoder.init(jax.random.key(0), jnp.zeros((batch, length), jnp.int32))
-    )["cache"]
+def _cached(model: DecoderOnlyLM | EncoderDecoder) -> DecoderOnlyLM | EncoderDecoder:
+    """The model's KV-cache decoding variant."""
+    if isinstance(model, EncoderDecoder):
+        return model.clone(kv_cache=True)
+    return model.clone(decode=True)
+
+
+def init_cache(model: DecoderOnlyLM | EncoderDecoder, batch: int, length: int) -> Any:
+    """An empty KV cache (all zeros) for `batch` sequences of up to `length` tokens.
+
+    For an `EncoderDecoder`, `length` counts target (decoder input) tokens; the cache does
+    not depend on the source.
+    """
+    decoder = _cached(model)
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    if isinstance(model, EncoderDecoder):  # the decoder alone, on a stand-in encoder output
+        encoded = jnp.zeros((batch, 1, model.embed_dim), model.dtype)
+        ones = jnp.ones((batch,), jnp.int32)
+        init = lambda: decoder.init(
+            jax.random.key(0), encoded, ones, tokens, method=EncoderDecoder.decode
+        )
+    else:
+        init = lambda: decoder.init(jax.random.key(0), tokens)
+    shapes = jax.eval_shape(init)["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -944,7 +1019,7 @@ def _generate(
     top_k: int | None,
     greedy: bool,
 ) -> Array:
-    decoder = model.clone(decode=True)
+    decoder = _cached(model)
     batch, prompt_len = prompt.shape
     cache = init_cache(model, batch, prompt_len + max_new_tokens)
 
@@ -1039,4 +1114,113 @@ def generate(
         max_new_tokens,
         top_k,
         greedy,
+    )
+
+
+@partial(jax.jit, static_argnames=("model", "max_length", "bos_id", "eos_id", "pad_id"))
+def _greedy_translate(
+    model: EncoderDecoder,
+    params: Any,
+    src_tokens: Array,
+    src_lengths: Array,
+    max_length: int,
+    bos_id: int,
+    eos_id: int | None,
+    pad_id: int,
+) -> Array:
+    batch = src_tokens.shape[0]
+    variables = {"params": params}
+    encoded = model.apply(variables, src_tokens, src_lengths, method=EncoderDecoder.encode)
+    decoder = _cached(model)
+    cache = init_cache(model, batch, max_length)
+
+    def body(carry: tuple[Any, Array, Array], _: None) -> tuple[tuple[Any, Array, Array], Array]:
+        cache, token, done = carry
+        logits, mutated = decoder.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            src_lengths,
+            token[:, None],
+            method=EncoderDecoder.decode,
+            mutable=["cache"],
+        )
+        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        if eos_id is not None:
+            nxt = jnp.where(done, pad_id, nxt)
+            done = done | (nxt == eos_id)
+        return (mutated["cache"], nxt, done), nxt
+
+    first = jnp.full((batch,), bos_id, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    _, tokens = jax.lax.scan(body, (cache, first, done), None, length=max_length)
+    return tokens.T
+
+
+def greedy_translate(
+    model: EncoderDecoder,
+    params: Any,
+    src_tokens: Array,
+    src_lengths: Array | None = None,
+    *,
+    max_length: int,
+    bos_id: int,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> Array:
+    """Greedy decoding of an `EncoderDecoder` with a KV cache, compiled with `jit`.
+
+    The source is encoded once; then each target token is one step of a `lax.scan` that
+    feeds the previous token (BOS first) to the decoder, attending to the cached keys/values
+    of the earlier target tokens (the cross-attention recomputes its keys/values from the
+    encoder output, see `EncoderDecoder`). The result equals re-running the teacher-forced
+    decoder over the growing target and taking the argmax at its last position.
+
+    Args:
+        model: the (non-cache) model; its `kv_cache` variant is derived.
+        params: the model's parameters (`variables["params"]`).
+        src_tokens: <int>[batch, src_len] right-padded source.
+        src_lengths: <int>[batch] real source tokens, >= 1 (default: src_len).
+        max_length: target tokens to decode (EOS included); at most `model.max_len`.
+        bos_id: the first decoder input.
+        eos_id: when given, every token after a sequence's first `eos_id` is `pad_id`.
+            None: decode all `max_length` tokens.
+        pad_id: the token after EOS.
+
+    Returns:
+        <int32>[batch, max_length]: position t holds the token decoded after BOS and the t
+        tokens before it.
+
+    Raises:
+        ValueError: when `max_length` does not fit the position table, or the arguments are
+            inconsistent.
+    """
+    src_tokens = jnp.asarray(src_tokens, jnp.int32)
+    batch, src_len = src_tokens.shape
+    if not 1 <= max_length <= model.max_len:
+        raise ValueError(
+            f"max_length must lie in [1, max_len={model.max_len}] (the model's position "
+            f"table), got {max_length}"
+        )
+    if src_lengths is None:
+        src_lengths = jnp.full((batch,), src_len, jnp.int32)
+    src_lengths = jnp.asarray(src_lengths, jnp.int32)
+    if src_lengths.shape != (batch,):
+        raise ValueError(
+            f"src_lengths has shape {src_lengths.shape}; pass one length per source, <int>[{batch}]"
+        )
+    _check_tokens(src_tokens, model.vocab_size, "source token")
+    for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and not 0 <= value < model.target_vocab_size:
+            raise ValueError(
+                f"{name}={value} is not a target token id in [0, {model.target_vocab_size})"
+            )
+    return _greedy_translate(
+        model.clone(kv_cache=False),
+        params,
+        src_tokens,
+        src_lengths,
+        max_length,
+        bos_id,
+        eos_id,
+        pad_id,
     )

@@ -4,14 +4,18 @@ both tasks learn, sampling works, and an unprepared WMT fails with a clear messa
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxmodels.errors import ConfigError, DataError
+from jaxmodels.transformer import EncoderDecoder
 from tests.test_train_app import load_config
+from tests.test_transformer import S2S, _random_params
 from train import logs
 from train.data import sequences
-from train.tasks import language_model
+from train.tasks import language_model, seq2seq
 from train.trainer import train_and_evaluate, validate_config
 
 VARIANTS = [
@@ -109,3 +113,42 @@ def test_wmt_variant_fails_offline_naming_tfds_build(tmp_path):
     config.data_dir = str(tmp_path / "tfds")
     with pytest.raises(DataError, match="tfds build wmt14_translate/de-en"):
         train_and_evaluate(config, str(tmp_path / "work"))
+
+
+def _uncached_greedy_decode(model, params, batch, steps):
+    """The greedy decoding `seq2seq.greedy_decode` had before the KV cache: the whole decoder
+    over the target buffer at every step."""
+    src_lengths = jnp.maximum(batch["src_length"], 1)
+    variables = {"params": params}
+    encoded = model.apply(variables, batch["src"], src_lengths, method=EncoderDecoder.encode)
+    n = batch["src"].shape[0]
+    tokens = jnp.zeros((n, steps), jnp.int32).at[:, 0].set(sequences.BOS)
+    preds = jnp.zeros((n, steps), jnp.int32)
+
+    def body(t, carry):
+        tokens, preds = carry
+        logits = model.apply(
+            variables, encoded, src_lengths, tokens, None, method=EncoderDecoder.decode
+        )
+        nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, False), -1).astype(jnp.int32)
+        preds = jax.lax.dynamic_update_index_in_dim(preds, nxt, t, 1)
+        write = jnp.minimum(t + 1, steps - 1)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, write, 1)
+        return tokens, preds
+
+    return jax.lax.fori_loop(0, steps, body, (tokens, preds))[1]
+
+
+def test_cached_greedy_decode_equals_the_uncached_loop():
+    model = EncoderDecoder(**S2S)
+    rng = np.random.default_rng(4)
+    src = rng.integers(3, S2S["vocab_size"], size=(3, 7)).astype(np.int32)
+    src_length = np.array([7, 3, 0], np.int32)  # the last row is eval padding
+    src[np.arange(7)[None, :] >= src_length[:, None]] = 0
+    batch = {"src": jnp.asarray(src), "src_length": jnp.asarray(src_length)}
+    steps = 8
+    params = _random_params(model, batch["src"], batch["src_length"], jnp.zeros((3, steps), int))
+    got = jax.jit(lambda p, b: seq2seq.greedy_decode(model, p, b, steps))(params, batch)
+    ref = jax.jit(lambda p, b: _uncached_greedy_decode(model, p, b, steps))(params, batch)
+    assert got.shape == (3, steps) and len(np.unique(ref)) > 2
+    np.testing.assert_array_equal(got, ref)

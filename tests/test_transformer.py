@@ -29,6 +29,7 @@ from jaxmodels.transformer import (
     Mlp,
     PositionEmbedding,
     generate,
+    greedy_translate,
     init_cache,
     sinusoidal_positions,
 )
@@ -469,3 +470,151 @@ def test_encoder_decoder_learns_to_reverse_sequences():
     assert losses[0] > 2.0
     # Not looking at the source costs log(8) = 2.08 nats, copying it unordered log(5) = 1.6.
     assert np.mean(losses[-5:]) < 1.0, losses
+
+
+# --- encoder-decoder: KV-cache decoding and greedy translation -------------------------------
+
+# Untied output and learned positions: with these random parameters greedy decoding does not
+# just repeat one token (the tied sinusoidal model does).
+S2S = dict(vocab_size=13, embed_dim=16, num_heads=2, mlp_dim=32, num_encoder_layers=2,
+           num_decoder_layers=2, max_len=12, dropout_rate=0.0, tie_output=False,
+           position_embedding="learned")  # fmt: skip
+BOS = 1
+
+
+@pytest.fixture(scope="module")
+def s2s_reference():
+    """A plain-loop seq2seq model, its parameters, a ragged batch and a jitted forward."""
+    model = EncoderDecoder(**S2S)
+    src = _tokens((B, 7), seed=2)
+    src_lengths = jnp.array([7, 3])
+    src = src.at[1, 3:].set(0)  # right padding
+    tgt_in = _tokens((B, 8), seed=3).at[:, 0].set(BOS)
+    params = _random_params(model, src, src_lengths, tgt_in, seed=1)
+    forward = jax.jit(lambda p, t: model.apply({"params": p}, src, src_lengths, t))
+    return model, params, src, src_lengths, tgt_in, forward
+
+
+def _s2s_variant(s2s_reference, scan_layers, remat_policy):
+    """The reference model with the switches set, and its parameters restacked to match."""
+    model, params, *_ = s2s_reference
+    variant = model.clone(scan_layers=scan_layers, remat_policy=remat_policy)
+    if scan_layers:
+        params = dict(
+            params,
+            encoder=_stack_layers(params["encoder"], S2S["num_encoder_layers"]),
+            decoder=_stack_layers(params["decoder"], S2S["num_decoder_layers"]),
+        )
+    return variant, params
+
+
+SWITCHES = [(False, "none"), (True, "dots_saveable")]
+
+
+@pytest.mark.parametrize("scan_layers,remat_policy", SWITCHES)
+def test_encoder_decoder_kv_cache_decoding_equals_the_full_forward(
+    s2s_reference, scan_layers, remat_policy
+):
+    _, _, src, src_lengths, tgt_in, forward = s2s_reference
+    full = forward(s2s_reference[1], tgt_in)  # teacher-forced, causal
+    model, params = _s2s_variant(s2s_reference, scan_layers, remat_policy)
+    encoded = jax.jit(
+        lambda p: model.apply({"params": p}, src, src_lengths, method=EncoderDecoder.encode)
+    )(params)
+    decoder = model.clone(kv_cache=True)
+    cache = init_cache(model, B, tgt_in.shape[1])
+    expected = _abstract(decoder, src, src_lengths, tgt_in)["cache"]  # init on the full input
+    assert jax.tree.map(jnp.shape, cache) == jax.tree.map(lambda s: s.shape, expected)
+    assert cache["position"].shape == (B,)
+    if scan_layers:  # the per-layer caches are stacked on the layers axis
+        key = cache["decoder"]["layers"]["self_attention"]["cached_key"]
+        assert key.shape[:3] == (S2S["num_decoder_layers"], B, tgt_in.shape[1])
+
+    @jax.jit
+    def step(cache, chunk, lengths=None):
+        return decoder.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            src_lengths,
+            chunk,
+            lengths,
+            method=EncoderDecoder.decode,
+            mutable=["cache"],
+        )
+
+    outs = []
+    for t in range(tgt_in.shape[1]):
+        logits, mutated = step(cache, tgt_in[:, t : t + 1])
+        cache = mutated["cache"]
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+    np.testing.assert_array_equal(cache["position"], [tgt_in.shape[1]] * B)
+    if scan_layers:
+        return
+    # A ragged first chunk (5 and 2 real tokens), then one token at a time.
+    logits, mutated = step(init_cache(model, B, tgt_in.shape[1]), tgt_in[:, :5], jnp.array([5, 2]))
+    np.testing.assert_allclose(logits[0], full[0, :5], atol=1e-5)
+    np.testing.assert_allclose(logits[1, :2], full[1, :2], atol=1e-5)
+    cache = mutated["cache"]
+    for t in range(2):
+        nxt = jnp.stack([tgt_in[0, 5 + t], tgt_in[1, 2 + t]])[:, None]
+        logits, mutated = step(cache, nxt)
+        cache = mutated["cache"]
+        np.testing.assert_allclose(logits[0, 0], full[0, 5 + t], atol=1e-5)
+        np.testing.assert_allclose(logits[1, 0], full[1, 2 + t], atol=1e-5)
+
+
+def _uncached_greedy(forward, params, batch, steps):
+    """The reference: the whole teacher-forced decoder over the growing target, each step."""
+    buf = np.zeros((batch, steps), np.int32)
+    buf[:, 0] = BOS
+    out = np.zeros((batch, steps), np.int32)
+    for t in range(steps):
+        logits = np.asarray(forward(params, jnp.asarray(buf)))
+        out[:, t] = np.argmax(logits[:, t], axis=-1)
+        if t + 1 < steps:
+            buf[:, t + 1] = out[:, t]
+    return out
+
+
+@pytest.fixture(scope="module")
+def s2s_uncached_greedy(s2s_reference):
+    _, params, _, _, tgt_in, forward = s2s_reference
+    return _uncached_greedy(forward, params, B, tgt_in.shape[1])
+
+
+@pytest.mark.parametrize("scan_layers,remat_policy", SWITCHES)
+def test_greedy_translate_equals_the_uncached_greedy_loop(
+    s2s_reference, s2s_uncached_greedy, scan_layers, remat_policy
+):
+    _, _, src, src_lengths, tgt_in, _ = s2s_reference
+    model, params = _s2s_variant(s2s_reference, scan_layers, remat_policy)
+    steps = tgt_in.shape[1]
+    got = greedy_translate(model, params, src, src_lengths, max_length=steps, bos_id=BOS)
+    assert got.shape == (B, steps) and got.dtype == jnp.int32
+    ref = s2s_uncached_greedy
+    assert len(np.unique(ref)) > 2  # the random model does not just repeat one token
+    np.testing.assert_array_equal(got, ref)
+    if scan_layers:
+        return
+    # With an EOS: everything after each sequence's first EOS is padding.
+    eos = int(ref[1, 3])
+    with_eos = np.asarray(greedy_translate(model, params, src, src_lengths, max_length=steps,
+                                           bos_id=BOS, eos_id=eos, pad_id=0))  # fmt: skip
+    ends = []
+    for b in range(B):
+        hits = np.flatnonzero(ref[b] == eos)
+        ends.append(hits[0] + 1 if hits.size else steps)
+        np.testing.assert_array_equal(with_eos[b, : ends[-1]], ref[b, : ends[-1]])
+        assert not with_eos[b, ends[-1] :].any()
+    assert any(1 < end < steps for end in ends)  # some sequence stops in the middle
+    # Inside an outer jit (as in the eval step), and the argument checks.
+    jitted = jax.jit(lambda p, s: greedy_translate(model, p, s, src_lengths, max_length=steps,
+                                                    bos_id=BOS))  # fmt: skip
+    np.testing.assert_array_equal(jitted(params, src), ref)
+    with pytest.raises(ValueError, match="max_len=12"):
+        greedy_translate(model, params, src, src_lengths, max_length=13, bos_id=BOS)
+    with pytest.raises(ValueError, match="src_lengths"):
+        greedy_translate(model, params, src, jnp.array([3]), max_length=4, bos_id=BOS)
+    with pytest.raises(ValueError, match="eos_id=13"):
+        greedy_translate(model, params, src, max_length=4, bos_id=BOS, eos_id=13)

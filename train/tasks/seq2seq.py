@@ -9,9 +9,9 @@ cross-entropy over the real target tokens (padding has weight 0). Eval metrics:
 
 * `loss` and `token_accuracy`: teacher-forced, per target token (EOS included);
 * `sequence_accuracy`: greedy decoding, the fraction of examples whose decoded tokens up to
-  and including the first EOS equal the labels exactly. Decoding runs the decoder
-  `max_length + 1` times over the whole (growing) target, inside the compiled eval step;
-  the causal mask makes each step see only the tokens decoded so far.
+  and including the first EOS equal the labels exactly. Decoding encodes the source once,
+  then runs the decoder `max_length + 1` times on one token each, with a KV cache
+  (`transformer.greedy_translate`), inside the compiled eval step.
 """
 
 from __future__ import annotations
@@ -47,28 +47,11 @@ def _sources(config: Any) -> tuple[Any, Any, int]:
 
 def greedy_decode(model: EncoderDecoder, params: Any, batch: Any, steps: int) -> jax.Array:
     """Greedy predictions <int32>[batch, steps]: position t holds the token decoded after
-    BOS and the t tokens before it."""
+    BOS and the t tokens before it (decoding goes on after EOS; the metric ignores it)."""
     src_lengths = jnp.maximum(batch["src_length"], 1)  # eval padding rows have length 0
-    variables = {"params": params}
-    encoded = model.apply(variables, batch["src"], src_lengths, method=EncoderDecoder.encode)
-    n = batch["src"].shape[0]
-    tokens = jnp.zeros((n, steps), jnp.int32).at[:, 0].set(sequences.BOS)
-    preds = jnp.zeros((n, steps), jnp.int32)
-
-    def body(t: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        tokens, preds = carry
-        logits = model.apply(
-            variables, encoded, src_lengths, tokens, None, method=EncoderDecoder.decode
-        )
-        nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, False), -1).astype(jnp.int32)
-        preds = jax.lax.dynamic_update_index_in_dim(preds, nxt, t, 1)
-        if steps > 1:
-            write = jnp.minimum(t + 1, steps - 1)  # the last prediction is not fed back
-            tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, write, 1)
-        return tokens, preds
-
-    _, preds = jax.lax.fori_loop(0, steps, body, (tokens, preds))
-    return preds
+    return transformer.greedy_translate(
+        model, params, batch["src"], src_lengths, max_length=steps, bos_id=sequences.BOS
+    )
 
 
 def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:  # noqa: ARG001
