@@ -1,7 +1,8 @@
-"""PyTorch peers: the same workloads, shapes and FLOP count, timed the same way.
+"""PyTorch and Keras peers: the same workloads, shapes and FLOP count, timed the same way.
 
 Run in its own process (``python -m benchmarks --peers`` starts it), so that PyTorch and JAX
-never share a device allocator and this module never imports JAX::
+never share a device allocator; this process never imports JAX or Keras (the Keras peers run
+in processes of their own, below)::
 
     python -m benchmarks.peers --suite cpu --json peers.json \\
         --flops mnist_cnn=336773120 lstm_article=293683200
@@ -30,7 +31,23 @@ Peers (each an optimizer step in the timing: zero_grad, forward, loss, backward,
   learned positions, tanh GELU, tied embeddings, no dropout, ``attn_implementation="sdpa"``),
   bfloat16 autocast, AdamW, next-token cross-entropy; eager and ``torch.compile`` (GPU only).
   Skipped if ``transformers`` is missing (as the BERT peers).
-* Keras: only if ``keras`` is importable (no Keras peer is written yet).
+* Keras (impl ``keras jax``), for ``mnist_cnn`` and ``lstm_*`` only, where ``keras`` (3.x) is
+  installed (else a skipped row per workload): the article's Keras models on Keras 3's JAX
+  backend, float32. ``mnist_cnn``: ``keras.Sequential`` of Conv2D(32, 3, relu)-MaxPooling2D-
+  Conv2D(64, 3, relu)-MaxPooling2D-Flatten-Dense(128, relu)-Dense(10); ``lstm_*``:
+  Embedding-``keras.layers.LSTM`` x L (the last returns its final state)-Dense. Both compiled
+  with ``jit_compile=True``, sparse categorical cross-entropy on logits, the workload's
+  optimizer (Adam). On GPU ``keras.layers.LSTM`` takes its cuDNN path
+  (``jax.experimental.rnn``, float32; the row's note says whether it did), on CPU its
+  ``lax.scan`` loop. Timed as Keras users train: ``model.fit`` on a generator that yields the
+  same device-resident batch, ``verbose=0``. First step: a ``model.fit`` of one step
+  (compilation included); then a ``model.fit`` of the warm-up steps; then one ``model.fit``
+  of R epochs of K steps, each epoch a window, timed from ``on_epoch_begin`` to
+  ``on_epoch_end`` (after ``fit`` has read the epoch's loss back and the weights are ready),
+  so a window includes ``fit``'s per-epoch work. Keras sets a process-wide backend and JAX
+  takes its own device allocator, so each Keras workload runs in a fresh process of its own
+  (``python -m benchmarks.peers --keras ...``, ``KERAS_BACKEND=jax``), started before any
+  PyTorch peer touches the device; this process never imports Keras.
 
 On CPU, ``torch.compile`` rows are skipped: compile time would dominate the tiny sizes.
 """
@@ -39,18 +56,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
+import os
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from benchmarks import specs, timing
 
-__all__ = ["main", "run_peers"]
+__all__ = ["main", "measure_keras", "run_keras_peers", "run_peers"]
 
 TORCHVISION_MISSING = "torchvision is not installed"
 NO_CPU_COMPILE = "torch.compile peers run on GPU only (compile time dominates tiny CPU sizes)"
 TRANSFORMERS_MISSING = "transformers is not installed"
+KERAS_MISSING = "keras is not installed"
+KERAS_IMPL = "keras jax"
+# Families with a Keras peer (the article's Keras models).
+KERAS_FAMILIES = ("cnn", "lstm")
 BERT_MLM_NOTE = "MLM head on all positions (HF); MFU from our count (masked only)"
 
 
@@ -318,8 +343,29 @@ def run_peers(
     forward_flops: dict[str, float],
     peak_tflops: float | None = None,
     log: Callable[[str], Any] = lambda s: print(s, file=sys.stderr, flush=True),
+    timeout: float = 1800.0,
 ) -> list[dict[str, Any]]:
-    """Rows of every peer of `workloads` (skipped ones with their reason)."""
+    """Rows of every peer of `workloads` (skipped ones with their reason): PyTorch, then Keras.
+
+    The Keras peers run first, each in a process of its own, before PyTorch here takes any
+    device memory.
+    """
+    keras_rows = run_keras_peers(
+        workloads, steps, windows, warmup, forward_flops, peak_tflops, log, timeout
+    )
+    torch_rows = _torch_peers(workloads, steps, windows, warmup, forward_flops, peak_tflops, log)
+    return torch_rows + keras_rows
+
+
+def _torch_peers(
+    workloads: list[specs.Workload],
+    steps: int,
+    windows: int,
+    warmup: int,
+    forward_flops: dict[str, float],
+    peak_tflops: float | None,
+    log: Callable[[str], Any],
+) -> list[dict[str, Any]]:
     try:
         import torch
     except ImportError:
@@ -355,27 +401,248 @@ def run_peers(
                     w, impl, "torch", device=label, status="failed", note=_one_line(e)
                 )
             rows.append(row)
-    try:
-        import keras  # noqa: F401
-    except ImportError:
-        keras_note = "keras is not installed"
-    else:
-        keras_note = "no Keras peer written yet"
-    if workloads:
-        rows.append(
-            timing.empty_row(
-                workloads[0],
-                "keras",
-                "keras",
-                workload="all",
-                batch=None,
-                shape=None,
-                precision=None,
-                status="skipped",
-                note=keras_note,
-            )
-        )
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras 3 on its JAX backend: each workload in a fresh `python -m benchmarks.peers --keras`.
+
+
+def _has_keras() -> bool:
+    """Whether keras is installed, without importing it (that would pick a backend here)."""
+    return importlib.util.find_spec("keras") is not None
+
+
+def _suite_of(w: specs.Workload) -> str:
+    for name, workloads in specs.SUITES.items():
+        if w in workloads:
+            return name
+    raise ValueError(f"workload {w.name!r} is in no suite of benchmarks.specs")
+
+
+def run_keras_peers(
+    workloads: list[specs.Workload],
+    steps: int,
+    windows: int,
+    warmup: int,
+    forward_flops: dict[str, float],
+    peak_tflops: float | None = None,
+    log: Callable[[str], Any] = lambda s: print(s, file=sys.stderr, flush=True),
+    timeout: float = 1800.0,
+) -> list[dict[str, Any]]:
+    """The Keras rows of `workloads` (families `KERAS_FAMILIES`; none for the others), each
+    measured in a fresh process; skipped rows if keras is not installed."""
+    todo = [w for w in workloads if w.family in KERAS_FAMILIES]
+    if todo and not _has_keras():
+        return [
+            timing.empty_row(
+                w, KERAS_IMPL, "keras", precision="float32", status="skipped", note=KERAS_MISSING
+            )
+            for w in todo
+        ]
+    from benchmarks.cli import _child  # the suite's runner of child processes
+
+    rows = []
+    for w in todo:
+        log(f"peer {w.name} {KERAS_IMPL} (own process) ...")
+        cmd = ["benchmarks.peers", "--keras", "--suite", _suite_of(w), "--only", w.name]
+        cmd += ["--steps", str(steps), "--windows", str(windows), "--warmup", str(warmup)]
+        if forward_flops.get(w.name):
+            cmd += ["--flops", f"{w.name}={forward_flops[w.name]}"]
+        if peak_tflops is not None:
+            cmd += ["--peak-tflops", str(peak_tflops)]
+        result, error = _child(cmd, timeout, echo=True)
+        if result is None:
+            result = [
+                timing.empty_row(
+                    w, KERAS_IMPL, "keras", precision="float32", status="failed", note=error
+                )
+            ]
+        rows += result
+    return rows
+
+
+def _keras_model(w: specs.Workload) -> Any:
+    """The article's Keras model of workload `w` (logits out)."""
+    import keras
+    from keras import layers
+
+    num_classes = w.model.get("num_classes", 10)
+    if w.family == "cnn":  # `jaxmodels.cnn.SeedCNN`
+        return keras.Sequential(
+            [
+                keras.Input(w.input_shape),
+                layers.Conv2D(32, 3, activation="relu"),
+                layers.MaxPooling2D(2),
+                layers.Conv2D(64, 3, activation="relu"),
+                layers.MaxPooling2D(2),
+                layers.Flatten(),
+                layers.Dense(128, activation="relu"),
+                layers.Dense(num_classes),
+            ]
+        )
+    if w.family == "lstm":  # `jaxmodels.rnn.LSTMClassifier`, "last" pooling
+        m = w.model
+        stack = [keras.Input((w.seq_len,), dtype="int32")]
+        stack.append(layers.Embedding(m["vocab_size"], m["embed_dim"]))
+        for i in range(m["num_layers"]):
+            stack.append(layers.LSTM(m["hidden_size"], return_sequences=i < m["num_layers"] - 1))
+        stack.append(layers.Dense(m["num_classes"]))
+        return keras.Sequential(stack)
+    raise ValueError(f"no Keras peer for family {w.family!r}")
+
+
+def _keras_optimizer(w: specs.Workload) -> Any:
+    import keras
+
+    if w.optimizer == "sgd":
+        return keras.optimizers.SGD(w.learning_rate, momentum=0.9)
+    if w.optimizer == "adam":
+        return keras.optimizers.Adam(w.learning_rate)
+    if w.optimizer == "adamw":
+        return keras.optimizers.AdamW(w.learning_rate)
+    raise ValueError(f"{w.name}: no Keras optimizer for {w.optimizer!r}")
+
+
+def measure_keras(
+    w: specs.Workload,
+    steps: int,
+    windows: int,
+    warmup: int,
+    forward_flops: float | None,
+    peak_tflops: float | None,
+) -> dict[str, Any]:
+    """Times `model.fit` of the Keras model of `w` (in a process whose backend is JAX)."""
+    if steps < 1 or windows < 1 or warmup < 0:
+        raise SystemExit(
+            f"need --steps >= 1, --windows >= 1 and --warmup >= 0; got {steps}, {windows}, {warmup}"
+        )
+    import jax
+    import keras
+    import numpy as np
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(f"Keras backend is {keras.backend.backend()!r}, not 'jax'")
+    device = jax.devices()[0]
+    keras.utils.set_random_seed(0)
+    cudnn_lstm = _watch_keras_lstm()
+    model = _keras_model(w)
+    model.compile(
+        optimizer=_keras_optimizer(w),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    rng = np.random.default_rng(0)
+    if w.family == "cnn":
+        x = rng.standard_normal((w.batch, *w.input_shape), np.float32)
+    else:
+        x = rng.integers(0, w.model["vocab_size"], (w.batch, w.seq_len), np.int32)
+    y = rng.integers(0, w.model.get("num_classes", 10), (w.batch,), np.int32)
+    batch = jax.device_put((x, y))  # uncommitted, as fit would put it (committed recompiles)
+
+    def repeat() -> Any:  # one synthetic batch, held on the device, for every step
+        while True:
+            yield batch
+
+    def weights_ready() -> None:
+        jax.block_until_ready([v.value for v in model.variables])
+
+    class Windows(keras.callbacks.Callback):
+        """Each epoch of `fit` is a window of K steps."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.per_step: list[float] = []
+            self.start = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            weights_ready()  # fit has read the loss back already; the weights too
+            self.per_step.append((time.perf_counter() - self.start) / steps)
+
+    start = time.perf_counter()
+    model.fit(repeat(), steps_per_epoch=1, epochs=1, verbose=0, shuffle=False)
+    weights_ready()
+    first = time.perf_counter() - start
+    if warmup:
+        model.fit(repeat(), steps_per_epoch=warmup, epochs=1, verbose=0, shuffle=False)
+    weights_ready()
+    compiles = []  # XLA compilations inside the windows (there should be none)
+
+    def on_compile(event: str, duration: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
+    timer = Windows()
+    model.fit(
+        repeat(),
+        steps_per_epoch=steps,
+        epochs=windows,
+        verbose=0,
+        shuffle=False,
+        callbacks=[timer],
+    )
+    jax.monitoring.unregister_event_duration_listener(on_compile)
+    result = timing.Timing(first, statistics.median(timer.per_step), timer.per_step)
+
+    notes = ["model.fit, one device-resident batch"]
+    if compiles:
+        notes.append(f"{len(compiles)} XLA compilation(s) inside the timed windows")
+    if w.family == "lstm":
+        if cudnn_lstm.get("loop"):  # Keras fell back, for one layer at least
+            why = "its cuDNN path needs a GPU" if device.platform != "gpu" else "cuDNN refused"
+            notes.append(f"keras.layers.LSTM as a lax.scan loop ({why})")
+        elif cudnn_lstm.get("cudnn"):
+            notes.append("keras.layers.LSTM on cuDNN (float32)")
+    row = timing.empty_row(
+        w,
+        KERAS_IMPL,
+        "keras",
+        device=f"{device.device_kind} x1",
+        precision="float32",
+        note="; ".join(notes),
+    )
+    timing.derive(row, w, result, forward_flops, device.device_kind, peak_tflops)
+    stats = _memory_stats(device)
+    if stats and "peak_bytes_in_use" in stats:
+        row["peak_mem_gib"] = stats["peak_bytes_in_use"] / 2**30
+    return row
+
+
+def _memory_stats(device: Any) -> dict[str, Any] | None:
+    try:
+        return device.memory_stats()
+    except Exception:  # backends without allocator statistics
+        return None
+
+
+def _watch_keras_lstm() -> dict[str, int]:
+    """Counts, while the model traces, how often `keras.layers.LSTM` took the backend's cuDNN
+    path ("cudnn") or fell back to its generic loop ("loop"). Keras falls back silently, so
+    this wraps its (internal) backend function; an empty count if that moved."""
+    counts: dict[str, int] = {}
+    try:
+        from keras.src import backend
+    except ImportError:
+        return counts
+    fused = getattr(backend, "lstm", None)
+    if fused is None:
+        return counts
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        try:
+            out = fused(*args, **kwargs)
+        except NotImplementedError:
+            counts["loop"] = counts.get("loop", 0) + 1
+            raise
+        counts["cudnn"] = counts.get("cudnn", 0) + 1
+        return out
+
+    backend.lstm = watched
+    return counts
 
 
 def _one_line(e: BaseException) -> str:
@@ -414,17 +681,36 @@ def main(argv: list[str] | None = None) -> int:
         help="our forward FLOPs per workload (for TFLOP/s and MFU)",
     )
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="seconds allowed per Keras peer process"
+    )
+    parser.add_argument(
+        "--keras",
+        action="store_true",
+        help="measure the Keras peers here, on Keras's JAX backend (what the peer process "
+        "starts per workload)",
+    )
     parser.add_argument("--json", required=True, metavar="FILE")
     args = parser.parse_args(argv)
     defaults = specs.DEFAULT_TIMING[args.suite]
-    rows = run_peers(
-        specs.suite(args.suite, args.only),
+    workloads = specs.suite(args.suite, args.only)
+    timed = (
         args.steps or defaults["steps"],
         args.windows or defaults["windows"],
         defaults["warmup"] if args.warmup is None else args.warmup,
-        dict(args.flops),
-        args.peak_tflops,
     )
+    flops = dict(args.flops)
+    if args.keras:
+        if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != "jax":
+            raise SystemExit("keras is already imported with another backend")
+        os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported
+        rows = [
+            measure_keras(w, *timed, flops.get(w.name), args.peak_tflops)
+            for w in workloads
+            if w.family in KERAS_FAMILIES
+        ]
+    else:
+        rows = run_peers(workloads, *timed, flops, args.peak_tflops, timeout=args.timeout)
     with open(args.json, "w") as f:
         json.dump(rows, f, indent=1)
     return 0

@@ -92,12 +92,12 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def sort_rows(rows: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
     """Rows grouped by workload (in `order`), ours first, then the peers."""
     position = {name: i for i, name in enumerate(order)}
-    frameworks = {"jax": 0, "torch": 1}
+    frameworks = {"jax": 0, "torch": 1, "keras": 2}
     return sorted(
         rows,
         key=lambda r: (
             position.get(r["workload"], len(position)),
-            frameworks.get(r.get("framework"), 2),
+            frameworks.get(r.get("framework"), len(frameworks)),
         ),
     )
 
@@ -122,7 +122,7 @@ def plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
     measured = [r for r in rows if r.get("items_per_s")]
     if not measured:
         raise SystemExit("--plot: no measured rows to plot")
-    colors = {"jax": "tab:blue", "torch": "tab:orange"}
+    colors = {"jax": "tab:blue", "torch": "tab:orange", "keras": "tab:red"}
     labels = [f"{r['workload']}  {r['impl']}" for r in measured]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(measured) + 1.5))
     y = list(range(len(measured)))[::-1]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -160,11 +162,14 @@ def test_ratios_and_table():
         {"workload": "a", "impl": "jax scan", "framework": "jax", "items_per_s": 100.0},
         {"workload": "a", "impl": "jax cudnn", "framework": "jax", "items_per_s": 150.0},
         {"workload": "b", "impl": "jax", "framework": "jax", "status": "skipped", "note": "why"},
+        {"workload": "a", "impl": "keras jax", "framework": "keras", "items_per_s": 300.0},
     ]
     rows = report.sort_rows(rows, ["a", "b"])
     report.add_ratios(rows)
-    assert [r["impl"] for r in rows] == ["jax scan", "jax cudnn", "torch eager", "jax"]
+    impls = [r["impl"] for r in rows]
+    assert impls == ["jax scan", "jax cudnn", "torch eager", "keras jax", "jax"]
     assert rows[2]["ours_per_peer"] == pytest.approx(3.0)
+    assert rows[3]["ours_per_peer"] == pytest.approx(0.5)
     table = report.format_table(rows)
     assert "3.00x" in table and "skipped: why" in table
 
@@ -177,7 +182,7 @@ def test_imports_stay_light():
         "import sys, benchmarks.peers;"
         "assert 'jax' not in sys.modules, 'the peer process must not import JAX';"
         "import benchmarks.cli, benchmarks.measure, benchmarks.workloads;"
-        "heavy = {'torch', 'torchvision', 'transformers', 'matplotlib', 'grain',"
+        "heavy = {'torch', 'torchvision', 'transformers', 'matplotlib', 'grain', 'keras',"
         " 'tensorflow_datasets', 'ml_collections', 'train'} & set(sys.modules);"
         "assert not heavy, heavy"
     )
@@ -248,17 +253,22 @@ def test_cli_transformer_rows(tmp_path):
         "--json",
         str(out),
     )
-    rows = {r["workload"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"bert_base", "transformer_lm"}
+    rows = {(r["workload"], r["impl"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        ("bert_base", "jax"),
+        ("bert_base", "jax no_attn_dropout"),
+        ("transformer_lm", "jax"),
+    }
     w = _cpu_workloads()
-    for name, row in rows.items():
+    for (name, _), row in rows.items():
         assert row["status"] == "ok", row
-        assert row["impl"] == "jax" and row["precision"] == "bfloat16"
+        assert row["precision"] == "bfloat16"
         assert row["forward_flops"] == _transformer_flops_by_hand(w[name]) > 0
         assert row["model_flops_per_step"] == 3 * row["forward_flops"]
         assert row["tflops"] > 0 and row["items_per_s"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["items_per_s"] * w[name].seq_len)
-    assert rows["bert_base"]["note"] == "MLM on 5 of 32 tokens (5 slots)"
+    assert rows["bert_base", "jax"]["note"] == "MLM on 5 of 32 tokens (5 slots)"
+    assert "dropout 0" in rows["bert_base", "jax no_attn_dropout"]["note"]
 
 
 def test_unbuilt_family_is_a_skipped_row(monkeypatch):
@@ -272,8 +282,11 @@ def test_unbuilt_family_is_a_skipped_row(monkeypatch):
 
 
 @pytest.mark.reference
-def test_peer_process_cpu(tmp_path):
+def test_peer_process_cpu(tmp_path, monkeypatch):
     pytest.importorskip("torch", reason="the peers need PyTorch (reference extra)")
+    # Never imported here: Keras picks a process-wide backend; the peers run it in a child.
+    has_keras = importlib.util.find_spec("keras") is not None
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # its keras.json, not in ~
     out = tmp_path / "peers.json"
     mnist_forward = 64 * SEED_CNN_FORWARD
     _run(
@@ -302,7 +315,38 @@ def test_peer_process_cpu(tmp_path):
     assert mnist["model_flops_per_step"] == 3 * mnist_forward
     assert mnist["tflops"] == pytest.approx(3 * mnist_forward / mnist["step_ms"] * 1e-9)
     assert rows[("lstm_article", "torch compile")]["status"] == "skipped"
-    assert rows[("all", "keras")]["status"] == "skipped"
+    # The Keras peers (Keras 3 on JAX, each in a process of its own): a row per workload.
+    for name in ("mnist_cnn", "lstm_article"):
+        row = rows[(name, "keras jax")]
+        if not has_keras:
+            assert row["status"] == "skipped" and row["note"] == "keras is not installed"
+            continue
+        assert row["status"] == "ok", row
+        assert row["framework"] == "keras" and row["precision"] == "float32"
+        assert row["device"] == "cpu x1"
+        assert math.isfinite(row["items_per_s"]) and row["items_per_s"] > 0
+        assert row["first_step_s"] > 0 and len(row["window_ms"]) == 2
+        assert "model.fit" in row["note"]
+    if has_keras:
+        keras_mnist = rows[("mnist_cnn", "keras jax")]
+        assert keras_mnist["model_flops_per_step"] == 3 * mnist_forward  # our count
+        assert "lax.scan" in rows[("lstm_article", "keras jax")]["note"]  # no cuDNN on CPU
+    assert not [key for key in rows if key[0] == "all"]
+
+
+def test_keras_peer_skipped_without_keras(monkeypatch):
+    from benchmarks import peers
+
+    monkeypatch.setattr(peers, "_has_keras", lambda: False)
+    logged = []
+    rows = peers.run_keras_peers(specs.suite("cpu"), 1, 1, 0, {}, log=logged.append)
+    # Only the families with a Keras model get a row; nothing was started.
+    assert [r["workload"] for r in rows] == ["mnist_cnn", "lstm_article", "lstm_2x1024"]
+    for row in rows:
+        assert row["impl"] == "keras jax" and row["framework"] == "keras"
+        assert row["status"] == "skipped" and row["note"] == peers.KERAS_MISSING
+    assert logged == []
+    assert peers.run_keras_peers(specs.suite("cpu", ["resnet50", "bert_base"]), 1, 1, 0, {}) == []
 
 
 @pytest.mark.reference

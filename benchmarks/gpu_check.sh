@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU check in one go, for a machine with an NVIDIA GPU and jax[cuda], flax, optax,
+# numpy (torch/torchvision/transformers for --peers); no data-pipeline packages needed.
+#
+#   OUT=gpu_out bash benchmarks/gpu_check.sh                 # tests + whole suite + peers
+#   ONLY="bert_base resnet50" PEERS= bash benchmarks/gpu_check.sh
+#
+# Writes under $OUT: nvidia-smi.txt, pytest-gpu.log (the tests marked `gpu`: cuDNN attention
+# and cuDNN LSTM against the XLA paths), and per group of workloads suite-N.log/.json.
+# ONLY: workload groups separated by ";" (each group one `python -m benchmarks` run, in
+# order, so the first group's numbers exist even if a later one runs out of time).
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
+if [ -n "${TESTS-1}" ]; then
+  JAX_PLATFORMS=cuda timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -m gpu -o addopts= \
+    -p no:cacheprovider tests/test_attention.py tests/test_rnn.py 2>&1 | tee "$OUT/pytest-gpu.log"
+fi
+PEERS=${PEERS---peers}
+i=0
+IFS=';' read -ra GROUPS_ <<<"${ONLY:-}"
+[ ${#GROUPS_[@]} -eq 0 ] && GROUPS_=("")
+for group in "${GROUPS_[@]}"; do
+  i=$((i + 1))
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-3000}" python -m benchmarks --suite gpu ${group:+--only $group} \
+    $PEERS --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
+done
