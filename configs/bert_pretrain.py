@@ -2,8 +2,11 @@
 
 Variants:
   (default) tiny: BERT-tiny (2 layers, 128 wide) on the embedded `stdlib_docs` corpus
-      (docstrings of the Python standard library), seq 64, batch 32, 2,000 steps; on a
-      2-core CPU it reached 21% held-out MLM accuracy and 58% NSP accuracy.
+      (docstrings of the Python standard library), seq 64, batch 32, 3,000 steps; on a
+      2-core CPU in 6.6 minutes it reached 19.4% held-out MLM accuracy (always guessing
+      the most frequent token: ~7%) and 65.9% NSP accuracy (balanced labels), measured on
+      2,000 held-out pairs; tests/test_bert_learning.py asks for MLM > 2x that baseline
+      and NSP > 0.6, and for fine-tuning from it to beat training from scratch.
   base: BERT-base on TFDS `wikipedia/20230601.en`, seq 128, batch 256, AdamW 1e-4,
       10k warmup, linear decay (the published phase-1 recipe, 1M steps), bf16.
   large: BERT-large, seq 512, batch 32 per the benchmark shape; bf16.
@@ -32,8 +35,9 @@ def get_config(variant: str | None = None):
     c.optimizer.warmup_steps = 100
     c.optimizer.schedule = "linear"
     c.optimizer.grad_clip_norm = 1.0
-    c.total_steps = 2_000
-    c.eval_every = 250
+    c.total_steps = 3_000
+    c.eval_every = 500
+    c.eval_examples = 2_000  # sentence pairs, ~4 per held-out document
     c.checkpoint_every = 500
     c.log_every = 100
     if variant in ("base", "large"):
@@ -49,6 +53,7 @@ def get_config(variant: str | None = None):
         c.optimizer.warmup_steps = 10_000
         c.total_steps = 1_000_000
         c.eval_every = 10_000
+        c.eval_examples = 0  # one pair per held-out article
         c.checkpoint_every = 10_000
         c.data_threads = 16
         c.log_every = 100
@@ -67,6 +72,7 @@ def get_config(variant: str | None = None):
         c.model.intermediate_size = 64
         c.batch_size = 16
         c.total_steps = 6
+        c.eval_examples = 128
         c.optimizer.warmup_steps = 2
         c.eval_every = 3
         c.checkpoint_every = 3

@@ -73,10 +73,19 @@ def test_example_layout_and_labels(setup):
         assert np.all(ids[pos] != pairs.sep)
         doc = [list(x) for x in source.document(source[i]["doc"])]
         a, b = list(ids[1:first_sep]), list(ids[first_sep + 1 : -1])
-        starts = [s for s, sentence in enumerate(doc) if sentence[: len(a)] == a]
-        assert starts, "segment A is a sentence of the example's document"
-        if ex["nsp_label"] == 0:  # segment B is the next sentence of the same document
-            assert any(doc[s + 1][: len(b)] == b for s in starts if s + 1 < len(doc))
+        # Segment A is a run of whole sentences of the example's document from some
+        # sentence s (truncation may cut its end); for "is next", B continues right after.
+        runs = [(s, sum(doc[s:], [])) for s in range(len(doc))]
+        starts = [s for s, run in runs if run[: len(a)] == a and a]
+        assert starts, "segment A is a run of sentences of the example's document"
+        if ex["nsp_label"] == 0:
+            ends = [
+                s + k
+                for s in starts
+                for k in range(1, len(doc) - s)
+                if sum(doc[s : s + k], []) == a
+            ]
+            assert any(sum(doc[e:], [])[: len(b)] == b for e in ends), "B follows A"
 
 
 def test_masking_statistics(setup):

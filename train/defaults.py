@@ -32,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     # checkpoint directory (config.json + model.safetensors / pytorch_model.bin + vocab.txt).
     c.init_from = ""
     c.min_length = 1  # seq2seq toy_reverse / toy_sort: shortest generated sequence
-    c.eval_examples = 0  # seq2seq toy: test-split size; language_model: eval windows (0 = all)
+    # seq2seq toy: test-split size; language_model: eval windows (0 = all);
+    # bert_pretraining: eval sentence pairs (0 = one per document)
+    c.eval_examples = 0
     c.sample_tokens = 64  # language_model `sample`: new tokens per prompt
     c.sample_temperature = 0.8  # language_model `sample`: 0 = greedy
     c.sample_top_k = 0  # language_model `sample`: sample among the k likeliest (0 = all)
@@ -72,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Loop, logs and checkpoints.
     c.seed = 0
+    # Generator of each step's dropout bits: threefry (sharding-invariant, the default) or
+    # rbg / unsafe_rbg (XLA's RngBitGenerator: much cheaper masks on GPU/TPU; the bits then
+    # depend on the partitioning). See jaxmodels.training.step_key.
+    c.step_rng = "threefry"
     c.log_every = 50
     c.eval_every = 500  # 0: only at the end
     c.checkpoint_every = 500  # 0: only at the end

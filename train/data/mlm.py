@@ -1,10 +1,12 @@
 """BERT pretraining data: sentence pairs for next-sentence prediction, WordPiece, masking.
 
-* Documents are split into sentences. An example starts at a random sentence `s` of its
-  document: segment A is that sentence, segment B is the next sentence of the same
-  document (label 0, "is next") or, with probability 1/2, a sentence from another
-  document (label 1, "random"), as in the BERT paper. Pairs are truncated longest-first to fit
-  `max_length` with `[CLS] A [SEP] B [SEP]`.
+* Documents are split into sentences. As in BERT's data generation, an example starts at
+  a random sentence `s` of its document and gathers the following sentences until the
+  sequence is full; segment A is the first 1..k-1 of those k sentences (the cut drawn at
+  random) and segment B is the rest (label 0, "is next") or, with probability 1/2, a run
+  of sentences from a random point of another document (label 1, "random"). Several
+  sentences per segment give NSP far more evidence than one sentence each. Pairs are
+  truncated longest-first to fit `max_length` with `[CLS] A [SEP] B [SEP]`.
 * WordPiece with a fast tokenizer (`tokenizers`): loaded from a `vocab.txt`, or trained
   on the training documents.
 * Masking: 15% of the non-special tokens (at most `max_predictions`) are chosen; of those
@@ -60,6 +62,19 @@ def wordpiece(vocab_file: str | None, texts: Iterable[str] | None = None, vocab_
     return tokenizer
 
 
+def _sentences_until(
+    doc: list[np.ndarray], start: int, tokens: int, at_least: int = 1
+) -> list[np.ndarray]:
+    """Sentences `doc[start:]`, at least `at_least` (if there are), until `tokens` tokens."""
+    out, n = [], 0
+    for sentence in doc[start:]:
+        out.append(sentence)
+        n += len(sentence)
+        if n >= tokens and len(out) >= at_least:
+            break
+    return out
+
+
 class PairSource:
     """Random-access source of pretraining examples over a corpus of documents.
 
@@ -73,12 +88,21 @@ class PairSource:
         to return text).
       tokenizer: a `tokenizers` WordPiece tokenizer.
       cache_size: tokenised documents kept in memory.
+      num_examples: the source's length (default: one example per document); more than
+        the documents gives several pairs per document (e.g. a larger evaluation set).
     """
 
-    def __init__(self, texts: Sequence[str], tokenizer: Any, cache_size: int = 4096):
+    def __init__(
+        self,
+        texts: Sequence[str],
+        tokenizer: Any,
+        cache_size: int = 4096,
+        num_examples: int | None = None,
+    ):
         if len(texts) < 2:
             raise DataError("pretraining needs a corpus of at least two documents")
         self.texts = texts
+        self.num_examples = num_examples or len(texts)
         self.tokenizer = tokenizer
         self.document = functools.lru_cache(maxsize=cache_size)(self._tokenize)
 
@@ -89,7 +113,7 @@ class PairSource:
         return ids or [np.asarray([self.tokenizer.token_to_id("[UNK]")], np.int32)]
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return self.num_examples
 
     def __getitem__(self, index: int) -> dict[str, int]:
         return {"index": int(index), "doc": int(index) % len(self.texts)}
@@ -132,19 +156,22 @@ class MaskedPairs:
         return self._example(record, np.random.default_rng([self.seed, record["index"]]))
 
     def _example(self, record: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        budget = self.max_length - 3
         doc = self.source.document(record["doc"])
-        s = int(rng.integers(max(len(doc) - 1, 1)))
-        a = doc[s]
-        if len(doc) > 1 and rng.random() < 0.5:
-            b, nsp = doc[s + 1], 0
+        start = int(rng.integers(max(len(doc) - 1, 1)))
+        chunk = _sentences_until(doc, start, budget, at_least=2)  # A and B, if it can
+        cut = int(rng.integers(1, len(chunk))) if len(chunk) > 1 else 1
+        a = [t for sentence in chunk[:cut] for t in sentence]
+        if len(chunk) > 1 and rng.random() < 0.5:
+            b, nsp = [t for sentence in chunk[cut:] for t in sentence], 0
         else:
-            n = len(self.source)
+            n = len(self.source.texts)
             other = int(rng.integers(n - 1))
             other += other >= record["doc"]  # any document but this one
             other_doc = self.source.document(other)
-            b, nsp = other_doc[int(rng.integers(len(other_doc)))], 1
-        a, b = list(a), list(b)
-        budget = self.max_length - 3
+            start = int(rng.integers(len(other_doc)))
+            rest = _sentences_until(other_doc, start, max(budget - len(a), 1))
+            b, nsp = [t for sentence in rest for t in sentence], 1
         while len(a) + len(b) > budget:  # truncate the longer segment, from the end
             (a if len(a) >= len(b) else b).pop()
         tokens = [self.cls, *a, self.sep, *b, self.sep]

@@ -76,14 +76,15 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
     eval_texts = corpus(config, config.eval_split)
     tokenizer = tokenizer_for(config, workdir, train_texts)
     model = bert.BertForPreTraining(model_config(config, tokenizer.get_vocab_size()))
-    make_pairs = lambda texts: mlm.MaskedPairs(  # noqa: E731
-        mlm.PairSource(texts, tokenizer),
+    make_pairs = lambda texts, n=None: mlm.MaskedPairs(  # noqa: E731
+        mlm.PairSource(texts, tokenizer, num_examples=n),
         tokenizer,
         max_length=config.max_length,
         max_predictions=config.max_predictions,
         seed=config.seed,
     )
-    train_pairs, eval_pairs = make_pairs(train_texts), make_pairs(eval_texts)
+    train_pairs = make_pairs(train_texts)
+    eval_pairs = make_pairs(eval_texts, config.eval_examples or None)
 
     def apply(params: Any, batch: Any, train: bool, rngs: Any = None) -> Any:
         return model.apply(
@@ -144,6 +145,7 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         "dataset": config.dataset,
         "train_documents": len(train_texts),
         "eval_documents": len(eval_texts),
+        "eval_examples": len(eval_pairs.source),
         "vocabulary": tokenizer.get_vocab_size(),
         "bert": {k: getattr(model.config, k) for k in ("num_layers", "hidden_size", "num_heads")},
         "max_length": length,
