@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="FILE", help="write the rows and metadata as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="bar chart of items/s (matplotlib)")
     parser.add_argument(
+        "--step-rng",
+        choices=("threefry", "rbg", "unsafe_rbg"),
+        default="threefry",
+        help="generator of the dropout bits in our steps (jaxmodels.training.step_key)",
+    )
+    parser.add_argument(
         "--peers", action="store_true", help="also time the PyTorch peers (separate process)"
     )
     parser.add_argument(
@@ -145,6 +151,7 @@ def _run_here(
             warmup,
             args.peak_tflops,
             report_memory=i == 0,
+            step_rng=args.step_rng,
         )
         if i > 0 and args.in_process and measure.peak_memory_bytes(devices) is not None:
             row["note"] = "; ".join(
@@ -212,7 +219,7 @@ def _child(cmd: list[str], timeout: float, echo: bool = False) -> tuple[Any, str
 
 
 def _common_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--devices", args.devices]
+    flags = ["--devices", args.devices, "--step-rng", args.step_rng]
     for name in ("steps", "windows", "warmup", "peak_tflops"):
         value = getattr(args, name)
         if value is not None:
@@ -307,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_window": steps,
         "windows": windows,
         "warmup_steps": warmup,
+        "step_rng": args.step_rng,
     }
     print(
         f"# {metadata['date']}  suite {info['suite']}  {info['device']}  jax {info['jax_version']}"

@@ -56,8 +56,12 @@ def measure(
     warmup: int,
     peak_tflops: float | None = None,
     report_memory: bool = True,
+    step_rng: str = "threefry",
 ) -> dict[str, Any]:
-    """Times the training step of `w` with implementation `impl`; returns its row."""
+    """Times the training step of `w` with implementation `impl`; returns its row.
+
+    `step_rng`: the generator of the step's dropout bits (`jaxmodels.training.step_key`).
+    """
     built = workloads.BUILDERS[w.family](w, impl)
     row = timing.empty_row(
         w,
@@ -84,7 +88,7 @@ def measure(
     state, shardings = training.create_train_state(
         built.model, tx, inputs, jax.random.key(0), mesh, rules
     )
-    step_fn = training.compile_train_step(built.loss_fn, shardings, mesh, rules)
+    step_fn = training.compile_train_step(built.loss_fn, shardings, mesh, rules, step_rng)
     batch = jax.device_put(built.batch, sharding.batch_sharding(mesh))
     jax.block_until_ready((state, batch))
 
@@ -101,6 +105,8 @@ def measure(
     loss = float(np.asarray(holder["metrics"]["loss"]))
     if not np.isfinite(loss):
         row["note"] = f"{row['note']}; non-finite loss {loss}".lstrip("; ")
+    if step_rng != "threefry":
+        row["note"] = "; ".join(filter(None, [row["note"], f"dropout bits: {step_rng}"]))
     timing.derive(row, w, result, forward, devices[0].device_kind, peak_tflops)
     peak = peak_memory_bytes(devices) if report_memory else None
     if peak is not None:

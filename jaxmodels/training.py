@@ -139,9 +139,34 @@ def create_train_state(
     return state, shardings
 
 
-def train_step(state: TrainState, batch: Batch, loss_fn: LossFn) -> tuple[TrainState, Metrics]:
-    """One optimizer step; pure. Metrics include loss, grad_norm and learning_rate."""
-    rng = jax.random.fold_in(state.rng, state.step)
+# Random-bit generators the step's dropout key may use (see `step_key`).
+STEP_RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
+
+
+def step_key(rng: jax.Array, step: jax.Array, impl: str = "threefry") -> jax.Array:
+    """The key of step `step` from the state's base key (threefry, as saved).
+
+    `impl` "rbg" / "unsafe_rbg" turns it into a key of XLA's RngBitGenerator (seeded from
+    the threefry key, so still a deterministic function of seed and step): far cheaper
+    random bits for dropout masks on accelerators, but the bits depend on how the arrays
+    are partitioned, so a sharded step no longer equals the single-device one exactly.
+    """
+    key = jax.random.fold_in(rng, step)
+    if impl == "threefry":
+        return key
+    if impl not in STEP_RNG_IMPLS:
+        raise ValueError(f"unknown step rng {impl!r}; use one of {STEP_RNG_IMPLS}")
+    return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
+
+
+def train_step(
+    state: TrainState, batch: Batch, loss_fn: LossFn, rng_impl: str = "threefry"
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step; pure. Metrics include loss, grad_norm and learning_rate.
+
+    `rng_impl`: the generator of the step's key (dropout masks), see `step_key`.
+    """
+    rng = step_key(state.rng, state.step, rng_impl)
 
     def objective(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
         return loss_fn(params, state.model_state, batch, rng)
@@ -164,12 +189,18 @@ def train_step(state: TrainState, batch: Batch, loss_fn: LossFn) -> tuple[TrainS
 
 
 def compile_train_step(
-    loss_fn: LossFn, shardings: TrainState, mesh: Mesh, rules: Any = ()
+    loss_fn: LossFn,
+    shardings: TrainState,
+    mesh: Mesh,
+    rules: Any = (),
+    rng_impl: str = "threefry",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """`train_step` jitted once with shardings and state donation."""
+    if rng_impl not in STEP_RNG_IMPLS:
+        raise ValueError(f"unknown step rng {rng_impl!r}; use one of {STEP_RNG_IMPLS}")
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(
-        lambda state, batch: train_step(state, batch, loss_fn),
+        lambda state, batch: train_step(state, batch, loss_fn, rng_impl),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, replicated),
         donate_argnums=0,

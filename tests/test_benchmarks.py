@@ -250,10 +250,14 @@ def test_cli_transformer_rows(tmp_path):
         "--warmup",
         "0",
         "--in-process",
+        "--step-rng",
+        "rbg",
         "--json",
         str(out),
     )
-    rows = {(r["workload"], r["impl"]): r for r in json.loads(out.read_text())["rows"]}
+    result = json.loads(out.read_text())
+    assert result["metadata"]["step_rng"] == "rbg"
+    rows = {(r["workload"], r["impl"]): r for r in result["rows"]}
     assert set(rows) == {
         ("bert_base", "jax"),
         ("bert_base", "jax no_attn_dropout"),
@@ -267,7 +271,7 @@ def test_cli_transformer_rows(tmp_path):
         assert row["model_flops_per_step"] == 3 * row["forward_flops"]
         assert row["tflops"] > 0 and row["items_per_s"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["items_per_s"] * w[name].seq_len)
-    assert rows["bert_base", "jax"]["note"] == "MLM on 5 of 32 tokens (5 slots)"
+    assert rows["bert_base", "jax"]["note"] == "MLM on 5 of 32 tokens (5 slots); dropout bits: rbg"
     assert "dropout 0" in rows["bert_base", "jax no_attn_dropout"]["note"]
 
 

@@ -195,6 +195,13 @@ def test_unknown_key_in_config_file_is_named():
         validate_config(config)
 
 
+def test_unknown_step_rng_is_named():
+    config = load_config("cnn_digits.py")
+    config.step_rng = "mersenne"
+    with pytest.raises(ConfigError, match="step_rng.*'mersenne'.*rbg"):
+        validate_config(config)
+
+
 def test_unknown_model_field_is_named(tmp_path):
     config = load_config("cnn_digits.py")
     config.model.widht = 3

@@ -168,3 +168,41 @@ def test_first_non_finite_names_the_leaf():
     tree = {"a": jnp.ones(3), "b": {"c": jnp.array([1.0, jnp.nan])}}
     assert training.first_non_finite(tree) == "['b']['c']"
     assert training.first_non_finite({"a": jnp.ones(3)}) is None
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_step_rng_other_generators_drive_dropout_deterministically(impl):
+    import flax.linen as nn
+
+    class Dropper(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Dense(64)(x)
+            return nn.Dense(2)(nn.Dropout(0.5, deterministic=not train)(x))
+
+    model = Dropper()
+    mesh = sharding.make_mesh(devices=jax.devices()[:1], data=1)
+    rules = sharding.logical_rules("data")
+    tx = optim.make_optimizer("sgd", 0.1, total_steps=10)
+    loss_fn, _ = training.classification_fns(model, inputs=lambda b: (b["x"],))
+    batch = {"x": np.ones((8, 4), np.float32), "label": np.zeros((8,), np.int32)}
+
+    def run(rng_impl):
+        state, shardings = training.create_train_state(
+            model, tx, [jnp.zeros((1, 4))], jax.random.PRNGKey(0), mesh, rules
+        )
+        step = training.compile_train_step(loss_fn, shardings, mesh, rules, rng_impl)
+        _, metrics = step(state, batch)
+        return float(metrics["loss"])
+
+    key = training.step_key(jax.random.PRNGKey(0), jnp.int32(3), impl)
+    assert jax.random.key_impl(key) is not None
+    np.testing.assert_array_equal(
+        jax.random.bits(key, (4,)),
+        jax.random.bits(training.step_key(jax.random.PRNGKey(0), jnp.int32(3), impl), (4,)),
+    )
+    a, b, threefry = run(impl), run(impl), run("threefry")
+    assert a == b, "same seed and step, same dropout masks"
+    assert a != threefry, "another generator draws other masks"
+    with pytest.raises(ValueError, match="unknown step rng"):
+        training.compile_train_step(loss_fn, None, mesh, rules, "mersenne")

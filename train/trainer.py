@@ -60,6 +60,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("eval_every", "checkpoint_every", "eval_batch_size", "num_classes"):
         if int(config[key]) < 0:
             raise ConfigError(f"config key {key} must be >= 0, got {config[key]}")
+    if config.step_rng not in training.STEP_RNG_IMPLS:
+        raise ConfigError(
+            f"config key step_rng: {config.step_rng!r} is not one of {training.STEP_RNG_IMPLS}"
+        )
     if config.keep_checkpoints < 1:
         raise ConfigError("config key keep_checkpoints must be >= 1")
     try:
@@ -215,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             flush=True,
         )
 
-    train_step = training.compile_train_step(task.loss_fn, shardings, mesh, rules)
+    train_step = training.compile_train_step(task.loss_fn, shardings, mesh, rules, config.step_rng)
     eval_step = training.compile_eval_step(task.eval_fn, shardings, mesh, rules)
     writer = MetricWriter(workdir, enabled=lead)
     bar = None
