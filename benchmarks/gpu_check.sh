@@ -9,6 +9,8 @@
 # and cuDNN LSTM against the XLA paths), and per group of workloads suite-N.log/.json.
 # ONLY: workload groups separated by ";" (each group one `python -m benchmarks` run, in
 # order, so the first group's numbers exist even if a later one runs out of time).
+# EXTRA: more flags for every benchmark run, e.g. EXTRA="--step-rng unsafe_rbg".
+# TESTS= (empty) skips the tests; PEERS= (empty) skips the peers.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -26,5 +28,5 @@ for group in "${GROUPS_[@]}"; do
   i=$((i + 1))
   # shellcheck disable=SC2086
   timeout "${BENCH_TIMEOUT:-3000}" python -m benchmarks --suite gpu ${group:+--only $group} \
-    $PEERS --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
+    $PEERS ${EXTRA:-} --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
 done
