@@ -153,7 +153,7 @@ def _run_here(
             report_memory=i == 0,
             step_rng=args.step_rng,
         )
-        if i > 0 and args.in_process and measure.peak_memory_bytes(devices) is not None:
+        if i > 0 and args.in_process and timing.peak_memory_bytes(devices) is not None:
             row["note"] = "; ".join(
                 filter(None, [row["note"], "peak mem: only in a fresh process"])
             )

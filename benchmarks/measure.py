@@ -17,7 +17,7 @@ from benchmarks import flops, timing, workloads
 from benchmarks.specs import Workload
 from jaxmodels import optim, sharding, training
 
-__all__ = ["device_label", "devices_for", "measure", "peak_memory_bytes"]
+__all__ = ["device_label", "devices_for", "measure"]
 
 
 def devices_for(spec: str) -> list[Any]:
@@ -32,19 +32,6 @@ def devices_for(spec: str) -> list[Any]:
 def device_label(devices: list[Any]) -> str:
     """E.g. "NVIDIA H200 x1" or "cpu x1"."""
     return f"{devices[0].device_kind} x{len(devices)}"
-
-
-def peak_memory_bytes(devices: list[Any]) -> int | None:
-    """The largest `peak_bytes_in_use` over `devices` (a process-wide high-water mark)."""
-    peaks = []
-    for d in devices:
-        try:
-            stats = d.memory_stats()
-        except Exception:  # backends without allocator statistics
-            stats = None
-        if stats and "peak_bytes_in_use" in stats:
-            peaks.append(stats["peak_bytes_in_use"])
-    return max(peaks) if peaks else None
 
 
 def measure(
@@ -108,7 +95,7 @@ def measure(
     if step_rng != "threefry":
         row["note"] = "; ".join(filter(None, [row["note"], f"dropout bits: {step_rng}"]))
     timing.derive(row, w, result, forward, devices[0].device_kind, peak_tflops)
-    peak = peak_memory_bytes(devices) if report_memory else None
+    peak = timing.peak_memory_bytes(devices) if report_memory else None
     if peak is not None:
         row["peak_mem_gib"] = peak / 2**30
     return row

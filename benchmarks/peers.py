@@ -513,10 +513,7 @@ def measure_keras(
     peak_tflops: float | None,
 ) -> dict[str, Any]:
     """Times `model.fit` of the Keras model of `w` (in a process whose backend is JAX)."""
-    if steps < 1 or windows < 1 or warmup < 0:
-        raise SystemExit(
-            f"need --steps >= 1, --windows >= 1 and --warmup >= 0; got {steps}, {windows}, {warmup}"
-        )
+    timing.check_protocol(steps, windows, warmup)
     import jax
     import keras
     import numpy as np
@@ -606,17 +603,10 @@ def measure_keras(
         note="; ".join(notes),
     )
     timing.derive(row, w, result, forward_flops, device.device_kind, peak_tflops)
-    stats = _memory_stats(device)
-    if stats and "peak_bytes_in_use" in stats:
-        row["peak_mem_gib"] = stats["peak_bytes_in_use"] / 2**30
+    peak = timing.peak_memory_bytes([device])
+    if peak is not None:
+        row["peak_mem_gib"] = peak / 2**30
     return row
-
-
-def _memory_stats(device: Any) -> dict[str, Any] | None:
-    try:
-        return device.memory_stats()
-    except Exception:  # backends without allocator statistics
-        return None
 
 
 def _watch_keras_lstm() -> dict[str, int]:

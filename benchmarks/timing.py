@@ -23,7 +23,15 @@ from typing import Any
 
 from benchmarks import specs
 
-__all__ = ["ROW_KEYS", "Timing", "derive", "empty_row", "time_training"]
+__all__ = [
+    "ROW_KEYS",
+    "Timing",
+    "check_protocol",
+    "derive",
+    "empty_row",
+    "peak_memory_bytes",
+    "time_training",
+]
 
 # Keys of a row, in table order (see `benchmarks.report` for the column titles).
 ROW_KEYS = (
@@ -59,6 +67,28 @@ class Timing:
     window_s: list[float]
 
 
+def check_protocol(steps: int, windows: int, warmup: int) -> None:
+    """K steps per window, R windows and the warm-up steps must make a timing."""
+    if steps < 1 or windows < 1 or warmup < 0:
+        raise SystemExit(
+            f"need --steps >= 1, --windows >= 1 and --warmup >= 0; got {steps}, {windows}, {warmup}"
+        )
+
+
+def peak_memory_bytes(devices: list[Any]) -> int | None:
+    """The largest `peak_bytes_in_use` over JAX `devices` (a process-wide high-water mark);
+    None where the backend keeps no allocator statistics."""
+    peaks = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # backends without allocator statistics
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return max(peaks) if peaks else None
+
+
 def time_training(
     step: Callable[[], Any],
     sync: Callable[[], Any],
@@ -67,10 +97,7 @@ def time_training(
     warmup: int,
 ) -> Timing:
     """Times `step()` (one training step, asynchronous) with `sync()` waiting for the device."""
-    if steps < 1 or windows < 1 or warmup < 0:
-        raise SystemExit(
-            f"need --steps >= 1, --windows >= 1 and --warmup >= 0; got {steps}, {windows}, {warmup}"
-        )
+    check_protocol(steps, windows, warmup)
     start = time.perf_counter()
     step()
     sync()
