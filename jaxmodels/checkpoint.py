@@ -209,3 +209,12 @@ class Checkpointer:
             raise CheckpointError(
                 f"could not read the parameters of checkpoint {path} ({type(e).__name__}: {e})"
             ) from e
+
+
+def load_params(directory: str | os.PathLike, step: int | None = None) -> Any:
+    """`Checkpointer(directory).restore_params(step)`, closing the checkpointer after."""
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        return ckpt.restore_params(step)
+    finally:
+        ckpt.close()

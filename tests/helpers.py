@@ -47,11 +47,7 @@ def run_app(config: str, workdir: str, *overrides: str, timeout: int = 300, devi
 
 def saved_params(workdir: str, step: int) -> dict:
     """The params saved at `step` in `workdir`, as a flat dict of numpy arrays."""
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        params = ckpt.restore_params(step)
-    finally:
-        ckpt.close()
+    params = checkpoint.load_params(os.path.join(workdir, "checkpoints"), step)
     flat = {}
 
     def walk(prefix: str, node) -> None:

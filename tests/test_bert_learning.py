@@ -55,14 +55,8 @@ def _unigram_baseline(config, workdir) -> float:
     """Accuracy of always predicting the most frequent masked token of the eval set."""
     texts = bert_pretraining.corpus(config, config.eval_split)
     tokenizer = mlm.wordpiece(f"{workdir}/{bert_pretraining.VOCAB_FILE}")
-    source = mlm.PairSource(texts, tokenizer, num_examples=config.eval_examples or None)
-    pairs = mlm.MaskedPairs(
-        source,
-        tokenizer,
-        max_length=config.max_length,
-        max_predictions=config.max_predictions,
-        seed=config.seed,
-    )
+    pairs = bert_pretraining.masked_pairs(config, texts, tokenizer, config.eval_examples or None)
+    source = pairs.source
     counts: collections.Counter = collections.Counter()
     for i in range(len(source)):
         ex = pairs.eval(source[i], None)

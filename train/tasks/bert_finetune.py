@@ -39,11 +39,7 @@ def _pretrained_bert_params(workdir: str) -> Any:
     steps = [s for s in os.listdir(root) if s.isdigit()] if os.path.isdir(root) else []
     if not steps:
         raise DataError(f"init_from={workdir}: no checkpoint in {root}")
-    ckpt = checkpoint.Checkpointer(root, async_save=False)
-    try:
-        params = ckpt.restore_params()
-    finally:
-        ckpt.close()
+    params = checkpoint.load_params(root)
     if "bert" not in params:
         raise DataError(f"init_from={workdir}: its checkpoint holds no BERT encoder")
     return params["bert"]

@@ -71,20 +71,26 @@ def model_config(config: Any, vocab_size: int) -> bert.BertConfig:
     )
 
 
-def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:
-    train_texts = corpus(config, config.train_split)
-    eval_texts = corpus(config, config.eval_split)
-    tokenizer = tokenizer_for(config, workdir, train_texts)
-    model = bert.BertForPreTraining(model_config(config, tokenizer.get_vocab_size()))
-    make_pairs = lambda texts, n=None: mlm.MaskedPairs(  # noqa: E731
-        mlm.PairSource(texts, tokenizer, num_examples=n),
+def masked_pairs(
+    config: Any, texts: Any, tokenizer: Any, num_examples: int | None = None
+) -> mlm.MaskedPairs:
+    """The pretraining examples over `texts` (see `train.data.mlm`), sized by `config`."""
+    return mlm.MaskedPairs(
+        mlm.PairSource(texts, tokenizer, num_examples=num_examples),
         tokenizer,
         max_length=config.max_length,
         max_predictions=config.max_predictions,
         seed=config.seed,
     )
-    train_pairs = make_pairs(train_texts)
-    eval_pairs = make_pairs(eval_texts, config.eval_examples or None)
+
+
+def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:
+    train_texts = corpus(config, config.train_split)
+    eval_texts = corpus(config, config.eval_split)
+    tokenizer = tokenizer_for(config, workdir, train_texts)
+    model = bert.BertForPreTraining(model_config(config, tokenizer.get_vocab_size()))
+    train_pairs = masked_pairs(config, train_texts, tokenizer)
+    eval_pairs = masked_pairs(config, eval_texts, tokenizer, config.eval_examples or None)
 
     def apply(params: Any, batch: Any, train: bool, rngs: Any = None) -> Any:
         return model.apply(

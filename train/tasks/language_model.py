@@ -101,11 +101,7 @@ def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 
         The continuations (text after the prompt; stops at EOS).
     """
     model = make_model(config)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        params = ckpt.restore_params()
-    finally:
-        ckpt.close()
+    params = checkpoint.load_params(os.path.join(workdir, "checkpoints"))
     encoded = [sequences.encode_bytes(p)[-(model.max_len - 1) :] for p in prompts]
     lengths = np.array([max(len(e), 1) for e in encoded], np.int32)
     prompt = np.zeros((len(prompts), int(lengths.max())), np.int32)
