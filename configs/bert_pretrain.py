@@ -27,6 +27,8 @@ def get_config(variant: str | None = None):
     c.vocab_size = 8_000  # when the vocabulary is trained on the corpus
     c.max_length = 64
     c.max_predictions = 10
+    # Other `model` keys are BertConfig fields, e.g. remat_policy ("dots", "full", ...) or
+    # scan_layers=True (one nn.scan over the layers: a several times faster compile).
     c.model = {"name": "BertForPreTraining", "preset": "tiny"}
     c.batch_size = 32
     c.optimizer.name = "adamw"

@@ -81,6 +81,9 @@ __all__ = [
     "Pretrained",
     "pretraining_loss",
     "from_pretrained",
+    "layer_layout",
+    "stack_layers",
+    "unstack_layers",
     "save_pretrained",
 ]
 
@@ -169,6 +172,10 @@ class BertConfig:
         (None: cuDNN on GPU with bfloat16, else XLA).
       remat_policy: rematerialisation of each layer in the backward pass, one of
         `REMAT_POLICIES` or None (none).
+      scan_layers: run the layers as one `nn.scan` (parameters stacked under
+        `encoder/layers`): one layer is compiled instead of `num_layers`, so the step
+        compiles several times faster. The same function as the unrolled layers (only
+        the dropout masks are drawn differently).
     """
 
     vocab_size: int = 30522
@@ -187,6 +194,7 @@ class BertConfig:
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
     remat_policy: str | None = None
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -412,12 +420,22 @@ class BertLayer(nn.Module):
         return _constrain(_layer_norm(c, "output_norm")(x + h))
 
 
+class _ScannedBertLayer(BertLayer):
+    """`BertLayer` with the (carry, output) signature `nn.scan` needs."""
+
+    def __call__(self, x, kv_lengths=None, mask=None, deterministic=True):
+        return super().__call__(x, kv_lengths, mask, deterministic), None
+
+
 class BertEncoder(nn.Module):
-    """`num_layers` `BertLayer`s (`layer_0`, `layer_1`, ...), rematerialised per
-    `config.remat_policy`.
+    """`num_layers` `BertLayer`s, rematerialised per `config.remat_policy`.
+
+    Parameters: `layer_0`, `layer_1`, ... or, with `config.scan_layers`, one `layers` tree
+    whose arrays are stacked on a leading `layers` axis (`stack_layers` / `unstack_layers`
+    convert between the two).
 
     Attributes:
-      config: the sizes, dtypes, rates and remat policy.
+      config: the sizes, dtypes, rates, remat policy and layout.
     """
 
     config: BertConfig
@@ -431,14 +449,74 @@ class BertEncoder(nn.Module):
         deterministic: bool = True,
     ) -> Array:
         """x: <dtype>[batch, length, embed]; kv_lengths, mask: see `BertLayer`."""
-        layer_cls = BertLayer
-        policy = self.config.remat_policy
-        if policy not in (None, "none"):
+        c = self.config
+        scan = c.scan_layers
+        layer_cls = _ScannedBertLayer if scan else BertLayer
+        if c.remat_policy not in (None, "none"):
             # static_argnums counts `self` as 0: `deterministic` is argument 4.
-            layer_cls = nn.remat(BertLayer, policy=REMAT_POLICIES[policy], static_argnums=(4,))
-        for i in range(self.config.num_layers):
-            x = layer_cls(self.config, name=f"layer_{i}")(x, kv_lengths, mask, deterministic)
+            layer_cls = nn.remat(
+                layer_cls,
+                policy=REMAT_POLICIES[c.remat_policy],
+                prevent_cse=not scan,
+                static_argnums=(4,),
+            )
+        if scan:
+            layers = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * 3,  # kv_lengths, mask, deterministic
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = layers(c, name="layers")(x, kv_lengths, mask, deterministic)
+            return x
+        for i in range(c.num_layers):
+            x = layer_cls(c, name=f"layer_{i}")(x, kv_lengths, mask, deterministic)
         return x
+
+
+def _replace_encoders(tree: Any, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    if not isinstance(tree, Mapping):
+        return tree
+    if "layers" in tree or "layer_0" in tree:
+        return fn(dict(tree))
+    return {k: _replace_encoders(v, fn) for k, v in tree.items()}
+
+
+def stack_layers(params: Any) -> Any:
+    """Parameters with `layer_0..layer_{L-1}` turned into the `scan_layers` layout: one
+    `layers` tree, each array stacked on a new leading axis. Already stacked: unchanged."""
+
+    def stack(encoder: dict[str, Any]) -> dict[str, Any]:
+        names = sorted((k for k in encoder if k.startswith("layer_")), key=lambda k: int(k[6:]))
+        if not names:
+            return encoder
+        layers = [encoder.pop(k) for k in names]
+        encoder["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        return encoder
+
+    return _replace_encoders(params, stack)
+
+
+def unstack_layers(params: Any) -> Any:
+    """The inverse of `stack_layers`: `layers` (stacked) -> `layer_0..layer_{L-1}`."""
+
+    def unstack(encoder: dict[str, Any]) -> dict[str, Any]:
+        if "layers" not in encoder:
+            return encoder
+        stacked = encoder.pop("layers")
+        count = jax.tree.leaves(stacked)[0].shape[0]
+        for i in range(count):
+            encoder[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+        return encoder
+
+    return _replace_encoders(params, unstack)
+
+
+def layer_layout(params: Any, scan_layers: bool) -> Any:
+    """`params` in the layout of a model with `scan_layers` (converted if it is the other)."""
+    return stack_layers(params) if scan_layers else unstack_layers(params)
 
 
 class BertPooler(nn.Module):
@@ -1029,8 +1107,8 @@ def from_pretrained(
         pretrained encoder) randomly, with a warning naming them, instead of failing.
       rng: PRNG key for `init_missing` (default PRNGKey(0)).
       **overrides: run-time `BertConfig` fields: dtype, param_dtype, implementation,
-        remat_policy, hidden_dropout, attention_dropout. An architecture field is accepted
-        only if it equals the checkpoint's.
+        remat_policy, scan_layers, hidden_dropout, attention_dropout. An architecture
+        field is accepted only if it equals the checkpoint's.
 
     Returns:
       `Pretrained(model, variables, vocab_file)`: unpack as
@@ -1085,13 +1163,15 @@ def from_pretrained(
     else:
         raise TypeError(f"model_cls must be one of {_MODEL_CLASSES}, got {model_cls}")
 
+    # Tensors are matched layer by layer (`layer_i`); a scan_layers model gets them stacked.
+    unrolled = model.clone(config=dataclasses.replace(config, scan_layers=False))
     tensors, weights_path = _read_weights(directory)
     bare = not any(k.startswith("bert.") for k in tensors)  # a `BertModel` checkpoint
     if bare:
         tensors = {
             k if k.startswith(_HEAD_PREFIXES) else f"bert.{k}": v for k, v in tensors.items()
         }
-    expected = jax.eval_shape(functools.partial(_init_params, model), jax.random.PRNGKey(0))
+    expected = jax.eval_shape(functools.partial(_init_params, unrolled), jax.random.PRNGKey(0))
     params: dict[str, Any] = {}
     missing: list[tuple[str, tuple[str, ...]]] = []
     wrong: list[str] = []
@@ -1099,7 +1179,7 @@ def from_pretrained(
     def shown(name: str) -> str:  # the name as the checkpoint spells it
         return name.removeprefix("bert.") if bare else name
 
-    for t in _tensors(model, prefix_base=True):
+    for t in _tensors(unrolled, prefix_base=True):
         name = next((n for n in t.names if n in tensors), None)
         ours = _get(expected, t.path)
         if name is None:
@@ -1136,9 +1216,10 @@ def from_pretrained(
             stacklevel=2,
         )
         key = jax.random.PRNGKey(0) if rng is None else rng
-        fresh = jax.jit(functools.partial(_init_params, model))(key)
+        fresh = jax.jit(functools.partial(_init_params, unrolled))(key)
         for _, path in missing:
             _set(params, path, _get(fresh, path))
+    params = layer_layout(params, config.scan_layers)
     vocab = os.path.join(directory, "vocab.txt")
     return Pretrained(model, {"params": params}, vocab if os.path.exists(vocab) else None)
 
@@ -1165,7 +1246,7 @@ def save_pretrained(
     from safetensors.numpy import save_file
 
     params = variables.get("params", variables)
-    params = nn.meta.unbox(params)
+    params = unstack_layers(nn.meta.unbox(params))
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     tensors = {}

@@ -193,6 +193,33 @@ def test_sharded_forward_equals_single_device():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_sharded_scan_layers_forward_equals_single_device():
+    """scan_layers under the fsdp_tp rules: the stacked `layers` axis stays whole, the
+    per-layer axes are sharded as unrolled; same outputs as the unrolled model."""
+    from jax.sharding import PartitionSpec
+
+    from jaxmodels import sharding, training
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    rules = sharding.logical_rules("fsdp_tp")
+    ids, mask, types = _batch(batch=4)
+    lengths = mask.sum(1)
+    unrolled = bert.BertForPreTraining(SMALL)
+    variables = _init(unrolled, ids)
+    expected = unrolled.apply(variables, ids, None, types, lengths=lengths)
+    model = bert.BertForPreTraining(dataclasses.replace(SMALL, scan_layers=True))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+    shardings = sharding.state_shardings(abstract, mesh, rules)["params"]
+    query = shardings["bert"]["encoder"]["layers"]["attention"]["query"]["kernel"]
+    assert query.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    placed = {"params": jax.device_put(bert.stack_layers(variables["params"]), shardings)}
+    forward = jax.jit(lambda v, i, t, n: model.apply(v, i, None, t, lengths=n))
+    with training.mesh_context(mesh, rules):
+        got = forward(placed, ids, types, lengths)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_shapes_dtypes_and_masked_positions_gather():
     model = bert.BertForPreTraining(SMALL)
     ids, mask, types = _batch()
@@ -273,6 +300,66 @@ def test_remat_policy_gives_the_same_gradients():
         jax.tree.leaves(grads(None)), jax.tree.leaves(grads("dots_no_batch")), strict=True
     ):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_scan_layers_is_the_same_function_with_stacked_parameters():
+    """scan_layers (with and without remat): the unrolled model's outputs and gradients
+    from the same (stacked) parameters; the layouts convert both ways exactly."""
+    ids, mask, types = _batch()
+    variables = _init(bert.BertForPreTraining(SMALL), ids)
+    stacked = bert.stack_layers(variables["params"])
+    encoder = stacked["bert"]["encoder"]
+    assert set(encoder) == {"layers"}
+    kernel = encoder["layers"]["intermediate"]["kernel"]
+    assert kernel.shape == (SMALL.num_layers, SMALL.hidden_size, SMALL.intermediate_size)
+    jax.tree.map(np.testing.assert_array_equal, bert.unstack_layers(stacked), variables["params"])
+    jax.tree.map(np.testing.assert_array_equal, bert.layer_layout(stacked, True), stacked)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        bert.layer_layout(bert.layer_layout(variables["params"], True), False),
+        variables["params"],
+    )
+    # The scanned model initialises to that layout (with the `layers` axis name).
+    scanned = bert.BertForPreTraining(dataclasses.replace(SMALL, scan_layers=True))
+    abstract = jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(0), ids))
+    box = abstract["params"]["bert"]["encoder"]["layers"]["intermediate"]["kernel"]
+    assert box.names == ("layers", "embed", "mlp") and box.value.shape == kernel.shape
+
+    def grads(model, params):
+        def loss(p):
+            mlm, nsp = model.apply({"params": p}, ids, None, types, lengths=mask.sum(1))
+            return jnp.mean(mlm**2) + jnp.mean(nsp**2), (mlm, nsp)
+
+        return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+    want_grads, want_out = grads(bert.BertForPreTraining(SMALL), variables["params"])
+    for policy in (None, "full"):
+        model = bert.BertForPreTraining(
+            dataclasses.replace(SMALL, scan_layers=True, remat_policy=policy)
+        )
+        got_grads, got_out = grads(model, stacked)
+        for a, b in zip(got_out, want_out, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+            bert.unstack_layers(got_grads),
+            want_grads,
+        )
+
+
+def test_scan_layers_dropout_differs_per_layer_and_step():
+    ids, mask, types = _batch()
+    config = dataclasses.replace(SMALL, scan_layers=True)
+    model = bert.BertModel(config)
+    variables = _init(model, ids)
+
+    def run(key):
+        out, _ = model.apply(variables, ids, None, types, True, rngs={"dropout": key})
+        return np.asarray(out)
+
+    a, b = run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(2))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, run(jax.random.PRNGKey(1)))
 
 
 def test_bfloat16_compute_float32_params_and_logits():
@@ -419,6 +506,23 @@ def test_save_and_load_round_trip(saved):
     base, base_vars, _ = bert.from_pretrained(directory, bert.BertModel, dtype=jnp.bfloat16)
     assert base.config.dtype == jnp.bfloat16
     jax.tree.map(np.testing.assert_array_equal, base_vars["params"], variables["params"]["bert"])
+
+
+def test_scan_layers_checkpoints_convert(saved, tmp_path):
+    """A scan_layers model loads Hugging Face tensors stacked and saves them per layer."""
+    model, variables, directory = saved
+    scanned, scanned_vars, _ = bert.from_pretrained(directory, scan_layers=True)
+    assert scanned.config.scan_layers
+    assert "layers" in scanned_vars["params"]["bert"]["encoder"]
+    ids, mask, types = _batch()
+    np.testing.assert_allclose(
+        scanned.apply(scanned_vars, ids, mask, types)[0],
+        model.apply(variables, ids, mask, types)[0],
+        atol=1e-5,
+    )
+    bert.save_pretrained(scanned, scanned_vars, tmp_path / "again")
+    _, again, _ = bert.from_pretrained(tmp_path / "again")
+    jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
 def test_missing_directory_and_files(tmp_path, saved):

@@ -31,8 +31,10 @@ def test_from_scratch(tmp_path):
     assert (tmp_path / "scratch" / "vocab.txt").exists()
 
 
-def test_from_a_pretraining_workdir(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
+def test_from_a_pretraining_workdir(tmp_path, scan_layers):
     pre = load_config("bert_pretrain.py", "smoke")
+    pre.model.scan_layers = scan_layers
     train_and_evaluate(pre, str(tmp_path / "pre"))
     config, _ = _finetune(tmp_path, "ft", init_from=str(tmp_path / "pre"))
     assert logs.read_metrics(str(tmp_path / "ft"))
@@ -41,6 +43,7 @@ def test_from_a_pretraining_workdir(tmp_path):
         config, str(tmp_path / "ft"), 10, []
     )
     assert init_params is not None
+    assert model.config.scan_layers == scan_layers  # the pretraining run's model settings
     assert tokenizer.get_vocab_size() == model.config.vocab_size
     variables = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32)))
     started = init_params(jax.device_get(variables["params"]))

@@ -70,7 +70,7 @@ def model_and_tokenizer(
         bert_config = bert_pretraining.model_config(pretrain_config, tokenizer.get_vocab_size())
         bert_config = dataclasses.replace(bert_config, dtype=dtype)
         model = bert.BertForSequenceClassification(bert_config, num_labels=num_classes)
-        encoder = _pretrained_bert_params(source)
+        encoder = bert.layer_layout(_pretrained_bert_params(source), bert_config.scan_layers)
     else:
         tokenizer = bert_pretraining.tokenizer_for(config, workdir, train_texts)
         bert_config = bert_pretraining.model_config(config, tokenizer.get_vocab_size())
