@@ -17,6 +17,8 @@ runs them all in this one.
 Columns of the table (and keys of the ``--json`` rows):
 
 * ``first step s``: wall time of the first step, compilation included (the state exists);
+  ``compile s``: the XLA compilation inside it (JAX's compile events; the JSON rows also
+  have ``trace_lower_s``, tracing and lowering to MLIR);
 * ``step ms``: after warm-up, R windows of K steps each, each ended by
   ``jax.block_until_ready``; the median over windows of window time / K;
 * ``items/s`` = batch / step time; ``tokens/s`` = batch x sequence length / step time;
@@ -29,10 +31,13 @@ Columns of the table (and keys of the ``--json`` rows):
 * ``ours/peer`` (peer rows): our best items/s for the workload over the peer's.
 
 ``--peers`` times the same workloads in PyTorch in a separate process (`benchmarks.peers`).
-Families not built yet appear as skipped rows with the reason.
+Families not built yet appear as skipped rows with the reason. ``--set KEY=VALUE`` changes a
+model setting of our runs, ``--batch N`` the batch of every run. ``--profile DIR`` adds,
+per workload, where the step's time goes (`benchmarks.profile`).
 
 Modules: `specs` (workloads, sizes, peak FLOP/s), `workloads` (JAX builders), `flops` (FLOP
-counter), `timing` (protocol and derived numbers), `measure` (one JAX run), `peers` (PyTorch),
-`report` (table, JSON, plot), `cli`. Only JAX, Flax, Optax, NumPy and `jaxmodels` are imported
-at module level; PyTorch, torchvision and matplotlib only when used.
+counter), `timing` (protocol and derived numbers), `measure` (one JAX run), `profile` (trace
+and attribution), `peers` (PyTorch), `report` (table, JSON, plot), `cli`. Only JAX, Flax,
+Optax, NumPy and `jaxmodels` are imported at module level; PyTorch, torchvision and
+matplotlib only when used.
 """

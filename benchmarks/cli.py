@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import importlib.util
 import json
@@ -34,6 +35,19 @@ def _parser() -> argparse.ArgumentParser:
         help="workload sizes (default: gpu on a GPU backend, else cpu)",
     )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these workloads")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        metavar="IMPL",
+        help="run only these of our implementations (e.g. default, no_attn_dropout, scan, "
+        "cudnn, flax_rnn); default: every one that applies",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="global batch size of every workload run (ours and the peers) instead of its own",
+    )
     parser.add_argument("--steps", type=int, default=None, help="K: steps per timed window")
     parser.add_argument("--windows", type=int, default=None, help="R: timed windows")
     parser.add_argument(
@@ -51,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
         choices=("threefry", "rbg", "unsafe_rbg"),
         default="threefry",
         help="generator of the dropout bits in our steps (jaxmodels.training.step_key)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model setting for our runs (repeatable), e.g. --set scan_layers=True or "
+        "--set remat_policy=dots: a BertConfig field for BERT, a constructor argument for "
+        "the other families; values are Python literals, else strings. Shown in the note",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also profile each of our steps after timing it: optimised HLO, XLA cost and "
+        "memory analysis, a jax.profiler trace and a summary of where the time goes, under "
+        "DIR/<workload>[-<impl>]/ (benchmarks.profile)",
     )
     parser.add_argument(
         "--peers", action="store_true", help="also time the PyTorch peers (separate process)"
@@ -95,7 +125,7 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
     suite = args.suite or ("gpu" if jax.default_backend() == "gpu" else "cpu")
     devices = measure.devices_for(args.devices)
     jobs, skipped = [], []
-    for w in specs.suite(suite, args.only):
+    for w in specs.suite(suite, args.only, args.batch):
         if w.family not in workloads.BUILDERS:
             skipped.append(
                 timing.empty_row(
@@ -108,7 +138,15 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             continue
-        jobs += [(w.name, impl) for impl in workloads.impls(w.family)]
+        jobs += [
+            (w.name, impl)
+            for impl in workloads.impls(w.family)
+            if not args.impls or (impl or "default") in args.impls
+        ]
+    if args.impls and not jobs and not skipped:
+        raise SystemExit(
+            f"--impls {' '.join(args.impls)}: no such implementation of these workloads"
+        )
     return {
         "suite": suite,
         "backend": jax.default_backend(),
@@ -119,6 +157,20 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
         "jobs": jobs,
         "skipped": skipped,
     }
+
+
+def model_overrides(settings: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` settings as a dict; a VALUE that is no Python literal is a string."""
+    out: dict[str, Any] = {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"--set {setting!r}: expected KEY=VALUE, e.g. scan_layers=True")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
 
 
 def _timing_args(args: argparse.Namespace, suite: str) -> tuple[int, int, int]:
@@ -136,7 +188,7 @@ def _run_here(
     """Measures `jobs` in this process."""
     from benchmarks import measure, workloads
 
-    by_name = {w.name: w for w in specs.SUITES[suite]}
+    by_name = {w.name: w for w in specs.suite(suite, None, args.batch)}
     devices = measure.devices_for(args.devices)
     steps, windows, warmup = _timing_args(args, suite)
     rows = []
@@ -152,6 +204,8 @@ def _run_here(
             args.peak_tflops,
             report_memory=i == 0,
             step_rng=args.step_rng,
+            profile_dir=args.profile and os.path.abspath(args.profile),
+            model_overrides=model_overrides(args.set),
         )
         if i > 0 and args.in_process and timing.peak_memory_bytes(devices) is not None:
             row["note"] = "; ".join(
@@ -220,6 +274,10 @@ def _child(cmd: list[str], timeout: float, echo: bool = False) -> tuple[Any, str
 
 def _common_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--devices", args.devices, "--step-rng", args.step_rng]
+    flags += ["--batch", str(args.batch)] if args.batch else []
+    flags += ["--profile", os.path.abspath(args.profile)] if args.profile else []
+    for setting in args.set:
+        flags += ["--set", setting]
     for name in ("steps", "windows", "warmup", "peak_tflops"):
         value = getattr(args, name)
         if value is not None:
@@ -235,10 +293,12 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
     probe_cmd = ["benchmarks", "--worker", "--probe", "--devices", args.devices]
     probe_cmd += ["--suite", args.suite] if args.suite else []
     probe_cmd += ["--only", *args.only] if args.only else []
+    probe_cmd += ["--batch", str(args.batch)] if args.batch else []
+    probe_cmd += ["--impls", *args.impls] if args.impls else []
     info, error = _child(probe_cmd, args.timeout)
     if info is None:
         raise SystemExit(f"the JAX probe process failed: {error}")
-    by_name = {w.name: w for w in specs.SUITES[info["suite"]]}
+    by_name = {w.name: w for w in specs.suite(info["suite"], None, args.batch)}
     rows = []
     jobs = info["jobs"]
     for i, (name, impl) in enumerate(jobs):
@@ -267,13 +327,14 @@ def _run_peers(
     forward = {r["workload"]: r["forward_flops"] for r in rows if r.get("forward_flops")}
     cmd = ["benchmarks.peers", "--suite", suite]
     cmd += ["--only", *args.only] if args.only else []
+    cmd += ["--batch", str(args.batch)] if args.batch else []
     cmd += ["--flops", *[f"{k}={v}" for k, v in forward.items()]] if forward else []
     for name in ("steps", "windows", "warmup", "peak_tflops"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
     _log("peers (PyTorch, separate process) ...")
-    workloads = specs.suite(suite, args.only)
+    workloads = specs.suite(suite, args.only, args.batch)
     result, error = _child(cmd, args.timeout * max(1, len(workloads)), echo=True)
     if result is None:
         return [], f"peer process failed: {error}"
@@ -286,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit(report.MATPLOTLIB_MISSING)
-    for suite in specs.SUITES:  # fail on a misspelt --only before starting anything
-        specs.suite(suite, args.only)
+    for suite in specs.SUITES:  # fail on a misspelt --only or a bad --batch before starting
+        specs.suite(suite, args.only, args.batch)
+    model_overrides(args.set)
 
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     info, rows = _run_suite(args)
@@ -315,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         "windows": windows,
         "warmup_steps": warmup,
         "step_rng": args.step_rng,
+        "model_overrides": model_overrides(args.set),
+        "batch_override": args.batch,
     }
     print(
         f"# {metadata['date']}  suite {info['suite']}  {info['device']}  jax {info['jax_version']}"

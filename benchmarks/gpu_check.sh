@@ -8,8 +8,13 @@
 # Writes under $OUT: nvidia-smi.txt, pytest-gpu.log (the tests marked `gpu`: cuDNN attention
 # and cuDNN LSTM against the XLA paths), and per group of workloads suite-N.log/.json.
 # ONLY: workload groups separated by ";" (each group one `python -m benchmarks` run, in
-# order, so the first group's numbers exist even if a later one runs out of time).
+# order, so the first group's numbers exist even if a later one runs out of time). A group
+# may carry flags of its own after its workloads, e.g.
+#   ONLY="bert_base --impls default; bert_base --impls default --step-rng unsafe_rbg"
 # EXTRA: more flags for every benchmark run, e.g. EXTRA="--step-rng unsafe_rbg".
+# PROFILE=1: also profile each of our steps (benchmarks/profile.py) into $OUT/profile-N/:
+# summary.txt/.json and the gzipped optimised HLO; the raw traces are deleted unless
+# KEEP_TRACES=1 (they can be large).
 # TESTS= (empty) skips the tests; PEERS= (empty) skips the peers.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -26,7 +31,13 @@ IFS=';' read -ra GROUPS_ <<<"${ONLY:-}"
 [ ${#GROUPS_[@]} -eq 0 ] && GROUPS_=("")
 for group in "${GROUPS_[@]}"; do
   i=$((i + 1))
+  profile=()
+  [ -n "${PROFILE:-}" ] && profile=(--profile "$OUT/profile-$i")
   # shellcheck disable=SC2086
   timeout "${BENCH_TIMEOUT:-3000}" python -m benchmarks --suite gpu ${group:+--only $group} \
-    $PEERS ${EXTRA:-} --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
+    $PEERS ${EXTRA:-} "${profile[@]}" --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
+  if [ -n "${PROFILE:-}" ] && [ -d "$OUT/profile-$i" ]; then
+    find "$OUT/profile-$i" -name step.hlo.txt -exec gzip -f {} \;
+    [ -n "${KEEP_TRACES:-}" ] || find "$OUT/profile-$i" -depth -type d -name trace -exec rm -rf {} \;
+  fi
 done

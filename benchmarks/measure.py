@@ -8,12 +8,14 @@ protocol is `benchmarks.timing.time_training`.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from benchmarks import flops, timing, workloads
+from benchmarks import flops, profile, timing, workloads
 from benchmarks.specs import Workload
 from jaxmodels import optim, sharding, training
 
@@ -44,11 +46,17 @@ def measure(
     peak_tflops: float | None = None,
     report_memory: bool = True,
     step_rng: str = "threefry",
+    profile_dir: str | None = None,
+    model_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Times the training step of `w` with implementation `impl`; returns its row.
 
     `step_rng`: the generator of the step's dropout bits (`jaxmodels.training.step_key`).
+    `profile_dir`: also profile the step there afterwards (`benchmarks.profile`).
+    `model_overrides`: model settings replacing the workload's (``--set``), noted in the row.
     """
+    if model_overrides:
+        w = dataclasses.replace(w, model={**w.model, **model_overrides})
     built = workloads.BUILDERS[w.family](w, impl)
     row = timing.empty_row(
         w,
@@ -88,14 +96,36 @@ def measure(
     def sync() -> None:
         jax.block_until_ready(holder["state"])
 
-    result = timing.time_training(step, sync, steps, windows, warmup)
+    with profile.compile_events() as compile_seconds:
+        result = timing.time_training(step, sync, steps, windows, warmup)
+    row["compile_s"] = compile_seconds.get("compile_s")
+    row["trace_lower_s"] = compile_seconds.get("trace_s", 0.0) + compile_seconds.get("lower_s", 0.0)
     loss = float(np.asarray(holder["metrics"]["loss"]))
     if not np.isfinite(loss):
         row["note"] = f"{row['note']}; non-finite loss {loss}".lstrip("; ")
+    extra = [f"{k}={v}" for k, v in (model_overrides or {}).items()]
     if step_rng != "threefry":
-        row["note"] = "; ".join(filter(None, [row["note"], f"dropout bits: {step_rng}"]))
+        extra.append(f"dropout bits: {step_rng}")
+    row["note"] = "; ".join(filter(None, [row["note"], *extra]))
     timing.derive(row, w, result, forward, devices[0].device_kind, peak_tflops)
     peak = timing.peak_memory_bytes(devices) if report_memory else None
     if peak is not None:
         row["peak_mem_gib"] = peak / 2**30
+    if profile_dir:
+
+        def run(compiled: Any) -> None:
+            holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+
+        name = "-".join(filter(None, [w.name, impl]))
+        summary = profile.profile_step(
+            os.path.join(profile_dir, name),
+            f"{name}  {row['device']}  {row['precision']}  batch {w.batch}  {w.shape}",
+            lambda: step_fn.lower(holder["state"], batch),
+            run,
+            sync,
+            steps,
+            row["step_ms"],
+            row.get("model_flops_per_step"),
+        )
+        row["profile"] = summary["directory"]
     return row

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -415,7 +416,7 @@ def _has_keras() -> bool:
 
 def _suite_of(w: specs.Workload) -> str:
     for name, workloads in specs.SUITES.items():
-        if w in workloads:
+        if any(dataclasses.replace(w, batch=v.batch) == v for v in workloads):
             return name
     raise ValueError(f"workload {w.name!r} is in no suite of benchmarks.specs")
 
@@ -446,6 +447,7 @@ def run_keras_peers(
     for w in todo:
         log(f"peer {w.name} {KERAS_IMPL} (own process) ...")
         cmd = ["benchmarks.peers", "--keras", "--suite", _suite_of(w), "--only", w.name]
+        cmd += ["--batch", str(w.batch)]
         cmd += ["--steps", str(steps), "--windows", str(windows), "--warmup", str(warmup)]
         if forward_flops.get(w.name):
             cmd += ["--flops", f"{w.name}={forward_flops[w.name]}"]
@@ -586,6 +588,7 @@ def measure_keras(
     result = timing.Timing(first, statistics.median(timer.per_step), timer.per_step)
 
     notes = ["model.fit, one device-resident batch"]
+    precision = "float32"
     if compiles:
         notes.append(f"{len(compiles)} XLA compilation(s) inside the timed windows")
     if w.family == "lstm":
@@ -593,13 +596,14 @@ def measure_keras(
             why = "its cuDNN path needs a GPU" if device.platform != "gpu" else "cuDNN refused"
             notes.append(f"keras.layers.LSTM as a lax.scan loop ({why})")
         elif cudnn_lstm.get("cudnn"):
-            notes.append("keras.layers.LSTM on cuDNN (float32)")
+            notes.append("keras.layers.LSTM on cuDNN (float32 in, TF32 matmuls)")
+            precision = specs.TF32
     row = timing.empty_row(
         w,
         KERAS_IMPL,
         "keras",
         device=f"{device.device_kind} x1",
-        precision="float32",
+        precision=precision,
         note="; ".join(notes),
     )
     timing.derive(row, w, result, forward_flops, device.device_kind, peak_tflops)
@@ -659,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--suite", choices=sorted(specs.SUITES), required=True)
     parser.add_argument("--only", nargs="+", metavar="NAME")
+    parser.add_argument("--batch", type=int, default=None, help="global batch size instead")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=None, help="timed windows")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the first")
@@ -683,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, metavar="FILE")
     args = parser.parse_args(argv)
     defaults = specs.DEFAULT_TIMING[args.suite]
-    workloads = specs.suite(args.suite, args.only)
+    workloads = specs.suite(args.suite, args.only, args.batch)
     timed = (
         args.steps or defaults["steps"],
         args.windows or defaults["windows"],

@@ -41,6 +41,7 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("tflops", "TFLOP/s", _sig),
     ("mfu_pct", "MFU %", _sig),
     ("first_step_s", "first step s", _sig),
+    ("compile_s", "compile s", _sig),
     ("peak_mem_gib", "peak mem GiB", _fixed(2)),
     ("ours_per_peer", "ours/peer", lambda v: f"{v:.2f}x"),
     ("note", "note", str),

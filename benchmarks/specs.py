@@ -50,6 +50,7 @@ __all__ = [
     "BERT_PRESETS",
     "DEFAULT_TIMING",
     "PEAK_FLOPS",
+    "TF32",
     "SUITES",
     "Workload",
     "peak_flops",
@@ -62,6 +63,11 @@ BACKWARD_FACTOR = 3
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "NVIDIA H200": {"bfloat16": 790e12, "float32": 67e12},
 }
+
+# The precision of rows whose float32 matmuls run on TF32 tensor cores (cuDNN's RNN, which
+# takes float32 only and allows TF32 by default). No peak is listed for it, so their MFU is
+# blank: against the plain FP32 peak it would exceed 100%.
+TF32 = "float32 (TF32)"
 
 
 def peak_flops(
@@ -233,8 +239,9 @@ DEFAULT_TIMING: dict[str, dict[str, int]] = {
 }
 
 
-def suite(name: str, only: list[str] | None = None) -> list[Workload]:
-    """The workloads of suite `name`, optionally only those named in `only` (in suite order)."""
+def suite(name: str, only: list[str] | None = None, batch: int | None = None) -> list[Workload]:
+    """The workloads of suite `name`, optionally only those named in `only` (in suite order),
+    with global batch size `batch` instead of their own if given."""
     if name not in SUITES:
         raise SystemExit(f"unknown suite {name!r}; choose one of {sorted(SUITES)}")
     workloads = list(SUITES[name])
@@ -246,4 +253,8 @@ def suite(name: str, only: list[str] | None = None) -> list[Workload]:
                 f"unknown workload(s) {unknown} for --only; choose from {sorted(known)}"
             )
         workloads = [w for w in workloads if w.name in only]
+    if batch is not None:
+        if batch < 1:
+            raise SystemExit(f"--batch must be >= 1, got {batch}")
+        workloads = [dataclasses.replace(w, batch=batch) for w in workloads]
     return workloads

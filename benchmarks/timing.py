@@ -47,6 +47,8 @@ ROW_KEYS = (
     "tflops",
     "mfu_pct",
     "first_step_s",
+    "compile_s",
+    "trace_lower_s",
     "peak_mem_gib",
     "ours_per_peer",
     "framework",
@@ -55,6 +57,7 @@ ROW_KEYS = (
     "model_flops_per_step",
     "window_ms",
     "note",
+    "profile",
 )
 
 

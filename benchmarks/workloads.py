@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import specs
 from benchmarks.specs import Workload
 from jaxmodels import bert, cnn, losses, rnn, training, transformer
 
@@ -143,7 +144,8 @@ def build_lstm(w: Workload, impl: str) -> Built:
     )
     precision, note = w.precision, ""
     if impl == "cudnn":
-        precision, note = "float32", "cuDNN LSTM computes in float32"
+        precision = specs.TF32
+        note = "cuDNN LSTM: float32 in, TF32 matmuls (jaxlib's cuDNN RNN takes float32 only)"
     return Built(
         model,
         batch,
@@ -192,7 +194,9 @@ def build_bert(w: Workload, impl: str) -> Built:
     custom call with no matmuls in the jaxpr. The MLM head is counted where it runs, on the
     P masked positions only (the model gathers them before the vocabulary projection).
     """
-    config = bert.BertConfig.preset(w.model["preset"], dtype=_DTYPES[w.precision])
+    # Keys of w.model other than these two are BertConfig fields (e.g. from --set).
+    fields = {k: v for k, v in w.model.items() if k not in ("preset", "max_predictions")}
+    config = bert.BertConfig.preset(w.model["preset"], dtype=_DTYPES[w.precision], **fields)
     if impl == "no_attn_dropout":
         config = dataclasses.replace(config, attention_dropout=0.0)
     model = BertPretrainingBench(config)

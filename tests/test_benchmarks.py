@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -252,26 +253,36 @@ def test_cli_transformer_rows(tmp_path):
         "--in-process",
         "--step-rng",
         "rbg",
+        "--batch",
+        "2",
+        "--set",
+        "scan_layers=True",
         "--json",
         str(out),
     )
     result = json.loads(out.read_text())
     assert result["metadata"]["step_rng"] == "rbg"
+    assert result["metadata"]["model_overrides"] == {"scan_layers": True}
+    assert result["metadata"]["batch_override"] == 2
     rows = {(r["workload"], r["impl"]): r for r in result["rows"]}
     assert set(rows) == {
         ("bert_base", "jax"),
         ("bert_base", "jax no_attn_dropout"),
         ("transformer_lm", "jax"),
     }
-    w = _cpu_workloads()
+    # --batch and --set apply: the scanned layers count the same FLOPs as the unrolled ones.
+    w = {k: dataclasses.replace(v, batch=2) for k, v in _cpu_workloads().items()}
     for (name, _), row in rows.items():
         assert row["status"] == "ok", row
+        assert row["batch"] == 2 and "scan_layers=True" in row["note"]
         assert row["precision"] == "bfloat16"
         assert row["forward_flops"] == _transformer_flops_by_hand(w[name]) > 0
         assert row["model_flops_per_step"] == 3 * row["forward_flops"]
         assert row["tflops"] > 0 and row["items_per_s"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["items_per_s"] * w[name].seq_len)
-    assert rows["bert_base", "jax"]["note"] == "MLM on 5 of 32 tokens (5 slots); dropout bits: rbg"
+    assert rows["bert_base", "jax"]["note"] == (
+        "MLM on 5 of 32 tokens (5 slots); scan_layers=True; dropout bits: rbg"
+    )
     assert "dropout 0" in rows["bert_base", "jax no_attn_dropout"]["note"]
 
 
