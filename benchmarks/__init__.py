@@ -32,8 +32,9 @@ Columns of the table (and keys of the ``--json`` rows):
 
 ``--peers`` times the same workloads in PyTorch in a separate process (`benchmarks.peers`).
 Families not built yet appear as skipped rows with the reason. ``--set KEY=VALUE`` changes a
-model setting of our runs, ``--batch N`` the batch of every run. ``--profile DIR`` adds,
-per workload, where the step's time goes (`benchmarks.profile`).
+model setting of our runs, ``--batch N`` the batch of every run, ``--impls`` picks our
+implementations, ``--xla-flags`` adds XLA flags to our workload processes. ``--profile DIR``
+adds, per workload, where the step's time goes (`benchmarks.profile`).
 
 Modules: `specs` (workloads, sizes, peak FLOP/s), `workloads` (JAX builders), `flops` (FLOP
 counter), `timing` (protocol and derived numbers), `measure` (one JAX run), `profile` (trace

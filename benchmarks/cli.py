@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         "the other families; values are Python literals, else strings. Shown in the note",
     )
     parser.add_argument(
+        "--xla-flags",
+        metavar="FLAGS",
+        help="XLA flags for our workload processes (appended to XLA_FLAGS; not the peers'), "
+        "e.g. --xla-flags=--xla_gpu_enable_latency_hiding_scheduler=true, or "
+        "--xla-flags=--xla_dump_to=DIR for XLA's HLO dumps. Shown in the note",
+    )
+    parser.add_argument(
         "--profile",
         metavar="DIR",
         help="also profile each of our steps after timing it: optimised HLO, XLA cost and "
@@ -230,15 +237,20 @@ def _worker(args: argparse.Namespace) -> int:
 # The suite: a probe process, one process per workload, the peer process.
 
 
-def _child(cmd: list[str], timeout: float, echo: bool = False) -> tuple[Any, str | None]:
+def _child(
+    cmd: list[str], timeout: float, echo: bool = False, xla_flags: str | None = None
+) -> tuple[Any, str | None]:
     """Runs `python -m <cmd...> --json TMP`; returns (parsed JSON, None) or (None, error).
 
     The child's output is kept for the error message, and echoed to stderr if `echo`.
+    `xla_flags` are appended to the child's XLA_FLAGS.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        if xla_flags:
+            env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), xla_flags]))
         proc = subprocess.Popen(
             [sys.executable, "-m", *cmd, "--json", out],
             cwd=ROOT,
@@ -295,7 +307,7 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
     probe_cmd += ["--only", *args.only] if args.only else []
     probe_cmd += ["--batch", str(args.batch)] if args.batch else []
     probe_cmd += ["--impls", *args.impls] if args.impls else []
-    info, error = _child(probe_cmd, args.timeout)
+    info, error = _child(probe_cmd, args.timeout, xla_flags=args.xla_flags)
     if info is None:
         raise SystemExit(f"the JAX probe process failed: {error}")
     by_name = {w.name: w for w in specs.suite(info["suite"], None, args.batch)}
@@ -306,7 +318,7 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
         _log(f"[{i + 1}/{len(jobs)}] {name} {label} ...")
         cmd = ["benchmarks", "--worker", "--suite", info["suite"], "--only", name]
         cmd += ["--impl", impl, *_common_flags(args)]
-        result, error = _child(cmd, args.timeout)
+        result, error = _child(cmd, args.timeout, xla_flags=args.xla_flags)
         if result is None:
             row = timing.empty_row(
                 by_name[name], label, "jax", device=info["device"], status="failed", note=error
@@ -314,6 +326,9 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
             _log(f"    failed: {error}")
             rows.append(row)
             continue
+        if args.xla_flags:
+            for row in result:
+                row["note"] = "; ".join(filter(None, [row["note"], f"XLA_FLAGS {args.xla_flags}"]))
         rows += result
         _log(
             f"    {result[0]['step_ms']:.2f} ms/step, first step {result[0]['first_step_s']:.1f} s"
@@ -350,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     for suite in specs.SUITES:  # fail on a misspelt --only or a bad --batch before starting
         specs.suite(suite, args.only, args.batch)
     model_overrides(args.set)
+    if args.xla_flags and args.in_process:
+        raise SystemExit(
+            "--xla-flags takes effect when XLA starts, in each workload's own process: "
+            "drop --in-process"
+        )
 
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     info, rows = _run_suite(args)
@@ -379,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_rng": args.step_rng,
         "model_overrides": model_overrides(args.set),
         "batch_override": args.batch,
+        "xla_flags": args.xla_flags,
     }
     print(
         f"# {metadata['date']}  suite {info['suite']}  {info['device']}  jax {info['jax_version']}"

@@ -286,6 +286,26 @@ def test_cli_transformer_rows(tmp_path):
     assert "dropout 0" in rows["bert_base", "jax no_attn_dropout"]["note"]
 
 
+def test_xla_flags_reach_the_workload_process(tmp_path):
+    """--xla-flags: appended to XLA_FLAGS of our workload processes (here XLA dumps its HLO),
+    noted in the rows; refused with --in-process, where XLA has started already."""
+    out, dump = tmp_path / "rows.json", tmp_path / "dump"
+    args = ["--suite", "cpu", "--only", "mnist_cnn", "--steps", "1", "--windows", "1"]
+    _run("benchmarks", *args, f"--xla-flags=--xla_dump_to={dump}", "--json", str(out))
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and f"XLA_FLAGS --xla_dump_to={dump}" in row["note"]
+    assert any(name.endswith("after_optimizations.txt") for name in os.listdir(dump))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args, "--in-process", "--xla-flags=--x=1"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "drop --in-process" in proc.stderr
+
+
 def test_unbuilt_family_is_a_skipped_row(monkeypatch):
     from benchmarks import cli, workloads
 
