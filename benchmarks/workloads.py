@@ -107,13 +107,14 @@ class FlaxRNNClassifier(nn.Module):
     num_layers: int
     num_classes: int
     dtype: Any = jnp.float32
+    unroll: int = 1  # nn.RNN's own scan unroll, so `--set unroll=N` applies to both paths
 
     @nn.compact
     def __call__(self, tokens: jax.Array, lengths: jax.Array, train: bool = False) -> jax.Array:
         x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)(tokens)
         for _ in range(self.num_layers):
             cell = nn.OptimizedLSTMCell(self.hidden_size, dtype=self.dtype)
-            x = nn.RNN(cell)(x, seq_lengths=lengths)
+            x = nn.RNN(cell, unroll=self.unroll)(x, seq_lengths=lengths)
         last = x[jnp.arange(x.shape[0]), lengths - 1]
         return nn.Dense(self.num_classes, dtype=self.dtype)(last).astype(jnp.float32)
 
