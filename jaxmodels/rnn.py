@@ -7,7 +7,10 @@ The cell is the classic one (gate order i, f, g, o, as in PyTorch and cuDNN):
     c_t = f * c_{t-1} + i * g             h_t = o * tanh(c_t)
 
 `LSTM` runs sequences with `lax.scan`: the input projection `x @ W` for all time steps is
-ONE matmul before the loop, and only the recurrent `h @ U` is inside it. Variable-length
+ONE matmul before the loop, and only the recurrent `h @ U` is inside it. Its backward pass
+(a custom VJP) likewise carries only (dh, dc) through the reversed loop; the gradient of
+`U` is ONE matmul over all steps afterwards instead of a matmul and an accumulation per
+step. Variable-length
 batches are given by `lengths`: padded steps never change the state and output zeros, and
 the backward direction of a bidirectional layer starts at each sequence's own last token.
 On GPU a cuDNN backend (`jax.experimental.rnn`) computes the same function from the same
@@ -26,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -130,6 +134,120 @@ def reverse_padded(x: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
+def _step(
+    carry: State, z: jax.Array, m: jax.Array, wh: jax.Array, dtype: Dtype
+) -> tuple[State, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """One masked time step: ((h, c), output, (h_prev in `dtype`, c_prev, gate activations))."""
+    h, c = carry
+    h_in = h.astype(dtype)
+    z = z + jnp.matmul(h_in, wh, preferred_element_type=z.dtype)
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    gates = jnp.concatenate(
+        [jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)], axis=-1
+    )
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c_new = f * c + i * g
+    h_new = o * jnp.tanh(c_new)
+    out = (jnp.where(m, h_new, h), jnp.where(m, c_new, c))
+    return out, jnp.where(m, h_new, 0.0), (h_in, c, gates)
+
+
+def _recurrence_scan(
+    zx: jax.Array,
+    mask: jax.Array,
+    h0: jax.Array,
+    c0: jax.Array,
+    wh: jax.Array,
+    dtype: Dtype,
+    unroll: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The recurrence as a plain `lax.scan` (differentiated by JAX when called directly).
+
+    zx <acc>[time, batch, 4H] input projections (bias included), mask <bool>[time, batch, 1],
+    h0, c0 <acc>[batch, H], wh <dtype>[H, 4H]. Returns outputs <acc>[time, batch, H] (zeros at
+    masked steps) and the final h, c.
+    """
+
+    def step(carry: State, inputs: tuple[jax.Array, jax.Array]) -> tuple[State, jax.Array]:
+        carry, y, _ = _step(carry, *inputs, wh, dtype)
+        return carry, y
+
+    (h, c), ys = jax.lax.scan(step, (h0, c0), (zx, mask), unroll=unroll)
+    return ys, h, c
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _recurrence(
+    zx: jax.Array,
+    mask: jax.Array,
+    h0: jax.Array,
+    c0: jax.Array,
+    wh: jax.Array,
+    dtype: Dtype,
+    unroll: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`_recurrence_scan` with the hand-written backward pass `_recurrence_bwd`."""
+    return _recurrence_scan(zx, mask, h0, c0, wh, dtype, unroll)
+
+
+def _recurrence_fwd(
+    zx: jax.Array,
+    mask: jax.Array,
+    h0: jax.Array,
+    c0: jax.Array,
+    wh: jax.Array,
+    dtype: Dtype,
+    unroll: int,
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], Any]:
+    def step(carry: State, inputs: tuple[jax.Array, jax.Array]) -> Any:
+        carry, y, saved = _step(carry, *inputs, wh, dtype)
+        return carry, (y, saved)
+
+    (h, c), (ys, saved) = jax.lax.scan(step, (h0, c0), (zx, mask), unroll=unroll)
+    return (ys, h, c), (saved, mask, wh)
+
+
+def _recurrence_bwd(dtype: Dtype, unroll: int, residuals: Any, cotangents: Any) -> tuple[Any, ...]:
+    """Backpropagation through time that carries only (dh, dc) through the loop: the
+    gradient of the recurrent kernel is ONE matmul over all steps afterwards (as cuDNN does),
+    not a matmul and an accumulation per step."""
+    (h_prev, c_prev, gates), mask, wh = residuals
+    dys, dh_last, dc_last = cotangents
+    wh_t = wh.T
+
+    def step(carry: State, inputs: Any) -> tuple[State, jax.Array]:
+        dh, dc = carry
+        dy, m, c, acts = inputs
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        c_new = f * c + i * g
+        tc = jnp.tanh(c_new)
+        dh_new = jnp.where(m, dh + dy, 0.0)
+        dc_total = jnp.where(m, dc, 0.0) + dh_new * o * (1.0 - tc * tc)
+        dz = jnp.concatenate(
+            [
+                dc_total * g * i * (1.0 - i),
+                dc_total * c * f * (1.0 - f),
+                dc_total * i * (1.0 - g * g),
+                dh_new * tc * o * (1.0 - o),
+            ],
+            axis=-1,
+        )
+        dh_prev = jnp.where(m, 0.0, dh) + jnp.matmul(
+            dz.astype(dtype), wh_t, preferred_element_type=dh.dtype
+        )
+        dc_prev = jnp.where(m, dc_total * f, dc)
+        return (dh_prev, dc_prev), dz
+
+    (dh0, dc0), dzs = jax.lax.scan(
+        step, (dh_last, dc_last), (dys, mask, c_prev, gates), reverse=True, unroll=unroll
+    )
+    dwh = jnp.einsum("tbh,tbg->hg", h_prev, dzs.astype(dtype), preferred_element_type=dzs.dtype)
+    return dzs, None, dh0, dc0, dwh.astype(wh.dtype)
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
 def _scan_direction(
     x: jax.Array,
     lengths: jax.Array,
@@ -146,19 +264,9 @@ def _scan_direction(
     zx = _matmul(x, wi, dtype) + b.astype(acc)  # the one big input projection
     zx = jnp.swapaxes(zx, 0, 1)  # [time, batch, 4H]
     mask = (jnp.arange(x.shape[1])[:, None] < lengths[None, :])[..., None]  # [time, batch, 1]
-    wh_c = wh.astype(dtype)
-
-    def step(carry: State, inputs: tuple[jax.Array, jax.Array]) -> tuple[State, jax.Array]:
-        h, c = carry
-        z, m = inputs
-        z = z + jnp.matmul(h.astype(dtype), wh_c, preferred_element_type=acc)
-        h_new, c_new = lstm_gates(z, c)
-        h = jnp.where(m, h_new, h)
-        c = jnp.where(m, c_new, c)
-        return (h, c), jnp.where(m, h_new, 0.0)
-
-    carry = (h0.astype(acc), c0.astype(acc))
-    (h, c), ys = jax.lax.scan(step, carry, (zx, mask), unroll=unroll)
+    ys, h, c = _recurrence(
+        zx, mask, h0.astype(acc), c0.astype(acc), wh.astype(dtype), jnp.dtype(dtype), unroll
+    )
     return jnp.swapaxes(ys, 0, 1), (h, c)
 
 

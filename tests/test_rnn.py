@@ -156,6 +156,41 @@ def test_gradients_match_finite_differences():
             np.testing.assert_allclose(g_flat[i], fd, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize(
+    "dtype,unroll,tol", [("float32", 1, 1e-5), ("float32", 3, 1e-5), ("bfloat16", 1, 2e-2)]
+)
+def test_hand_written_backward_equals_autodiff_of_the_scan(dtype, unroll, tol):
+    """The recurrence's custom VJP (weight gradient as one matmul after the loop) against
+    JAX's own derivative of the same lax.scan: padding, initial states, every input."""
+    rng = np.random.default_rng(1)
+    dtype = jnp.dtype(dtype)
+    zx = jnp.asarray(rng.normal(size=(T, B, 4 * H)), jnp.float32)
+    mask = (np.arange(T)[:, None] < np.array([7, 4, 1])[None, :])[..., None]
+    h0, c0 = (jnp.asarray(rng.normal(size=(B, H)), jnp.float32) for _ in range(2))
+    wh = jnp.asarray(rng.normal(size=(H, 4 * H)) / np.sqrt(H), dtype)
+    dys = jnp.asarray(rng.normal(size=(T, B, H)), jnp.float32)
+
+    def loss(fn, zx, h0, c0, wh):
+        ys, h, c = fn(zx, mask, h0, c0, wh, dtype, unroll)
+        return jnp.sum(ys * dys) + jnp.sum(jnp.sin(h)) + jnp.sum(c**2)
+
+    args = (zx, h0, c0, wh)
+    want = jax.jit(jax.grad(lambda *a: loss(rnn._recurrence_scan, *a), argnums=(0, 1, 2, 3)))(*args)
+    got = jax.jit(jax.grad(lambda *a: loss(rnn._recurrence, *a), argnums=(0, 1, 2, 3)))(*args)
+    for name, a, b in zip(("zx", "h0", "c0", "wh"), got, want, strict=True):
+        assert a.dtype == b.dtype, name
+        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32)))) + 1e-6
+        err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+        assert err <= tol * scale, (name, err, scale)
+    # The forward pass is the scan's, exactly.
+    for a, b in zip(
+        rnn._recurrence(zx, mask, h0, c0, wh, dtype, unroll),
+        rnn._recurrence_scan(zx, mask, h0, c0, wh, dtype, unroll),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_cudnn_weight_packing_matches_jax_reference(bidirectional):
     """The cuDNN backend's weight packing, checked on CPU with jax.experimental.rnn's
