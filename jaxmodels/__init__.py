@@ -5,6 +5,7 @@ Modules:
   rnn         LSTMCell, LSTM (scan or cuDNN), LSTMClassifier.
   attention   multi-head attention on jax.nn.dot_product_attention (xla | cudnn), KV cache.
   transformer positions, encoder/decoder blocks, encoder-decoder, decoder-only LM, generate.
+  layers      building blocks shared by the families (Embed: mixed-precision lookups).
   bert        BertConfig presets, BertModel, pretraining and classification heads,
               Hugging Face checkpoints (from_pretrained / save_pretrained).
   sharding    the device mesh and the one logical-axis rules table.
@@ -21,6 +22,7 @@ from jaxmodels import (
     checkpoint,
     cnn,
     errors,
+    layers,
     losses,
     optim,
     rnn,
@@ -36,6 +38,7 @@ __all__ = [
     "checkpoint",
     "cnn",
     "errors",
+    "layers",
     "losses",
     "optim",
     "rnn",

@@ -64,6 +64,7 @@ import numpy as np
 from jaxmodels import losses
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
+from jaxmodels.layers import Embed
 
 __all__ = [
     "ACTIVATIONS",
@@ -295,8 +296,8 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
     )
 
 
-def _embed(config: BertConfig, rows: int, axes: tuple[str | None, str], name: str) -> nn.Embed:
-    return nn.Embed(
+def _embed(config: BertConfig, rows: int, axes: tuple[str | None, str], name: str) -> Embed:
+    return Embed(
         rows,
         config.hidden_size,
         dtype=config.dtype,
@@ -341,10 +342,11 @@ class BertEmbeddings(nn.Module):
         self, input_ids: Array, token_type_ids: Array, deterministic: bool = True
     ) -> Array:
         """input_ids, token_type_ids: <int>[batch, length] -> <dtype>[batch, length, embed]."""
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        # Positions 0..length-1: a slice of the table (no gather, no scatter-add gradient).
+        positions = self.position_embeddings.embedding[: input_ids.shape[1]]
         x = (
             self.word_embeddings(input_ids)
-            + self.position_embeddings(positions)
+            + positions.astype(self.config.dtype)[None]
             + self.token_type_embeddings(token_type_ids)
         )
         x = self.norm(x)

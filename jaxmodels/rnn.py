@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels.layers import Embed
+
 Dtype = Any
 State = tuple[jax.Array, jax.Array]  # (h, c)
 
@@ -499,7 +501,7 @@ class LSTMClassifier(nn.Module):
         lengths = jnp.full((batch,), time, jnp.int32) if lengths is None else lengths
         check_lengths(lengths, batch, time)
         tokens = nn.with_logical_constraint(tokens, ("batch", None))
-        embed = nn.Embed(
+        embed = Embed(
             self.vocab_size,
             self.embed_dim,
             dtype=self.dtype,

@@ -56,6 +56,7 @@ import numpy as np
 
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import ConfigError
+from jaxmodels.layers import Embed
 
 __all__ = [
     "ACTIVATIONS",
@@ -626,8 +627,8 @@ class Decoder(nn.Module):
         return x
 
 
-def _embed(module: nn.Module, vocab_size: int, name: str) -> nn.Embed:
-    return nn.Embed(
+def _embed(module: nn.Module, vocab_size: int, name: str) -> Embed:
+    return Embed(
         vocab_size,
         module.embed_dim,
         dtype=module.dtype,
@@ -650,7 +651,7 @@ def _output_projection(module: nn.Module, vocab_size: int, name: str) -> nn.Dens
     )
 
 
-def _logits(x: Array, embed: nn.Embed | None, projection: nn.Dense | None) -> Array:
+def _logits(x: Array, embed: Embed | None, projection: nn.Dense | None) -> Array:
     """float32 logits from the tied embedding (scaled by 1/sqrt(embed)) or a projection."""
     if projection is not None:
         logits = projection(x)
