@@ -17,6 +17,9 @@ For each workload run, after its timed windows, `profile_step`:
    * a *place*: forward, backward or update (the optimizer and anything outside the
      gradient), and the Flax module path of the op's source (``layer_3`` -> ``layer_*``).
 
+   Control-flow ops (while, conditional, call) are not counted themselves: where they have
+   events (XLA's CPU runtime), those enclose the events of their bodies' ops.
+
 The result, ``summary.txt`` (also printed to stderr) and ``summary.json``, gives per step:
 op time by category, by place, and the most expensive ops, beside the measured step time.
 Op times on a GPU are kernel times; their sum below the step time means the device idled
@@ -308,6 +311,14 @@ def summarize(
     for mod, name, dur in events:
         if mod == module:
             by_op[name] += dur
+    # A loop's or call's own event (XLA's CPU thunks) encloses its body's ops, which have
+    # events of their own: counting both would count the body twice.
+    enclosing = {
+        name
+        for name in by_op
+        if name in ops and categorize(ops[name], computations) == "control flow"
+    }
+    enclosed_s = sum(by_op.pop(name) for name in enclosing)
     total = sum(by_op.values())
     by_category: dict[str, float] = collections.Counter()
     by_place: dict[str, float] = collections.Counter()
@@ -334,6 +345,7 @@ def summarize(
         "module": module,
         "steps": steps,
         "op_ms_per_step": 1e3 * total / steps,
+        "control_flow_ms_per_step": 1e3 * enclosed_s / steps,
         "by_category": share(by_category.items()),
         "by_place": share(by_place.items()),
         "top_ops": [
@@ -360,6 +372,11 @@ def format_summary(summary: dict[str, Any], top: int = 25) -> str:
         f"step {summary['step_ms']:.3f} ms (timed windows); op time {summary['op_ms_per_step']:.3f}"
         f" ms/step over {summary['steps']} traced steps; module {summary['module']}"
     )
+    if summary.get("control_flow_ms_per_step"):
+        out.append(
+            f"(loops' and calls' own events, {summary['control_flow_ms_per_step']:.3f} ms/step, "
+            "enclose their bodies' ops and are not added)"
+        )
     cost = summary.get("cost") or {}
     if cost.get("flops"):
         line = f"XLA cost analysis (loop bodies once): {cost['flops'] / 1e12:.4g} TFLOP"

@@ -132,11 +132,13 @@ def test_summarize_attributes_every_microsecond():
         ("jit__lambda", "input_reduce_fusion", 1e-3),
         ("jit__lambda", "copy.7", 1e-3),
         ("jit__lambda", "not-in-hlo.1", 2e-3),
+        ("jit__lambda", "while.1", 4e-3),  # encloses its body's events (copy.7): not added
         ("jit_other", "x", 0.5e-3),  # another module: not counted
     ]
     s = profile.summarize(events, ops, steps=2)
     assert s["module"] == "jit__lambda"
     assert s["op_ms_per_step"] == pytest.approx(5.0)
+    assert s["control_flow_ms_per_step"] == pytest.approx(2.0)
     by_category = {r["name"]: r["ms_per_step"] for r in s["by_category"]}
     assert by_category == pytest.approx(
         {
