@@ -132,6 +132,7 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
     suite = args.suite or ("gpu" if jax.default_backend() == "gpu" else "cpu")
     devices = measure.devices_for(args.devices)
     jobs, skipped = [], []
+    known: set[str] = set()
     for w in specs.suite(suite, args.only, args.batch):
         if w.family not in workloads.BUILDERS:
             skipped.append(
@@ -145,14 +146,15 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             continue
-        jobs += [
-            (w.name, impl)
-            for impl in workloads.impls(w.family)
-            if not args.impls or (impl or "default") in args.impls
-        ]
-    if args.impls and not jobs and not skipped:
+        for impl in workloads.impls(w.family):
+            known.add(impl or "default")
+            if not args.impls or (impl or "default") in args.impls:
+                jobs.append((w.name, impl))
+    unknown = sorted(set(args.impls or ()) - known)
+    if unknown:
         raise SystemExit(
-            f"--impls {' '.join(args.impls)}: no such implementation of these workloads"
+            f"--impls {' '.join(unknown)}: no such implementation of these workloads here; "
+            f"choose from {sorted(known)}"
         )
     return {
         "suite": suite,
@@ -323,6 +325,8 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
             row = timing.empty_row(
                 by_name[name], label, "jax", device=info["device"], status="failed", note=error
             )
+            if args.xla_flags:
+                row["note"] = f"{error}; XLA_FLAGS {args.xla_flags}"
             _log(f"    failed: {error}")
             rows.append(row)
             continue
@@ -364,7 +368,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(report.MATPLOTLIB_MISSING)
     for suite in specs.SUITES:  # fail on a misspelt --only or a bad --batch before starting
         specs.suite(suite, args.only, args.batch)
-    model_overrides(args.set)
+    if model_overrides(args.set) and not args.only:
+        raise SystemExit(
+            "--set changes a setting of one model family: name its workloads with --only"
+        )
+    if args.set and args.peers:
+        raise SystemExit(
+            "--set changes our model but not the peers': compare with --peers in a run "
+            "without --set"
+        )
     if args.xla_flags and args.in_process:
         raise SystemExit(
             "--xla-flags takes effect when XLA starts, in each workload's own process: "

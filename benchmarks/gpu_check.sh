@@ -35,7 +35,7 @@ for group in "${GROUPS_[@]}"; do
   [ -n "${PROFILE:-}" ] && profile=(--profile "$OUT/profile-$i")
   # shellcheck disable=SC2086
   timeout "${BENCH_TIMEOUT:-3000}" python -m benchmarks --suite gpu ${group:+--only $group} \
-    $PEERS ${EXTRA:-} "${profile[@]}" --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
+    $PEERS ${EXTRA:-} ${profile[@]+"${profile[@]}"} --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
   if [ -n "${PROFILE:-}" ] && [ -d "$OUT/profile-$i" ]; then
     find "$OUT/profile-$i" -name step.hlo.txt -exec gzip -f {} \;
     [ -n "${KEEP_TRACES:-}" ] || find "$OUT/profile-$i" -depth -type d -name trace -exec rm -rf {} \;

@@ -21,9 +21,11 @@ For each workload run, after its timed windows, `profile_step`:
    events (XLA's CPU runtime), those enclose the events of their bodies' ops.
 
 The result, ``summary.txt`` (also printed to stderr) and ``summary.json``, gives per step:
-op time by category, by place, and the most expensive ops, beside the measured step time.
-Op times on a GPU are kernel times; their sum below the step time means the device idled
-(host overhead, launch gaps); kernels on concurrent streams can make it exceed it.
+op time by category, by place, and the most expensive ops, beside the measured step time,
+for one device (with several, each runs the same program). Op times on a GPU are kernel
+times; their sum below the step time means the device idled (host overhead, launch gaps);
+kernels on concurrent streams can make it exceed it, and so can XLA's CPU runtime, which
+runs independent ops at the same time on several threads.
 
 Pure functions (`parse_hlo`, `categorize`, `place`, `summarize`) are separated from the
 JAX calls so they can be tested on any HLO text and event list.
@@ -176,14 +178,14 @@ def categorize(op: HloOp, computations: dict[str, list[HloOp]]) -> str:
         return "matmul"
     if code == "convolution":
         return "convolution"
-    if code in _COLLECTIVES or code.endswith("-done"):
+    if code in _COPIES:
+        return "copy/transpose"
+    if code in _COLLECTIVES or code.removesuffix("-done") + "-start" in _COLLECTIVES:
         return "collective"
     if code in ("rng-bit-generator", "rng"):
         return "rng/dropout"
     if code in ("gather", "scatter", "dynamic-slice", "dynamic-update-slice"):
         return "gather/scatter"
-    if code in _COPIES:
-        return "copy/transpose"
     if code in ("while", "conditional", "call"):
         return "control flow"
     if code != "fusion":
@@ -262,30 +264,49 @@ def place(op_name: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- the trace
 
 
-def op_events(xplane_path: str) -> list[tuple[str, str, float]]:
-    """(hlo_module, hlo_op, duration in seconds) of every executed HLO op in a trace.
+def op_events(xplane_path: str) -> tuple[list[tuple[str, str, float]], str]:
+    """(hlo_module, hlo_op, duration in seconds) of every HLO op one device executed in a
+    trace, and where they were read.
 
-    Device planes (a GPU's kernels) when they have any, else the host's (XLA's CPU thunks).
-    On a device plane, only the raw stream lines are read (derived lines repeat them).
+    The first device plane with kernels (a GPU's: its raw stream lines only; derived lines
+    repeat them), else the host's events of XLA's CPU runtime for the lowest device ordinal.
+    One device: with several, every device runs the same program.
     """
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(xplane_path)
-    device: list[tuple[str, str, float]] = []
-    host: list[tuple[str, str, float]] = []
-    for plane in data.planes:
+    host: list[tuple[int, str, str, float]] = []
+    for plane in sorted(data.planes, key=lambda p: p.name):
         on_device = plane.name.startswith("/device:")
         lines = list(plane.lines)
         if on_device and any(line.name.startswith("Stream") for line in lines):
             lines = [line for line in lines if line.name.startswith("Stream")]
+        found = []
         for line in lines:
             for event in line.events:
                 stats = dict(event.stats)
                 if "hlo_op" not in stats:
                     continue
-                record = (str(stats.get("hlo_module", "")), str(stats["hlo_op"]))
-                (device if on_device else host).append((*record, event.duration_ns * 1e-9))
-    return device or host
+                module, name = str(stats.get("hlo_module", "")), str(stats["hlo_op"])
+                seconds = event.duration_ns * 1e-9
+                if on_device:
+                    found.append((module, name, seconds))
+                else:
+                    host.append((int(stats.get("device_ordinal", 0)), module, name, seconds))
+        if found:
+            return found, f"{plane.name} kernels"
+    first = min((ordinal for ordinal, *_ in host), default=0)
+    return [
+        e for ordinal, *e in host if ordinal == first
+    ], f"host (XLA CPU runtime, device {first})"
+
+
+def _resolve(name: str, ops: dict[str, HloOp]) -> str:
+    """An event's HLO op name; a nested annotation ("while.3::fusion.7") names its innermost
+    op that the module has."""
+    if name in ops or "::" not in name:
+        return name
+    return next((part for part in reversed(name.split("::")) if part in ops), name)
 
 
 def summarize(
@@ -310,7 +331,7 @@ def summarize(
     by_op: dict[str, float] = collections.Counter()
     for mod, name, dur in events:
         if mod == module:
-            by_op[name] += dur
+            by_op[_resolve(name, ops)] += dur
     # A loop's or call's own event (XLA's CPU thunks) encloses its body's ops, which have
     # events of their own: counting both would count the body twice.
     enclosing = {
@@ -370,7 +391,8 @@ def format_summary(summary: dict[str, Any], top: int = 25) -> str:
         return "\n".join(out)
     out.append(
         f"step {summary['step_ms']:.3f} ms (timed windows); op time {summary['op_ms_per_step']:.3f}"
-        f" ms/step over {summary['steps']} traced steps; module {summary['module']}"
+        f" ms/step over {summary['steps']} traced steps; module {summary['module']}; "
+        f"read from {summary.get('source', '?')}"
     )
     if summary.get("control_flow_ms_per_step"):
         out.append(
@@ -437,6 +459,9 @@ class compile_events:  # noqa: N801 (a context manager used like a function)
     code run inside: ``with compile_events() as seconds: ...`` then
     ``seconds["compile_s"]``. Keys present only for events that happened."""
 
+    def __init__(self) -> None:
+        self.record: dict[str, float] = {}
+
     def __enter__(self) -> dict[str, float]:
         global _listening
         import jax
@@ -444,7 +469,6 @@ class compile_events:  # noqa: N801 (a context manager used like a function)
         if not _listening:
             jax.monitoring.register_event_duration_secs_listener(_listener)
             _listening = True
-        self.record: dict[str, float] = {}
         _recording.append(self.record)
         return self.record
 
@@ -518,7 +542,10 @@ def profile_step(
         files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
         if not files:
             raise RuntimeError(f"the profiler wrote no .xplane.pb under {trace_dir}")
-        summary.update(summarize(op_events(files[-1]), parse_hlo(text), steps))
+        events, summary["source"] = op_events(files[-1])
+        if jax.default_backend() == "gpu" and not summary["source"].startswith("/device"):
+            raise RuntimeError("the trace holds no GPU kernels (is CUPTI available?)")
+        summary.update(summarize(events, parse_hlo(text), steps))
     except Exception as e:  # a failed profile must not lose the measured row
         summary["error"] = f"{type(e).__name__}: {e}"
     text_summary = format_summary(summary)

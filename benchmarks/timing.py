@@ -15,6 +15,7 @@ Pure Python: imported by the PyTorch peer process too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -98,13 +99,18 @@ def time_training(
     steps: int,
     windows: int,
     warmup: int,
+    around_first: contextlib.AbstractContextManager[Any] | None = None,
 ) -> Timing:
-    """Times `step()` (one training step, asynchronous) with `sync()` waiting for the device."""
+    """Times `step()` (one training step, asynchronous) with `sync()` waiting for the device.
+
+    `around_first`: a context entered around the first step only (e.g. to record its
+    compilation)."""
     check_protocol(steps, windows, warmup)
-    start = time.perf_counter()
-    step()
-    sync()
-    first = time.perf_counter() - start
+    with around_first or contextlib.nullcontext():
+        start = time.perf_counter()
+        step()
+        sync()
+        first = time.perf_counter() - start
     for _ in range(warmup):
         step()
     sync()

@@ -52,6 +52,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -70,6 +71,7 @@ __all__ = [
     "ACTIVATIONS",
     "PRESETS",
     "REMAT_POLICIES",
+    "RUNTIME_FIELDS",
     "BertConfig",
     "BertEmbeddings",
     "BertLayer",
@@ -135,6 +137,18 @@ _HF_KEYS = {
     "initializer_range": "initializer_range",
 }
 # Fields that define the function and the parameter shapes (not run-time choices).
+# BertConfig fields that change how the model runs, not its parameters: a checkpoint can be
+# loaded with any values of these (`from_pretrained(**overrides)`).
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "implementation",
+    "remat_policy",
+    "scan_layers",
+    "hidden_dropout",
+    "attention_dropout",
+)
+
 _ARCH_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -465,7 +479,7 @@ class BertEncoder(nn.Module):
         if scan:
             layers = nn.scan(
                 layer_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * 3,  # kv_lengths, mask, deterministic
                 length=c.num_layers,
@@ -487,14 +501,17 @@ def _replace_encoders(tree: Any, fn: Callable[[dict[str, Any]], dict[str, Any]])
 
 
 def stack_layers(params: Any) -> Any:
-    """Parameters with `layer_0..layer_{L-1}` turned into the `scan_layers` layout: one
-    `layers` tree, each array stacked on a new leading axis. Already stacked: unchanged."""
+    """(Unboxed) parameters with `layer_0..layer_{L-1}` turned into the `scan_layers`
+    layout: one `layers` tree, each array stacked on a new leading axis. Already stacked:
+    unchanged."""
 
     def stack(encoder: dict[str, Any]) -> dict[str, Any]:
-        names = sorted((k for k in encoder if k.startswith("layer_")), key=lambda k: int(k[6:]))
-        if not names:
+        index = {int(m.group(1)): k for k in encoder if (m := re.fullmatch(r"layer_(\d+)", k))}
+        if not index:
             return encoder
-        layers = [encoder.pop(k) for k in names]
+        if sorted(index) != list(range(len(index))):
+            raise ValueError(f"encoder layers {sorted(index)} are not layer_0..layer_{{L-1}}")
+        layers = [encoder.pop(index[i]) for i in range(len(index))]
         encoder["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
         return encoder
 
@@ -1108,9 +1125,9 @@ def from_pretrained(
       init_missing: initialise tensors the checkpoint lacks (e.g. a new classifier on a
         pretrained encoder) randomly, with a warning naming them, instead of failing.
       rng: PRNG key for `init_missing` (default PRNGKey(0)).
-      **overrides: run-time `BertConfig` fields: dtype, param_dtype, implementation,
-        remat_policy, scan_layers, hidden_dropout, attention_dropout. An architecture
-        field is accepted only if it equals the checkpoint's.
+      **overrides: run-time `BertConfig` fields (`RUNTIME_FIELDS`: dtype, param_dtype,
+        implementation, remat_policy, scan_layers, hidden_dropout, attention_dropout). An
+        architecture field is accepted only if it equals the checkpoint's.
 
     Returns:
       `Pretrained(model, variables, vocab_file)`: unpack as

@@ -5,9 +5,9 @@ whole table to the computation dtype before gathering, so in bfloat16 every trai
 converts all V x E entries, and the gradient is a bfloat16 scatter-add into a fresh
 bfloat16 copy of the table. Here the rows are gathered from the parameter table (float32)
 and only they are cast; the gradient is a float32 scatter-add. Tables of at most
-`ONE_HOT_MAX_ROWS` rows (BERT's two token types) are looked up as a one-hot matmul, whose
-gradient is a matmul over the batch instead of a scatter-add of every token into a couple
-of rows. The outputs are the same numbers; parameters (`embedding`) and `attend` are Flax's.
+`SELECT_MAX_ROWS` rows (BERT's two token types) are looked up with selects, whose gradient
+is a masked sum over the batch per row instead of a scatter-add of every token into a
+couple of rows. The outputs are the same numbers; parameters (`embedding`) and `attend` are Flax's.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -23,9 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ONE_HOT_MAX_ROWS", "Embed"]
+__all__ = ["SELECT_MAX_ROWS", "Embed"]
 
-ONE_HOT_MAX_ROWS = 16
+SELECT_MAX_ROWS = 16
 
 
 class Embed(nn.Embed):
@@ -33,15 +33,23 @@ class Embed(nn.Embed):
     docstring). Attributes as `nn.Embed`'s."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        """inputs <int>[...] -> <dtype>[..., features]; ids outside [0, num_embeddings) give
-        NaN rows (gathered) or zero rows (one-hot tables): callers check ids first."""
+        """inputs <int>[...] -> <dtype>[..., features].
+
+        Ids >= num_embeddings give NaN rows, as in Flax (negative ids: NaN rows in small
+        tables, rows counted from the end in gathered ones, as `jnp.take` does); callers
+        check their ids first.
+        """
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError(f"embedding ids must be integers, got {inputs.dtype}")
         table = self.embedding
-        dtype = self.dtype or table.dtype
-        if self.num_embeddings <= ONE_HOT_MAX_ROWS:
-            one_hot = jax.nn.one_hot(inputs, self.num_embeddings, dtype=table.dtype)
-            rows = jnp.einsum("...v,ve->...e", one_hot, table, precision=jax.lax.Precision.HIGHEST)
+        dtype = self.dtype if self.dtype is not None else table.dtype
+        if self.num_embeddings <= SELECT_MAX_ROWS:
+            # A chain of selects: exact, no scatter in the gradient (each row's gradient is
+            # a masked sum over the batch) and no matmul for the FLOP count.
+            ids = inputs[..., None]
+            rows = jnp.full(inputs.shape + table.shape[1:], jnp.nan, table.dtype)
+            for v in range(self.num_embeddings):
+                rows = jnp.where(ids == v, table[v], rows)
         else:
             rows = jnp.take(table, inputs, axis=0)
         return rows.astype(dtype)

@@ -10,7 +10,8 @@ The cell is the classic one (gate order i, f, g, o, as in PyTorch and cuDNN):
 ONE matmul before the loop, and only the recurrent `h @ U` is inside it. Its backward pass
 (a custom VJP) likewise carries only (dh, dc) through the reversed loop; the gradient of
 `U` is ONE matmul over all steps afterwards instead of a matmul and an accumulation per
-step. Variable-length
+step. Being a custom VJP, the scan path supports reverse-mode differentiation only
+(`jax.grad`, `jax.vjp`), not forward mode (`jax.jvp`, `jax.jacfwd`). Variable-length
 batches are given by `lengths`: padded steps never change the state and output zeros, and
 the backward direction of a bidirectional layer starts at each sequence's own last token.
 On GPU a cuDNN backend (`jax.experimental.rnn`) computes the same function from the same
@@ -166,12 +167,13 @@ def _recurrence_scan(
     """The recurrence as a plain `lax.scan` (differentiated by JAX when called directly).
 
     zx <acc>[time, batch, 4H] input projections (bias included), mask <bool>[time, batch, 1],
-    h0, c0 <acc>[batch, H], wh <dtype>[H, 4H]. Returns outputs <acc>[time, batch, H] (zeros at
-    masked steps) and the final h, c.
+    h0, c0 <acc>[batch, H], wh [H, 4H] (the parameter, any float dtype; multiplied in
+    `dtype`). Returns outputs <acc>[time, batch, H] (zeros at masked steps) and the final h, c.
     """
+    wh_c = wh.astype(dtype)
 
     def step(carry: State, inputs: tuple[jax.Array, jax.Array]) -> tuple[State, jax.Array]:
-        carry, y, _ = _step(carry, *inputs, wh, dtype)
+        carry, y, _ = _step(carry, *inputs, wh_c, dtype)
         return carry, y
 
     (h, c), ys = jax.lax.scan(step, (h0, c0), (zx, mask), unroll=unroll)
@@ -201,8 +203,10 @@ def _recurrence_fwd(
     dtype: Dtype,
     unroll: int,
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], Any]:
+    wh_c = wh.astype(dtype)
+
     def step(carry: State, inputs: tuple[jax.Array, jax.Array]) -> Any:
-        carry, y, saved = _step(carry, *inputs, wh, dtype)
+        carry, y, saved = _step(carry, *inputs, wh_c, dtype)
         return carry, (y, saved)
 
     (h, c), (ys, saved) = jax.lax.scan(step, (h0, c0), (zx, mask), unroll=unroll)
@@ -215,7 +219,7 @@ def _recurrence_bwd(dtype: Dtype, unroll: int, residuals: Any, cotangents: Any) 
     not a matmul and an accumulation per step."""
     (h_prev, c_prev, gates), mask, wh = residuals
     dys, dh_last, dc_last = cotangents
-    wh_t = wh.T
+    wh_t = wh.astype(dtype).T
 
     def step(carry: State, inputs: Any) -> tuple[State, jax.Array]:
         dh, dc = carry
@@ -243,6 +247,7 @@ def _recurrence_bwd(dtype: Dtype, unroll: int, residuals: Any, cotangents: Any) 
     (dh0, dc0), dzs = jax.lax.scan(
         step, (dh_last, dc_last), (dys, mask, c_prev, gates), reverse=True, unroll=unroll
     )
+    # In float32 (at least) up to the parameter's own dtype: no rounding to `dtype`.
     dwh = jnp.einsum("tbh,tbg->hg", h_prev, dzs.astype(dtype), preferred_element_type=dzs.dtype)
     return dzs, None, dh0, dc0, dwh.astype(wh.dtype)
 
@@ -266,9 +271,7 @@ def _scan_direction(
     zx = _matmul(x, wi, dtype) + b.astype(acc)  # the one big input projection
     zx = jnp.swapaxes(zx, 0, 1)  # [time, batch, 4H]
     mask = (jnp.arange(x.shape[1])[:, None] < lengths[None, :])[..., None]  # [time, batch, 1]
-    ys, h, c = _recurrence(
-        zx, mask, h0.astype(acc), c0.astype(acc), wh.astype(dtype), jnp.dtype(dtype), unroll
-    )
+    ys, h, c = _recurrence(zx, mask, h0.astype(acc), c0.astype(acc), wh, jnp.dtype(dtype), unroll)
     return jnp.swapaxes(ys, 0, 1), (h, c)
 
 

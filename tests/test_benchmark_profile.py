@@ -96,6 +96,11 @@ def test_categories_of_gpu_ops():
     assert category("copy.7") == "copy/transpose"
     assert category("all-reduce.1") == "collective"
     assert category("while.1") == "control flow"
+    for code, want in (("copy-done", "copy/transpose"), ("all-reduce-done", "collective")):
+        assert profile.categorize(profile.HloOp("x", code, "main"), computations) == want
+    # A nested annotation names the innermost op the module has.
+    assert profile._resolve("while.1::loop_select_fusion", ops) == "loop_select_fusion"
+    assert profile._resolve("gone.1::gone.2", ops) == "gone.1::gone.2"
 
 
 @pytest.mark.parametrize(
@@ -182,6 +187,7 @@ def test_profile_of_a_real_cpu_step(tmp_path):
     assert row["profile"] == str(prof / "mnist_cnn")
     summary = json.loads((prof / "mnist_cnn" / "summary.json").read_text())
     assert "error" not in summary, summary.get("error")
+    assert summary["source"] == "host (XLA CPU runtime, device 0)"
     assert (prof / "mnist_cnn" / "step.hlo.txt").read_text().startswith("HloModule")
     assert summary["cost"]["flops"] > 0 and summary["memory"]["temp_size_in_bytes"] > 0
     assert summary["op_ms_per_step"] > 0

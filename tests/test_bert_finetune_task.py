@@ -11,6 +11,7 @@ pytest.importorskip("tokenizers", reason="needs the text extra (tokenizers)")
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 
+from jaxmodels import bert  # noqa: E402
 from tests.test_train_app import load_config  # noqa: E402
 from train import logs  # noqa: E402
 from train.tasks import bert_finetune  # noqa: E402
@@ -31,23 +32,28 @@ def test_from_scratch(tmp_path):
     assert (tmp_path / "scratch" / "vocab.txt").exists()
 
 
-@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
-def test_from_a_pretraining_workdir(tmp_path, scan_layers):
+@pytest.mark.parametrize(
+    "pre_scan,ft_scan", [(False, True), (True, False)], ids=["unrolled->scan", "scan->unrolled"]
+)
+def test_from_a_pretraining_workdir(tmp_path, pre_scan, ft_scan):
+    """The architecture comes from the pretraining run, how it runs (here the layer layout)
+    from the fine-tuning config: the checkpoint's layers are converted."""
     pre = load_config("bert_pretrain.py", "smoke")
-    pre.model.scan_layers = scan_layers
+    pre.model.scan_layers = pre_scan
     train_and_evaluate(pre, str(tmp_path / "pre"))
     config, _ = _finetune(tmp_path, "ft", init_from=str(tmp_path / "pre"))
     assert logs.read_metrics(str(tmp_path / "ft"))
     # The encoder it starts from is exactly the pretrained one.
+    config.model.scan_layers = ft_scan
     model, tokenizer, init_params = bert_finetune.model_and_tokenizer(
         config, str(tmp_path / "ft"), 10, []
     )
     assert init_params is not None
-    assert model.config.scan_layers == scan_layers  # the pretraining run's model settings
+    assert model.config.scan_layers == ft_scan
     assert tokenizer.get_vocab_size() == model.config.vocab_size
     variables = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32)))
     started = init_params(jax.device_get(variables["params"]))
-    saved = bert_finetune._pretrained_bert_params(str(tmp_path / "pre"))
+    saved = bert.layer_layout(bert_finetune._pretrained_bert_params(str(tmp_path / "pre")), ft_scan)
     for a, b in zip(jax.tree.leaves(started["bert"]), jax.tree.leaves(saved), strict=True):
         np.testing.assert_array_equal(a, b)
     assert "classifier" in started

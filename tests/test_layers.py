@@ -1,4 +1,4 @@
-"""jaxmodels.layers.Embed: Flax's numbers forward, float32 gradients, one-hot small tables."""
+"""jaxmodels.layers.Embed: Flax's numbers forward, float32 gradients, selects for small tables."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodels.layers import ONE_HOT_MAX_ROWS, Embed
+from jaxmodels.layers import SELECT_MAX_ROWS, Embed
 
 
-@pytest.mark.parametrize(
-    "rows", [2, ONE_HOT_MAX_ROWS, 50], ids=["one-hot", "one-hot-max", "gather"]
-)
+@pytest.mark.parametrize("rows", [2, SELECT_MAX_ROWS, 50], ids=["select", "select-max", "gather"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_same_outputs_as_flax_embed_and_better_gradients(rows, dtype):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, rows, (4, 9)))
@@ -61,3 +59,11 @@ def test_lookups_under_jit_keep_logical_names_and_reject_floats():
     np.testing.assert_array_equal(out[0], variables["params"]["embedding"][jnp.array([1, 2, 99])])
     with pytest.raises(ValueError, match="must be integers"):
         embed.apply(variables, jnp.ones((1, 2)))
+
+
+def test_ids_past_the_table_give_nan_rows():
+    for rows in (2, 50):
+        embed = Embed(rows, 4)
+        variables = embed.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))
+        out = jax.jit(embed.apply)(variables, jnp.array([0, rows, rows + 7]))
+        assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()

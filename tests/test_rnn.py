@@ -167,7 +167,7 @@ def test_hand_written_backward_equals_autodiff_of_the_scan(dtype, unroll, tol):
     zx = jnp.asarray(rng.normal(size=(T, B, 4 * H)), jnp.float32)
     mask = (np.arange(T)[:, None] < np.array([7, 4, 1])[None, :])[..., None]
     h0, c0 = (jnp.asarray(rng.normal(size=(B, H)), jnp.float32) for _ in range(2))
-    wh = jnp.asarray(rng.normal(size=(H, 4 * H)) / np.sqrt(H), dtype)
+    wh = jnp.asarray(rng.normal(size=(H, 4 * H)) / np.sqrt(H), jnp.float32)  # the parameter
     dys = jnp.asarray(rng.normal(size=(T, B, H)), jnp.float32)
 
     def loss(fn, zx, h0, c0, wh):

@@ -51,13 +51,17 @@ def model_and_tokenizer(
     """(model, tokenizer, init_params or None) for fine-tuning."""
     dtype = jnp.dtype(config.dtype)
     source = config.init_from
+    # The architecture comes from the source; how it runs (remat, scan_layers, dropout)
+    # from this config.
+    runtime = {k: v for k, v in dict(config.model).items() if k in bert.RUNTIME_FIELDS}
+    runtime["dtype"] = dtype
     if source and _is_hf_directory(source):
         model, variables, vocab_file = bert.from_pretrained(
             source,
             bert.BertForSequenceClassification,
             num_labels=num_classes,
             init_missing=True,
-            dtype=dtype,
+            **runtime,
         )
         if vocab_file is None:
             raise DataError(f"init_from={source} has no vocab.txt")
@@ -68,7 +72,7 @@ def model_and_tokenizer(
             pretrain_config = ml_collections.ConfigDict(json.load(f))
         tokenizer = mlm.wordpiece(os.path.join(source, bert_pretraining.VOCAB_FILE))
         bert_config = bert_pretraining.model_config(pretrain_config, tokenizer.get_vocab_size())
-        bert_config = dataclasses.replace(bert_config, dtype=dtype)
+        bert_config = dataclasses.replace(bert_config, **runtime)
         model = bert.BertForSequenceClassification(bert_config, num_labels=num_classes)
         encoder = bert.layer_layout(_pretrained_bert_params(source), bert_config.scan_layers)
     else:
