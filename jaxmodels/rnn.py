@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -155,45 +154,6 @@ def _step(
     return out, jnp.where(m, h_new, 0.0), (h_in, c, gates)
 
 
-def _recurrence_scan(
-    zx: jax.Array,
-    mask: jax.Array,
-    h0: jax.Array,
-    c0: jax.Array,
-    wh: jax.Array,
-    dtype: Dtype,
-    unroll: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The recurrence as a plain `lax.scan` (differentiated by JAX when called directly).
-
-    zx <acc>[time, batch, 4H] input projections (bias included), mask <bool>[time, batch, 1],
-    h0, c0 <acc>[batch, H], wh [H, 4H] (the parameter, any float dtype; multiplied in
-    `dtype`). Returns outputs <acc>[time, batch, H] (zeros at masked steps) and the final h, c.
-    """
-    wh_c = wh.astype(dtype)
-
-    def step(carry: State, inputs: tuple[jax.Array, jax.Array]) -> tuple[State, jax.Array]:
-        carry, y, _ = _step(carry, *inputs, wh_c, dtype)
-        return carry, y
-
-    (h, c), ys = jax.lax.scan(step, (h0, c0), (zx, mask), unroll=unroll)
-    return ys, h, c
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _recurrence(
-    zx: jax.Array,
-    mask: jax.Array,
-    h0: jax.Array,
-    c0: jax.Array,
-    wh: jax.Array,
-    dtype: Dtype,
-    unroll: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`_recurrence_scan` with the hand-written backward pass `_recurrence_bwd`."""
-    return _recurrence_scan(zx, mask, h0, c0, wh, dtype, unroll)
-
-
 def _recurrence_fwd(
     zx: jax.Array,
     mask: jax.Array,
@@ -203,6 +163,12 @@ def _recurrence_fwd(
     dtype: Dtype,
     unroll: int,
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], Any]:
+    """The recurrence as a `lax.scan`: ((outputs, h, c), residuals for `_recurrence_bwd`).
+
+    zx <acc>[time, batch, 4H] input projections (bias included), mask <bool>[time, batch, 1],
+    h0, c0 <acc>[batch, H], wh [H, 4H] (the parameter, any float dtype; multiplied in
+    `dtype`). Outputs <acc>[time, batch, H] (zeros at masked steps) and the final h, c.
+    """
     wh_c = wh.astype(dtype)
 
     def step(carry: State, inputs: tuple[jax.Array, jax.Array]) -> Any:
@@ -211,6 +177,12 @@ def _recurrence_fwd(
 
     (h, c), (ys, saved) = jax.lax.scan(step, (h0, c0), (zx, mask), unroll=unroll)
     return (ys, h, c), (saved, mask, wh)
+
+
+def _recurrence_scan(*args: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(outputs, h, c) of `_recurrence_fwd(*args)`, differentiated by JAX when called
+    directly (the unused residuals are dropped by XLA)."""
+    return _recurrence_fwd(*args)[0]
 
 
 def _recurrence_bwd(dtype: Dtype, unroll: int, residuals: Any, cotangents: Any) -> tuple[Any, ...]:
@@ -252,6 +224,8 @@ def _recurrence_bwd(dtype: Dtype, unroll: int, residuals: Any, cotangents: Any) 
     return dzs, None, dh0, dc0, dwh.astype(wh.dtype)
 
 
+# The recurrence with the hand-written backward pass; dtype and unroll are static.
+_recurrence = jax.custom_vjp(_recurrence_scan, nondiff_argnums=(5, 6))
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
