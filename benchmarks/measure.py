@@ -96,7 +96,7 @@ def measure(
     def sync() -> None:
         jax.block_until_ready(holder["state"])
 
-    first_step = profile.compile_events()
+    first_step = timing.compile_events()
     result = timing.time_training(step, sync, steps, windows, warmup, around_first=first_step)
     compile_seconds = first_step.record
     row["compile_s"] = compile_seconds.get("compile_s")

@@ -568,29 +568,22 @@ def measure_keras(
     if warmup:
         model.fit(repeat(), steps_per_epoch=warmup, epochs=1, verbose=0, shuffle=False)
     weights_ready()
-    compiles = []  # XLA compilations inside the windows (there should be none)
-
-    def on_compile(event: str, duration: float, **kwargs: Any) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(on_compile)
     timer = Windows()
-    model.fit(
-        repeat(),
-        steps_per_epoch=steps,
-        epochs=windows,
-        verbose=0,
-        shuffle=False,
-        callbacks=[timer],
-    )
-    jax.monitoring.unregister_event_duration_listener(on_compile)
+    with timing.compile_events() as compiled:  # inside the windows: there should be none
+        model.fit(
+            repeat(),
+            steps_per_epoch=steps,
+            epochs=windows,
+            verbose=0,
+            shuffle=False,
+            callbacks=[timer],
+        )
     result = timing.Timing(first, statistics.median(timer.per_step), timer.per_step)
 
     notes = ["model.fit, one device-resident batch"]
     precision = "float32"
-    if compiles:
-        notes.append(f"{len(compiles)} XLA compilation(s) inside the timed windows")
+    if compiled.get("compiles"):
+        notes.append(f"{compiled['compiles']} XLA compilation(s) inside the timed windows")
     if w.family == "lstm":
         if cudnn_lstm.get("loop"):  # Keras fell back, for one layer at least
             why = "its cuDNN path needs a GPU" if device.platform != "gpu" else "cuDNN refused"

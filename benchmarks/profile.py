@@ -47,7 +47,6 @@ from typing import Any
 __all__ = [
     "HloOp",
     "categorize",
-    "compile_events",
     "op_events",
     "parse_hlo",
     "place",
@@ -437,43 +436,6 @@ def format_summary(summary: dict[str, Any], top: int = 25) -> str:
 
 
 # ----------------------------------------------------------------------------- JAX side
-
-_COMPILE_EVENTS = {
-    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
-    "/jax/core/compile/backend_compile_duration": "compile_s",
-}
-_recording: list[dict[str, float]] = []
-_listening = False
-
-
-def _listener(event: str, duration: float, **_: Any) -> None:
-    key = _COMPILE_EVENTS.get(event)
-    if key:
-        for record in _recording:
-            record[key] = record.get(key, 0.0) + duration
-
-
-class compile_events:  # noqa: N801 (a context manager used like a function)
-    """Sums JAX's compilation events (tracing, lowering to MLIR, XLA compilation) of the
-    code run inside: ``with compile_events() as seconds: ...`` then
-    ``seconds["compile_s"]``. Keys present only for events that happened."""
-
-    def __init__(self) -> None:
-        self.record: dict[str, float] = {}
-
-    def __enter__(self) -> dict[str, float]:
-        global _listening
-        import jax
-
-        if not _listening:
-            jax.monitoring.register_event_duration_secs_listener(_listener)
-            _listening = True
-        _recording.append(self.record)
-        return self.record
-
-    def __exit__(self, *exc: Any) -> None:
-        _recording.remove(self.record)
 
 
 def _cost(compiled: Any) -> dict[str, float]:

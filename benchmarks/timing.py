@@ -28,6 +28,7 @@ __all__ = [
     "ROW_KEYS",
     "Timing",
     "check_protocol",
+    "compile_events",
     "derive",
     "empty_row",
     "peak_memory_bytes",
@@ -91,6 +92,41 @@ def peak_memory_bytes(devices: list[Any]) -> int | None:
         if stats and "peak_bytes_in_use" in stats:
             peaks.append(stats["peak_bytes_in_use"])
     return max(peaks) if peaks else None
+
+
+_COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "compile_s",
+}
+
+
+class compile_events(contextlib.AbstractContextManager):  # noqa: N801 (used like a function)
+    """Records JAX's compilation events of the code run inside (JAX imported only here):
+    ``with compile_events() as seen: ...`` then ``seen["compile_s"]`` (seconds of XLA
+    compilation), ``seen["trace_s"]``, ``seen["lower_s"]`` and ``seen["compiles"]`` (XLA
+    compilations). Keys present only for events that happened."""
+
+    def __init__(self) -> None:
+        self.record: dict[str, float] = {}
+
+    def _on_event(self, event: str, duration: float, **_: Any) -> None:
+        key = _COMPILE_EVENTS.get(event)
+        if key:
+            self.record[key] = self.record.get(key, 0.0) + duration
+            if key == "compile_s":
+                self.record["compiles"] = self.record.get("compiles", 0) + 1
+
+    def __enter__(self) -> dict[str, float]:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        return self.record
+
+    def __exit__(self, *exc: Any) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
 def time_training(
