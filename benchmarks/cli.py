@@ -286,16 +286,22 @@ def _child(
             return json.load(f), None
 
 
-def _common_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--devices", args.devices, "--step-rng", args.step_rng]
-    flags += ["--batch", str(args.batch)] if args.batch else []
-    flags += ["--profile", os.path.abspath(args.profile)] if args.profile else []
-    for setting in args.set:
-        flags += ["--set", setting]
+def _sizing_flags(args: argparse.Namespace) -> list[str]:
+    """The flags our workload processes and the peer process share: batch and timing."""
+    flags = ["--batch", str(args.batch)] if args.batch else []
     for name in ("steps", "windows", "warmup", "peak_tflops"):
         value = getattr(args, name)
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+def _common_flags(args: argparse.Namespace) -> list[str]:
+    """The flags of our workload processes."""
+    flags = ["--devices", args.devices, "--step-rng", args.step_rng, *_sizing_flags(args)]
+    flags += ["--profile", os.path.abspath(args.profile)] if args.profile else []
+    for setting in args.set:
+        flags += ["--set", setting]
     return flags
 
 
@@ -322,21 +328,21 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
         cmd += ["--impl", impl, *_common_flags(args)]
         result, error = _child(cmd, args.timeout, xla_flags=args.xla_flags)
         if result is None:
-            row = timing.empty_row(
-                by_name[name], label, "jax", device=info["device"], status="failed", note=error
-            )
-            if args.xla_flags:
-                row["note"] = f"{error}; XLA_FLAGS {args.xla_flags}"
             _log(f"    failed: {error}")
-            rows.append(row)
-            continue
+            result = [
+                timing.empty_row(
+                    by_name[name], label, "jax", device=info["device"], status="failed", note=error
+                )
+            ]
+        else:
+            _log(
+                f"    {result[0]['step_ms']:.2f} ms/step, "
+                f"first step {result[0]['first_step_s']:.1f} s"
+            )
         if args.xla_flags:
             for row in result:
                 row["note"] = "; ".join(filter(None, [row["note"], f"XLA_FLAGS {args.xla_flags}"]))
         rows += result
-        _log(
-            f"    {result[0]['step_ms']:.2f} ms/step, first step {result[0]['first_step_s']:.1f} s"
-        )
     return info, rows
 
 
@@ -346,12 +352,8 @@ def _run_peers(
     forward = {r["workload"]: r["forward_flops"] for r in rows if r.get("forward_flops")}
     cmd = ["benchmarks.peers", "--suite", suite]
     cmd += ["--only", *args.only] if args.only else []
-    cmd += ["--batch", str(args.batch)] if args.batch else []
     cmd += ["--flops", *[f"{k}={v}" for k, v in forward.items()]] if forward else []
-    for name in ("steps", "windows", "warmup", "peak_tflops"):
-        value = getattr(args, name)
-        if value is not None:
-            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    cmd += _sizing_flags(args)
     _log("peers (PyTorch, separate process) ...")
     workloads = specs.suite(suite, args.only, args.batch)
     result, error = _child(cmd, args.timeout * max(1, len(workloads)), echo=True)
