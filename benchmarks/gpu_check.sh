@@ -14,7 +14,8 @@
 # EXTRA: more flags for every benchmark run, e.g. EXTRA="--step-rng unsafe_rbg".
 # PROFILE=1: also profile each of our steps (benchmarks/profile.py) into $OUT/profile-N/:
 # summary.txt/.json and the gzipped optimised HLO; the raw traces are deleted unless
-# KEEP_TRACES=1 (they can be large).
+# KEEP_TRACES=1 (they can be large). To profile only some groups, give those groups
+# `--profile $OUT/profile-N` instead (the same clean-up applies to any profile under $OUT).
 # TESTS= (empty) skips the tests; PEERS= (empty) skips the peers.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -36,8 +37,6 @@ for group in "${GROUPS_[@]}"; do
   # shellcheck disable=SC2086
   timeout "${BENCH_TIMEOUT:-3000}" python -m benchmarks --suite gpu ${group:+--only $group} \
     $PEERS ${EXTRA:-} ${profile[@]+"${profile[@]}"} --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
-  if [ -n "${PROFILE:-}" ] && [ -d "$OUT/profile-$i" ]; then
-    find "$OUT/profile-$i" -name step.hlo.txt -exec gzip -f {} \;
-    [ -n "${KEEP_TRACES:-}" ] || find "$OUT/profile-$i" -depth -type d -name trace -exec rm -rf {} \;
-  fi
+  find "$OUT" -name step.hlo.txt -exec gzip -f {} \;
+  [ -n "${KEEP_TRACES:-}" ] || find "$OUT" -depth -type d -name trace -exec rm -rf {} \;
 done

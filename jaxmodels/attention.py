@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels.layers import dropout
+
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention", "MultiHeadAttention", "combine_masks"]
 
 Dtype = Any
@@ -186,8 +188,7 @@ def _explicit_attention(
         weights = jnp.where(mask, weights, 0.0)
     probs = weights
     if dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+        probs = dropout(dropout_rng, probs, dropout_rate)
     out = jnp.einsum(
         "bhqk,bkhd->bqhd",
         probs.astype(value.dtype),

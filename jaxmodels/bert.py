@@ -65,7 +65,7 @@ import numpy as np
 from jaxmodels import losses
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
-from jaxmodels.layers import Embed
+from jaxmodels.layers import Dropout, Embed
 
 __all__ = [
     "ACTIVATIONS",
@@ -350,7 +350,7 @@ class BertEmbeddings(nn.Module):
             c, c.type_vocab_size, (None, "embed"), "token_type_embeddings"
         )
         self.norm = _layer_norm(c, "norm")
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout)
 
     def __call__(
         self, input_ids: Array, token_type_ids: Array, deterministic: bool = True
@@ -427,12 +427,12 @@ class BertLayer(nn.Module):
             name="attention",
         )
         h = attention(x, kv_lengths=kv_lengths, mask=mask, deterministic=deterministic)
-        h = nn.Dropout(c.hidden_dropout)(h, deterministic=deterministic)
+        h = Dropout(c.hidden_dropout)(h, deterministic=deterministic)
         x = _layer_norm(c, "attention_norm")(x + h)
         h = _dense(c, c.intermediate_size, ("embed", "mlp"), "intermediate")(x)
         h = ACTIVATIONS[c.hidden_act](h)
         h = _dense(c, c.hidden_size, ("mlp", "embed"), "output")(h)
-        h = nn.Dropout(c.hidden_dropout)(h, deterministic=deterministic)
+        h = Dropout(c.hidden_dropout)(h, deterministic=deterministic)
         return _constrain(_layer_norm(c, "output_norm")(x + h))
 
 
@@ -812,7 +812,7 @@ class BertForSequenceClassification(nn.Module):
         _, pooled = BertModel(self.config, name="bert")(
             input_ids, attention_mask, token_type_ids, train, lengths=lengths
         )
-        pooled = nn.Dropout(self.config.hidden_dropout)(pooled, deterministic=not train)
+        pooled = Dropout(self.config.hidden_dropout)(pooled, deterministic=not train)
         logits = _dense(self.config, self.num_labels, ("embed", "classes"), "classifier")(pooled)
         return logits.astype(jnp.float32)
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.layers import Embed
+from jaxmodels.layers import Dropout, Embed
 
 Dtype = Any
 State = tuple[jax.Array, jax.Array]  # (h, c)
@@ -384,7 +384,7 @@ class LSTM(nn.Module):
                 cs.append(c)
             x = jnp.concatenate(outs, axis=-1).astype(self.dtype)
             if self.dropout and layer < self.num_layers - 1:
-                x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+                x = Dropout(self.dropout)(x, deterministic=deterministic)
         return x, (jnp.stack(hs), jnp.stack(cs))
 
     def _cudnn(
@@ -507,7 +507,7 @@ class LSTMClassifier(nn.Module):
             pooled = total / jnp.maximum(jnp.sum(mask, axis=1), 1)
         else:
             pooled = jnp.max(jnp.where(mask, ys.astype(jnp.float32), -jnp.inf), axis=1)
-        pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train)
+        pooled = Dropout(self.dropout)(pooled, deterministic=not train)
         logits = nn.Dense(
             self.num_classes,
             dtype=self.dtype,

@@ -56,7 +56,7 @@ import numpy as np
 
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import ConfigError
-from jaxmodels.layers import Embed
+from jaxmodels.layers import Dropout, Embed
 
 __all__ = [
     "ACTIVATIONS",
@@ -262,7 +262,7 @@ class Mlp(nn.Module):
         h = act(h)
         if h.ndim == 3:
             h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return dense(
             self.out_dim or x.shape[-1],
             kernel_init=nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),
@@ -351,7 +351,7 @@ def _residual(
     """x + Dropout(branch(LN(x))) (pre-norm) or LN(x + Dropout(branch(x))) (post-norm)."""
     ln = _layer_norm(block, norm)
     h = branch(ln(x) if block.pre_norm else x)
-    h = nn.Dropout(block.dropout_rate)(h, deterministic=deterministic)
+    h = Dropout(block.dropout_rate)(h, deterministic=deterministic)
     x = x + h
     if not block.pre_norm:
         x = ln(x)
@@ -802,7 +802,7 @@ class EncoderDecoder(nn.Module):
         self.output = (
             None if self.tie_output else _output_projection(self, self.target_vocab_size, "output")
         )
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
 
     def encode(self, src_tokens: Array, src_lengths: Array, train: bool = False) -> Array:
         """src_tokens: <int>[batch, src_len], src_lengths: <int>[batch] -> <dtype>[batch,
@@ -952,7 +952,7 @@ class DecoderOnlyLM(nn.Module):
             param_dtype=self.param_dtype,
             name="pos",
         )(embed(tokens), positions)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        x = Dropout(self.dropout_rate)(x, deterministic=not train)
         x = Decoder(
             self.num_layers,
             **_block_kwargs(self),

@@ -33,12 +33,20 @@ def train_cmd(config: str, workdir: str, *overrides: str) -> list[str]:
     ]
 
 
-def run_app(config: str, workdir: str, *overrides: str, timeout: int = 300, devices: int = 8):
-    """Runs `python -m train` to completion; returns the CompletedProcess."""
+def run_app(
+    config: str,
+    workdir: str,
+    *overrides: str,
+    timeout: int = 300,
+    devices: int = 8,
+    env: dict[str, str] | None = None,
+):
+    """Runs `python -m train` to completion (`env`: extra environment variables); returns the
+    CompletedProcess."""
     return subprocess.run(
         train_cmd(config, workdir, *overrides),
         cwd=ROOT,
-        env=app_env(devices),
+        env={**app_env(devices), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

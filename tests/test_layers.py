@@ -1,4 +1,5 @@
-"""jaxmodels.layers.Embed: Flax's numbers forward, float32 gradients, selects for small tables."""
+"""jaxmodels.layers: Embed (Flax's numbers forward, float32 gradients, selects for small tables)
+and Dropout (masks from 16-bit halves of the random words)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodels.layers import SELECT_MAX_ROWS, Embed
+from jaxmodels import sharding
+from jaxmodels.layers import SELECT_MAX_ROWS, Dropout, Embed, dropout, dropout_mask
 
 
 @pytest.mark.parametrize("rows", [2, SELECT_MAX_ROWS, 50], ids=["select", "select-max", "gather"])
@@ -67,3 +69,69 @@ def test_ids_past_the_table_give_nan_rows():
         variables = embed.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))
         out = jax.jit(embed.apply)(variables, jnp.array([0, rows, rows + 7]))
         assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_dropout_drops_at_the_rate_independently_and_keeps_the_mean(rate):
+    n = 1 << 20
+    keep = np.asarray(dropout_mask(jax.random.key(0), rate, (n,)))
+    drop = 1.0 - keep
+    sigma = np.sqrt(rate * (1 - rate) / n)
+    assert abs(drop.mean() - rate) < 5 * sigma
+    # The two halves of a word, and neighbouring words, drop independently.
+    pairs = drop.reshape(-1, 2)
+    both = (pairs[:, 0] * pairs[:, 1]).mean()
+    assert abs(both - rate**2) < 5 * np.sqrt(rate**2 * (1 - rate**2) / (n // 2))
+    across = (drop[1:-1:2] * drop[2::2]).mean()
+    assert abs(across - rate**2) < 5 * np.sqrt(rate**2 * (1 - rate**2) / (n // 2))
+    # Kept elements are divided by the exact keep probability of the 16-bit threshold.
+    x = jnp.full((n,), 3.0)
+    out = np.asarray(dropout(jax.random.key(0), x, rate))
+    np.testing.assert_array_equal(out == 0, ~keep)
+    np.testing.assert_allclose(out[keep], 3.0 / (1.0 - round(rate * 65536) / 65536), rtol=1e-7)
+
+
+def test_dropout_masks_depend_on_the_key_and_shape_details():
+    key = jax.random.key(1)
+    a = dropout_mask(key, 0.5, (4, 7, 33))
+    np.testing.assert_array_equal(a, dropout_mask(key, 0.5, (4, 7, 33)))
+    assert (np.asarray(a) != np.asarray(dropout_mask(jax.random.key(2), 0.5, (4, 7, 33)))).any()
+    assert a.shape == (4, 7, 33) and a.dtype == jnp.bool_
+    assert dropout_mask(key, 0.5, ()).shape == ()
+    x = jnp.arange(1.0, 25.0).reshape(4, 6)
+    shared = np.asarray(dropout(key, x, 0.5, broadcast_dims=(0,)))
+    np.testing.assert_array_equal(shared == 0, np.broadcast_to((shared == 0)[:1], (4, 6)))
+    np.testing.assert_array_equal(dropout(key, x, 0.0), x)
+    np.testing.assert_array_equal(dropout(key, x, 1.0), jnp.zeros_like(x))
+    with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\], got 1.5"):
+        dropout(key, x, 1.5)
+
+
+def test_dropout_module_is_flax_dropout_with_our_mask():
+    x = jnp.ones((8, 16), jnp.bfloat16)
+    layer = Dropout(0.25)
+    np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
+    out = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    assert out.dtype == jnp.bfloat16
+    assert 0 < int(jnp.sum(out == 0)) < out.size
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(
+        Dropout(0.25).apply({}, x, deterministic=False, rng=key), dropout(key, x, 0.25)
+    )
+    # Flax's module fields, deterministic merged from the field or the call.
+    fixed = Dropout(0.25, deterministic=True)
+    np.testing.assert_array_equal(fixed.apply({}, x), x)
+    with pytest.raises(Exception, match="dropout"):
+        Dropout(0.25).apply({}, x, deterministic=False)  # no 'dropout' PRNG stream
+
+
+def test_sharded_dropout_equals_single_device():
+    mesh = sharding.make_mesh(data=8)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4, 10, 10)), jnp.float32)
+    key = jax.random.key(5)
+    single = dropout(key, x, 0.1)
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    sharded = jax.jit(lambda k, v: dropout(k, v, 0.1), out_shardings=spec)(
+        key, jax.device_put(x, spec)
+    )
+    np.testing.assert_array_equal(sharded, single)

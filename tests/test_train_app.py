@@ -21,6 +21,7 @@ from tests.helpers import ROOT, app_env, run_app, saved_params, train_cmd
 from train import logs
 from train.trainer import train_and_evaluate, validate_config
 
+DIGITS_SMOKE = "configs/cnn_digits.py:smoke"
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
@@ -179,6 +180,30 @@ def _assert_clean_failure(proc, *phrases):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     for phrase in phrases:
         assert phrase in proc.stderr, (phrase, proc.stderr[-3000:])
+
+
+def test_resumed_run_compiles_from_the_workdirs_cache(tmp_path):
+    # Every compilation is cached here, however short; no cache directory from the caller's
+    # environment.
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_COMPILATION_CACHE_DIR": ""}
+    workdir = str(tmp_path / "run")
+    cache = os.path.join(workdir, "compilation_cache")
+    first = run_app(DIGITS_SMOKE, workdir, "--config.total_steps=2", devices=1, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"compilation cache {cache}" in first.stdout
+    entries = sorted(os.listdir(cache))
+    assert any(name.startswith("jit_train_step") for name in entries), entries
+    resumed = run_app(DIGITS_SMOKE, workdir, "--config.total_steps=4", devices=1, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 2" in resumed.stdout
+    assert sorted(os.listdir(cache)) == entries  # nothing compiled anew: all read back
+
+    off = run_app(
+        DIGITS_SMOKE, str(tmp_path / "off"), "--config.compilation_cache_dir=", devices=1, env=env
+    )
+    assert off.returncode == 0, off.stderr[-3000:]
+    assert "compilation cache off" in off.stdout
+    assert not os.path.exists(tmp_path / "off" / "compilation_cache")
 
 
 def test_unknown_override_key_fails_cleanly(tmp_path):

@@ -78,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
     # rbg / unsafe_rbg (XLA's RngBitGenerator: much cheaper masks on GPU/TPU; the bits then
     # depend on the partitioning). See jaxmodels.training.step_key.
     c.step_rng = "threefry"
+    # Persistent XLA compilation cache (compiled steps and GPU autotuning results), so a
+    # resumed or repeated run skips most of its compilation: "auto" = the directory of
+    # $JAX_COMPILATION_CACHE_DIR if set, else WORKDIR/compilation_cache; "" = off; or a path.
+    # Only compilations of at least $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (1 s) are kept.
+    c.compilation_cache_dir = "auto"
     c.log_every = 50
     c.eval_every = 500  # 0: only at the end
     c.checkpoint_every = 500  # 0: only at the end

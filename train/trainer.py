@@ -103,6 +103,24 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
+def use_compilation_cache(setting: str, workdir: str) -> str | None:
+    """Points JAX's persistent compilation cache at `setting` (see `compilation_cache_dir` in
+    train/defaults.py); returns the directory, or None when off."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if setting == "auto":
+        setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+            workdir, "compilation_cache"
+        )
+    if not setting:
+        return None
+    path = os.path.abspath(setting)
+    if jax.config.jax_compilation_cache_dir != path:
+        compilation_cache.set_cache_dir(path)
+        compilation_cache.reset_cache()  # a cache opened earlier in this process is dropped
+    return path
+
+
 def _make_optimizer(config: Any) -> Any:
     o = config.optimizer
     return optim.make_optimizer(
@@ -185,6 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate_config(config)
     workdir = prepare_workdir(workdir)
     lead = jax.process_index() == 0
+    cache_dir = use_compilation_cache(config.compilation_cache_dir, workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = sharding.logical_rules(config.sharding_rules)
     _check_batch(config, mesh)
@@ -215,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{type(task.model).__name__} ({n_params:,} params), "
             f"{json.dumps(task.info)}, mesh {dict(mesh.shape)}, rules {config.sharding_rules}, "
             f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-            f"{jax.process_count()} process(es)",
+            f"{jax.process_count()} process(es), compilation cache {cache_dir or 'off'}",
             flush=True,
         )
 
