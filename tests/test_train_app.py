@@ -206,6 +206,34 @@ def test_resumed_run_compiles_from_the_workdirs_cache(tmp_path):
     assert not os.path.exists(tmp_path / "off" / "compilation_cache")
 
 
+def test_profile_steps_trace_the_chosen_steps(tmp_path):
+    from jax.profiler import ProfileData
+
+    workdir = str(tmp_path / "run")
+    done = run_app(
+        DIGITS_SMOKE,
+        workdir,
+        "--config.total_steps=5",
+        "--config.profile_steps=2",
+        "--config.profile_skip_steps=1",
+        devices=1,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    profile = os.path.join(workdir, "profile")
+    assert f"profile of steps 2-3 written to {profile}" in done.stdout
+    (trace,) = glob.glob(os.path.join(profile, "**", "*.xplane.pb"), recursive=True)
+    events = [
+        e
+        for plane in ProfileData.from_file(trace).planes
+        for line in plane.lines
+        for e in line.events
+    ]
+    names = {e.name for e in events}
+    assert "PjitFunction(train_step)" in names
+    steps = sorted({dict(e.stats).get("step_num") for e in events if e.name == "train"})
+    assert steps == [1, 2], steps
+
+
 def test_unknown_override_key_fails_cleanly(tmp_path):
     proc = run_app("configs/cnn_digits.py", str(tmp_path), "--config.no_such_key=1")
     _assert_clean_failure(proc, "no_such_key")

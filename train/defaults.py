@@ -83,6 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
     # $JAX_COMPILATION_CACHE_DIR if set, else WORKDIR/compilation_cache; "" = off; or a path.
     # Only compilations of at least $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (1 s) are kept.
     c.compilation_cache_dir = "auto"
+    # Trace `profile_steps` training steps with jax.profiler into WORKDIR/profile (TensorBoard's
+    # profile plugin, xprof or Perfetto read it), starting `profile_skip_steps` steps after
+    # this run starts (past compilation and warm-up); 0 = no trace.
+    c.profile_steps = 0
+    c.profile_skip_steps = 10
     c.log_every = 50
     c.eval_every = 500  # 0: only at the end
     c.checkpoint_every = 500  # 0: only at the end

@@ -57,7 +57,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "batch_size", "log_every"):
         if int(config[key]) <= 0:
             raise ConfigError(f"config key {key} must be > 0, got {config[key]}")
-    for key in ("eval_every", "checkpoint_every", "eval_batch_size", "num_classes"):
+    for key in (
+        "eval_every",
+        "checkpoint_every",
+        "eval_batch_size",
+        "num_classes",
+        "profile_steps",
+        "profile_skip_steps",
+    ):
         if int(config[key]) < 0:
             raise ConfigError(f"config key {key} must be >= 0, got {config[key]}")
     if config.step_rng not in training.STEP_RNG_IMPLS:
@@ -147,6 +154,36 @@ def _global_batch(local: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Arra
         return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
 
     return {k: put(v) for k, v in local.items()}
+
+
+class _StepTrace:
+    """Traces steps [first, first + count) of the loop with jax.profiler into `directory`."""
+
+    def __init__(self, directory: str, first: int, count: int) -> None:
+        self.directory, self.first, self.stop_at = directory, first, first + count
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if step == self.first and self.stop_at > self.first:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, state: Any, lead: bool) -> None:
+        """Called with the number of steps done; ends the trace after the last traced one."""
+        if self.active and step == self.stop_at:
+            self.close(state)
+            if lead:
+                print(
+                    f"\nprofile of steps {self.first + 1}-{self.stop_at} written to "
+                    f"{self.directory} (tensorboard --logdir {self.directory}, xprof or Perfetto)",
+                    flush=True,
+                )
+
+    def close(self, state: Any) -> None:
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 class _Preemption:
@@ -292,14 +329,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def save(step: int) -> None:
         ckpt.save(step, state, {"iterator": train_iter.get_state()})
 
+    trace = _StepTrace(
+        os.path.join(workdir, "profile"), start + config.profile_skip_steps, config.profile_steps
+    )
     try:
         with _Preemption() as preempt:
             step = start
             while step < config.total_steps:
                 batch = _global_batch(next(train_iter), mesh)
-                state, metrics = train_step(state, batch)
+                trace.before(step)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = train_step(state, batch)
                 pending.append((step, metrics))
                 step += 1
+                trace.after(step, state, lead)
                 if bar is not None:
                     bar.update(1)
                 last = step == config.total_steps
@@ -328,6 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if start == config.total_steps and task.eval_iterator is not None:
                 result = evaluate(task, eval_step, state, mesh)
     finally:
+        trace.close(state)
         if bar is not None:
             bar.close()
         ckpt.wait()
