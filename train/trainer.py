@@ -12,6 +12,7 @@ never stopped (bitwise on CPU). SIGTERM (preemption) saves a checkpoint, then re
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -122,10 +123,14 @@ def use_compilation_cache(setting: str, workdir: str) -> str | None:
     if not setting:
         return None
     path = os.path.abspath(setting)
-    if jax.config.jax_compilation_cache_dir != path:
+    if _cache_dir_in_use[0] != path:
         compilation_cache.set_cache_dir(path)
         compilation_cache.reset_cache()  # a cache opened earlier in this process is dropped
+        _cache_dir_in_use[0] = path
     return path
+
+
+_cache_dir_in_use: list[str | None] = [None]  # set by this process's last run
 
 
 def _make_optimizer(config: Any) -> Any:
@@ -181,9 +186,11 @@ class _StepTrace:
 
     def close(self, state: Any) -> None:
         if self.active:
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
             self.active = False
+            # A failed step's state may be gone; its error surfaces elsewhere, the trace ends.
+            with contextlib.suppress(Exception):
+                jax.block_until_ready(state)
+            jax.profiler.stop_trace()
 
 
 class _Preemption:
