@@ -146,7 +146,7 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             continue
-        for impl in workloads.impls(w.family):
+        for impl in workloads.impls(w):
             known.add(impl or "default")
             if not args.impls or (impl or "default") in args.impls:
                 jobs.append((w.name, impl))

@@ -120,8 +120,8 @@ class FlaxRNNClassifier(nn.Module):
 
 
 def build_lstm(w: Workload, impl: str) -> Built:
-    """LSTMClassifier on full-length sequences, backend `impl` (scan or cudnn), or the
-    stock-Flax baseline (`flax_rnn`)."""
+    """LSTMClassifier on full-length sequences, backend `impl` (scan, cudnn or pallas), or
+    the stock-Flax baseline (`flax_rnn`)."""
     if impl == "flax_rnn":
         ours = build_lstm(w, "scan")
         model = FlaxRNNClassifier(**w.model, dtype=_DTYPES[w.precision])
@@ -147,6 +147,8 @@ def build_lstm(w: Workload, impl: str) -> Built:
     if impl == "cudnn":
         precision = specs.TF32
         note = "cuDNN LSTM: float32 in, TF32 matmuls (jaxlib's cuDNN RNN takes float32 only)"
+    elif impl == "pallas":
+        note = "each direction's loop over time one fused Pallas (Triton) kernel per pass"
     return Built(
         model,
         batch,
@@ -294,18 +296,31 @@ BUILDERS: dict[str, Builder] = {
     "transformer_lm": build_transformer_lm,
 }
 
-# Families with several implementations: a function listing those that apply here.
-IMPLS: dict[str, Callable[[], list[str]]] = {
-    "lstm": lambda: ["scan"] + (["cudnn"] if rnn.cudnn_available() else []) + ["flax_rnn"],
+
+def _lstm_impls(w: Workload) -> list[str]:
+    """scan, and on an NVIDIA GPU cuDNN and the fused Pallas kernels (hidden sizes they
+    take); then the stock-Flax baseline."""
+    gpu = []
+    if rnn.cudnn_available():
+        from jaxmodels import pallas_lstm
+
+        gpu = ["cudnn"] + (["pallas"] if pallas_lstm.supported(w.model["hidden_size"]) else [])
+    return ["scan", *gpu, "flax_rnn"]
+
+
+# Families with several implementations: a function of the workload listing those that
+# apply on this machine.
+IMPLS: dict[str, Callable[[Workload], list[str]]] = {
+    "lstm": _lstm_impls,
     # BERT's recipe drops attention probabilities (0.1), which needs the explicit attention
     # path; without it the fused (cuDNN) kernel runs. Both are measured.
-    "bert": lambda: ["", "no_attn_dropout"],
+    "bert": lambda w: ["", "no_attn_dropout"],
 }
 
 
-def impls(family: str) -> list[str]:
-    """Implementations of `family` to run on this machine ("" when there is only one)."""
-    return IMPLS[family]() if family in IMPLS else [""]
+def impls(w: Workload) -> list[str]:
+    """Implementations of `w` to run on this machine ("" when there is only one)."""
+    return IMPLS[w.family](w) if w.family in IMPLS else [""]
 
 
 def impl_label(impl: str) -> str:

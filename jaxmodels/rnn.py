@@ -15,7 +15,9 @@ step. Being a custom VJP, the scan path supports reverse-mode differentiation on
 batches are given by `lengths`: padded steps never change the state and output zeros, and
 the backward direction of a bidirectional layer starts at each sequence's own last token.
 On GPU a cuDNN backend (`jax.experimental.rnn`) computes the same function from the same
-parameters (`backend="cudnn"`, or `"auto"`).
+parameters (`backend="cudnn"`, or `"auto"`), and so does `backend="pallas"`: the scan path's
+arithmetic with the loop over time fused into one GPU kernel per direction and pass
+(`jaxmodels.pallas_lstm`, hidden sizes that are powers of two up to 256).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -43,7 +45,7 @@ from jaxmodels.layers import Dropout, Embed
 Dtype = Any
 State = tuple[jax.Array, jax.Array]  # (h, c)
 
-BACKENDS = ("auto", "scan", "cudnn")
+BACKENDS = ("auto", "scan", "cudnn", "pallas")
 POOLINGS = ("last", "mean", "max")
 
 
@@ -219,7 +221,14 @@ def _recurrence_bwd(dtype: Dtype, unroll: int, residuals: Any, cotangents: Any) 
     (dh0, dc0), dzs = jax.lax.scan(
         step, (dh_last, dc_last), (dys, mask, c_prev, gates), reverse=True, unroll=unroll
     )
-    # In float32 (at least) up to the parameter's own dtype: no rounding to `dtype`.
+    return _input_grads(dzs, dh0, dc0, h_prev, wh, dtype)
+
+
+def _input_grads(
+    dzs: jax.Array, dh0: jax.Array, dc0: jax.Array, h_prev: jax.Array, wh: jax.Array, dtype: Dtype
+) -> tuple[Any, ...]:
+    """The recurrence's input cotangents from the loop's: the recurrent kernel's gradient is
+    one matmul over all steps, in float32 (at least) up to the parameter's own dtype."""
     dwh = jnp.einsum("tbh,tbg->hg", h_prev, dzs.astype(dtype), preferred_element_type=dzs.dtype)
     return dzs, None, dh0, dc0, dwh.astype(wh.dtype)
 
@@ -227,6 +236,34 @@ def _recurrence_bwd(dtype: Dtype, unroll: int, residuals: Any, cotangents: Any) 
 # The recurrence with the hand-written backward pass; dtype and unroll are static.
 _recurrence = jax.custom_vjp(_recurrence_scan, nondiff_argnums=(5, 6))
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def _fused_fwd(
+    zx: jax.Array, mask: jax.Array, h0: jax.Array, c0: jax.Array, wh: jax.Array, dtype: Dtype
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], Any]:
+    """`_recurrence_fwd` as one Pallas kernel (`jaxmodels.pallas_lstm`); same residuals."""
+    from jaxmodels import pallas_lstm
+
+    ys, h, c, h_prev, c_prev, gates = pallas_lstm.forward(
+        zx, mask, h0, c0, wh, dtype, interpret=not cudnn_available()
+    )
+    return (ys, h, c), ((h_prev, c_prev, gates), mask, wh)
+
+
+def _fused_bwd(dtype: Dtype, residuals: Any, cotangents: Any) -> tuple[Any, ...]:
+    from jaxmodels import pallas_lstm
+
+    (h_prev, c_prev, gates), mask, wh = residuals
+    dys, dh_last, dc_last = cotangents
+    dzs, dh0, dc0 = pallas_lstm.backward(
+        dys, mask, c_prev, gates, dh_last, dc_last, wh, dtype, interpret=not cudnn_available()
+    )
+    return _input_grads(dzs, dh0, dc0, h_prev, wh, dtype)
+
+
+# The recurrence as two fused kernels (forward, backward); dtype is static.
+_fused_recurrence = jax.custom_vjp(lambda *args: _fused_fwd(*args)[0], nondiff_argnums=(5,))
+_fused_recurrence.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _scan_direction(
@@ -239,13 +276,19 @@ def _scan_direction(
     b: jax.Array,
     dtype: Dtype,
     unroll: int,
+    fused: bool = False,
 ) -> tuple[jax.Array, State]:
-    """One direction of one layer over [batch, time, features]; returns (outputs, (h, c))."""
+    """One direction of one layer over [batch, time, features]; returns (outputs, (h, c)).
+    `fused`: the recurrence as Pallas kernels (`jaxmodels.pallas_lstm`) instead of scans."""
     acc = _acc(dtype)
     zx = _matmul(x, wi, dtype) + b.astype(acc)  # the one big input projection
     zx = jnp.swapaxes(zx, 0, 1)  # [time, batch, 4H]
     mask = (jnp.arange(x.shape[1])[:, None] < lengths[None, :])[..., None]  # [time, batch, 1]
-    ys, h, c = _recurrence(zx, mask, h0.astype(acc), c0.astype(acc), wh, jnp.dtype(dtype), unroll)
+    state = (h0.astype(acc), c0.astype(acc))
+    if fused:
+        ys, h, c = _fused_recurrence(zx, mask, *state, wh, jnp.dtype(dtype))
+    else:
+        ys, h, c = _recurrence(zx, mask, *state, wh, jnp.dtype(dtype), unroll)
     return jnp.swapaxes(ys, 0, 1), (h, c)
 
 
@@ -288,9 +331,12 @@ class LSTM(nn.Module):
       bidirectional: also run each layer backwards (outputs concatenated: 2H).
       dropout: dropout rate between layers (not after the last), in training only.
       unroll: scan unroll factor (a speed knob; numbers are unchanged).
-      backend: "scan" (portable), "cudnn" (GPU; jax.experimental.rnn), or "auto" (cuDNN
-        on an NVIDIA GPU, scan elsewhere). Both compute the same function of the same
-        parameters; cuDNN computes in float32 (jaxlib's cuDNN RNN rejects bfloat16).
+      backend: "scan" (portable), "cudnn" (GPU; jax.experimental.rnn), "pallas" (the scan
+        path's arithmetic, each direction's loop over time one fused GPU kernel per pass;
+        hidden sizes that are powers of two from 16 to 256; Pallas's slow interpreter
+        elsewhere) or "auto" (cuDNN on an NVIDIA GPU, scan elsewhere). All compute the same
+        function of the same parameters; cuDNN computes in float32 (jaxlib's cuDNN RNN
+        rejects bfloat16).
       dtype: matmul dtype of the scan path (gates and cell state are float32).
       param_dtype: parameter storage dtype.
 
@@ -337,6 +383,14 @@ class LSTM(nn.Module):
         """
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "pallas":
+            from jaxmodels import pallas_lstm
+
+            if not pallas_lstm.supported(self.hidden_size):
+                raise ValueError(
+                    f"backend 'pallas' takes hidden sizes that are powers of two from 16 to "
+                    f"256, got {self.hidden_size}; use backend 'scan' or 'cudnn'"
+                )
         batch, time, _ = x.shape
         lengths = jnp.full((batch,), time, jnp.int32) if lengths is None else lengths
         check_lengths(lengths, batch, time)
@@ -377,7 +431,16 @@ class LSTM(nn.Module):
                 wi, wh, b = params[k]
                 inp = x if d == 0 else reverse_padded(x, lengths)
                 y, (h, c) = _scan_direction(
-                    inp, lengths, h0[k], c0[k], wi, wh, b, self.dtype, self.unroll
+                    inp,
+                    lengths,
+                    h0[k],
+                    c0[k],
+                    wi,
+                    wh,
+                    b,
+                    self.dtype,
+                    self.unroll,
+                    fused=self.backend == "pallas",
                 )
                 outs.append(y if d == 0 else reverse_padded(y, lengths))
                 hs.append(h)
