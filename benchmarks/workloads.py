@@ -304,7 +304,8 @@ def _lstm_impls(w: Workload) -> list[str]:
     if rnn.cudnn_available():
         from jaxmodels import pallas_lstm
 
-        gpu = ["cudnn"] + (["pallas"] if pallas_lstm.supported(w.model["hidden_size"]) else [])
+        fused = pallas_lstm.supported(w.model["hidden_size"]) and pallas_lstm.triton_available()
+        gpu = ["cudnn"] + (["pallas"] if fused else [])
     return ["scan", *gpu, "flax_rnn"]
 
 

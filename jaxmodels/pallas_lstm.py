@@ -12,8 +12,10 @@ the same residuals, so the recurrent kernel's gradient is the same single matmul
 loop (done by the caller).
 
 Requirements: the hidden size a power of two from 16 to 256 (`supported`); any batch (padded
-to whole blocks here) and sequence length. On a backend other than an NVIDIA GPU the kernels
-run in Pallas's interpreter (exact, slow: for tests).
+to whole blocks here) and sequence length. On an NVIDIA GPU the kernels compile through
+Pallas's Triton backend (`triton_available`; jax 0.11 deprecates it in favour of Mosaic GPU,
+and where a jax lacks it the kernels raise an error saying so). On other backends they run
+in Pallas's interpreter (exact, slow: for tests).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["BLOCK_BATCH", "backward", "forward", "supported"]
+__all__ = ["BLOCK_BATCH", "backward", "forward", "supported", "triton_available"]
 
 BLOCK_BATCH = 16  # sequences per program: the matmul's M (>= 16 for the tensor cores)
 _GATES = 4  # i, f, g, o
@@ -36,11 +38,25 @@ def supported(hidden: int) -> bool:
     return 16 <= hidden <= 256 and hidden & (hidden - 1) == 0
 
 
+def triton_available() -> bool:
+    """Whether this jax has Pallas's Triton backend (what the kernels compile with on GPU)."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _compiler_params(interpret: bool) -> dict[str, Any]:
     if interpret:
         return {"interpret": True}
-    from jax.experimental.pallas import triton as pl_triton
-
+    try:
+        from jax.experimental.pallas import triton as pl_triton
+    except ImportError as e:
+        raise RuntimeError(
+            f"the LSTM's Pallas kernels need Pallas's Triton backend, which jax {jax.__version__}"
+            " does not have; use LSTM backend 'scan' or 'cudnn'"
+        ) from e
     return {"compiler_params": pl_triton.CompilerParams(num_warps=4, num_stages=1)}
 
 

@@ -104,6 +104,21 @@ def test_kernels_lower_to_triton_for_an_nvidia_gpu():
         assert "__gpu$xla.gpu.triton" in text and name in text
 
 
+def test_a_jax_without_pallas_triton_is_named(monkeypatch):
+    import sys
+
+    import jax.experimental.pallas as pallas_package
+
+    monkeypatch.delattr(pallas_package, "triton", raising=False)
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+    assert not pallas_lstm.triton_available()
+    x = jnp.zeros((2, 4, 4 * H))
+    state = jnp.zeros((4, H))
+    mask = jnp.ones((2, 4, 1), bool)
+    with pytest.raises(RuntimeError, match="need Pallas's Triton backend.*use LSTM backend"):
+        pallas_lstm.forward(x, mask, state, state, jnp.zeros((H, 4 * H)), jnp.dtype("float32"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not rnn.cudnn_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
