@@ -6,8 +6,8 @@
 #   ONLY="bert_base resnet50" PEERS= bash benchmarks/gpu_check.sh
 #
 # Writes under $OUT: nvidia-smi.txt, pytest-gpu.log (the tests marked `gpu`: cuDNN attention,
-# the cuDNN LSTM and the LSTM's Pallas kernels against the XLA paths), and per group of
-# workloads suite-N.log/.json.
+# the cuDNN LSTM and the Pallas kernels (LSTM, attention with dropout) against the XLA
+# paths), and per group of workloads suite-N.log/.json.
 # ONLY: workload groups separated by ";" (each group one `python -m benchmarks` run, in
 # order, so the first group's numbers exist even if a later one runs out of time). A group
 # may carry flags of its own after its workloads, e.g.
@@ -25,7 +25,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
 if [ -n "${TESTS-1}" ]; then
   JAX_PLATFORMS=cuda timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -m gpu -o addopts= \
-    -p no:cacheprovider tests/test_attention.py tests/test_rnn.py tests/test_pallas_lstm.py 2>&1 | tee "$OUT/pytest-gpu.log"
+    -p no:cacheprovider tests/test_attention.py tests/test_rnn.py tests/test_pallas_lstm.py \
+    tests/test_pallas_attention.py 2>&1 | tee "$OUT/pytest-gpu.log"
 fi
 PEERS=${PEERS---peers}
 i=0

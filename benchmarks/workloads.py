@@ -191,7 +191,8 @@ def build_bert(w: Workload, impl: str) -> Built:
     """BERT pretraining (masked LM on P masked positions + NSP), full-length sequences.
 
     `impl` "no_attn_dropout": the same with attention-probability dropout off, so the fused
-    attention kernel runs (hidden dropout stays 0.1).
+    attention kernel runs (hidden dropout stays 0.1); "pallas": attention dropout on, in the
+    fused Pallas kernels (`jaxmodels.pallas_attention`).
 
     FLOPs are counted with the XLA attention (`implementation="xla"`): cuDNN attention is a
     custom call with no matmuls in the jaxpr. The MLM head is counted where it runs, on the
@@ -202,6 +203,8 @@ def build_bert(w: Workload, impl: str) -> Built:
     config = bert.BertConfig.preset(w.model["preset"], dtype=_DTYPES[w.precision], **fields)
     if impl == "no_attn_dropout":
         config = dataclasses.replace(config, attention_dropout=0.0)
+    elif impl == "pallas":
+        config = dataclasses.replace(config, implementation="pallas")
     model = BertPretrainingBench(config)
     rng = np.random.default_rng(0)
     batch_size, seq, slots = w.batch, w.seq_len, w.model["max_predictions"]
@@ -251,6 +254,8 @@ def build_bert(w: Workload, impl: str) -> Built:
     note = f"MLM on {real} of {seq} tokens ({slots} slots)"
     if impl == "no_attn_dropout":
         note += "; attention-probability dropout 0 (fused attention kernel)"
+    elif impl == "pallas":
+        note += "; attention with dropout in fused Pallas kernels"
     return Built(model, batch, inputs, loss_fn, eval_fn, flops_model, w.precision, note)
 
 
@@ -309,13 +314,27 @@ def _lstm_impls(w: Workload) -> list[str]:
     return ["scan", *gpu, "flax_rnn"]
 
 
+def _bert_impls(w: Workload) -> list[str]:
+    from jaxmodels import attention, pallas_attention
+
+    fused = (
+        attention._on_nvidia_gpu()
+        and pallas_attention.triton_available()
+        and pallas_attention.supported(
+            w.seq_len, w.seq_len, bert.BertConfig.preset(w.model["preset"]).head_dim
+        )
+    )
+    return ["", "no_attn_dropout"] + (["pallas"] if fused else [])
+
+
 # Families with several implementations: a function of the workload listing those that
 # apply on this machine.
 IMPLS: dict[str, Callable[[Workload], list[str]]] = {
     "lstm": _lstm_impls,
     # BERT's recipe drops attention probabilities (0.1), which needs the explicit attention
-    # path; without it the fused (cuDNN) kernel runs. Both are measured.
-    "bert": lambda w: ["", "no_attn_dropout"],
+    # path; without it the fused (cuDNN) kernel runs. Both are measured, and on an NVIDIA
+    # GPU our fused kernels with dropout.
+    "bert": _bert_impls,
 }
 
 

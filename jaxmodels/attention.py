@@ -16,7 +16,11 @@ Two paths compute it:
   inputs when nothing in the call needs the XLA path);
 * an explicit path, used for attention-probability dropout (training) and to return the
   attention weights, that computes the softmax in float32. A query whose keys are all
-  hidden gets weight 0 everywhere and outputs zeros, never NaN.
+  hidden gets weight 0 everywhere and outputs zeros, never NaN;
+* `implementation="pallas"`: fused kernels WITH dropout (`jaxmodels.pallas_attention`,
+  FlashAttention-style, nothing of size q_len x kv_len stored), for padding given as
+  `kv_lengths` and no other mask, bias or causality; attention weights still take the
+  explicit path.
 
 `MultiHeadAttention` projects inputs to heads with `DenseGeneral` layers named `query`,
 `key`, `value` (kernels <[embed, heads, head_dim]>) and `out` (<[heads, head_dim, embed]>),
@@ -53,7 +57,7 @@ __all__ = ["IMPLEMENTATIONS", "dot_product_attention", "MultiHeadAttention", "co
 Dtype = Any
 Array = jax.Array
 
-IMPLEMENTATIONS = (None, "xla", "cudnn")
+IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
 
 # Logical axis names of the activations and parameters.
 QKV_AXES = ("batch", "length", "heads", "kv")
@@ -228,7 +232,9 @@ def dot_product_attention(
         causal: query i attends to keys j <= i + (kv_len - q_len), i.e. the queries are
             the last q_len positions of the key sequence (q_len == kv_len: j <= i).
         implementation: None (auto: "cudnn" on an NVIDIA GPU for bfloat16/float16 inputs
-            when no feature of the call needs XLA, else "xla"), "xla" or "cudnn".
+            when no feature of the call needs XLA, else "xla"), "xla", "cudnn" or "pallas"
+            (fused kernels with dropout: see the module docstring; Pallas's interpreter
+            off an NVIDIA GPU).
         dropout_rate: attention-probability dropout rate, applied only when
             `deterministic` is False.
         dropout_rng: PRNG key for the dropout; required when dropout is active.
@@ -236,8 +242,8 @@ def dot_product_attention(
         return_weights: also return the attention weights (before dropout).
 
     Dropout and `return_weights` use the explicit path (float32 softmax, weights
-    materialised) whatever `implementation` says; it outputs zeros for a query row whose
-    keys are all hidden.
+    materialised) whatever `implementation` says, except that "pallas" does dropout in its
+    fused kernels; it outputs zeros for a query row whose keys are all hidden.
 
     Returns:
         <dtype of query>[batch, q_len, heads, head_dim], and with `return_weights` also
@@ -271,6 +277,29 @@ def dot_product_attention(
         raise ValueError(
             "attention dropout is active (deterministic=False) but dropout_rng is None; "
             "pass a PRNG key"
+        )
+
+    if implementation == "pallas" and not return_weights:
+        from jaxmodels import pallas_attention
+
+        unsupported = [
+            name
+            for name, used in (("mask", mask), ("bias", bias), ("causal", causal or None))
+            if used is not None
+        ]
+        if unsupported:
+            raise ValueError(
+                f"implementation='pallas' takes padding as kv_lengths only, not "
+                f"{', '.join(unsupported)}; use implementation None or 'xla'"
+            )
+        return pallas_attention.attention(
+            query,
+            key,
+            value,
+            kv_lengths,
+            dropout_rate if use_dropout else 0.0,
+            dropout_rng,
+            interpret=not _on_nvidia_gpu(),
         )
 
     if use_dropout or return_weights:

@@ -184,7 +184,9 @@ class BertConfig:
       dtype: computation dtype (e.g. jnp.bfloat16); logits and losses are float32.
       param_dtype: parameter storage dtype.
       implementation: attention implementation passed to `MultiHeadAttention`
-        (None: cuDNN on GPU with bfloat16, else XLA).
+        (None: cuDNN on GPU with bfloat16 when attention dropout is off, else XLA;
+        "pallas": fused kernels that also do the attention dropout, see
+        `jaxmodels.pallas_attention`).
       remat_policy: rematerialisation of each layer in the backward pass, one of
         `REMAT_POLICIES` or None (none).
       scan_layers: run the layers as one `nn.scan` (parameters stacked under

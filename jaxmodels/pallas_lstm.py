@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxmodels._pallas import call_params, triton_available
+
 __all__ = ["BLOCK_BATCH", "backward", "forward", "supported", "triton_available"]
 
 BLOCK_BATCH = 16  # sequences per program: the matmul's M (>= 16 for the tensor cores)
@@ -38,26 +40,14 @@ def supported(hidden: int) -> bool:
     return 16 <= hidden <= 256 and hidden & (hidden - 1) == 0
 
 
-def triton_available() -> bool:
-    """Whether this jax has Pallas's Triton backend (what the kernels compile with on GPU)."""
-    try:
-        from jax.experimental.pallas import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _compiler_params(interpret: bool) -> dict[str, Any]:
-    if interpret:
-        return {"interpret": True}
-    try:
-        from jax.experimental.pallas import triton as pl_triton
-    except ImportError as e:
-        raise RuntimeError(
-            f"the LSTM's Pallas kernels need Pallas's Triton backend, which jax {jax.__version__}"
-            " does not have; use LSTM backend 'scan' or 'cudnn'"
-        ) from e
-    return {"compiler_params": pl_triton.CompilerParams(num_warps=4, num_stages=1)}
+    return call_params(
+        interpret,
+        "the LSTM's Pallas kernels",
+        "LSTM backend 'scan' or 'cudnn'",
+        num_warps=4,
+        num_stages=1,
+    )
 
 
 def _padded(x: jax.Array, batch: int, axis: int) -> jax.Array:

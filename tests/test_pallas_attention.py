@@ -1,0 +1,182 @@
+"""Fused attention with dropout (Pallas): the explicit path's numbers (on CPU through Pallas's
+interpreter), its dropout mask, and kernels that lower to Triton for an NVIDIA GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmodels import attention, bert, pallas_attention
+
+B, T, H, D = 3, 128, 2, 16
+LENGTHS = jnp.array([128, 70, 1], jnp.int32)
+
+
+def _qkv(dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=(B, T, H, D)), dtype) for _ in range(4))
+
+
+def _reference(q, k, v, lengths, rate, seeds):
+    """The explicit computation with the kernels' own dropout mask."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(D)
+    visible = (jnp.arange(T)[None, :] < lengths[:, None])[:, None, None, :]
+    p = jnp.where(visible, jax.nn.softmax(jnp.where(visible, s, -1e30), axis=-1), 0.0)
+    if rate:
+        threshold = round(rate * 2**16)
+        b, h, i, j = jnp.meshgrid(*(jnp.arange(n) for n in (B, H, T, T)), indexing="ij")
+        counter = pallas_attention._counters(b, h, i, j, H, T, T)
+        keep = pallas_attention.keep_mask(seeds[0], seeds[1], counter, threshold)
+        p = jnp.where(keep, p, 0.0) * (2**16 / (2**16 - threshold))
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_outputs_and_gradients_equal_the_explicit_computation(rate):
+    q, k, v, do = _qkv()
+    key = jax.random.key(3)
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+
+    def ours(q, k, v):
+        return pallas_attention.attention(q, k, v, LENGTHS, rate, key, interpret=True)
+
+    def ref(q, k, v):
+        return _reference(q, k, v, LENGTHS, rate, seeds)
+
+    np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=2e-6)
+    grads = [
+        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * do), argnums=(0, 1, 2))(q, k, v)
+        for f in (ours, ref)
+    ]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_without_dropout_equals_dot_product_attention_in_bfloat16():
+    q, k, v, _ = _qkv(jnp.bfloat16)
+    got = attention.dot_product_attention(q, k, v, kv_lengths=LENGTHS, implementation="pallas")
+    want = attention.dot_product_attention(q, k, v, kv_lengths=LENGTHS, implementation="xla")
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2
+    )
+    # A sequence with no visible key outputs zeros, as on the explicit path.
+    empty = attention.dot_product_attention(
+        q, k, v, kv_lengths=jnp.array([5, 0, 3]), implementation="pallas"
+    )
+    np.testing.assert_array_equal(np.asarray(empty[1], np.float32), 0.0)
+
+
+def test_dropout_mask_statistics():
+    rate = 0.1
+    threshold = round(rate * 2**16)
+    counter = jnp.arange(1 << 20, dtype=jnp.uint32)
+    seeds = jax.random.bits(jax.random.key(0), (2,), jnp.uint32)
+    drop = 1.0 - np.asarray(pallas_attention.keep_mask(seeds[0], seeds[1], counter, threshold))
+    n = drop.size
+    assert abs(drop.mean() - threshold / 2**16) < 5 * np.sqrt(rate * (1 - rate) / n)
+    both = (drop[:-1] * drop[1:]).mean()  # neighbours drop independently
+    assert abs(both - rate**2) < 5 * np.sqrt(rate**2 / n)
+    other = jax.random.bits(jax.random.key(1), (2,), jnp.uint32)
+    drop2 = 1.0 - np.asarray(pallas_attention.keep_mask(other[0], other[1], counter, threshold))
+    assert abs((drop * drop2).mean() - rate**2) < 5 * np.sqrt(rate**2 / n)  # other key: new mask
+
+
+def test_training_dropout_drops_the_rate_and_keeps_the_mean():
+    q = k = jnp.zeros((2, 128, 2, 16))  # uniform attention: each output is a mean of v rows
+    v = jnp.ones((2, 128, 2, 16))
+    out = pallas_attention.attention(q, k, v, None, 0.5, jax.random.key(0), interpret=True)
+    # Each output is (kept rows / 128) / keep: mean 1 over rows, spread by the dropout.
+    assert abs(float(out.mean()) - 1.0) < 0.02
+    assert float(out.std()) > 0.05
+    again = pallas_attention.attention(q, k, v, None, 0.5, jax.random.key(0), interpret=True)
+    np.testing.assert_array_equal(out, again)
+
+
+def test_bert_with_pallas_attention():
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 64)), jnp.int32)
+    config = bert.BertConfig.preset("tiny", vocab_size=100, max_position_embeddings=64)
+    ref = bert.BertModel(config)
+    fused = bert.BertModel(
+        bert.BertConfig.preset(
+            "tiny", vocab_size=100, max_position_embeddings=64, implementation="pallas"
+        )
+    )
+    variables = ref.init(jax.random.key(0), ids)
+    lengths = jnp.array([64, 20])
+    want = ref.apply(variables, ids, lengths=lengths)
+    got = fused.apply(variables, ids, lengths=lengths)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    train = fused.apply(
+        variables, ids, train=True, lengths=lengths, rngs={"dropout": jax.random.key(1)}
+    )
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(train))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"mask": jnp.ones((B, 1, T, T), bool)}, "not mask"),
+        ({"bias": jnp.zeros((B, 1, T, T))}, "not bias"),
+        ({"causal": True}, "not causal"),
+    ],
+)
+def test_what_the_kernels_do_not_take_is_named(kwargs, message):
+    q, k, v, _ = _qkv()
+    with pytest.raises(ValueError, match=f"takes padding as kv_lengths only, {message}"):
+        attention.dot_product_attention(q, k, v, implementation="pallas", **kwargs)
+
+
+def test_unsupported_sizes_are_named():
+    q = jnp.zeros((1, 100, 2, 16))
+    with pytest.raises(ValueError, match="lengths divisible by 64 .* got q_len 100"):
+        attention.dot_product_attention(q, q, q, implementation="pallas")
+    assert not pallas_attention.supported(128, 128, 24)
+
+
+def test_kernels_lower_to_triton_for_an_nvidia_gpu():
+    """BERT-base's attention (seq 128, 12 heads of 64, bfloat16) with dropout, forward and
+    backward, lowered for CUDA on this machine: three Triton kernels."""
+    shape = jax.ShapeDtypeStruct((8, 128, 12, 64), jnp.bfloat16)
+    lengths = jnp.full((8,), 128, jnp.int32)
+
+    def loss(q, k, v):
+        out = pallas_attention.attention(q, k, v, lengths, 0.1, jax.random.key(0))
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = (
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        .trace(shape, shape, shape)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    for name in ("attention_forward", "attention_backward_dkdv", "attention_backward_dq"):
+        assert name in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not attention._on_nvidia_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_kernels_on_the_gpu_equal_the_explicit_computation(rate):
+    q, k, v, do = _qkv(jnp.bfloat16)
+    key = jax.random.key(3)
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+
+    def ours(q, k, v):
+        return pallas_attention.attention(q, k, v, LENGTHS, rate, key).astype(jnp.float32)
+
+    def ref(q, k, v):
+        return _reference(q, k, v, LENGTHS, rate, seeds)
+
+    np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=3e-2, rtol=3e-2)
+    grads = [
+        jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * do), argnums=(0, 1, 2)))(q, k, v)
+        for f in (ours, ref)
+    ]
+    for a, b in zip(*grads, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.max(np.abs(a - b)) <= 3e-2 * np.max(np.abs(b))
