@@ -17,6 +17,8 @@ Variants:
       --config.vocab_file=/path/to/vocab.txt
 """
 
+from ml_collections.config_dict import placeholder
+
 from train.defaults import base_config
 
 
@@ -27,9 +29,17 @@ def get_config(variant: str | None = None):
     c.vocab_size = 8_000  # when the vocabulary is trained on the corpus
     c.max_length = 64
     c.max_predictions = 10
-    # Other `model` keys are BertConfig fields, e.g. remat_policy ("dots", "full", ...) or
-    # scan_layers=True (one nn.scan over the layers: a several times faster compile).
-    c.model = {"name": "BertForPreTraining", "preset": "tiny"}
+    # Other `model` keys are BertConfig fields, e.g. remat_policy ("dots", "full", ...),
+    # scan_layers=True (one nn.scan over the layers: a several times faster compile) or
+    # implementation="pallas" (attention and its dropout in fused GPU kernels).
+    c.model = {
+        "name": "BertForPreTraining",
+        "preset": "tiny",
+        # attention: None (auto), "xla", "cudnn" or "pallas" (a str once set)
+        "implementation": placeholder(str),
+        "remat_policy": placeholder(str),
+        "scan_layers": False,
+    }
     c.batch_size = 32
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 2e-3

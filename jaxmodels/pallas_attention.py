@@ -12,7 +12,8 @@ all three kernels: two rounds of MurmurHash3's 32-bit finaliser keyed by two see
 drawn from the caller's PRNG key, whose top 16 bits are compared with rate * 2**16 (as in
 `jaxmodels.layers.dropout`); kept probabilities are divided by the exact keep probability.
 
-Supported: queries and keys of lengths divisible by `BLOCK` (64), head_dim a power of two
+Supported: queries and keys of lengths divisible by 16 (blocks of 64, 32 or 16 rows: the
+largest that divides), head_dim a power of two
 from 16 to 128, as many key/value heads as query heads, padding given as `kv_lengths`
 (`supported`). Matmuls in the inputs' dtype with float32 accumulation; softmax in float32.
 On an NVIDIA GPU the kernels compile through Pallas's Triton backend (jax 0.11 deprecates it
@@ -31,9 +32,9 @@ from jax.experimental import pallas as pl
 
 from jaxmodels._pallas import call_params, triton_available
 
-__all__ = ["BLOCK", "attention", "keep_mask", "supported", "triton_available"]
+__all__ = ["attention", "block", "keep_mask", "supported", "triton_available"]
 
-BLOCK = 64  # queries per program and keys per inner step
+_BLOCKS = (64, 32, 16)  # rows per block: the largest that divides the length
 _MASKED = -1e30  # logits of hidden keys (finite: no inf - inf)
 _HALF_WORD = 2**16
 _SQ = pl.squeezed  # a block dimension of size 1 that the kernel does not see
@@ -42,11 +43,16 @@ _SQ = pl.squeezed  # a block dimension of size 1 that the kernel does not see
 def supported(q_len: int, kv_len: int, head_dim: int) -> bool:
     """Whether the kernels take these sizes (see the module docstring)."""
     return (
-        q_len % BLOCK == 0
-        and kv_len % BLOCK == 0
+        q_len % _BLOCKS[-1] == 0
+        and kv_len % _BLOCKS[-1] == 0
         and 16 <= head_dim <= 128
         and head_dim & (head_dim - 1) == 0
     )
+
+
+def block(length: int) -> int:
+    """Rows per block for a sequence of `length` (queries per program, keys per step)."""
+    return next(b for b in _BLOCKS if length % b == 0)
 
 
 def _fmix32(x: jax.Array) -> jax.Array:
@@ -92,12 +98,13 @@ def _forward_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
     n = len_ref[b]
     q = q_ref[...]
     bq, head_dim = q.shape
+    bk = cfg["block_k"]
 
     def body(j, carry):
         m, denom, acc = carry
-        k = k_ref[pl.ds(j * BLOCK, BLOCK), :]
-        v = v_ref[pl.ds(j * BLOCK, BLOCK), :]
-        blocks = _Blocks((bq, BLOCK), i * bq, j * BLOCK)
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        blocks = _Blocks((bq, bk), i * bq, j * bk)
         s, visible = _probabilities(q, k, n, blocks, cfg["scale"])
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
@@ -116,7 +123,7 @@ def _forward_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
         jnp.zeros((bq,), jnp.float32),
         jnp.zeros((bq, head_dim), jnp.float32),
     )
-    m, denom, acc = jax.lax.fori_loop(0, k_ref.shape[0] // BLOCK, body, init)
+    m, denom, acc = jax.lax.fori_loop(0, k_ref.shape[0] // bk, body, init)
     safe_l = jnp.where(denom > 0.0, denom, 1.0)  # a row with no visible key outputs zeros
     o_ref[...] = (acc * (cfg["keep_scale"] / safe_l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(safe_l)
@@ -146,13 +153,14 @@ def _dkdv_kernel(
     n = len_ref[b]
     k, v = k_ref[...], v_ref[...]
     bk, head_dim = k.shape
+    bq = cfg["block_q"]
     seeds = (seed_ref[0], seed_ref[1])
 
     def body(i, carry):
         dk, dv = carry
-        rows = pl.ds(i * BLOCK, BLOCK)
+        rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        blocks = _Blocks((BLOCK, bk), i * BLOCK, j * bk)
+        blocks = _Blocks((bq, bk), i * bq, j * bk)
         p_dropped, ds = _grad_block(
             q, k, v, do, lse_ref[rows], delta_ref[rows], n, blocks, seeds, b, h, cfg
         )
@@ -161,7 +169,7 @@ def _dkdv_kernel(
         return dk, dv
 
     zeros = jnp.zeros((bk, head_dim), jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, q_ref.shape[0] // BLOCK, body, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(0, q_ref.shape[0] // bq, body, (zeros, zeros))
     dk_ref[...] = (dk * cfg["scale"]).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -172,16 +180,17 @@ def _dq_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     bq, head_dim = q.shape
+    bk = cfg["block_k"]
     seeds = (seed_ref[0], seed_ref[1])
 
     def body(j, dq):
-        cols = pl.ds(j * BLOCK, BLOCK)
+        cols = pl.ds(j * bk, bk)
         k, v = k_ref[cols, :], v_ref[cols, :]
-        blocks = _Blocks((bq, BLOCK), i * bq, j * BLOCK)
+        blocks = _Blocks((bq, bk), i * bq, j * bk)
         _, ds = _grad_block(q, k, v, do, lse, delta, n, blocks, seeds, b, h, cfg)
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = jax.lax.fori_loop(0, k_ref.shape[0] // BLOCK, body, jnp.zeros((bq, head_dim), jnp.float32))
+    dq = jax.lax.fori_loop(0, k_ref.shape[0] // bk, body, jnp.zeros((bq, head_dim), jnp.float32))
     dq_ref[...] = (dq * cfg["scale"]).astype(dq_ref.dtype)
 
 
@@ -205,22 +214,23 @@ def _config(q: jax.Array, k: jax.Array, rate: float) -> dict[str, Any]:
         "threshold": threshold,
         "keep_scale": _HALF_WORD / (_HALF_WORD - threshold),
         "dims": (heads, q_len, k.shape[1]),
+        "block_q": block(q_len),
+        "block_k": block(k.shape[1]),
     }
 
 
 def _row_spec(length: int, head_dim: int, by_program: bool) -> pl.BlockSpec:
     """[batch, length, heads, head_dim] arrays: the program's block of rows, or all rows."""
     if by_program:
-        return pl.BlockSpec(
-            (pl.squeezed, BLOCK, pl.squeezed, head_dim), lambda b, h, i: (b, i, h, 0)
-        )
+        rows = block(length)
+        return pl.BlockSpec((_SQ, rows, _SQ, head_dim), lambda b, h, i: (b, i, h, 0))
     return pl.BlockSpec((_SQ, length, _SQ, head_dim), lambda b, h, i: (b, 0, h, 0))
 
 
 def _stat_spec(length: int, by_program: bool) -> pl.BlockSpec:
     """[batch, heads, length] float32 statistics (log-sum-exp, delta)."""
     if by_program:
-        return pl.BlockSpec((_SQ, _SQ, BLOCK), lambda b, h, i: (b, h, i))
+        return pl.BlockSpec((_SQ, _SQ, block(length)), lambda b, h, i: (b, h, i))
     return pl.BlockSpec((_SQ, _SQ, length), lambda b, h, i: (b, h, 0))
 
 
@@ -238,7 +248,7 @@ def _forward(q, k, v, seeds, lengths, rate, interpret):
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
         ],
-        grid=(batch, heads, q_len // BLOCK),
+        grid=(batch, heads, q_len // block(q_len)),
         in_specs=[
             *_scalar_specs(batch),
             _row_spec(q_len, head_dim, True),
@@ -261,7 +271,7 @@ def _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret):
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        grid=(batch, heads, kv_len // BLOCK),
+        grid=(batch, heads, kv_len // block(kv_len)),
         in_specs=[
             *_scalar_specs(batch),
             _row_spec(q_len, head_dim, False),
@@ -278,7 +288,7 @@ def _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(batch, heads, q_len // BLOCK),
+        grid=(batch, heads, q_len // block(q_len)),
         in_specs=[
             *_scalar_specs(batch),
             _row_spec(q_len, head_dim, True),
@@ -333,7 +343,7 @@ def attention(
     batch = query.shape[0]
     if not supported(query.shape[1], key.shape[1], query.shape[-1]):
         raise ValueError(
-            f"the fused attention kernels take lengths divisible by {BLOCK} and head_dim a "
+            f"the fused attention kernels take lengths divisible by 16 and head_dim a "
             f"power of two from 16 to 128, got q_len {query.shape[1]}, kv_len {key.shape[1]}, "
             f"head_dim {query.shape[-1]}"
         )

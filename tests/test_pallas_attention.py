@@ -14,37 +14,45 @@ B, T, H, D = 3, 128, 2, 16
 LENGTHS = jnp.array([128, 70, 1], jnp.int32)
 
 
-def _qkv(dtype=jnp.float32, seed=0):
+def _qkv(dtype=jnp.float32, seed=0, q_len=T, kv_len=T):
     rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.normal(size=(B, T, H, D)), dtype) for _ in range(4))
+    shapes = [(B, q_len, H, D), (B, kv_len, H, D), (B, kv_len, H, D), (B, q_len, H, D)]
+    return tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in shapes)
 
 
 def _reference(q, k, v, lengths, rate, seeds):
     """The explicit computation with the kernels' own dropout mask."""
+    q_len, kv_len = q.shape[1], k.shape[1]
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(D)
-    visible = (jnp.arange(T)[None, :] < lengths[:, None])[:, None, None, :]
+    visible = (jnp.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :]
     p = jnp.where(visible, jax.nn.softmax(jnp.where(visible, s, -1e30), axis=-1), 0.0)
     if rate:
         threshold = round(rate * 2**16)
-        b, h, i, j = jnp.meshgrid(*(jnp.arange(n) for n in (B, H, T, T)), indexing="ij")
-        counter = pallas_attention._counters(b, h, i, j, H, T, T)
+        grid = (jnp.arange(n) for n in (B, H, q_len, kv_len))
+        b, h, i, j = jnp.meshgrid(*grid, indexing="ij")
+        counter = pallas_attention._counters(b, h, i, j, H, q_len, kv_len)
         keep = pallas_attention.keep_mask(seeds[0], seeds[1], counter, threshold)
         p = jnp.where(keep, p, 0.0) * (2**16 / (2**16 - threshold))
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.1])
-def test_outputs_and_gradients_equal_the_explicit_computation(rate):
-    q, k, v, do = _qkv()
+@pytest.mark.parametrize(
+    "rate,q_len,kv_len", [(0.0, T, T), (0.1, T, T), (0.1, 32, 48)], ids=["64", "64-drop", "16"]
+)
+def test_outputs_and_gradients_equal_the_explicit_computation(rate, q_len, kv_len):
+    q, k, v, do = _qkv(q_len=q_len, kv_len=kv_len)
     key = jax.random.key(3)
     seeds = jax.random.bits(key, (2,), jnp.uint32)
 
+    lengths = jnp.minimum(LENGTHS, kv_len)
+
     def ours(q, k, v):
-        return pallas_attention.attention(q, k, v, LENGTHS, rate, key, interpret=True)
+        return pallas_attention.attention(q, k, v, lengths, rate, key, interpret=True)
 
     def ref(q, k, v):
-        return _reference(q, k, v, LENGTHS, rate, seeds)
+        return _reference(q, k, v, lengths, rate, seeds)
 
+    assert pallas_attention.block(kv_len) == (64 if kv_len % 64 == 0 else 16)
     np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=2e-6)
     grads = [
         jax.grad(lambda *a, f=f: jnp.sum(f(*a) * do), argnums=(0, 1, 2))(q, k, v)
@@ -132,7 +140,7 @@ def test_what_the_kernels_do_not_take_is_named(kwargs, message):
 
 def test_unsupported_sizes_are_named():
     q = jnp.zeros((1, 100, 2, 16))
-    with pytest.raises(ValueError, match="lengths divisible by 64 .* got q_len 100"):
+    with pytest.raises(ValueError, match="lengths divisible by 16 .* got q_len 100"):
         attention.dot_product_attention(q, q, q, implementation="pallas")
     assert not pallas_attention.supported(128, 128, 24)
 
