@@ -40,5 +40,5 @@ for group in "${GROUPS_[@]}"; do
   timeout "${BENCH_TIMEOUT:-3000}" python -m benchmarks --suite gpu ${group:+--only $group} \
     $PEERS ${EXTRA:-} ${profile[@]+"${profile[@]}"} --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
   find "$OUT" -name step.hlo.txt -exec gzip -f {} \;
-  [ -n "${KEEP_TRACES:-}" ] || find "$OUT" -depth -type d -name trace -exec rm -rf {} \;
+  [ -n "${KEEP_TRACES:-}" ] || find "$OUT" -depth -type d -name trace -path '*profile*' -exec rm -rf {} \;
 done

@@ -307,18 +307,22 @@ def _lstm_impls(w: Workload) -> list[str]:
     take); then the stock-Flax baseline."""
     gpu = []
     if rnn.cudnn_available():
-        from jaxmodels import pallas_lstm
+        from jaxmodels import _pallas, pallas_lstm
 
-        fused = pallas_lstm.supported(w.model["hidden_size"]) and pallas_lstm.triton_available()
+        fused = (
+            _pallas.on_nvidia_gpu()
+            and pallas_lstm.supported(w.model["hidden_size"])
+            and pallas_lstm.triton_available()
+        )
         gpu = ["cudnn"] + (["pallas"] if fused else [])
     return ["scan", *gpu, "flax_rnn"]
 
 
 def _bert_impls(w: Workload) -> list[str]:
-    from jaxmodels import attention, pallas_attention
+    from jaxmodels import _pallas, pallas_attention
 
     fused = (
-        attention._on_nvidia_gpu()
+        _pallas.on_nvidia_gpu()
         and pallas_attention.triton_available()
         and pallas_attention.supported(
             w.seq_len, w.seq_len, bert.BertConfig.preset(w.model["preset"]).head_dim

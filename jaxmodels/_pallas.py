@@ -1,15 +1,34 @@
-"""What the Pallas kernels of `pallas_lstm` and `pallas_attention` share: how they compile.
+"""What the Pallas kernels of `pallas_lstm` and `pallas_attention` share: how they compile
+and how they run on a sharded batch.
 
 On an NVIDIA GPU they compile through Pallas's Triton backend (jax 0.11 deprecates it in
 favour of Mosaic GPU; where a jax lacks it, a clear error); on other backends they run in
 Pallas's interpreter (exact, slow: for tests).
+
+A `pallas_call` has no partitioning rule: under a jit whose batch is sharded over a mesh,
+XLA would gather the whole batch onto every device and run the kernel on all of it there.
+`mesh_axes` finds the mesh axes a logical dimension (``batch``, ``heads``) is split over
+under the active logical-axis rules (`jaxmodels.sharding`), so the callers run their kernels
+per shard with `jax.shard_map`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import flax.linen as nn
 import jax
+
+
+def on_nvidia_gpu() -> bool:
+    """True when the default backend is an NVIDIA (CUDA) GPU."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        return "rocm" not in jax.devices()[0].client.platform_version.lower()
+    except Exception:  # a client without the attribute: assume CUDA
+        return True
 
 
 def triton_available() -> bool:
@@ -35,3 +54,28 @@ def call_params(interpret: bool, what: str, instead: str, **triton: Any) -> dict
             f"have; use {instead}"
         ) from e
     return {"compiler_params": pl_triton.CompilerParams(**triton)}
+
+
+def mesh_axes(logical: str, size: int) -> tuple[str, ...]:
+    """The axes of the current mesh (of more than one device) that the logical dimension
+    `logical`, of `size` elements, is split over under the active rules; () when there is no
+    such mesh, no rule, or the split would not be even."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return ()
+    spec = nn.logical_to_mesh_axes((logical,))
+    axes = spec[0] if len(spec) else None
+    if axes is None:
+        return ()
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
+    if not axes or size % math.prod(mesh.shape[a] for a in axes):
+        return ()
+    return axes
+
+
+def shard_offset(axes: tuple[str, ...], local_size: int) -> jax.Array:
+    """Inside `jax.shard_map`: the global index of this shard's first element along a
+    dimension split over `axes` (0 when it is not split)."""
+    if not axes:
+        return jax.numpy.zeros((), jax.numpy.int32)
+    return jax.lax.axis_index(axes) * local_size

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels._pallas import on_nvidia_gpu as _on_nvidia_gpu
 from jaxmodels.layers import dropout
 
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention", "MultiHeadAttention", "combine_masks"]
@@ -95,15 +96,6 @@ def _causal_mask(q_len: int, kv_len: int) -> Array:
 def _lengths_mask(kv_lengths: Array, kv_len: int) -> Array:
     """[batch, 1, 1, kv_len]: key j is visible when j < kv_lengths[b]."""
     return (jnp.arange(kv_len)[None, :] < jnp.asarray(kv_lengths)[:, None])[:, None, None, :]
-
-
-def _on_nvidia_gpu() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    try:
-        return "rocm" not in jax.devices()[0].client.platform_version.lower()
-    except Exception:  # a client without the attribute: assume CUDA
-        return True
 
 
 def _auto_implementation(query: Array, key: Array, needs_xla: bool) -> str:

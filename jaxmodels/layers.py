@@ -37,12 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SELECT_MAX_ROWS", "Dropout", "Embed", "dropout", "dropout_mask"]
+__all__ = ["SELECT_MAX_ROWS", "Dropout", "Embed", "drop_threshold", "dropout", "dropout_mask"]
 
 _HALF_WORD = 2**16
 
 
-def _drop_threshold(rate: float) -> int:
+def drop_threshold(rate: float) -> int:
     """The 16-bit threshold below which an element is dropped (rate rounded to 2**-16)."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"dropout rate must be in [0, 1], got {rate}")
@@ -57,7 +57,7 @@ def dropout_mask(key: jax.Array, rate: float, shape: Sequence[int]) -> jax.Array
     sharded mask is generated where it is used.
     """
     shape = tuple(int(d) for d in shape)
-    threshold = _drop_threshold(rate)
+    threshold = drop_threshold(rate)
     if not shape:
         shape_words, last = (1,), 1
     else:
@@ -73,7 +73,7 @@ def dropout(
 ) -> jax.Array:
     """Drops elements of `inputs` with probability `rate` and divides the others by the keep
     probability (the training-mode `Dropout`). `broadcast_dims` share one mask value."""
-    threshold = _drop_threshold(rate)
+    threshold = drop_threshold(rate)
     if threshold == 0:
         return inputs
     if threshold == _HALF_WORD:
@@ -98,7 +98,7 @@ class Dropout(nn.Dropout):
         self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
     ) -> jax.Array:
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if deterministic or _drop_threshold(self.rate) == 0:
+        if deterministic or drop_threshold(self.rate) == 0:
             return inputs
         if rng is None:
             rng = self.make_rng(self.rng_collection)

@@ -7,10 +7,13 @@ probabilities and dropout mask are written to and read back from memory, forward
 backward. Here, FlashAttention-style, one kernel computes each block of queries against all
 keys with an online softmax and never stores the probabilities; the backward pass
 recomputes them from the saved log-sum-exp (one kernel for dK/dV, one for dQ). The dropout
-mask is a counter-based hash of (seed, batch, head, query, key), recomputed identically in
-all three kernels: two rounds of MurmurHash3's 32-bit finaliser keyed by two seed words
-drawn from the caller's PRNG key, whose top 16 bits are compared with rate * 2**16 (as in
-`jaxmodels.layers.dropout`); kept probabilities are divided by the exact keep probability.
+mask is a counter-based hash, recomputed identically in all three kernels: the element's
+index within its [q_len, kv_len] matrix goes through MurmurHash3's 32-bit finaliser with one
+seed word, then again xor a key of its (batch, head) matrix derived from the other seed
+word (both words drawn from the caller's PRNG key); the top 16 bits are compared with
+rate * 2**16 (as in `jaxmodels.layers.dropout`) and kept probabilities are divided by the
+exact keep probability. On a sharded batch the kernels run per shard (`jax.shard_map`) with
+global batch and head numbers, so the mask does not depend on the partitioning.
 
 Supported: queries and keys of lengths divisible by 16 (blocks of 64, 32 or 16 rows: the
 largest that divides), head_dim a power of two
@@ -29,8 +32,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
-from jaxmodels._pallas import call_params, triton_available
+from jaxmodels._pallas import call_params, mesh_axes, shard_offset, triton_available
+from jaxmodels.layers import drop_threshold
 
 __all__ = ["attention", "block", "keep_mask", "supported", "triton_available"]
 
@@ -64,17 +69,38 @@ def _fmix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def keep_mask(seed0: jax.Array, seed1: jax.Array, counter: jax.Array, threshold: int) -> jax.Array:
-    """True where the element with this counter (a uint32 index) is kept."""
-    x = _fmix32(counter * jnp.uint32(0x9E3779B1) + seed0)
-    x = _fmix32(x ^ seed1)
+_GOLDEN = 0x9E3779B1
+
+
+def keep_mask(
+    seed0: jax.Array, seed1: jax.Array, matrix: jax.Array, counter: jax.Array, threshold: int
+) -> jax.Array:
+    """True where an element is kept: `matrix` (uint32) numbers the (batch, head) pair,
+    `counter` (uint32) the element within its [q_len, kv_len] matrix. Each matrix hashes its
+    counters under a key of its own, so no two matrices share a stream."""
+    key = _fmix32(matrix * jnp.uint32(_GOLDEN) + seed1)
+    x = _fmix32(counter * jnp.uint32(_GOLDEN) + seed0)
+    x = _fmix32(x ^ key)
     return (x >> 16) >= jnp.uint32(threshold)
 
 
-def _counters(b, h, rows, cols, heads: int, q_len: int, kv_len: int) -> jax.Array:
-    """The uint32 index of elements (b, h, rows, cols) of [batch, heads, q_len, kv_len]."""
-    base = ((b * heads + h) * q_len).astype(jnp.uint32)
-    return (base + rows.astype(jnp.uint32)) * jnp.uint32(kv_len) + cols.astype(jnp.uint32)
+def _matrix(b: Any, h: Any, heads: int) -> jax.Array:
+    """The uint32 number of the (batch, head) attention matrix (global indices)."""
+    return (b * heads + h).astype(jnp.uint32)
+
+
+def _counters(rows: jax.Array, cols: jax.Array, kv_len: int) -> jax.Array:
+    """The uint32 index of elements (rows, cols) of one [q_len, kv_len] matrix."""
+    return rows.astype(jnp.uint32) * jnp.uint32(kv_len) + cols.astype(jnp.uint32)
+
+
+def _kernel_mask(seed_ref, b, h, blocks, cfg) -> jax.Array:
+    """The dropout keep-mask of a block inside a kernel; `seed_ref` holds the two seed words
+    and this shard's batch and head offsets (`jax.shard_map`)."""
+    heads, kv_len = cfg["dims"]
+    matrix = _matrix(b + seed_ref[2], h + seed_ref[3], heads)
+    counter = _counters(blocks.rows, blocks.cols, kv_len)
+    return keep_mask(seed_ref[0], seed_ref[1], matrix, counter, cfg["threshold"])
 
 
 class _Blocks:
@@ -111,8 +137,7 @@ def _forward_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
         p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
         denom = denom * alpha + jnp.sum(p, axis=1)
         if cfg["threshold"]:
-            counter = _counters(b, h, blocks.rows, blocks.cols, *cfg["dims"])
-            p = jnp.where(keep_mask(seed_ref[0], seed_ref[1], counter, cfg["threshold"]), p, 0.0)
+            p = jnp.where(_kernel_mask(seed_ref, b, h, blocks, cfg), p, 0.0)
         acc = acc * alpha[:, None] + jnp.dot(
             p.astype(v.dtype), v, preferred_element_type=jnp.float32
         )
@@ -129,15 +154,14 @@ def _forward_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
     lse_ref[...] = m + jnp.log(safe_l)
 
 
-def _grad_block(q, k, v, do, lse, delta, n, blocks, seeds, b, h, cfg):
+def _grad_block(q, k, v, do, lse, delta, n, blocks, seed_ref, b, h, cfg):
     """The shared part of both backward kernels for one [queries, keys] block: the dropped
     and rescaled probabilities (for dV) and the logits' gradient dS."""
     s, visible = _probabilities(q, k, n, blocks, cfg["scale"])
     p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
     if cfg["threshold"]:
-        counter = _counters(b, h, blocks.rows, blocks.cols, *cfg["dims"])
-        keep = keep_mask(seeds[0], seeds[1], counter, cfg["threshold"])
+        keep = _kernel_mask(seed_ref, b, h, blocks, cfg)
         p_dropped = jnp.where(keep, p, 0.0) * cfg["keep_scale"]
         dp = jnp.where(keep, dp, 0.0) * cfg["keep_scale"]
     else:
@@ -154,7 +178,6 @@ def _dkdv_kernel(
     k, v = k_ref[...], v_ref[...]
     bk, head_dim = k.shape
     bq = cfg["block_q"]
-    seeds = (seed_ref[0], seed_ref[1])
 
     def body(i, carry):
         dk, dv = carry
@@ -162,7 +185,7 @@ def _dkdv_kernel(
         q, do = q_ref[rows, :], do_ref[rows, :]
         blocks = _Blocks((bq, bk), i * bq, j * bk)
         p_dropped, ds = _grad_block(
-            q, k, v, do, lse_ref[rows], delta_ref[rows], n, blocks, seeds, b, h, cfg
+            q, k, v, do, lse_ref[rows], delta_ref[rows], n, blocks, seed_ref, b, h, cfg
         )
         dv = dv + jnp.dot(p_dropped.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
         dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
@@ -181,13 +204,12 @@ def _dq_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     lse, delta = lse_ref[...], delta_ref[...]
     bq, head_dim = q.shape
     bk = cfg["block_k"]
-    seeds = (seed_ref[0], seed_ref[1])
 
     def body(j, dq):
         cols = pl.ds(j * bk, bk)
         k, v = k_ref[cols, :], v_ref[cols, :]
         blocks = _Blocks((bq, bk), i * bq, j * bk)
-        _, ds = _grad_block(q, k, v, do, lse, delta, n, blocks, seeds, b, h, cfg)
+        _, ds = _grad_block(q, k, v, do, lse, delta, n, blocks, seed_ref, b, h, cfg)
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     dq = jax.lax.fori_loop(0, k_ref.shape[0] // bk, body, jnp.zeros((bq, head_dim), jnp.float32))
@@ -204,16 +226,17 @@ def _params(interpret: bool) -> dict[str, Any]:
     )
 
 
-def _config(q: jax.Array, k: jax.Array, rate: float) -> dict[str, Any]:
-    batch, q_len, heads, head_dim = q.shape
-    threshold = round(rate * _HALF_WORD)
+def _config(q: jax.Array, k: jax.Array, rate: float, heads: int) -> dict[str, Any]:
+    """Static settings of the kernels; `heads`: the global head count (for the mask)."""
+    q_len, head_dim = q.shape[1], q.shape[-1]
+    threshold = drop_threshold(rate)
     if threshold >= _HALF_WORD:
-        raise ValueError(f"attention dropout rate must be < 1, got {rate}")
+        raise ValueError(f"attention dropout rate {rate} rounds to 1 (all dropped); use < 1")
     return {
         "scale": 1.0 / math.sqrt(head_dim),
         "threshold": threshold,
         "keep_scale": _HALF_WORD / (_HALF_WORD - threshold),
-        "dims": (heads, q_len, k.shape[1]),
+        "dims": (heads, k.shape[1]),
         "block_q": block(q_len),
         "block_k": block(k.shape[1]),
     }
@@ -235,13 +258,13 @@ def _stat_spec(length: int, by_program: bool) -> pl.BlockSpec:
 
 
 def _scalar_specs(batch: int) -> list[pl.BlockSpec]:
-    return [pl.BlockSpec((2,), lambda b, h, i: (0,)), pl.BlockSpec((batch,), lambda b, h, i: (0,))]
+    return [pl.BlockSpec((4,), lambda b, h, i: (0,)), pl.BlockSpec((batch,), lambda b, h, i: (0,))]
 
 
-def _forward(q, k, v, seeds, lengths, rate, interpret):
+def _forward(q, k, v, seeds, lengths, rate, interpret, total_heads):
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
-    cfg = _config(q, k, rate)
+    cfg = _config(q, k, rate, total_heads)
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),
         out_shape=[
@@ -261,10 +284,10 @@ def _forward(q, k, v, seeds, lengths, rate, interpret):
     )(seeds, lengths, q, k, v)
 
 
-def _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret):
+def _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret, total_heads):
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
-    cfg = _config(q, k, rate)
+    cfg = _config(q, k, rate, total_heads)
     # delta_i = sum_d dO_id O_id: the softmax backward's row term (dropout included).
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
     args = (seeds, lengths, q, k, v, do, lse, delta)
@@ -305,20 +328,20 @@ def _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, seeds, lengths, rate, interpret):
-    return _forward(q, k, v, seeds, lengths, rate, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, seeds, lengths, rate, interpret, total_heads):
+    return _forward(q, k, v, seeds, lengths, rate, interpret, total_heads)[0]
 
 
-def _attention_fwd(q, k, v, seeds, lengths, rate, interpret):
-    out, lse = _forward(q, k, v, seeds, lengths, rate, interpret)
+def _attention_fwd(q, k, v, seeds, lengths, rate, interpret, total_heads):
+    out, lse = _forward(q, k, v, seeds, lengths, rate, interpret, total_heads)
     return out, (q, k, v, out, lse, seeds, lengths)
 
 
-def _attention_bwd(rate, interpret, residuals, do):
+def _attention_bwd(rate, interpret, total_heads, residuals, do):
     q, k, v, out, lse, seeds, lengths = residuals
-    dq, dk, dv = _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret)
-    return dq, dk, dv, None, None
+    grads = _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret, total_heads)
+    return (*grads, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -338,26 +361,47 @@ def attention(
 
     query, key, value: <dtype>[batch, length, heads, head_dim] (`supported` sizes);
     kv_lengths: <int>[batch] or None (all keys). Returns <dtype>[batch, q_len, heads,
-    head_dim]; a query with no visible key outputs zeros.
+    head_dim]; a query with no visible key outputs zeros. Under a mesh whose logical-axis
+    rules split ``batch`` (and ``heads``), each device runs the kernels on its own shard;
+    the dropout mask is the same as on one device.
     """
-    batch = query.shape[0]
+    batch, _, heads, _ = query.shape
     if not supported(query.shape[1], key.shape[1], query.shape[-1]):
         raise ValueError(
             f"the fused attention kernels take lengths divisible by 16 and head_dim a "
             f"power of two from 16 to 128, got q_len {query.shape[1]}, kv_len {key.shape[1]}, "
             f"head_dim {query.shape[-1]}"
         )
-    if key.shape[2] != query.shape[2]:
+    if key.shape[2] != heads:
         raise ValueError("the fused attention kernels need as many key/value heads as heads")
     lengths = (
         jnp.full((batch,), key.shape[1], jnp.int32)
         if kv_lengths is None
         else jnp.asarray(kv_lengths, jnp.int32)
     )
-    if dropout_rate > 0.0:
+    rate = float(dropout_rate)
+    if rate > 0.0:
         if dropout_rng is None:
             raise ValueError("attention dropout is active but dropout_rng is None")
         seeds = jax.random.bits(dropout_rng, (2,), jnp.uint32)
     else:
         seeds = jnp.zeros((2,), jnp.uint32)
-    return _attention(query, key, value, seeds, lengths, float(dropout_rate), interpret)
+    batch_axes, head_axes = mesh_axes("batch", batch), mesh_axes("heads", heads)
+
+    def local(q, k, v, seeds, lengths):
+        offsets = [
+            shard_offset(batch_axes, q.shape[0]),
+            shard_offset(head_axes, q.shape[2]),
+        ]
+        seeds = jnp.concatenate([seeds, jnp.stack(offsets).astype(jnp.uint32)])
+        return _attention(q, k, v, seeds, lengths, rate, interpret, heads)
+
+    if not (batch_axes or head_axes):
+        return local(query, key, value, seeds, lengths)
+    rows = P(batch_axes or None, None, head_axes or None, None)
+    return jax.shard_map(
+        local,
+        in_specs=(rows, rows, rows, P(), P(batch_axes or None)),
+        out_specs=rows,
+        check_vma=False,
+    )(query, key, value, seeds, lengths)

@@ -11,11 +11,13 @@ accumulation, gates and cell state in float32, masked steps leave the state unch
 the same residuals, so the recurrent kernel's gradient is the same single matmul after the
 loop (done by the caller).
 
-Requirements: the hidden size a power of two from 16 to 256 (`supported`); any batch (padded
-to whole blocks here) and sequence length. On an NVIDIA GPU the kernels compile through
-Pallas's Triton backend (`triton_available`; jax 0.11 deprecates it in favour of Mosaic GPU,
-and where a jax lacks it the kernels raise an error saying so). On other backends they run
-in Pallas's interpreter (exact, slow: for tests).
+Requirements: the hidden size a power of two from 16 to 128 (`supported`: each gate's
+[H, H] block of the recurrent kernel is one matmul operand on chip); any batch (padded to
+whole blocks here) and sequence length. Without gradients the forward kernel writes no
+residuals. On a sharded batch the kernels run per shard (`jax.shard_map`). On an NVIDIA GPU
+they compile through Pallas's Triton backend (`triton_available`; jax 0.11 deprecates it in
+favour of Mosaic GPU, and where a jax lacks it the kernels raise an error saying so); on
+other backends they run in Pallas's interpreter (exact, slow: for tests).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
-from jaxmodels._pallas import call_params, triton_available
+from jaxmodels._pallas import call_params, mesh_axes, triton_available
 
 __all__ = ["BLOCK_BATCH", "backward", "forward", "supported", "triton_available"]
 
@@ -35,9 +38,12 @@ BLOCK_BATCH = 16  # sequences per program: the matmul's M (>= 16 for the tensor 
 _GATES = 4  # i, f, g, o
 
 
+MAX_HIDDEN = 128
+
+
 def supported(hidden: int) -> bool:
-    """Whether the kernels take this hidden size (a power of two, 16..256)."""
-    return 16 <= hidden <= 256 and hidden & (hidden - 1) == 0
+    """Whether the kernels take this hidden size (a power of two, 16..MAX_HIDDEN)."""
+    return 16 <= hidden <= MAX_HIDDEN and hidden & (hidden - 1) == 0
 
 
 def _compiler_params(interpret: bool) -> dict[str, Any]:
@@ -60,9 +66,9 @@ def _gate_block(k: int, hidden: int) -> Any:
     return pl.ds(k * hidden, hidden)
 
 
-def _forward_kernel(
-    zx_ref, m_ref, h0_ref, c0_ref, wh_ref, ys_ref, hn_ref, cn_ref, hp_ref, cp_ref, act_ref
-):
+def _forward_kernel(*refs, save: bool):
+    """Inputs zx, mask, h0, c0, wh; outputs ys, h_n, c_n and, when `save`, the residuals."""
+    zx_ref, m_ref, h0_ref, c0_ref, wh_ref, ys_ref, hn_ref, cn_ref = refs[:8]
     time, _, gates = zx_ref.shape
     hidden = gates // _GATES
     dtype = wh_ref.dtype
@@ -80,10 +86,12 @@ def _forward_kernel(
         c_new = f * c + i * g
         h_new = o * jnp.tanh(c_new)
         keep = m_ref[t] > 0.5  # [block, 1]
-        hp_ref[t] = h_in
-        cp_ref[t] = c
-        for k, act in enumerate((i, f, g, o)):
-            act_ref[t, :, _gate_block(k, hidden)] = act
+        if save:
+            hp_ref, cp_ref, act_ref = refs[8:]
+            hp_ref[t] = h_in
+            cp_ref[t] = c
+            for k, act in enumerate((i, f, g, o)):
+                act_ref[t, :, _gate_block(k, hidden)] = act
         ys_ref[t] = jnp.where(keep, h_new, 0.0)
         return jnp.where(keep, h_new, h), jnp.where(keep, c_new, c)
 
@@ -141,7 +149,26 @@ def _specs(time: int, block: int, widths: tuple[int, ...], batch_axis: tuple[boo
     return specs
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "interpret", "block_batch"))
+def _per_shard(local: Any, args: tuple[Any, ...], timed: tuple[bool | None, ...], out_timed: Any):
+    """`local(*args)` on each shard of a batch split over the mesh (`jax.shard_map`), or on
+    the whole batch. `timed`: per argument, True for [time, batch, ...], False for
+    [batch, ...], None for unsharded; `out_timed` likewise for the outputs."""
+    batch = args[timed.index(False)].shape[0]
+    axes = mesh_axes("batch", batch)
+    if not axes:
+        return local(*args)
+
+    def spec(t: bool | None) -> P:
+        return P() if t is None else P(None, axes) if t else P(axes)
+
+    return jax.shard_map(
+        local,
+        in_specs=tuple(spec(t) for t in timed),
+        out_specs=tuple(spec(t) for t in out_timed),
+        check_vma=False,
+    )(*args)
+
+
 def forward(
     zx: jax.Array,
     mask: jax.Array,
@@ -150,63 +177,57 @@ def forward(
     wh: jax.Array,
     dtype: Any,
     interpret: bool = False,
+    residuals: bool = True,
     block_batch: int = BLOCK_BATCH,
 ) -> tuple[jax.Array, ...]:
-    """The forward recurrence: (outputs, h, c, h_prev, c_prev, gate activations).
+    """The forward recurrence: (outputs, h, c) and, with `residuals`, (h_prev, c_prev, gate
+    activations) for `backward`.
 
     zx <float32>[time, batch, 4H] input projections with bias, mask <bool>[time, batch, 1],
-    h0, c0 <float32>[batch, H], wh [H, 4H]. The last three outputs are per step the state
-    before it (h in `dtype`) and the activations i, f, g, o: the residuals of `backward`.
+    h0, c0 <float32>[batch, H], wh [H, 4H]. The residuals are per step the state before it
+    (h in `dtype`) and the activations i, f, g, o.
     """
     time, batch, gates = zx.shape
     hidden = gates // _GATES
-    padded = -(-batch // block_batch) * block_batch
     acc = zx.dtype
-    args = (
-        _padded(zx, padded, 1),
-        _padded(mask.astype(acc), padded, 1),
-        _padded(h0, padded, 0),
-        _padded(c0, padded, 0),
-        wh.astype(dtype),
-    )
-    timed = (True, True, False, False)
-    in_specs = _specs(time, block_batch, (gates, 1, hidden, hidden), timed)
-    in_specs.append(pl.BlockSpec((hidden, gates), lambda b: (0, 0)))
-    shapes = [
-        ((time, padded, hidden), acc),
-        ((padded, hidden), acc),
-        ((padded, hidden), acc),
-        ((time, padded, hidden), jnp.dtype(dtype)),
-        ((time, padded, hidden), acc),
-        ((time, padded, gates), acc),
-    ]
-    out_specs = _specs(
-        time,
-        block_batch,
-        (hidden, hidden, hidden, hidden, hidden, gates),
-        (True, False, False, True, True, True),
-    )
-    outs = pl.pallas_call(
-        _forward_kernel,
-        out_shape=[jax.ShapeDtypeStruct(s, d) for s, d in shapes],
-        grid=(padded // block_batch,),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        name="lstm_forward",
-        **_compiler_params(interpret),
-    )(*args)
-    ys, h, c, h_prev, c_prev, acts = outs
-    return (
-        ys[:, :batch],
-        h[:batch],
-        c[:batch],
-        h_prev[:, :batch],
-        c_prev[:, :batch],
-        acts[:, :batch],
-    )
+    dtype = jnp.dtype(dtype)
+
+    def local(zx, mask, h0, c0, wh):
+        batch = zx.shape[1]
+        padded = -(-batch // block_batch) * block_batch
+        args = (
+            _padded(zx, padded, 1),
+            _padded(mask.astype(acc), padded, 1),
+            _padded(h0, padded, 0),
+            _padded(c0, padded, 0),
+            wh.astype(dtype),
+        )
+        in_specs = _specs(time, block_batch, (gates, 1, hidden, hidden), (True, True, False, False))
+        in_specs.append(pl.BlockSpec((hidden, gates), lambda b: (0, 0)))
+        shapes = [((time, padded, hidden), acc), ((padded, hidden), acc), ((padded, hidden), acc)]
+        widths, timed = [hidden] * 3, [True, False, False]
+        if residuals:
+            shapes += [
+                ((time, padded, hidden), dtype),
+                ((time, padded, hidden), acc),
+                ((time, padded, gates), acc),
+            ]
+            widths, timed = widths + [hidden, hidden, gates], timed + [True] * 3
+        outs = pl.pallas_call(
+            functools.partial(_forward_kernel, save=residuals),
+            out_shape=[jax.ShapeDtypeStruct(s, d) for s, d in shapes],
+            grid=(padded // block_batch,),
+            in_specs=in_specs,
+            out_specs=_specs(time, block_batch, tuple(widths), tuple(timed)),
+            name="lstm_forward",
+            **_compiler_params(interpret),
+        )(*args)
+        return tuple(x[:, :batch] if t else x[:batch] for x, t in zip(outs, timed, strict=True))
+
+    out_timed = (True, False, False) + ((True,) * 3 if residuals else ())
+    return _per_shard(local, (zx, mask, h0, c0, wh), (True, True, False, False, None), out_timed)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "interpret", "block_batch"))
 def backward(
     dys: jax.Array,
     mask: jax.Array,
@@ -221,38 +242,48 @@ def backward(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Backpropagation through time: (d pre-activations <float32>[time, batch, 4H], dh0, dc0)
     from the output cotangents and `forward`'s residuals."""
-    time, batch, gates = acts.shape
+    time, _, gates = acts.shape
     hidden = gates // _GATES
-    padded = -(-batch // block_batch) * block_batch
     acc = acts.dtype
-    args = (
-        _padded(dys.astype(acc), padded, 1),
-        _padded(mask.astype(acc), padded, 1),
-        _padded(c_prev, padded, 1),
-        _padded(acts, padded, 1),
-        _padded(dh_last.astype(acc), padded, 0),
-        _padded(dc_last.astype(acc), padded, 0),
-        wh.astype(dtype).T,
+    dtype = jnp.dtype(dtype)
+
+    def local(dys, mask, c_prev, acts, dh_last, dc_last, wh):
+        batch = acts.shape[1]
+        padded = -(-batch // block_batch) * block_batch
+        args = (
+            _padded(dys.astype(acc), padded, 1),
+            _padded(mask.astype(acc), padded, 1),
+            _padded(c_prev, padded, 1),
+            _padded(acts, padded, 1),
+            _padded(dh_last.astype(acc), padded, 0),
+            _padded(dc_last.astype(acc), padded, 0),
+            wh.astype(dtype).T,
+        )
+        in_specs = _specs(
+            time,
+            block_batch,
+            (hidden, 1, hidden, gates, hidden, hidden),
+            (True, True, True, True, False, False),
+        )
+        in_specs.append(pl.BlockSpec((gates, hidden), lambda b: (0, 0)))
+        dz, dh0, dc0 = pl.pallas_call(
+            _backward_kernel,
+            out_shape=[
+                jax.ShapeDtypeStruct((time, padded, gates), acc),
+                jax.ShapeDtypeStruct((padded, hidden), acc),
+                jax.ShapeDtypeStruct((padded, hidden), acc),
+            ],
+            grid=(padded // block_batch,),
+            in_specs=in_specs,
+            out_specs=_specs(time, block_batch, (gates, hidden, hidden), (True, False, False)),
+            name="lstm_backward",
+            **_compiler_params(interpret),
+        )(*args)
+        return dz[:, :batch], dh0[:batch], dc0[:batch]
+
+    return _per_shard(
+        local,
+        (dys, mask, c_prev, acts, dh_last, dc_last, wh),
+        (True, True, True, True, False, False, None),
+        (True, False, False),
     )
-    in_specs = _specs(
-        time,
-        block_batch,
-        (hidden, 1, hidden, gates, hidden, hidden),
-        (True, True, True, True, False, False),
-    )
-    in_specs.append(pl.BlockSpec((gates, hidden), lambda b: (0, 0)))
-    out_specs = _specs(time, block_batch, (gates, hidden, hidden), (True, False, False))
-    dz, dh0, dc0 = pl.pallas_call(
-        _backward_kernel,
-        out_shape=[
-            jax.ShapeDtypeStruct((time, padded, gates), acc),
-            jax.ShapeDtypeStruct((padded, hidden), acc),
-            jax.ShapeDtypeStruct((padded, hidden), acc),
-        ],
-        grid=(padded // block_batch,),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        name="lstm_backward",
-        **_compiler_params(interpret),
-    )(*args)
-    return dz[:, :batch], dh0[:batch], dc0[:batch]

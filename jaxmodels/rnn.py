@@ -17,7 +17,7 @@ the backward direction of a bidirectional layer starts at each sequence's own la
 On GPU a cuDNN backend (`jax.experimental.rnn`) computes the same function from the same
 parameters (`backend="cudnn"`, or `"auto"`), and so does `backend="pallas"`: the scan path's
 arithmetic with the loop over time fused into one GPU kernel per direction and pass
-(`jaxmodels.pallas_lstm`, hidden sizes that are powers of two up to 256).
+(`jaxmodels.pallas_lstm`, hidden sizes that are powers of two from 16 to 128).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels._pallas import on_nvidia_gpu
 from jaxmodels.layers import Dropout, Embed
 
 Dtype = Any
@@ -238,6 +239,18 @@ _recurrence = jax.custom_vjp(_recurrence_scan, nondiff_argnums=(5, 6))
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
+def _fused_primal(
+    zx: jax.Array, mask: jax.Array, h0: jax.Array, c0: jax.Array, wh: jax.Array, dtype: Dtype
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(outputs, h, c) of the recurrence as one Pallas kernel (`jaxmodels.pallas_lstm`),
+    writing no residuals (nothing differentiates it)."""
+    from jaxmodels import pallas_lstm
+
+    return pallas_lstm.forward(
+        zx, mask, h0, c0, wh, dtype, interpret=not on_nvidia_gpu(), residuals=False
+    )
+
+
 def _fused_fwd(
     zx: jax.Array, mask: jax.Array, h0: jax.Array, c0: jax.Array, wh: jax.Array, dtype: Dtype
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], Any]:
@@ -245,7 +258,7 @@ def _fused_fwd(
     from jaxmodels import pallas_lstm
 
     ys, h, c, h_prev, c_prev, gates = pallas_lstm.forward(
-        zx, mask, h0, c0, wh, dtype, interpret=not cudnn_available()
+        zx, mask, h0, c0, wh, dtype, interpret=not on_nvidia_gpu()
     )
     return (ys, h, c), ((h_prev, c_prev, gates), mask, wh)
 
@@ -256,13 +269,13 @@ def _fused_bwd(dtype: Dtype, residuals: Any, cotangents: Any) -> tuple[Any, ...]
     (h_prev, c_prev, gates), mask, wh = residuals
     dys, dh_last, dc_last = cotangents
     dzs, dh0, dc0 = pallas_lstm.backward(
-        dys, mask, c_prev, gates, dh_last, dc_last, wh, dtype, interpret=not cudnn_available()
+        dys, mask, c_prev, gates, dh_last, dc_last, wh, dtype, interpret=not on_nvidia_gpu()
     )
     return _input_grads(dzs, dh0, dc0, h_prev, wh, dtype)
 
 
 # The recurrence as two fused kernels (forward, backward); dtype is static.
-_fused_recurrence = jax.custom_vjp(lambda *args: _fused_fwd(*args)[0], nondiff_argnums=(5,))
+_fused_recurrence = jax.custom_vjp(_fused_primal, nondiff_argnums=(5,))
 _fused_recurrence.defvjp(_fused_fwd, _fused_bwd)
 
 
@@ -333,7 +346,7 @@ class LSTM(nn.Module):
       unroll: scan unroll factor (a speed knob; numbers are unchanged).
       backend: "scan" (portable), "cudnn" (GPU; jax.experimental.rnn), "pallas" (the scan
         path's arithmetic, each direction's loop over time one fused GPU kernel per pass;
-        hidden sizes that are powers of two from 16 to 256; Pallas's slow interpreter
+        hidden sizes that are powers of two from 16 to 128; Pallas's slow interpreter
         elsewhere) or "auto" (cuDNN on an NVIDIA GPU, scan elsewhere). All compute the same
         function of the same parameters; cuDNN computes in float32 (jaxlib's cuDNN RNN
         rejects bfloat16).
@@ -389,7 +402,8 @@ class LSTM(nn.Module):
             if not pallas_lstm.supported(self.hidden_size):
                 raise ValueError(
                     f"backend 'pallas' takes hidden sizes that are powers of two from 16 to "
-                    f"256, got {self.hidden_size}; use backend 'scan' or 'cudnn'"
+                    f"{pallas_lstm.MAX_HIDDEN}, got {self.hidden_size}; use backend 'scan' or "
+                    "'cudnn'"
                 )
         batch, time, _ = x.shape
         lengths = jnp.full((batch,), time, jnp.int32) if lengths is None else lengths

@@ -30,8 +30,9 @@ def _reference(q, k, v, lengths, rate, seeds):
         threshold = round(rate * 2**16)
         grid = (jnp.arange(n) for n in (B, H, q_len, kv_len))
         b, h, i, j = jnp.meshgrid(*grid, indexing="ij")
-        counter = pallas_attention._counters(b, h, i, j, H, q_len, kv_len)
-        keep = pallas_attention.keep_mask(seeds[0], seeds[1], counter, threshold)
+        matrix = pallas_attention._matrix(b, h, H)
+        counter = pallas_attention._counters(i, j, kv_len)
+        keep = pallas_attention.keep_mask(seeds[0], seeds[1], matrix, counter, threshold)
         p = jnp.where(keep, p, 0.0) * (2**16 / (2**16 - threshold))
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
@@ -82,14 +83,21 @@ def test_dropout_mask_statistics():
     threshold = round(rate * 2**16)
     counter = jnp.arange(1 << 20, dtype=jnp.uint32)
     seeds = jax.random.bits(jax.random.key(0), (2,), jnp.uint32)
-    drop = 1.0 - np.asarray(pallas_attention.keep_mask(seeds[0], seeds[1], counter, threshold))
+
+    def drops(seeds, matrix):
+        keep = pallas_attention.keep_mask(
+            seeds[0], seeds[1], jnp.uint32(matrix), counter, threshold
+        )
+        return 1.0 - np.asarray(keep)
+
+    drop = drops(seeds, 0)
     n = drop.size
     assert abs(drop.mean() - threshold / 2**16) < 5 * np.sqrt(rate * (1 - rate) / n)
     both = (drop[:-1] * drop[1:]).mean()  # neighbours drop independently
     assert abs(both - rate**2) < 5 * np.sqrt(rate**2 / n)
-    other = jax.random.bits(jax.random.key(1), (2,), jnp.uint32)
-    drop2 = 1.0 - np.asarray(pallas_attention.keep_mask(other[0], other[1], counter, threshold))
-    assert abs((drop * drop2).mean() - rate**2) < 5 * np.sqrt(rate**2 / n)  # other key: new mask
+    # Another (batch, head) matrix, or another key: an independent mask.
+    for other in (drops(seeds, 1), drops(jax.random.bits(jax.random.key(1), (2,), jnp.uint32), 0)):
+        assert abs((drop * other).mean() - rate**2) < 5 * np.sqrt(rate**2 / n)
 
 
 def test_training_dropout_drops_the_rate_and_keeps_the_mean():
@@ -101,6 +109,38 @@ def test_training_dropout_drops_the_rate_and_keeps_the_mean():
     assert float(out.std()) > 0.05
     again = pallas_attention.attention(q, k, v, None, 0.5, jax.random.key(0), interpret=True)
     np.testing.assert_array_equal(out, again)
+
+
+@pytest.mark.parametrize("rules", ["data", "fsdp_tp"])
+def test_sharded_kernels_run_per_shard_and_equal_one_device(rules):
+    """Batch (and with fsdp_tp heads) split over 8 devices: shard_map runs the kernels on each
+    shard, no all-gather, and the outputs, dropout mask included, equal one device's."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxmodels import sharding, training
+
+    q, k, v, do = (x[:, :64] for x in _qkv(seed=2))
+    q, k, v, do = (jnp.concatenate([x] * 4)[:8] for x in (q, k, v, do))  # batch 8
+    heads_axis = "tensor" if rules == "fsdp_tp" else None
+    mesh = sharding.make_mesh(data=4 if heads_axis else 8, tensor=2 if heads_axis else 1)
+    key = jax.random.key(5)
+    lengths = jnp.array([64, 30, 1, 64, 17, 64, 2, 40])
+
+    def loss(q, k, v):
+        out = pallas_attention.attention(q, k, v, lengths, 0.2, key, interpret=True)
+        return jnp.sum(out * do), out
+
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    spec = NamedSharding(mesh, P(("data", "fsdp"), None, heads_axis, None))
+    args = [jax.device_put(x, spec) for x in (q, k, v)]
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    with training.mesh_context(mesh, sharding.logical_rules(rules)):
+        got = step(*args)
+        hlo = step.lower(*args).compile().as_text()
+    assert "all-gather" not in hlo
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)  # the loss: summation order
 
 
 def test_bert_with_pallas_attention():

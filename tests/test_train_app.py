@@ -198,12 +198,30 @@ def test_resumed_run_compiles_from_the_workdirs_cache(tmp_path):
     assert "resuming at step 2" in resumed.stdout
     assert sorted(os.listdir(cache)) == entries  # nothing compiled anew: all read back
 
+    # Off, even with a cache directory in the environment.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "from_env")
     off = run_app(
         DIGITS_SMOKE, str(tmp_path / "off"), "--config.compilation_cache_dir=", devices=1, env=env
     )
     assert off.returncode == 0, off.stderr[-3000:]
     assert "compilation cache off" in off.stdout
     assert not os.path.exists(tmp_path / "off" / "compilation_cache")
+    assert not os.path.exists(tmp_path / "from_env") or not os.listdir(tmp_path / "from_env")
+
+
+def test_compilation_cache_setting_is_restored_after_a_run(tmp_path):
+    import jax
+
+    from train import trainer
+
+    before = jax.config.jax_compilation_cache_dir
+    with trainer.compilation_cache("auto", str(tmp_path)) as path:
+        assert path == jax.config.jax_compilation_cache_dir
+        assert path == os.path.join(str(tmp_path), "compilation_cache")
+    assert jax.config.jax_compilation_cache_dir == before
+    with trainer.compilation_cache("", str(tmp_path)) as path:
+        assert path is None and jax.config.jax_compilation_cache_dir is None
+    assert jax.config.jax_compilation_cache_dir == before
 
 
 def test_profile_steps_trace_the_chosen_steps(tmp_path):
@@ -231,7 +249,7 @@ def test_profile_steps_trace_the_chosen_steps(tmp_path):
     names = {e.name for e in events}
     assert "PjitFunction(train_step)" in names
     steps = sorted({dict(e.stats).get("step_num") for e in events if e.name == "train"})
-    assert steps == [1, 2], steps
+    assert steps == [2, 3], steps  # numbered from 1, as in the message and the logs
 
 
 def test_unknown_override_key_fails_cleanly(tmp_path):

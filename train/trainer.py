@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -111,26 +112,30 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
-def use_compilation_cache(setting: str, workdir: str) -> str | None:
-    """Points JAX's persistent compilation cache at `setting` (see `compilation_cache_dir` in
-    train/defaults.py); returns the directory, or None when off."""
-    from jax.experimental.compilation_cache import compilation_cache
+@contextlib.contextmanager
+def compilation_cache(setting: str, workdir: str) -> Iterator[str | None]:
+    """JAX's persistent compilation cache at `setting` (see `compilation_cache_dir` in
+    train/defaults.py) for the block, which gets the directory (None: off); the previous
+    setting of this process is restored afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache as cache
 
     if setting == "auto":
         setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
             workdir, "compilation_cache"
         )
-    if not setting:
-        return None
-    path = os.path.abspath(setting)
-    if _cache_dir_in_use[0] != path:
-        compilation_cache.set_cache_dir(path)
-        compilation_cache.reset_cache()  # a cache opened earlier in this process is dropped
-        _cache_dir_in_use[0] = path
-    return path
+    path = os.path.abspath(os.path.expanduser(setting)) if setting else None
+    previous = jax.config.jax_compilation_cache_dir
 
+    def point_at(directory: str | None) -> None:
+        if jax.config.jax_compilation_cache_dir != directory:
+            cache.set_cache_dir(directory)
+            cache.reset_cache()  # the cache opened for the old directory is dropped
 
-_cache_dir_in_use: list[str | None] = [None]  # set by this process's last run
+    point_at(path)
+    try:
+        yield path
+    finally:
+        point_at(previous)
 
 
 def _make_optimizer(config: Any) -> Any:
@@ -187,10 +192,12 @@ class _StepTrace:
     def close(self, state: Any) -> None:
         if self.active:
             self.active = False
-            # A failed step's state may be gone; its error surfaces elsewhere, the trace ends.
-            with contextlib.suppress(Exception):
+            try:
                 jax.block_until_ready(state)
-            jax.profiler.stop_trace()
+            except Exception:  # a failed step's state may be gone; its error surfaces elsewhere
+                pass
+            finally:  # the trace ends, even on KeyboardInterrupt
+                jax.profiler.stop_trace()
 
 
 class _Preemption:
@@ -246,8 +253,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     validate_config(config)
     workdir = prepare_workdir(workdir)
+    with compilation_cache(config.compilation_cache_dir, workdir) as cache_dir:
+        return _train(config, workdir, cache_dir)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, cache_dir: str | None
+) -> dict[str, float]:
+    """`train_and_evaluate` in a checked config, a ready workdir and its compilation cache."""
     lead = jax.process_index() == 0
-    cache_dir = use_compilation_cache(config.compilation_cache_dir, workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = sharding.logical_rules(config.sharding_rules)
     _check_batch(config, mesh)
@@ -345,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             while step < config.total_steps:
                 batch = _global_batch(next(train_iter), mesh)
                 trace.before(step)
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
                     state, metrics = train_step(state, batch)
                 pending.append((step, metrics))
                 step += 1
