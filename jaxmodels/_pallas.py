@@ -40,10 +40,12 @@ def triton_available() -> bool:
     return True
 
 
-def call_params(interpret: bool, what: str, instead: str, **triton: Any) -> dict[str, Any]:
-    """Keyword arguments of `pl.pallas_call`: the interpreter, or Triton's compiler
-    parameters (`triton`, e.g. num_warps); `what` and `instead` word the error raised when
-    this jax has no Triton backend."""
+def call_params(interpret: bool | None, what: str, instead: str, **triton: Any) -> dict[str, Any]:
+    """Keyword arguments of `pl.pallas_call`: the interpreter (`interpret`; None: off an
+    NVIDIA GPU), or Triton's compiler parameters (`triton`, e.g. num_warps); `what` and
+    `instead` word the error raised when this jax has no Triton backend."""
+    if interpret is None:
+        interpret = not on_nvidia_gpu()
     if interpret:
         return {"interpret": True}
     try:

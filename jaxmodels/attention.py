@@ -291,7 +291,6 @@ def dot_product_attention(
             kv_lengths,
             dropout_rate if use_dropout else 0.0,
             dropout_rng,
-            interpret=not _on_nvidia_gpu(),
         )
 
     if use_dropout or return_weights:

@@ -111,7 +111,7 @@ class _Blocks:
         self.cols = col0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
 
 
-def _probabilities(q, k, n, blocks, scale):
+def _logits(q, k, n, blocks, scale):
     """Logits of a [queries, keys] block with hidden keys at _MASKED, and whether each key
     is visible."""
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
@@ -131,7 +131,7 @@ def _forward_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         blocks = _Blocks((bq, bk), i * bq, j * bk)
-        s, visible = _probabilities(q, k, n, blocks, cfg["scale"])
+        s, visible = _logits(q, k, n, blocks, cfg["scale"])
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
@@ -157,7 +157,7 @@ def _forward_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c
 def _grad_block(q, k, v, do, lse, delta, n, blocks, seed_ref, b, h, cfg):
     """The shared part of both backward kernels for one [queries, keys] block: the dropped
     and rescaled probabilities (for dV) and the logits' gradient dS."""
-    s, visible = _probabilities(q, k, n, blocks, cfg["scale"])
+    s, visible = _logits(q, k, n, blocks, cfg["scale"])
     p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
     if cfg["threshold"]:
@@ -216,7 +216,7 @@ def _dq_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     dq_ref[...] = (dq * cfg["scale"]).astype(dq_ref.dtype)
 
 
-def _params(interpret: bool) -> dict[str, Any]:
+def _params(interpret: bool | None) -> dict[str, Any]:
     return call_params(
         interpret,
         "the fused attention kernels",
@@ -257,13 +257,27 @@ def _stat_spec(length: int, by_program: bool) -> pl.BlockSpec:
     return pl.BlockSpec((_SQ, _SQ, length), lambda b, h, i: (b, h, 0))
 
 
-def _scalar_specs(batch: int) -> list[pl.BlockSpec]:
-    return [pl.BlockSpec((4,), lambda b, h, i: (0,)), pl.BlockSpec((batch,), lambda b, h, i: (0,))]
+def _in_specs(q: jax.Array, k: jax.Array, per_query_block: bool) -> list[pl.BlockSpec]:
+    """BlockSpecs of (seeds, lengths, q, k, v, dO, lse, delta), the inputs of every kernel
+    (the forward takes the first five): a program owns a block of queries and loops over all
+    keys (`per_query_block`: forward, dQ), or owns a block of keys and loops over all
+    queries (dK/dV)."""
+    batch, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
+    q_rows, kv_rows = (
+        _row_spec(q_len, head_dim, per_query_block),
+        _row_spec(kv_len, head_dim, not per_query_block),
+    )
+    stat = _stat_spec(q_len, per_query_block)
+    return [
+        pl.BlockSpec((4,), lambda b, h, i: (0,)),
+        pl.BlockSpec((batch,), lambda b, h, i: (0,)),
+        *(q_rows, kv_rows, kv_rows, q_rows, stat, stat),
+    ]
 
 
 def _forward(q, k, v, seeds, lengths, rate, interpret, total_heads):
     batch, q_len, heads, head_dim = q.shape
-    kv_len = k.shape[1]
     cfg = _config(q, k, rate, total_heads)
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),
@@ -272,12 +286,7 @@ def _forward(q, k, v, seeds, lengths, rate, interpret, total_heads):
             jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
         ],
         grid=(batch, heads, q_len // block(q_len)),
-        in_specs=[
-            *_scalar_specs(batch),
-            _row_spec(q_len, head_dim, True),
-            _row_spec(kv_len, head_dim, False),
-            _row_spec(kv_len, head_dim, False),
-        ],
+        in_specs=_in_specs(q, k, per_query_block=True)[:5],
         out_specs=[_row_spec(q_len, head_dim, True), _stat_spec(q_len, True)],
         name="attention_forward",
         **_params(interpret),
@@ -295,15 +304,7 @@ def _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret, total_head
         functools.partial(_dkdv_kernel, cfg=cfg),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         grid=(batch, heads, kv_len // block(kv_len)),
-        in_specs=[
-            *_scalar_specs(batch),
-            _row_spec(q_len, head_dim, False),
-            _row_spec(kv_len, head_dim, True),
-            _row_spec(kv_len, head_dim, True),
-            _row_spec(q_len, head_dim, False),
-            _stat_spec(q_len, False),
-            _stat_spec(q_len, False),
-        ],
+        in_specs=_in_specs(q, k, per_query_block=False),
         out_specs=[_row_spec(kv_len, head_dim, True), _row_spec(kv_len, head_dim, True)],
         name="attention_backward_dkdv",
         **_params(interpret),
@@ -312,15 +313,7 @@ def _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret, total_head
         functools.partial(_dq_kernel, cfg=cfg),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(batch, heads, q_len // block(q_len)),
-        in_specs=[
-            *_scalar_specs(batch),
-            _row_spec(q_len, head_dim, True),
-            _row_spec(kv_len, head_dim, False),
-            _row_spec(kv_len, head_dim, False),
-            _row_spec(q_len, head_dim, True),
-            _stat_spec(q_len, True),
-            _stat_spec(q_len, True),
-        ],
+        in_specs=_in_specs(q, k, per_query_block=True),
         out_specs=_row_spec(q_len, head_dim, True),
         name="attention_backward_dq",
         **_params(interpret),
@@ -354,7 +347,7 @@ def attention(
     kv_lengths: jax.Array | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
-    interpret: bool = False,
+    interpret: bool | None = None,
 ) -> jax.Array:
     """softmax(Q K^T / sqrt(d)) V with keys past `kv_lengths` hidden and, when
     `dropout_rate` > 0, attention-probability dropout drawn from `dropout_rng`.
@@ -363,7 +356,8 @@ def attention(
     kv_lengths: <int>[batch] or None (all keys). Returns <dtype>[batch, q_len, heads,
     head_dim]; a query with no visible key outputs zeros. Under a mesh whose logical-axis
     rules split ``batch`` (and ``heads``), each device runs the kernels on its own shard;
-    the dropout mask is the same as on one device.
+    the dropout mask is the same as on one device. `interpret`: Pallas's interpreter (None:
+    off an NVIDIA GPU).
     """
     batch, _, heads, _ = query.shape
     if not supported(query.shape[1], key.shape[1], query.shape[-1]):

@@ -46,7 +46,7 @@ def supported(hidden: int) -> bool:
     return 16 <= hidden <= MAX_HIDDEN and hidden & (hidden - 1) == 0
 
 
-def _compiler_params(interpret: bool) -> dict[str, Any]:
+def _compiler_params(interpret: bool | None) -> dict[str, Any]:
     return call_params(
         interpret,
         "the LSTM's Pallas kernels",
@@ -176,7 +176,7 @@ def forward(
     c0: jax.Array,
     wh: jax.Array,
     dtype: Any,
-    interpret: bool = False,
+    interpret: bool | None = None,
     residuals: bool = True,
     block_batch: int = BLOCK_BATCH,
 ) -> tuple[jax.Array, ...]:
@@ -185,7 +185,8 @@ def forward(
 
     zx <float32>[time, batch, 4H] input projections with bias, mask <bool>[time, batch, 1],
     h0, c0 <float32>[batch, H], wh [H, 4H]. The residuals are per step the state before it
-    (h in `dtype`) and the activations i, f, g, o.
+    (h in `dtype`) and the activations i, f, g, o. `interpret`: Pallas's interpreter (None:
+    off an NVIDIA GPU).
     """
     time, batch, gates = zx.shape
     hidden = gates // _GATES
@@ -237,11 +238,11 @@ def backward(
     dc_last: jax.Array,
     wh: jax.Array,
     dtype: Any,
-    interpret: bool = False,
+    interpret: bool | None = None,
     block_batch: int = BLOCK_BATCH,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Backpropagation through time: (d pre-activations <float32>[time, batch, 4H], dh0, dc0)
-    from the output cotangents and `forward`'s residuals."""
+    from the output cotangents and `forward`'s residuals; `interpret` as in `forward`."""
     time, _, gates = acts.shape
     hidden = gates // _GATES
     acc = acts.dtype

@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels._pallas import on_nvidia_gpu
 from jaxmodels.layers import Dropout, Embed
 
 Dtype = Any
@@ -246,9 +245,7 @@ def _fused_primal(
     writing no residuals (nothing differentiates it)."""
     from jaxmodels import pallas_lstm
 
-    return pallas_lstm.forward(
-        zx, mask, h0, c0, wh, dtype, interpret=not on_nvidia_gpu(), residuals=False
-    )
+    return pallas_lstm.forward(zx, mask, h0, c0, wh, dtype, residuals=False)
 
 
 def _fused_fwd(
@@ -257,9 +254,7 @@ def _fused_fwd(
     """`_recurrence_fwd` as one Pallas kernel (`jaxmodels.pallas_lstm`); same residuals."""
     from jaxmodels import pallas_lstm
 
-    ys, h, c, h_prev, c_prev, gates = pallas_lstm.forward(
-        zx, mask, h0, c0, wh, dtype, interpret=not on_nvidia_gpu()
-    )
+    ys, h, c, h_prev, c_prev, gates = pallas_lstm.forward(zx, mask, h0, c0, wh, dtype)
     return (ys, h, c), ((h_prev, c_prev, gates), mask, wh)
 
 
@@ -268,9 +263,7 @@ def _fused_bwd(dtype: Dtype, residuals: Any, cotangents: Any) -> tuple[Any, ...]
 
     (h_prev, c_prev, gates), mask, wh = residuals
     dys, dh_last, dc_last = cotangents
-    dzs, dh0, dc0 = pallas_lstm.backward(
-        dys, mask, c_prev, gates, dh_last, dc_last, wh, dtype, interpret=not on_nvidia_gpu()
-    )
+    dzs, dh0, dc0 = pallas_lstm.backward(dys, mask, c_prev, gates, dh_last, dc_last, wh, dtype)
     return _input_grads(dzs, dh0, dc0, h_prev, wh, dtype)
 
 

@@ -147,7 +147,9 @@ def test_a_jax_without_pallas_triton_is_named(monkeypatch):
     state = jnp.zeros((4, H))
     mask = jnp.ones((2, 4, 1), bool)
     with pytest.raises(RuntimeError, match="need Pallas's Triton backend.*use LSTM backend"):
-        pallas_lstm.forward(x, mask, state, state, jnp.zeros((H, 4 * H)), jnp.dtype("float32"))
+        pallas_lstm.forward(
+            x, mask, state, state, jnp.zeros((H, 4 * H)), jnp.dtype("float32"), interpret=False
+        )
 
 
 @pytest.mark.gpu
