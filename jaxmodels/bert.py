@@ -65,7 +65,7 @@ import numpy as np
 from jaxmodels import losses
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
-from jaxmodels.layers import Dropout, Embed
+from jaxmodels.layers import Dropout, Embed, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -104,12 +104,12 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf), as in BERT
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": gelu,  # exact (erf), as in BERT
+    "gelu_new": functools.partial(gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(gelu, approximate=True),
     "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+    "silu": silu,
+    "swish": silu,
 }
 
 # None / "none": keep all activations; "full": recompute each layer; the others save the

@@ -56,7 +56,7 @@ import numpy as np
 
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import ConfigError
-from jaxmodels.layers import Dropout, Embed
+from jaxmodels.layers import Dropout, Embed, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -79,10 +79,10 @@ Dtype = Any
 Array = jax.Array
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": nn.gelu,  # tanh approximation
-    "gelu_exact": partial(nn.gelu, approximate=False),
+    "gelu": partial(gelu, approximate=True),  # tanh approximation
+    "gelu_exact": gelu,
     "relu": nn.relu,
-    "silu": nn.silu,
+    "silu": silu,
 }
 
 # "none": no remat; "full": save nothing, recompute the whole layer; otherwise a policy of

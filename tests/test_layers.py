@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxmodels import sharding
-from jaxmodels.layers import SELECT_MAX_ROWS, Dropout, Embed, dropout, dropout_mask
+from jaxmodels.layers import SELECT_MAX_ROWS, Dropout, Embed, dropout, dropout_mask, gelu, silu
 
 
 @pytest.mark.parametrize("rows", [2, SELECT_MAX_ROWS, 50], ids=["select", "select-max", "gather"])
@@ -135,3 +135,38 @@ def test_sharded_dropout_equals_single_device():
         key, jax.device_put(x, spec)
     )
     np.testing.assert_array_equal(sharded, single)
+
+
+_ACTIVATIONS = {
+    "gelu": (gelu, lambda x: jax.nn.gelu(x, approximate=False)),
+    "gelu_tanh": (lambda x: gelu(x, approximate=True), lambda x: jax.nn.gelu(x, approximate=True)),
+    "silu": (silu, jax.nn.silu),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ACTIVATIONS))
+def test_activations_are_jax_computed_in_float32_and_keep_only_their_input(name):
+    ours, reference = _ACTIVATIONS[name]
+    x = jax.random.normal(jax.random.key(0), (64, 48), jnp.float32) * 3
+    np.testing.assert_allclose(ours(x), reference(x), rtol=1e-6, atol=1e-7)
+    grad = jax.grad(lambda v: jnp.sum(jnp.sin(ours(v))))(x)
+    expected = jax.grad(lambda v: jnp.sum(jnp.sin(reference(v))))(x)
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+    # bfloat16: computed in float32 and rounded once; the gradient also in float32 inside.
+    xb = x.astype(jnp.bfloat16)
+    assert ours(xb).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(ours(xb), reference(xb.astype(jnp.float32)).astype(jnp.bfloat16))
+    gb = jax.grad(lambda v: jnp.sum(ours(v).astype(jnp.float32)))(xb)
+    gb_ref = jax.grad(lambda v: jnp.sum(reference(v)))(xb.astype(jnp.float32))
+    np.testing.assert_array_equal(gb, gb_ref.astype(jnp.bfloat16))
+    # Forward mode (and so Hessian-vector products) works.
+    _, tangent = jax.jvp(ours, (x,), (jnp.ones_like(x),))
+    np.testing.assert_allclose(
+        tangent, jax.jvp(reference, (x,), (jnp.ones_like(x),))[1], rtol=1e-5, atol=1e-6
+    )
+    # The backward pass keeps the input only (jax.nn's keeps intermediates of its size too).
+    from jax._src.ad_checkpoint import saved_residuals
+
+    saved = [aval for aval, _ in saved_residuals(ours, xb) if aval.shape]
+    assert [(a.shape, a.dtype) for a in saved] == [(xb.shape, xb.dtype)]
+    assert len([a for a, _ in saved_residuals(reference, xb) if a.shape]) > 1
