@@ -1,9 +1,11 @@
 """What the Pallas kernels of `pallas_lstm` and `pallas_attention` share: how they compile
 and how they run on a sharded batch.
 
-On an NVIDIA GPU they compile through Pallas's Triton backend (jax 0.11 deprecates it in
-favour of Mosaic GPU; where a jax lacks it, a clear error); on other backends they run in
-Pallas's interpreter (exact, slow: for tests).
+Lowered for an NVIDIA GPU they compile through Pallas's Triton backend (jax 0.11 deprecates
+it in favour of Mosaic GPU; where a jax lacks it, a clear error); for other platforms they
+run in Pallas's interpreter (exact, slow: for tests). The choice is made when the step is
+lowered (`jax.lax.platform_dependent`), not from the machine's default backend, so a step
+compiled ahead of time for a GPU on a host without one gets the Triton kernels.
 
 A `pallas_call` has no partitioning rule: under a jit whose batch is sharded over a mesh,
 XLA would gather the whole batch onto every device and run the kernel on all of it there.
@@ -15,6 +17,7 @@ per shard with `jax.shard_map`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -40,22 +43,43 @@ def triton_available() -> bool:
     return True
 
 
-def call_params(interpret: bool | None, what: str, instead: str, **triton: Any) -> dict[str, Any]:
-    """Keyword arguments of `pl.pallas_call`: the interpreter (`interpret`; None: off an
-    NVIDIA GPU), or Triton's compiler parameters (`triton`, e.g. num_warps); `what` and
-    `instead` word the error raised when this jax has no Triton backend."""
-    if interpret is None:
-        interpret = not on_nvidia_gpu()
-    if interpret:
-        return {"interpret": True}
-    try:
-        from jax.experimental.pallas import triton as pl_triton
-    except ImportError as e:
-        raise RuntimeError(
-            f"{what} need Pallas's Triton backend, which jax {jax.__version__} does not "
-            f"have; use {instead}"
-        ) from e
-    return {"compiler_params": pl_triton.CompilerParams(**triton)}
+def pallas_call(
+    kernel: Callable[..., None],
+    *,
+    interpret: bool | None,
+    what: str,
+    instead: str,
+    triton: dict[str, Any],
+    **kwargs: Any,
+) -> Callable[..., Any]:
+    """`pl.pallas_call(kernel, **kwargs)`, compiled by Triton (compiler parameters `triton`,
+    e.g. num_warps) or run in Pallas's interpreter.
+
+    `interpret` True or False forces one. None picks by the platform the computation is
+    lowered for: Triton for CUDA, the interpreter for any other, so a step compiled for an
+    NVIDIA GPU ahead of time on a machine without one gets the Triton kernels. `what` and
+    `instead` word the error raised when this jax has no Triton backend.
+    """
+    from jax.experimental import pallas as pl
+
+    def build(interpreted: bool) -> Callable[..., Any]:
+        if interpreted:
+            return pl.pallas_call(kernel, interpret=True, **kwargs)
+        try:
+            from jax.experimental.pallas import triton as pl_triton
+        except ImportError as e:
+            raise RuntimeError(
+                f"{what} need Pallas's Triton backend, which jax {jax.__version__} does not "
+                f"have; use {instead}"
+            ) from e
+        return pl.pallas_call(kernel, compiler_params=pl_triton.CompilerParams(**triton), **kwargs)
+
+    if interpret is not None:
+        return build(interpret)
+    if not triton_available():  # the interpreter, or the error on an NVIDIA GPU
+        return build(not on_nvidia_gpu())
+    compiled, interpreted = build(False), build(True)
+    return lambda *args: jax.lax.platform_dependent(*args, cuda=compiled, default=interpreted)
 
 
 def mesh_axes(logical: str, size: int) -> tuple[str, ...]:

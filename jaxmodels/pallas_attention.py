@@ -19,8 +19,9 @@ Supported: queries and keys of lengths divisible by 16 (blocks of 64, 32 or 16 r
 largest that divides), head_dim a power of two
 from 16 to 128, as many key/value heads as query heads, padding given as `kv_lengths`
 (`supported`). Matmuls in the inputs' dtype with float32 accumulation; softmax in float32.
-On an NVIDIA GPU the kernels compile through Pallas's Triton backend (jax 0.11 deprecates it
-in favour of Mosaic GPU); elsewhere they run in Pallas's interpreter (exact, slow: tests).
+Lowered for an NVIDIA GPU the kernels compile through Pallas's Triton backend (jax 0.11
+deprecates it in favour of Mosaic GPU); for other platforms they run in Pallas's interpreter
+(exact, slow: tests).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from jaxmodels._pallas import call_params, mesh_axes, shard_offset, triton_available
+from jaxmodels import _pallas
+from jaxmodels._pallas import mesh_axes, shard_offset, triton_available
 from jaxmodels.layers import drop_threshold
 
 __all__ = ["attention", "block", "keep_mask", "supported", "triton_available"]
@@ -216,14 +218,11 @@ def _dq_kernel(seed_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     dq_ref[...] = (dq * cfg["scale"]).astype(dq_ref.dtype)
 
 
-def _params(interpret: bool | None) -> dict[str, Any]:
-    return call_params(
-        interpret,
-        "the fused attention kernels",
-        "attention implementation None or 'xla'",
-        num_warps=4,
-        num_stages=2,
-    )
+_CALL = {
+    "what": "the fused attention kernels",
+    "instead": "attention implementation None or 'xla'",
+    "triton": {"num_warps": 4, "num_stages": 2},
+}
 
 
 def _config(q: jax.Array, k: jax.Array, rate: float, heads: int) -> dict[str, Any]:
@@ -279,7 +278,7 @@ def _in_specs(q: jax.Array, k: jax.Array, per_query_block: bool) -> list[pl.Bloc
 def _forward(q, k, v, seeds, lengths, rate, interpret, total_heads):
     batch, q_len, heads, head_dim = q.shape
     cfg = _config(q, k, rate, total_heads)
-    return pl.pallas_call(
+    return _pallas.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -289,7 +288,8 @@ def _forward(q, k, v, seeds, lengths, rate, interpret, total_heads):
         in_specs=_in_specs(q, k, per_query_block=True)[:5],
         out_specs=[_row_spec(q_len, head_dim, True), _stat_spec(q_len, True)],
         name="attention_forward",
-        **_params(interpret),
+        interpret=interpret,
+        **_CALL,
     )(seeds, lengths, q, k, v)
 
 
@@ -300,23 +300,25 @@ def _backward(q, k, v, out, lse, seeds, lengths, do, rate, interpret, total_head
     # delta_i = sum_d dO_id O_id: the softmax backward's row term (dropout included).
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
     args = (seeds, lengths, q, k, v, do, lse, delta)
-    dk, dv = pl.pallas_call(
+    dk, dv = _pallas.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         grid=(batch, heads, kv_len // block(kv_len)),
         in_specs=_in_specs(q, k, per_query_block=False),
         out_specs=[_row_spec(kv_len, head_dim, True), _row_spec(kv_len, head_dim, True)],
         name="attention_backward_dkdv",
-        **_params(interpret),
+        interpret=interpret,
+        **_CALL,
     )(*args)
-    dq = pl.pallas_call(
+    dq = _pallas.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(batch, heads, q_len // block(q_len)),
         in_specs=_in_specs(q, k, per_query_block=True),
         out_specs=_row_spec(q_len, head_dim, True),
         name="attention_backward_dq",
-        **_params(interpret),
+        interpret=interpret,
+        **_CALL,
     )(*args)
     return dq, dk, dv
 
@@ -357,7 +359,7 @@ def attention(
     head_dim]; a query with no visible key outputs zeros. Under a mesh whose logical-axis
     rules split ``batch`` (and ``heads``), each device runs the kernels on its own shard;
     the dropout mask is the same as on one device. `interpret`: Pallas's interpreter (None:
-    off an NVIDIA GPU).
+    for any platform but CUDA, chosen where the step is lowered).
     """
     batch, _, heads, _ = query.shape
     if not supported(query.shape[1], key.shape[1], query.shape[-1]):

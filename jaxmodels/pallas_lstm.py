@@ -14,10 +14,10 @@ loop (done by the caller).
 Requirements: the hidden size a power of two from 16 to 128 (`supported`: each gate's
 [H, H] block of the recurrent kernel is one matmul operand on chip); any batch (padded to
 whole blocks here) and sequence length. Without gradients the forward kernel writes no
-residuals. On a sharded batch the kernels run per shard (`jax.shard_map`). On an NVIDIA GPU
-they compile through Pallas's Triton backend (`triton_available`; jax 0.11 deprecates it in
-favour of Mosaic GPU, and where a jax lacks it the kernels raise an error saying so); on
-other backends they run in Pallas's interpreter (exact, slow: for tests).
+residuals. On a sharded batch the kernels run per shard (`jax.shard_map`). Lowered for an
+NVIDIA GPU they compile through Pallas's Triton backend (`triton_available`; jax 0.11
+deprecates it in favour of Mosaic GPU, and where a jax lacks it the kernels raise an error
+saying so); for other platforms they run in Pallas's interpreter (exact, slow: for tests).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from jaxmodels._pallas import call_params, mesh_axes, triton_available
+from jaxmodels import _pallas
+from jaxmodels._pallas import mesh_axes, triton_available
 
 __all__ = ["BLOCK_BATCH", "backward", "forward", "supported", "triton_available"]
 
@@ -46,14 +47,11 @@ def supported(hidden: int) -> bool:
     return 16 <= hidden <= MAX_HIDDEN and hidden & (hidden - 1) == 0
 
 
-def _compiler_params(interpret: bool | None) -> dict[str, Any]:
-    return call_params(
-        interpret,
-        "the LSTM's Pallas kernels",
-        "LSTM backend 'scan' or 'cudnn'",
-        num_warps=4,
-        num_stages=1,
-    )
+_CALL = {
+    "what": "the LSTM's Pallas kernels",
+    "instead": "LSTM backend 'scan' or 'cudnn'",
+    "triton": {"num_warps": 4, "num_stages": 1},
+}
 
 
 def _padded(x: jax.Array, batch: int, axis: int) -> jax.Array:
@@ -186,7 +184,7 @@ def forward(
     zx <float32>[time, batch, 4H] input projections with bias, mask <bool>[time, batch, 1],
     h0, c0 <float32>[batch, H], wh [H, 4H]. The residuals are per step the state before it
     (h in `dtype`) and the activations i, f, g, o. `interpret`: Pallas's interpreter (None:
-    off an NVIDIA GPU).
+    for any platform but CUDA, chosen where the step is lowered).
     """
     time, batch, gates = zx.shape
     hidden = gates // _GATES
@@ -214,14 +212,15 @@ def forward(
                 ((time, padded, gates), acc),
             ]
             widths, timed = widths + [hidden, hidden, gates], timed + [True] * 3
-        outs = pl.pallas_call(
+        outs = _pallas.pallas_call(
             functools.partial(_forward_kernel, save=residuals),
             out_shape=[jax.ShapeDtypeStruct(s, d) for s, d in shapes],
             grid=(padded // block_batch,),
             in_specs=in_specs,
             out_specs=_specs(time, block_batch, tuple(widths), tuple(timed)),
             name="lstm_forward",
-            **_compiler_params(interpret),
+            interpret=interpret,
+            **_CALL,
         )(*args)
         return tuple(x[:, :batch] if t else x[:batch] for x, t in zip(outs, timed, strict=True))
 
@@ -267,7 +266,7 @@ def backward(
             (True, True, True, True, False, False),
         )
         in_specs.append(pl.BlockSpec((gates, hidden), lambda b: (0, 0)))
-        dz, dh0, dc0 = pl.pallas_call(
+        dz, dh0, dc0 = _pallas.pallas_call(
             _backward_kernel,
             out_shape=[
                 jax.ShapeDtypeStruct((time, padded, gates), acc),
@@ -278,7 +277,8 @@ def backward(
             in_specs=in_specs,
             out_specs=_specs(time, block_batch, (gates, hidden, hidden), (True, False, False)),
             name="lstm_backward",
-            **_compiler_params(interpret),
+            interpret=interpret,
+            **_CALL,
         )(*args)
         return dz[:, :batch], dh0[:batch], dc0[:batch]
 

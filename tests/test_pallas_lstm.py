@@ -106,7 +106,8 @@ def test_unsupported_hidden_sizes_are_named(hidden):
 
 def test_kernels_lower_to_triton_for_an_nvidia_gpu():
     """The article's shape (seq 100, batch 512, 2 x 128, bfloat16), lowered for CUDA on this
-    machine: Pallas's Triton lowering accepts every op of both kernels."""
+    machine: Pallas's Triton lowering accepts every op of both kernels (chosen by the platform
+    lowered for; for the CPU, the interpreter)."""
     t, b, h = 100, 512, 128
     dtype = jnp.dtype(jnp.bfloat16)
     zx = jax.ShapeDtypeStruct((t, b, 4 * h), jnp.float32)
@@ -115,14 +116,13 @@ def test_kernels_lower_to_triton_for_an_nvidia_gpu():
     wh = jax.ShapeDtypeStruct((h, 4 * h), jnp.float32)
     per_step = jax.ShapeDtypeStruct((t, b, h), jnp.float32)
 
-    def lowered(fn, *args):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    def lowered(fn, *args, platform="cuda"):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
-    forward = lowered(
-        lambda *a: pallas_lstm.forward(*a, dtype=dtype, interpret=False), zx, mask, state, state, wh
-    )
+    forward_args = (zx, mask, state, state, wh)
+    forward = lowered(lambda *a: pallas_lstm.forward(*a, dtype=dtype), *forward_args)
     backward = lowered(
-        lambda *a: pallas_lstm.backward(*a, dtype=dtype, interpret=False),
+        lambda *a: pallas_lstm.backward(*a, dtype=dtype),
         per_step,
         mask,
         per_step,
@@ -133,6 +133,8 @@ def test_kernels_lower_to_triton_for_an_nvidia_gpu():
     )
     for text, name in ((forward, "lstm_forward"), (backward, "lstm_backward")):
         assert "__gpu$xla.gpu.triton" in text and name in text
+    on_cpu = lowered(lambda *a: pallas_lstm.forward(*a, dtype=dtype), *forward_args, platform="cpu")
+    assert "triton" not in on_cpu
 
 
 def test_a_jax_without_pallas_triton_is_named(monkeypatch):
