@@ -36,9 +36,13 @@ model setting of our runs, ``--batch N`` the batch of every run, ``--impls`` pic
 implementations, ``--xla-flags`` adds XLA flags to our workload processes. ``--profile DIR``
 adds, per workload, where the step's time goes (`benchmarks.profile`).
 
+Without a GPU, ``python -m benchmarks.compiled --target h200`` compiles the steps for one
+(`benchmarks.compiled`: kernels, kernel I/O, matmul FLOPs and memory of the compiled step).
+
 Modules: `specs` (workloads, sizes, peak FLOP/s), `workloads` (JAX builders), `flops` (FLOP
 counter), `timing` (protocol and derived numbers), `measure` (one JAX run), `profile` (trace
-and attribution), `peers` (PyTorch), `report` (table, JSON, plot), `cli`. Only JAX, Flax,
+and attribution), `peers` (PyTorch), `report` (table, JSON, plot), `cli`, `compiled`
+(compile-only analysis for a GPU target). Only JAX, Flax,
 Optax, NumPy and `jaxmodels` are imported at module level; PyTorch, torchvision and
 matplotlib only when used.
 """

@@ -302,27 +302,23 @@ BUILDERS: dict[str, Builder] = {
 }
 
 
-def _lstm_impls(w: Workload) -> list[str]:
+def _lstm_impls(w: Workload, nvidia: bool) -> list[str]:
     """scan, and on an NVIDIA GPU cuDNN and the fused Pallas kernels (hidden sizes they
     take); then the stock-Flax baseline."""
     gpu = []
-    if rnn.cudnn_available():
-        from jaxmodels import _pallas, pallas_lstm
+    if nvidia:
+        from jaxmodels import pallas_lstm
 
-        fused = (
-            _pallas.on_nvidia_gpu()
-            and pallas_lstm.supported(w.model["hidden_size"])
-            and pallas_lstm.triton_available()
-        )
+        fused = pallas_lstm.supported(w.model["hidden_size"]) and pallas_lstm.triton_available()
         gpu = ["cudnn"] + (["pallas"] if fused else [])
     return ["scan", *gpu, "flax_rnn"]
 
 
-def _bert_impls(w: Workload) -> list[str]:
-    from jaxmodels import _pallas, pallas_attention
+def _bert_impls(w: Workload, nvidia: bool) -> list[str]:
+    from jaxmodels import pallas_attention
 
     fused = (
-        _pallas.on_nvidia_gpu()
+        nvidia
         and pallas_attention.triton_available()
         and pallas_attention.supported(
             w.seq_len, w.seq_len, bert.BertConfig.preset(w.model["preset"]).head_dim
@@ -331,9 +327,9 @@ def _bert_impls(w: Workload) -> list[str]:
     return ["", "no_attn_dropout"] + (["pallas"] if fused else [])
 
 
-# Families with several implementations: a function of the workload listing those that
-# apply on this machine.
-IMPLS: dict[str, Callable[[Workload], list[str]]] = {
+# Families with several implementations: a function of the workload and whether it runs on
+# an NVIDIA GPU, listing the implementations that apply.
+IMPLS: dict[str, Callable[[Workload, bool], list[str]]] = {
     "lstm": _lstm_impls,
     # BERT's recipe drops attention probabilities (0.1), which needs the explicit attention
     # path; without it the fused (cuDNN) kernel runs. Both are measured, and on an NVIDIA
@@ -342,9 +338,16 @@ IMPLS: dict[str, Callable[[Workload], list[str]]] = {
 }
 
 
-def impls(w: Workload) -> list[str]:
-    """Implementations of `w` to run on this machine ("" when there is only one)."""
-    return IMPLS[w.family](w) if w.family in IMPLS else [""]
+def impls(w: Workload, nvidia: bool | None = None) -> list[str]:
+    """Implementations of `w` ("" when there is only one) on an NVIDIA GPU (`nvidia`; None:
+    whether this machine's backend is one)."""
+    if w.family not in IMPLS:
+        return [""]
+    if nvidia is None:
+        from jaxmodels import _pallas
+
+        nvidia = _pallas.on_nvidia_gpu()
+    return IMPLS[w.family](w, nvidia)
 
 
 def impl_label(impl: str) -> str:

@@ -97,15 +97,50 @@ def create_train_state(
       (state, shardings): the state, and a `TrainState` of `NamedSharding` with the same
       structure, for `jit` in/out shardings and for restoring checkpoints.
     """
+    init, shardings = _state_init(model, tx, example_inputs, rng, mesh, rules)
+    with mesh_context(mesh, rules):
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def abstract_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    example_inputs: Sequence[Any],
+    mesh: Mesh,
+    rules: Any,
+) -> tuple[TrainState, TrainState]:
+    """`create_train_state`'s result without computing it: (state of `jax.ShapeDtypeStruct`
+    with shardings, shardings), for compiling a step ahead of time (`jit(...).lower(state,
+    batch).compile()`), e.g. to check its memory, on devices that need not be attached."""
+    key = jax.random.key(0)  # made here: the mesh's devices may be compile-only ones
+    init, shardings = _state_init(model, tx, example_inputs, key, mesh, rules)
+    with mesh_context(mesh, rules):
+        abstract = jax.eval_shape(init, key)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return state, shardings
+
+
+def _state_init(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    example_inputs: Sequence[Any],
+    rng: jax.Array,
+    mesh: Mesh,
+    rules: Any,
+) -> tuple[Callable[[jax.Array], TrainState], TrainState]:
+    """(init(rng) -> TrainState, the state's shardings)."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    init_rng, state_rng = jax.random.split(rng)
     inputs = [None if v is None else jnp.asarray(v) for v in example_inputs]
 
     def init_variables(key: jax.Array) -> Any:
         return model.init({"params": key, "dropout": key}, *inputs, train=False)
 
-    def init(key: jax.Array) -> TrainState:
-        variables = nn.meta.unbox(init_variables(key))
+    def init(rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        variables = nn.meta.unbox(init_variables(init_rng))
         params = variables.pop("params")
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -117,27 +152,28 @@ def create_train_state(
         )
 
     with mesh_context(mesh, rules):
-        abstract_vars = jax.eval_shape(init_variables, init_rng)
+        abstract_vars = jax.eval_shape(init_variables, rng)
         var_shardings = dict(sharding.state_shardings(abstract_vars, mesh, rules))
-        param_shardings = var_shardings.pop("params")
-        abstract = jax.eval_shape(init, init_rng)
-        opt_shardings = optax.tree_map_params(
-            tx,
-            lambda _, s: s,
-            abstract.opt_state,
-            param_shardings,
-            transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, NamedSharding),
-        )
-        shardings = abstract.replace(
-            step=replicated,
-            params=param_shardings,
-            model_state=var_shardings,
-            opt_state=opt_shardings,
-            rng=replicated,
-        )
-        state = jax.jit(init, out_shardings=shardings)(init_rng)
-    return state, shardings
+        abstract = jax.eval_shape(init, rng)
+    param_shardings = var_shardings.pop("params")
+    # Outside the mesh: optax initialises placeholder states eagerly, on the default device
+    # (the mesh's devices may be compile-only ones).
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    shardings = abstract.replace(
+        step=replicated,
+        params=param_shardings,
+        model_state=var_shardings,
+        opt_state=opt_shardings,
+        rng=replicated,
+    )
+    return init, shardings
 
 
 # Random-bit generators the step's dropout key may use (see `step_key`).

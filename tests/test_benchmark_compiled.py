@@ -1,0 +1,68 @@
+"""`python -m benchmarks.compiled`: the HLO accounting (on CPU-compiled programs, whose
+answers are known) and compilation for a GPU without one (where jax's CUDA plugin is
+installed)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import compiled, specs
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_kernels_bytes_and_flops_of_a_known_program():
+    hlo = _hlo(lambda a, b: jnp.tanh(a @ b) * 2, jnp.ones((64, 32)), jnp.ones((32, 16)))
+    stats = compiled.analyze_hlo(hlo, top=5)
+    assert (stats["kernels"], stats["matmuls"], stats["custom"]) == (2, 1, 0)
+    matmul_io = (64 * 32 + 32 * 16 + 64 * 16) * 4  # both operands and the result
+    elementwise_io = 2 * 64 * 16 * 4
+    assert stats["kernel_io_gb"] * 1e9 == pytest.approx(matmul_io + elementwise_io)
+    assert stats["matmul_tflop"] * 1e12 == pytest.approx(2 * 64 * 32 * 16)
+    assert stats["top"] == [("dot_general", matmul_io, 1), ("mul", elementwise_io, 1)]
+
+
+def test_loops_count_every_iteration_and_only_the_slices_they_touch():
+    def f(x):
+        def body(c, xt):
+            c = jnp.tanh(c * xt)
+            return c, c
+
+        return jax.lax.scan(body, jnp.ones(64), x)[1]
+
+    stats = compiled.analyze_hlo(_hlo(f, jnp.ones((10, 64))), top=10)
+    top = {name: (size, count) for name, size, count in stats["top"]}
+    # Each of the 10 steps: reads the carry and one row of x (not all of x) and the step
+    # index, writes the new carry.
+    assert top["while/body/closed_call/tanh"] == (10 * (3 * 64 * 4 + 4), 10)
+    # Writing the step's output row in place costs the row, not the [10, 64] buffer.
+    size, count = top["while/body/jit(dynamic_update_index_in_dim)/dynamic_update_slice"]
+    assert count == 10 and size < 10 * 10 * 64 * 4
+    assert stats["kernels"] >= 30 and "note" not in stats
+
+
+def test_a_missing_cuda_plugin_is_named(monkeypatch):
+    monkeypatch.setattr(compiled, "cuda_plugin", lambda: None)
+    with pytest.raises(SystemExit, match=r'needs jax\'s CUDA plugin.*pip install "jax\[cuda13\]"'):
+        compiled.main(["--only", "mnist_cnn"])
+
+
+@pytest.mark.skipif(
+    compiled.cuda_plugin() is None, reason="needs jax's CUDA plugin (compiles without a GPU)"
+)
+def test_compiles_the_fused_lstm_kernels_for_an_h200_without_one():
+    (w,) = specs.suite("gpu", ["lstm_article"])
+    fused = compiled.row(w, "pallas", "h200", {}, top=3)
+    scan = compiled.row(w, "scan", "h200", {}, top=3)
+    assert fused["custom"] == 4  # forward and backward kernels of both layers
+    assert "lstm_forward" in fused["hlo"] and "__gpu$xla.gpu.triton" in fused["hlo"]
+    assert scan["custom"] == 0 and scan["kernels"] > fused["kernels"]
+    # The scan's loops: every time step's kernels and recurrent matmuls are counted (the
+    # fused kernels' own matmuls are not: they are custom calls).
+    assert scan["kernels"] > 100 * 2 * 2 and scan["matmul_tflop"] > fused["matmul_tflop"]
+    assert 0 < fused["temp_gib"] < scan["temp_gib"]
+    assert 'device_description_str: "NVIDIA H200"' in compiled.target_config("h200")
