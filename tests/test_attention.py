@@ -311,6 +311,41 @@ def test_mha_parameter_shapes_and_logical_axes():
         MultiHeadAttention(num_heads=5).init(jax.random.key(0), x)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_self_attention_projects_in_one_matmul_with_the_three_projections_parameters(dtype):
+    """Self-attention computes query, key and value as one matmul; the parameters (names,
+    shapes, initial values, logical axes) and the results are those of three DenseGenerals,
+    which cross-attention (a different key/value input) still uses."""
+    model = MultiHeadAttention(num_heads=H, dtype=dtype)
+    x = jax.random.normal(jax.random.key(1), (B, T, E))
+    same = model.init(jax.random.key(0), x)
+    separate = model.init(jax.random.key(0), x, x + 0.0)  # equal values, another array
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), same) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), separate
+    )
+    assert jax.tree.all(jax.tree.map(np.array_equal, same, separate))
+    assert nn.get_partition_spec(same) == nn.get_partition_spec(separate)
+
+    def loss(params, kv):
+        out = model.apply({"params": params}, x, kv)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
+
+    params = nn.meta.unbox(same)["params"]
+    (_, fused), fused_grads = jax.value_and_grad(loss, has_aux=True)(params, None)
+    (_, apart), apart_grads = jax.value_and_grad(loss, has_aux=True)(params, x + 0.0)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(fused), np.float32(apart), atol=tol, rtol=tol)
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(apart_grads), strict=True):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), atol=tol * 10, rtol=tol * 10)
+
+    # Matmuls of the forward pass: query/key/value together, scores, weighted values, output.
+    def matmuls(*kv):
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, *kv))(params)
+        return str(jaxpr).count("dot_general[")
+
+    assert (matmuls(), matmuls(x + 0.0)) == (4, 6)
+
+
 def test_mha_initialises_under_logical_axis_rules():
     """The 3D kernels keep their names when rules are active (DenseGeneral's flat init)."""
     model = MultiHeadAttention(num_heads=H)
