@@ -41,7 +41,13 @@ def cross_entropy(
         targets = onehot * (1 - label_smoothing) + label_smoothing / num_classes
         losses = optax.softmax_cross_entropy(logits, targets)
     else:
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        # log-sum-exp minus the label's logit, the label's logit picked by a comparison with
+        # the class index (not a gather): its gradient is elementwise and fuses with the
+        # softmax's, where a gather's is a scatter-add into a zero [..., num_classes] array.
+        classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        hit = classes == labels.astype(jnp.int32)[..., None]
+        label_logits = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+        losses = jax.nn.logsumexp(logits, axis=-1) - label_logits
     return jnp.sum(losses * w), jnp.sum(w)
 
 
