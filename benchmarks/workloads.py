@@ -261,18 +261,25 @@ def build_bert(w: Workload, impl: str) -> Built:
 
 def next_token_fns(model: nn.Module) -> tuple[training.LossFn, training.EvalFn]:
     """Next-token cross-entropy for `model(tokens, train=...) -> logits [batch, seq, vocab]`:
-    the logits at t predict token t + 1 (seq - 1 predictions per sequence)."""
+    the logits at t predict token t + 1 (seq - 1 predictions per sequence). The last
+    position gets weight 0 rather than its logits sliced off, whose gradient would be a
+    zero-padded copy of every logit."""
+
+    def next_token_loss(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        seq = tokens.shape[1]
+        weights = jnp.broadcast_to(jnp.arange(seq) < seq - 1, tokens.shape)
+        return losses.cross_entropy(logits, jnp.roll(tokens, -1, axis=1), weights)
 
     def loss_fn(params: Any, model_state: Any, b: Any, key: jax.Array) -> Any:
         logits = model.apply(
             {"params": params, **model_state}, b["tokens"], train=True, rngs={"dropout": key}
         )
-        loss_sum, count = losses.cross_entropy(logits[:, :-1], b["tokens"][:, 1:])
+        loss_sum, count = next_token_loss(logits, b["tokens"])
         return loss_sum / count, (model_state, {})
 
     def eval_fn(params: Any, model_state: Any, b: Any) -> Any:
         logits = model.apply({"params": params, **model_state}, b["tokens"], train=False)
-        loss_sum, count = losses.cross_entropy(logits[:, :-1], b["tokens"][:, 1:])
+        loss_sum, count = next_token_loss(logits, b["tokens"])
         return {"loss": loss_sum, "count": count}
 
     return loss_fn, eval_fn

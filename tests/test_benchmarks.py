@@ -420,3 +420,27 @@ def test_peer_process_transformers_cpu(tmp_path):
     bert_row = rows[("bert_base", "torch eager")]
     assert bert_row["model_flops_per_step"] == 3 * bert_forward  # our count, not the peer's
     assert "MLM head on all positions" in bert_row["note"]
+
+
+def test_next_token_loss_is_the_mean_over_the_first_seq_minus_one_positions():
+    import optax
+
+    from benchmarks import workloads
+
+    class Fixed(nn.Module):
+        @nn.compact
+        def __call__(self, tokens, train=False):
+            table = self.param("table", nn.initializers.normal(1.0), (11, 11))
+            return table[tokens]
+
+    model = Fixed()
+    tokens = jax.random.randint(jax.random.key(0), (3, 8), 0, 11)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    loss_fn, eval_fn = workloads.next_token_fns(model)
+    loss, _ = loss_fn(params, {}, {"tokens": tokens}, jax.random.key(2))
+    logits = model.apply({"params": params}, tokens)
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+    assert float(loss) == pytest.approx(float(expected.mean()), rel=1e-6)
+    sums = eval_fn(params, {}, {"tokens": tokens})
+    assert float(sums["count"]) == 3 * 7
+    assert float(sums["loss"]) == pytest.approx(float(expected.sum()), rel=1e-6)
