@@ -279,7 +279,7 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
 def _source_name(op_name: str) -> str:
     """A jaxpr op name without the jit prefix and with layer numbers merged."""
     name = re.sub(r"^jit\([^)]*\)/", "", op_name)
-    name = re.sub(r"layer_\d+", "layer_N", name)
+    name = re.sub(r"(layers?)_\d+", r"\1_N", name)
     return name or "(unnamed)"
 
 
@@ -408,14 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides = cli.model_overrides(args.set)
     from benchmarks import workloads
 
+    suite = specs.suite("gpu", args.only, args.batch)
+    # jaxlib's cuDNN LSTM asks the GPU for its workspace sizes while tracing.
+    available = {
+        w.name: [i for i in workloads.impls(w, nvidia=True) if i != "cudnn"] for w in suite
+    }
+    known = {"default"} | {i for names in available.values() for i in names if i}
+    unknown = sorted(set(args.impls) - known)
+    if unknown:
+        raise SystemExit(f"--impls {unknown}: none of these workloads has it; use {sorted(known)}")
     rows = []
-    for w in specs.suite("gpu", args.only, args.batch):
-        # jaxlib's cuDNN LSTM asks the GPU for its workspace sizes while tracing.
-        available = [i for i in workloads.impls(w, nvidia=True) if i != "cudnn"]
+    for w in suite:
         for impl in args.impls:
-            name = available[0] if impl == "default" else impl
-            if name not in available:
-                print(f"[skip] {w.name}: no implementation {impl!r} (it has {available})")
+            name = available[w.name][0] if impl == "default" else impl
+            if name not in available[w.name]:
                 continue
             print(f"[compile for {args.target}] {w.name} jax {name}".rstrip() + " ...", flush=True)
             r = row(w, name, args.target, overrides, args.top)

@@ -51,6 +51,12 @@ def test_a_missing_cuda_plugin_is_named(monkeypatch):
         compiled.main(["--only", "mnist_cnn"])
 
 
+def test_an_implementation_no_workload_has_is_named(monkeypatch):
+    monkeypatch.setattr(compiled, "_plugin_versions", lambda: ((13, 0), (9, 12)))
+    with pytest.raises(SystemExit, match=r"--impls \['palas'\]: none of these workloads"):
+        compiled.main(["--only", "bert_base", "--impls", "default", "palas"])
+
+
 @pytest.mark.skipif(
     compiled.cuda_plugin() is None, reason="needs jax's CUDA plugin (compiles without a GPU)"
 )
