@@ -49,8 +49,8 @@ import sys
 import time
 from typing import Any
 
-# Device descriptions for XLA (its GpuTargetConfig, text format) of the targets, from their
-# published specifications: SM count, clock, memory size and bandwidth, caches.
+# Device descriptions for XLA (its GpuTargetConfig, text format) of the targets: SM count,
+# clock, bandwidth and caches from the published specifications, memory as CUDA reports it.
 _DEVICE_INFO = {
     "h100": ("NVIDIA H100 80GB HBM3", 85_520_809_984, 3_350_000_000_000),
     "h200": ("NVIDIA H200", 150_754_820_096, 4_800_000_000_000),
