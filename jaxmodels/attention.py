@@ -468,16 +468,15 @@ class MultiHeadAttention(nn.Module):
 
         def projection(name: str, in_features: int) -> nn.DenseGeneral:
             heads = (self.num_heads, head_dim)
+            kernel_init, bias_init = self._projection_inits(in_features, heads)
             return nn.DenseGeneral(
                 features=heads,
                 axis=-1,
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=_partitioned(
-                    self.kernel_init, (in_features, *heads), ("embed", "heads", "kv")
-                ),
-                bias_init=_partitioned(self.bias_init, heads, ("heads", "kv")),
+                kernel_init=kernel_init,
+                bias_init=bias_init,
                 name=name,
             )
 
@@ -528,21 +527,26 @@ class MultiHeadAttention(nn.Module):
         out = nn.with_logical_constraint(out, OUT_AXES)
         return (out, weights) if return_weights else out
 
+    def _projection_inits(
+        self, in_features: int, heads: tuple[int, int]
+    ) -> tuple[Callable[..., Array], Callable[..., Array]]:
+        """The (kernel, bias) initialisers of a query/key/value projection, with their
+        logical axes."""
+        return (
+            _partitioned(self.kernel_init, (in_features, *heads), ("embed", "heads", "kv")),
+            _partitioned(self.bias_init, heads, ("heads", "kv")),
+        )
+
     def _self_projections(self, x: Array, head_dim: int) -> tuple[Array, Array, Array]:
         """Self-attention's query, key and value projections as ONE matmul (one read of `x`
         forward, one input-gradient matmul backward), with the parameters of three
         `DenseGeneral`s (same names, shapes, initial values and logical axes)."""
         heads = (self.num_heads, head_dim)
+        inits = self._projection_inits(x.shape[-1], heads)
         kernels, biases = [], []
         for name in ("query", "key", "value"):
             kernel, bias = _HeadsProjection(
-                x.shape[-1],
-                heads,
-                self.use_bias,
-                self.param_dtype,
-                _partitioned(self.kernel_init, (x.shape[-1], *heads), ("embed", "heads", "kv")),
-                _partitioned(self.bias_init, heads, ("heads", "kv")),
-                name=name,
+                x.shape[-1], heads, self.use_bias, self.param_dtype, *inits, name=name
             )()
             kernels.append(kernel)
             biases.append(bias)

@@ -108,14 +108,10 @@ def dropout(
     return jax.lax.select(keep, scaled, jnp.zeros_like(inputs))
 
 
-def _float32_activation(x: jax.Array, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    wide = jnp.promote_types(x.dtype, jnp.float32)
-    return fn(x.astype(wide)).astype(x.dtype)
-
-
 @functools.partial(jax.checkpoint, static_argnums=(1,))
 def _recomputed(x: jax.Array, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    return _float32_activation(x, fn)
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    return fn(x.astype(wide)).astype(x.dtype)
 
 
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:

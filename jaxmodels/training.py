@@ -97,7 +97,7 @@ def create_train_state(
       (state, shardings): the state, and a `TrainState` of `NamedSharding` with the same
       structure, for `jit` in/out shardings and for restoring checkpoints.
     """
-    init, shardings = _state_init(model, tx, example_inputs, rng, mesh, rules)
+    init, _, shardings = _state_init(model, tx, example_inputs, rng, mesh, rules)
     with mesh_context(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
@@ -114,9 +114,7 @@ def abstract_train_state(
     with shardings, shardings), for compiling a step ahead of time (`jit(...).lower(state,
     batch).compile()`), e.g. to check its memory, on devices that need not be attached."""
     key = jax.random.key(0)  # made here: the mesh's devices may be compile-only ones
-    init, shardings = _state_init(model, tx, example_inputs, key, mesh, rules)
-    with mesh_context(mesh, rules):
-        abstract = jax.eval_shape(init, key)
+    _, abstract, shardings = _state_init(model, tx, example_inputs, key, mesh, rules)
     state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
@@ -130,8 +128,9 @@ def _state_init(
     rng: jax.Array,
     mesh: Mesh,
     rules: Any,
-) -> tuple[Callable[[jax.Array], TrainState], TrainState]:
-    """(init(rng) -> TrainState, the state's shardings)."""
+) -> tuple[Callable[[jax.Array], TrainState], TrainState, TrainState]:
+    """(init(rng) -> TrainState, the state's shapes (`jax.ShapeDtypeStruct`), its
+    shardings)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     inputs = [None if v is None else jnp.asarray(v) for v in example_inputs]
 
@@ -173,7 +172,7 @@ def _state_init(
         opt_state=opt_shardings,
         rng=replicated,
     )
-    return init, shardings
+    return init, abstract, shardings
 
 
 # Random-bit generators the step's dropout key may use (see `step_key`).
