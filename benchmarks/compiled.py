@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -155,24 +156,24 @@ def _computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str, str]]],
     return computations, entry
 
 
-def _flops(computations: dict[str, Any], types: dict[str, str], instruction: tuple) -> int:
-    """Floating-point operations of the matmuls in one instruction (a dot or convolution, or
-    a fusion or call containing them)."""
+def _flops(
+    computations: dict[str, Any], types: dict[str, dict[str, str]], where: str, instruction: tuple
+) -> int:
+    """Floating-point operations of the matmuls in one instruction of computation `where`
+    (a dot or convolution, or a fusion or call containing them)."""
     _, out_type, opcode, rest = instruction
     flops = 0
     if opcode in ("dot", "convolution"):
         out = _ARRAY.search(out_type)
-        operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
-        lhs = _ARRAY.search(types.get(operands[0], "")) if operands else None
+        operands = _operands(rest)
+        lhs = _ARRAY.search(types[where].get(operands[0], "")) if operands else None
         contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
         if out and lhs and contracting:
             lhs_dims = [int(d) for d in lhs.group(2).split(",") if d]
             k = math.prod(lhs_dims[int(i)] for i in contracting.group(1).split(",") if i)
             flops += 2 * k * math.prod(int(d) for d in out.group(2).split(",") if d)
     for called in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
-        body = computations.get(called, [])
-        body_types = {n: t for n, t, _, _ in body}
-        flops += sum(_flops(computations, body_types, i) for i in body)
+        flops += sum(_flops(computations, types, called, i) for i in computations.get(called, []))
     return flops
 
 
@@ -180,20 +181,22 @@ def _operands(rest: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
 
 
-def _kernel_bytes(computations: dict[str, Any], types: dict[str, str], instruction: tuple) -> int:
+def _kernel_bytes(
+    computations: dict[str, Any], types: dict[str, dict[str, str]], where: str, instruction: tuple
+) -> int:
     """Bytes a kernel reads and writes: its operands and results, except that a fused
     computation reading only slices of an operand counts the slices, and one updating a slice
     of an operand in place (dynamic-update-slice, e.g. a loop writing its step's output)
     counts the update, not the buffer."""
     _, out_type, opcode, rest = instruction
     operands = _operands(rest)
-    sizes = [_shape_bytes(types.get(o, "")) for o in operands]
+    sizes = [_shape_bytes(types[where].get(o, "")) for o in operands]
     out = _shape_bytes(out_type)
     called = re.search(r"calls=%([\w.\-]+)", rest)
     if opcode != "fusion" or not called:
         return out + sum(sizes)
     body = computations.get(called.group(1), [])
-    body_types = {n: t for n, t, _, _ in body}
+    body_types = types.get(called.group(1), {})
     params = {n: int(re.match(r"(\d+)", r).group(1)) for n, _, op, r in body if op == "parameter"}
     users: dict[str, list[tuple[str, str, int]]] = collections.defaultdict(list)
     for _, typ, op, r in body:
@@ -226,13 +229,12 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
     and calls within it. With `top`, the `top` source operations with the most kernel I/O as
     (name, bytes, kernels)."""
     computations, entry = _computations(hlo)
+    types = {c: {name: typ for name, typ, _, _ in body} for c, body in computations.items()}
     totals = collections.Counter()
     by_source: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
 
     def visit(computation: str, times: int) -> None:
-        body = computations.get(computation, [])
-        types = {name: typ for name, typ, _, _ in body}
-        for instruction in body:
+        for instruction in computations.get(computation, []):
             _, _, opcode, rest = instruction
             if opcode in _NOT_KERNELS:
                 continue
@@ -246,10 +248,10 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
             if opcode == "call":
                 visit(re.search(r"to_apply=%([\w.\-]+)", rest).group(1), times)
                 continue
-            size = _kernel_bytes(computations, types, instruction)
+            size = _kernel_bytes(computations, types, computation, instruction)
             library = re.search(r'custom_call_target="([^"]*)"', rest)
             library_matmul = bool(library and _LIBRARY_MATMUL.search(library.group(1)))
-            flops = _flops(computations, types, instruction)
+            flops = _flops(computations, types, computation, instruction)
             totals["kernels"] += times
             totals["matmuls"] += times * (flops > 0 or library_matmul)
             totals["custom"] += times * (opcode == "custom-call" and not library_matmul)
@@ -297,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IMPL",
         default=["default"],
         help="our implementations to compile where a workload has them (default, "
-        "no_attn_dropout, pallas, scan, cudnn, flax_rnn); default: each workload's first",
+        "no_attn_dropout, pallas, scan, flax_rnn); default: each workload's first",
     )
     parser.add_argument("--batch", type=int, default=None, help="global batch size instead")
     parser.add_argument(
@@ -313,21 +315,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
+def _target_devices(target: str) -> list[Any]:
+    """One compile-only device of `target` (made once per target)."""
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(
+        platform="cuda", target_config=target_config(target), topology="1x1x1"
+    )
+    return list(topology.devices)
+
+
 def compile_step(w: Any, impl: str, target: str, overrides: dict[str, Any]) -> tuple[Any, float]:
     """(the compiled training step of workload `w` with implementation `impl` for one GPU of
     `target`, seconds XLA took)."""
     import jax
-    from jax.experimental import topologies
 
     from benchmarks import workloads
     from jaxmodels import optim, sharding, training
 
     if overrides:
         w = dataclasses.replace(w, model={**w.model, **overrides})
-    topology = topologies.get_topology_desc(
-        platform="cuda", target_config=target_config(target), topology="1x1x1"
-    )
-    mesh = sharding.make_mesh(data=-1, devices=topology.devices)
+    mesh = sharding.make_mesh(data=-1, devices=_target_devices(target))
     rules = sharding.logical_rules("data")
     built = workloads.BUILDERS[w.family](w, impl)
     tx = optim.make_optimizer(w.optimizer, w.learning_rate, total_steps=1_000_000)
