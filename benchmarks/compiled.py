@@ -198,14 +198,24 @@ def _kernel_bytes(
     body = computations.get(called.group(1), [])
     body_types = types.get(called.group(1), {})
     params = {n: int(re.match(r"(\d+)", r).group(1)) for n, _, op, r in body if op == "parameter"}
-    users: dict[str, list[tuple[str, str, int]]] = collections.defaultdict(list)
-    for _, typ, op, r in body:
+    users: dict[str, list[tuple[str, str, str, int]]] = collections.defaultdict(list)
+    for name, typ, op, r in body:
         for position, operand in enumerate(_operands(r)):
-            users[operand].append((op, typ, position))
+            users[operand].append((name, op, typ, position))
+
+    def uses(value: str) -> list[tuple[str, str, int]]:
+        """The value's uses, looking through bitcasts (a slice of a bitcast reads a slice)."""
+        found = []
+        for name, op, typ, position in users.get(value, []):
+            found += uses(name) if op == "bitcast" else [(op, typ, position)]
+        return found
+
     for param, index in params.items():
-        uses = users.get(param, [])
-        if index < len(sizes) and uses and all(_slice_use(op, pos) for op, _, pos in uses):
-            sizes[index] = sum(_shape_bytes(t) for op, t, _ in uses if op != "dynamic-update-slice")
+        uses_ = uses(param)
+        if index < len(sizes) and uses_ and all(_slice_use(op, pos) for op, _, pos in uses_):
+            sizes[index] = sum(
+                _shape_bytes(t) for op, t, _ in uses_ if op != "dynamic-update-slice"
+            )
     root = body[-1] if body else None
     roots = [root] if root and root[2] != "tuple" else []
     if root and root[2] == "tuple":

@@ -65,7 +65,7 @@ import numpy as np
 from jaxmodels import losses
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
-from jaxmodels.layers import Dropout, Embed, gelu, silu
+from jaxmodels.layers import Dense, Dropout, Embed, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -287,10 +287,15 @@ class BertConfig:
 
 
 def _dense(
-    config: BertConfig, features: int, axes: tuple[str | None, str | None], name: str
+    config: BertConfig,
+    features: int,
+    axes: tuple[str | None, str | None],
+    name: str,
+    activation: Callable[[Array], Array] | None = None,
 ) -> nn.Dense:
-    return nn.Dense(
+    return Dense(
         features,
+        activation=activation,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         kernel_init=nn.with_logical_partitioning(
@@ -431,8 +436,8 @@ class BertLayer(nn.Module):
         h = attention(x, kv_lengths=kv_lengths, mask=mask, deterministic=deterministic)
         h = Dropout(c.hidden_dropout)(h, deterministic=deterministic)
         x = _layer_norm(c, "attention_norm")(x + h)
-        h = _dense(c, c.intermediate_size, ("embed", "mlp"), "intermediate")(x)
-        h = ACTIVATIONS[c.hidden_act](h)
+        act = ACTIVATIONS[c.hidden_act]
+        h = _dense(c, c.intermediate_size, ("embed", "mlp"), "intermediate", act)(x)
         h = _dense(c, c.hidden_size, ("mlp", "embed"), "output")(h)
         h = Dropout(c.hidden_dropout)(h, deterministic=deterministic)
         return _constrain(_layer_norm(c, "output_norm")(x + h))
@@ -712,8 +717,8 @@ class BertMLMHead(nn.Module):
     def __call__(self, x: Array, attend: Callable[[Array], Array]) -> Array:
         """x: <dtype>[batch, P, embed]. Returns <float32>[batch, P, vocab]."""
         c = self.config
-        x = _dense(c, c.hidden_size, ("embed", "mlp"), "dense")(x)
-        x = _layer_norm(c, "norm")(ACTIVATIONS[c.hidden_act](x))
+        x = _dense(c, c.hidden_size, ("embed", "mlp"), "dense", ACTIVATIONS[c.hidden_act])(x)
+        x = _layer_norm(c, "norm")(x)
         bias = self.param(
             "bias",
             nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),

@@ -27,7 +27,7 @@ tanh term, the scaled input, ...); BERT-base at batch 256 then holds two extra
 [32768, 3072] tensors per layer, about 4.5 GiB, and writes and reads them every step. Here
 only the input is kept (`jax.checkpoint` around the activation), the backward pass
 recomputes the rest where it computes the gradient, and forward-mode differentiation still
-works.
+works. `Dense` with an `activation` takes the bias add into that recomputed function too.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -49,6 +49,7 @@ import numpy as np
 
 __all__ = [
     "SELECT_MAX_ROWS",
+    "Dense",
     "Dropout",
     "Embed",
     "drop_threshold",
@@ -77,6 +78,8 @@ def dropout_mask(key: jax.Array, rate: float, shape: Sequence[int]) -> jax.Array
     """
     shape = tuple(int(d) for d in shape)
     threshold = drop_threshold(rate)
+    if threshold == _HALF_WORD:  # not representable as a 16-bit threshold
+        return jnp.zeros(shape, bool)
     if not shape:
         shape_words, last = (1,), 1
     else:
@@ -109,7 +112,11 @@ def dropout(
 
 
 @functools.partial(jax.checkpoint, static_argnums=(1,))
-def _recomputed(x: jax.Array, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+def _recomputed(
+    x: jax.Array, fn: Callable[[jax.Array], jax.Array], bias: jax.Array | None = None
+) -> jax.Array:
+    if bias is not None:
+        x = x + bias
     wide = jnp.promote_types(x.dtype, jnp.float32)
     return fn(x.astype(wide)).astype(x.dtype)
 
@@ -132,6 +139,20 @@ _GELU = {
 }
 
 
+def _elementwise(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """What `gelu` or `silu` (or a partial of them) computes in float32, without their own
+    recomputation: nested in `Dense`'s, that would keep float32 copies; other functions as
+    they are."""
+    base, kwargs = fn, {}
+    if isinstance(fn, functools.partial) and not fn.args:
+        base, kwargs = fn.func, fn.keywords
+    if base is gelu:
+        return _GELU[bool(kwargs.get("approximate", False))]
+    if base is silu and not kwargs:
+        return jax.nn.silu
+    return fn
+
+
 class Dropout(nn.Dropout):
     """`nn.Dropout` drawing its mask with `dropout_mask` (see the module docstring); the
     attributes and call are Flax's."""
@@ -146,6 +167,42 @@ class Dropout(nn.Dropout):
         if rng is None:
             rng = self.make_rng(self.rng_collection)
         return dropout(rng, inputs, self.rate, self.broadcast_dims)
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (the same attributes, parameters and numbers) that can end in an
+    activation: `activation(inputs @ kernel + bias)`, the bias added in the computation
+    dtype and the activation computed in float32 (see `gelu`), all in one recomputed
+    function. Its backward pass keeps only the matmul's output, where a `Dense` followed by
+    `gelu` keeps the biased copy that the forward pass then writes besides the activation
+    (for BERT-base at batch 256, one [32768, 3072] write less per layer).
+
+    Attributes:
+        activation: an elementwise function (e.g. `gelu`, `jax.nn.relu`), or None for a
+            plain `nn.Dense`.
+    """
+
+    activation: Callable[[jax.Array], jax.Array] | None = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        if self.dot_general_cls is not None:
+            dot_general = self.dot_general_cls()
+        else:
+            dot_general = self.dot_general or jax.lax.dot_general
+        y = dot_general(
+            inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision
+        )
+        if self.activation is not None:
+            return _recomputed(y, _elementwise(self.activation), bias)
+        return y if bias is None else y + bias
 
 
 SELECT_MAX_ROWS = 16

@@ -56,7 +56,7 @@ import numpy as np
 
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import ConfigError
-from jaxmodels.layers import Dropout, Embed, gelu, silu
+from jaxmodels.layers import Dense, Dropout, Embed, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -251,15 +251,15 @@ class Mlp(nn.Module):
         """x: <float>[..., embed] -> <dtype>[..., out_dim]."""
         act = _activation(self.activation)
         dense = partial(
-            nn.Dense, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype
+            Dense, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype
         )
         h = dense(
             self.hidden_dim,
+            activation=act,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "mlp")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
             name="wi",
         )(x)
-        h = act(h)
         if h.ndim == 3:
             h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = Dropout(self.dropout_rate)(h, deterministic=deterministic)

@@ -162,6 +162,82 @@ def test_dropout_only_in_training_and_reproducible():
         dot_product_attention(q, k, v, dropout_rate=0.5, deterministic=False)
 
 
+def _explicit_grads(q, k, v, bias, autodiff, **kwargs):
+    """Gradients of a scalar of the explicit path's output with respect to q, k, v (and
+    bias): through the hand-written backward pass, or (`autodiff`) through differentiating
+    the forward (the `return_weights` form computes the same function without it)."""
+    cotangent = np.random.default_rng(9).normal(size=(q.shape[0], q.shape[1], H, D))
+
+    def loss(q, k, v, bias):
+        out = dot_product_attention(q, k, v, bias=bias, return_weights=autodiff, **kwargs)
+        out = out[0] if autodiff else out
+        return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+
+
+_TRAINING = dict(dropout_rate=0.3, dropout_rng=jax.random.key(3), deterministic=False)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["dropout", "bias_per_head", "bias_per_query", "masked_rows", "causal_lengths", "gqa"],
+)
+def test_explicit_backward_pass_equals_autodiff(case):
+    q, k, v = _qkv(seed=4)
+    bias, kwargs = None, dict(_TRAINING)
+    rng = np.random.default_rng(5)
+    if case == "bias_per_head":
+        bias = rng.normal(size=(1, H, 1, S)).astype(np.float32)
+    elif case == "bias_per_query":
+        bias = rng.normal(size=(B, 1, T, S)).astype(np.float32)
+    elif case == "masked_rows":
+        mask = rng.random((B, 1, T, S)) < 0.6
+        mask[0, 0, 1] = False  # a query that sees nothing
+        kwargs["mask"] = mask
+    elif case == "causal_lengths":
+        kwargs.update(causal=True, kv_lengths=jnp.array([S, 2]))
+    elif case == "gqa":
+        k, v = k[:, :, :1], v[:, :, :1]
+    got = _explicit_grads(q, k, v, bias, autodiff=False, **kwargs)
+    want = _explicit_grads(q, k, v, bias, autodiff=True, **kwargs)
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None
+            continue
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    if case == "masked_rows":
+        assert np.all(np.asarray(got[0])[0, 1] == 0.0)  # no gradient from a query seeing nothing
+
+
+def test_explicit_backward_pass_in_bfloat16_keeps_bfloat16_weights_not_float32_logits():
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in _qkv(seed=6))
+    got = _explicit_grads(q, k, v, None, autodiff=False, **_TRAINING)
+    want = _explicit_grads(q, k, v, None, autodiff=True, **_TRAINING)
+    for g, w in zip(got[:3], want[:3], strict=True):
+        assert g.dtype == jnp.bfloat16
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.max(np.abs(g - w)) <= 0.02 * np.max(np.abs(w))
+
+    def attend(q, k, v):
+        return dot_product_attention(q, k, v, **_TRAINING)
+
+    _, vjp = jax.vjp(attend, q, k, v)
+    kept = [(a.shape, a.dtype) for a in jax.tree.leaves(vjp) if a.ndim == 4]
+    assert ((B, H, T, S), jnp.bfloat16) in kept  # the weights, in the values' dtype
+    assert ((B, H, T, S), jnp.float32) not in kept  # not the logits
+
+
+def test_dropout_rate_one_drops_everything_without_nans():
+    q, k, v = _qkv()
+    kwargs = dict(dropout_rate=1.0, dropout_rng=jax.random.key(0), deterministic=False)
+    out = dot_product_attention(q, k, v, **kwargs)
+    grads = _explicit_grads(q, k, v, None, autodiff=False, **kwargs)
+    assert np.all(np.asarray(out) == 0.0)
+    assert all(np.all(np.asarray(g) == 0.0) for g in grads[:3])
+
+
 def test_bad_arguments_are_named():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="implementation"):
@@ -180,8 +256,9 @@ def test_auto_picks_xla_off_gpu_and_for_float32():
     assert attention._auto_implementation(jnp.asarray(q), jnp.asarray(k), False) == "xla"
 
 
-def test_dispatch_to_jax_attention(monkeypatch):
-    """What the fast path hands to jax.nn.dot_product_attention, as if on an NVIDIA GPU."""
+def test_dispatch_to_cudnn_or_the_explicit_path(monkeypatch):
+    """What reaches jax.nn.dot_product_attention (cuDNN only), as if on an NVIDIA GPU; every
+    other call takes the explicit path."""
     calls = []
 
     def spy(query, key, value, **kwargs):
@@ -195,13 +272,16 @@ def test_dispatch_to_jax_attention(monkeypatch):
     dot_product_attention(q16, k16, v16, kv_lengths=lengths, causal=True)
     assert calls[-1]["implementation"] == "cudnn" and calls[-1]["is_causal"]
     assert calls[-1]["mask"] is None and calls[-1]["key_value_seq_lengths"].dtype == jnp.int32
-    dot_product_attention(q16[..., :4], k16[..., :4], v16[..., :4])  # head_dim 4: no cuDNN
-    assert calls[-1]["implementation"] == "xla"
-    # A general mask, or float32 inputs, go to XLA when the choice is automatic.
+    n = len(calls)
+    # Head dim 4, a general mask, float32 inputs, "xla", dropout and weights: explicit path.
+    dot_product_attention(q16[..., :4], k16[..., :4], v16[..., :4])
     dot_product_attention(q16, k16, v16, mask=jnp.ones((B, 1, 1, S), bool))
-    assert calls[-1]["implementation"] == "xla"
     dot_product_attention(*_qkv(q_len=S, kv_len=S))
-    assert calls[-1]["implementation"] == "xla"
+    dot_product_attention(q16, k16, v16, implementation="xla")
+    dot_product_attention(q16, k16, v16, return_weights=True)
+    rng = jax.random.key(0)
+    dot_product_attention(q16, k16, v16, dropout_rate=0.1, dropout_rng=rng, deterministic=False)
+    assert len(calls) == n
     # Explicit cuDNN gets masks with full [q_len, kv_len] trailing dimensions.
     dot_product_attention(q16, k16, v16, mask=jnp.ones((B, 1, 1, S), bool), implementation="cudnn")
     assert calls[-1]["mask"].shape == (B, 1, S, S)
@@ -209,10 +289,24 @@ def test_dispatch_to_jax_attention(monkeypatch):
     dot_product_attention(q16[:, -2:], k16, v16, causal=True, implementation="cudnn")
     assert not calls[-1]["is_causal"]
     np.testing.assert_array_equal(calls[-1]["mask"][0, 0], np.tril(np.ones((S, S), bool))[-2:])
-    # Dropout and weights never reach the fused kernels.
-    n = len(calls)
-    dot_product_attention(q16, k16, v16, return_weights=True)
-    assert len(calls) == n
+
+
+def test_explicit_path_equals_jax_xla_attention():
+    q, k, v = _qkv(q_len=S, kv_len=S, seed=2)
+    bias = np.random.default_rng(3).normal(size=(1, H, S, S)).astype(np.float32)
+    lengths = jnp.array([S, 4])
+    for causal in (False, True):
+        got = dot_product_attention(q, k, v, bias=bias, kv_lengths=lengths, causal=causal)
+        want = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            key_value_seq_lengths=lengths,
+            is_causal=causal,
+            implementation="xla",
+        )
+        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 needs_gpu = pytest.mark.skipif(

@@ -45,6 +45,28 @@ def test_loops_count_every_iteration_and_only_the_slices_they_touch():
     assert stats["kernels"] >= 30 and "note" not in stats
 
 
+_SLICE_OF_A_BITCAST = """HloModule m
+
+%fused (p0: f32[8,4]) -> f32[2,4,2] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %b = f32[2,4,4]{2,1,0} bitcast(%p0)
+  %s = f32[2,4,2]{2,1,0} slice(%b), slice={[0:2], [0:4], [0:2]}
+  ROOT %n = f32[2,4,2]{2,1,0} negate(%s)
+}
+
+ENTRY %main (a: f32[8,4]) -> f32[2,4,2] {
+  %a = f32[8,4]{1,0} parameter(0)
+  ROOT %f = f32[2,4,2]{2,1,0} fusion(%a), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_a_slice_read_through_a_bitcast_counts_the_slice():
+    stats = compiled.analyze_hlo(_SLICE_OF_A_BITCAST)
+    assert stats["kernels"] == 1
+    assert stats["kernel_io_gb"] * 1e9 == pytest.approx(2 * (2 * 4 * 2 * 4))  # half of [8, 4]
+
+
 def test_a_missing_cuda_plugin_is_named(monkeypatch):
     monkeypatch.setattr(compiled, "cuda_plugin", lambda: None)
     with pytest.raises(SystemExit, match=r'needs jax\'s CUDA plugin.*pip install "jax\[cuda13\]"'):

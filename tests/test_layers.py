@@ -3,6 +3,8 @@ and Dropout (masks from 16-bit halves of the random words)."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,16 @@ import numpy as np
 import pytest
 
 from jaxmodels import sharding
-from jaxmodels.layers import SELECT_MAX_ROWS, Dropout, Embed, dropout, dropout_mask, gelu, silu
+from jaxmodels.layers import (
+    SELECT_MAX_ROWS,
+    Dense,
+    Dropout,
+    Embed,
+    dropout,
+    dropout_mask,
+    gelu,
+    silu,
+)
 
 
 @pytest.mark.parametrize("rows", [2, SELECT_MAX_ROWS, 50], ids=["select", "select-max", "gather"])
@@ -89,6 +100,12 @@ def test_dropout_drops_at_the_rate_independently_and_keeps_the_mean(rate):
     out = np.asarray(dropout(jax.random.key(0), x, rate))
     np.testing.assert_array_equal(out == 0, ~keep)
     np.testing.assert_allclose(out[keep], 3.0 / (1.0 - round(rate * 65536) / 65536), rtol=1e-7)
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_dropout_masks_at_rates_zero_and_one_keep_everything_or_nothing(rate):
+    keep = np.asarray(dropout_mask(jax.random.key(0), rate, (3, 1000)))
+    assert keep.shape == (3, 1000) and np.all(keep == (rate == 0.0))
 
 
 def test_dropout_masks_depend_on_the_key_and_shape_details():
@@ -170,3 +187,47 @@ def test_activations_are_jax_computed_in_float32_and_keep_only_their_input(name)
     saved = [aval for aval, _ in saved_residuals(ours, xb) if aval.shape]
     assert [(a.shape, a.dtype) for a in saved] == [(xb.shape, xb.dtype)]
     assert len([a for a, _ in saved_residuals(reference, xb) if a.shape]) > 1
+
+
+@pytest.mark.parametrize(
+    "activation", [gelu, functools.partial(gelu, approximate=True), silu, jax.nn.relu]
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_with_an_activation_is_flax_dense_then_the_activation_keeping_the_matmul(
+    activation, dtype
+):
+    x = jax.random.normal(jax.random.key(1), (6, 5, 16), jnp.float32)
+    bias_init = nn.initializers.normal(1.0)
+    ours = Dense(24, activation=activation, dtype=dtype, bias_init=bias_init)
+    flax_dense = nn.Dense(24, dtype=dtype, bias_init=bias_init)
+    variables = ours.init(jax.random.key(2), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, flax_dense.init(jax.random.key(2), x)
+    )
+    jax.tree.map(np.testing.assert_array_equal, variables, flax_dense.init(jax.random.key(2), x))
+
+    def reference(params, x):
+        return activation(flax_dense.apply(params, x))
+
+    out = ours.apply(variables, x)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(
+        out, reference(variables, x)
+    )  # the same roundings in the same order
+    grad = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x).astype(jnp.float32))))(variables)
+    expected = jax.grad(lambda p: jnp.sum(jnp.sin(reference(p, x).astype(jnp.float32))))(variables)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, expected
+    )
+    # The backward pass keeps the matmul's output (not output + bias) as its one
+    # activation-sized residual.
+    _, vjp = jax.vjp(lambda x: ours.apply(variables, x), x)
+    kept = [a for a in jax.tree.leaves(vjp) if a.shape == (6, 5, 24)]
+    params = variables["params"]
+    matmul = x.astype(dtype) @ params["kernel"].astype(dtype)
+    assert len(kept) == 1 and kept[0].dtype == dtype
+    np.testing.assert_array_equal(kept[0], matmul)
+    assert Dense(24).apply(variables, x).shape == (6, 5, 24)  # no activation: nn.Dense
+    np.testing.assert_array_equal(
+        Dense(24, dtype=dtype).apply(variables, x), flax_dense.apply(variables, x)
+    )
