@@ -25,7 +25,9 @@ Columns of the table (and keys of the ``--json`` rows):
   in device memory if nothing stayed in cache: an upper bound of its memory traffic, and the
   number to bring down for memory-bound steps. Loops count each iteration's kernels;
 * ``TFLOP``: the floating-point operations of the step's dots (2 x M x N x K, backward
-  included; convolutions, which become cuDNN calls, are not counted);
+  included; convolutions, which become cuDNN calls, are not counted); ``f32 TFLOP``: those
+  of dots with a float32 (or float64) operand, which run at a fraction of the bfloat16
+  tensor-core rate (in a bfloat16 step, usually a backward pass fed a float32 gradient);
 * ``temp GiB``: XLA's buffer assignment for everything but the state and batch: the
   activations kept for the backward pass and the kernels' scratch; ``state GiB``: parameters,
   optimizer state and batch (the arguments).
@@ -157,23 +159,30 @@ def _computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str, str]]],
 
 
 def _flops(
-    computations: dict[str, Any], types: dict[str, dict[str, str]], where: str, instruction: tuple
+    computations: dict[str, Any],
+    types: dict[str, dict[str, str]],
+    where: str,
+    instruction: tuple,
+    wide: bool = False,
 ) -> int:
     """Floating-point operations of the matmuls in one instruction of computation `where`
-    (a dot or convolution, or a fusion or call containing them)."""
+    (a dot or convolution, or a fusion or call containing them); with `wide`, only of those
+    with a float32 or float64 operand."""
     _, out_type, opcode, rest = instruction
     flops = 0
     if opcode in ("dot", "convolution"):
         out = _ARRAY.search(out_type)
-        operands = _operands(rest)
-        lhs = _ARRAY.search(types[where].get(operands[0], "")) if operands else None
+        operands = [_ARRAY.search(types[where].get(o, "")) for o in _operands(rest)]
+        lhs = operands[0] if operands else None
         contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-        if out and lhs and contracting:
+        counted = not wide or any(o and o.group(1) in ("f32", "f64") for o in operands)
+        if out and lhs and contracting and counted:
             lhs_dims = [int(d) for d in lhs.group(2).split(",") if d]
             k = math.prod(lhs_dims[int(i)] for i in contracting.group(1).split(",") if i)
             flops += 2 * k * math.prod(int(d) for d in out.group(2).split(",") if d)
     for called in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
-        flops += sum(_flops(computations, types, called, i) for i in computations.get(called, []))
+        body = computations.get(called, [])
+        flops += sum(_flops(computations, types, called, i, wide) for i in body)
     return flops
 
 
@@ -262,6 +271,9 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
             library = re.search(r'custom_call_target="([^"]*)"', rest)
             library_matmul = bool(library and _LIBRARY_MATMUL.search(library.group(1)))
             flops = _flops(computations, types, computation, instruction)
+            totals["wide_flops"] += times * _flops(
+                computations, types, computation, instruction, wide=True
+            )
             totals["kernels"] += times
             totals["matmuls"] += times * (flops > 0 or library_matmul)
             totals["custom"] += times * (opcode == "custom-call" and not library_matmul)
@@ -279,6 +291,7 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
         "custom": totals["custom"],
         "kernel_io_gb": totals["bytes"] / 1e9,
         "matmul_tflop": totals["flops"] / 1e12,
+        "f32_matmul_tflop": totals["wide_flops"] / 1e12,
     }
     if totals["unknown_trips"]:
         result["note"] = f"{totals['unknown_trips']} loop(s) of unknown trip count counted once"
@@ -398,6 +411,7 @@ _COLUMNS = [
     ("custom", "custom", "{:,}"),
     ("kernel_io_gb", "kernel I/O GB", "{:.1f}"),
     ("matmul_tflop", "TFLOP", "{:.2f}"),
+    ("f32_matmul_tflop", "f32 TFLOP", "{:.2f}"),
     ("temp_gib", "temp GiB", "{:.2f}"),
     ("state_gib", "state GiB", "{:.2f}"),
     ("note", "note", "{}"),

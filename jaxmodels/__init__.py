@@ -3,7 +3,7 @@
 Modules:
   cnn         SeedCNN (the classic MNIST CNN) and the ResNet v1.5 family.
   rnn         LSTMCell, LSTM (scan or cuDNN), LSTMClassifier.
-  attention   multi-head attention on jax.nn.dot_product_attention (xla | cudnn), KV cache.
+  attention   multi-head attention (cuDNN; explicit with its own backward; Pallas), KV cache.
   transformer positions, encoder/decoder blocks, encoder-decoder, decoder-only LM, generate.
   layers      building blocks shared by the families (Embed: mixed-precision lookups).
   bert        BertConfig presets, BertModel, pretraining and classification heads,

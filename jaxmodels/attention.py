@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels._pallas import on_nvidia_gpu as _on_nvidia_gpu
-from jaxmodels.layers import drop_threshold, dropout_mask
+from jaxmodels.layers import drop_threshold, dropout_mask, match_varying
 
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention", "MultiHeadAttention", "combine_masks"]
 
@@ -224,8 +224,10 @@ def _softmax_attention_bwd(keep_prob, residuals, d_out):
     d_value = jnp.einsum(
         "bhqk,bqhd->bkhd", probs, d_out.astype(value.dtype), preferred_element_type=f32
     )
+    # bfloat16 has float32's range; a float16 dP could overflow under loss scaling.
+    dp_dtype = value.dtype if value.dtype == jnp.bfloat16 else jnp.promote_types(value.dtype, f32)
     d_probs = jnp.einsum(
-        "bqhd,bkhd->bhqk", d_out.astype(value.dtype), value, preferred_element_type=value.dtype
+        "bqhd,bkhd->bhqk", d_out.astype(value.dtype), value, preferred_element_type=dp_dtype
     )
     d_weights = _dropped(d_probs, keep, keep_prob, f32)
     row = jnp.sum(weights.astype(f32) * d_weights, axis=-1, keepdims=True)
@@ -269,10 +271,11 @@ def _explicit_attention(
     backward pass keeps those rounded weights and the dropout mask, where differentiating
     the forward keeps the float32 logits (and XLA then recomputes the softmax from them in
     the backward pass), and the gradient of the dropped weights (dO V^T) comes out of its
-    matmul in the values' dtype, as under PyTorch's autocast; the softmax's backward is
-    computed in float32. With float32 inputs it is the exact gradient. For BERT-base
-    training (batch 256, seq 128, bfloat16) this takes the step's kernel I/O from 137.0 to
-    127.3 GB and its temporary memory from 15.1 to 13.9 GiB (`benchmarks.compiled`, H200).
+    matmul in bfloat16 for bfloat16 values, as under PyTorch's autocast (float32 otherwise);
+    the softmax's backward is computed in float32. With float32 inputs it is the exact
+    gradient. For BERT-base training (batch 256, seq 128, bfloat16) this takes the step's
+    kernel I/O from 137.0 to 127.3 GB and its temporary memory from 15.1 to 13.9 GiB
+    (`benchmarks.compiled`, H200).
     """
     groups = query.shape[2] // key.shape[2]
     if groups > 1:  # grouped-query attention: share each key/value head among `groups`
@@ -285,6 +288,7 @@ def _explicit_attention(
         keep = dropout_mask(dropout_rng, dropout_rate, shape)
         keep_prob = max(1.0 - threshold / 2**16, 2**-16)  # rate 1 keeps nothing: no 0 / 0
     if not return_weights:
+        query, key, value, bias = match_varying(query, key, value, bias)
         return _softmax_attention(query, key, value, bias, mask, keep, keep_prob)
     weights = _weights(query, key, bias, mask)
     probs = _dropped(weights.astype(value.dtype), keep, keep_prob, value.dtype)

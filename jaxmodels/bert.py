@@ -65,7 +65,7 @@ import numpy as np
 from jaxmodels import losses
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
-from jaxmodels.layers import Dense, Dropout, Embed, gelu, silu
+from jaxmodels.layers import Dense, Dropout, Embed, dot_float32, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -376,16 +376,13 @@ class BertEmbeddings(nn.Module):
     def attend(self, x: Array) -> Array:
         """Projects <[..., embed]> onto the vocabulary with the word embeddings (tied decoder).
 
-        Computed in `dtype`, accumulated and returned in float32: <float32>[..., vocab].
+        Computed in `dtype`, accumulated and returned in float32: <float32>[..., vocab]; the
+        backward matmuls in `dtype` (`jaxmodels.layers.dot_float32`).
         """
         table = self.word_embeddings.embedding
         dtype = self.config.dtype
-        return jnp.einsum(
-            "...e,ve->...v",
-            x.astype(dtype),
-            table.astype(dtype),
-            preferred_element_type=jnp.float32,
-        )
+        dims = (((x.ndim - 1,), (1,)), ((), ()))
+        return dot_float32(x.astype(dtype), table.astype(dtype), dims)
 
 
 class BertLayer(nn.Module):

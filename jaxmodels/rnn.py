@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.layers import Dropout, Embed
+from jaxmodels.layers import Dropout, Embed, dot_float32
 
 Dtype = Any
 State = tuple[jax.Array, jax.Array]  # (h, c)
@@ -123,8 +123,10 @@ def _acc(dtype: Dtype) -> Any:
 
 
 def _matmul(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
-    """x @ w in `dtype`, accumulated and returned in float32 (at least)."""
-    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=_acc(dtype))
+    """x @ w in `dtype`, accumulated and returned in float32 (at least); the backward
+    matmuls in `dtype` too (`jaxmodels.layers.dot_float32`)."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return dot_float32(x.astype(dtype), w.astype(dtype), dims)
 
 
 def reverse_padded(x: jax.Array, lengths: jax.Array) -> jax.Array:

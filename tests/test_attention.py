@@ -617,3 +617,27 @@ def test_mha_decode_rejects_cross_attention():
     model, variables, params, x, _ = _decode_setup()
     with pytest.raises(ValueError, match="cross-attention"):
         model.apply(variables, x[:, :1], x, mutable=["cache"])
+
+
+def test_explicit_backward_pass_inside_shard_map_with_replicated_inputs():
+    """Gradients inside `jax.shard_map` (its type checks on): a replicated bias with sharded
+    queries/keys/values, and sharded queries with replicated keys/values, equal one device's."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    rng = np.random.default_rng(8)
+    q, k, v = (jnp.asarray(rng.normal(size=(4, 4, H, D)), jnp.float32) for _ in range(3))
+    bias = jnp.asarray(rng.normal(size=(1, H, 4, 4)), jnp.float32)
+
+    def total(q, k, v, b):
+        return dot_product_attention(q, k, v, bias=b).sum()
+
+    want = jax.grad(total, (0, 1, 2, 3))(q, k, v, bias)
+    for specs in [(P("x"), P("x"), P("x"), P()), (P(None, "x"), P(), P(), P(None, None, "x"))]:
+        sharded = jax.shard_map(
+            lambda *a: jax.lax.psum(total(*a), "x"), mesh=mesh, in_specs=specs, out_specs=P()
+        )
+        got = jax.jit(jax.grad(sharded, (0, 1, 2, 3)))(q, k, v, bias)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -23,7 +23,28 @@ def test_kernels_bytes_and_flops_of_a_known_program():
     elementwise_io = 2 * 64 * 16 * 4
     assert stats["kernel_io_gb"] * 1e9 == pytest.approx(matmul_io + elementwise_io)
     assert stats["matmul_tflop"] * 1e12 == pytest.approx(2 * 64 * 32 * 16)
+    assert stats["f32_matmul_tflop"] == stats["matmul_tflop"]  # float32 operands
     assert stats["top"] == [("dot_general", matmul_io, 1), ("mul", elementwise_io, 1)]
+
+
+_TWO_DOTS = """HloModule m
+
+ENTRY %main (a: bf16[8,32], b: bf16[32,16], c: f32[8,32], d: f32[32,8]) -> (f32[8,16], f32[8,8]) {
+  %a = bf16[8,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  %c = f32[8,32]{1,0} parameter(2)
+  %d = f32[32,8]{1,0} parameter(3)
+  %x = f32[8,16]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %y = f32[8,8]{1,0} dot(%c, %d), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (f32[8,16]{1,0}, f32[8,8]{1,0}) tuple(%x, %y)
+}
+"""
+
+
+def test_float32_matmul_flops_are_those_of_dots_with_a_float32_operand():
+    stats = compiled.analyze_hlo(_TWO_DOTS)
+    assert stats["matmul_tflop"] * 1e12 == pytest.approx(2 * 8 * 32 * (16 + 8))
+    assert stats["f32_matmul_tflop"] * 1e12 == pytest.approx(2 * 8 * 32 * 8)
 
 
 def test_loops_count_every_iteration_and_only_the_slices_they_touch():

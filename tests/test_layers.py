@@ -17,6 +17,7 @@ from jaxmodels.layers import (
     Dense,
     Dropout,
     Embed,
+    dot_float32,
     dropout,
     dropout_mask,
     gelu,
@@ -231,3 +232,77 @@ def test_dense_with_an_activation_is_flax_dense_then_the_activation_keeping_the_
     np.testing.assert_array_equal(
         Dense(24, dtype=dtype).apply(variables, x), flax_dense.apply(variables, x)
     )
+
+
+def _dot_general_operand_dtypes(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    found = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(tuple(v.aval.dtype for v in eqn.invars))
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("dims", [(((2,), (0,)), ((), ())), (((2,), (1,)), ((), ()))])
+def test_dot_float32_returns_float32_and_its_backward_matmuls_run_in_the_inputs_dtype(dims):
+    x = jax.random.normal(jax.random.key(0), (3, 4, 8), jnp.float32)
+    y = jax.random.normal(jax.random.key(1), (8, 5) if dims[0][1] == (0,) else (5, 8))
+
+    def loss(dot, x, y):
+        return jnp.sum(jnp.sin(dot(x, y)))
+
+    ours = functools.partial(dot_float32, dimension_numbers=dims)
+
+    def reference(x, y):
+        return jax.lax.dot_general(x, y, dims, preferred_element_type=jnp.float32)
+
+    # float32 inputs: autodiff's numbers.
+    np.testing.assert_array_equal(ours(x, y), reference(x, y))
+    for g, r in zip(
+        jax.grad(loss, (1, 2))(ours, x, y), jax.grad(loss, (1, 2))(reference, x, y), strict=True
+    ):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+    # bfloat16 inputs: float32 output, bfloat16 gradients close to the float32 ones, and every
+    # backward matmul on bfloat16 operands (autodiff's take the float32 output gradient,
+    # which XLA runs as float32 matmuls).
+    xb, yb = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
+    assert ours(xb, yb).dtype == jnp.float32
+    np.testing.assert_array_equal(ours(xb, yb), reference(xb, yb))
+    grads = jax.grad(loss, (1, 2))(ours, xb, yb)
+    for g, r in zip(grads, jax.grad(loss, (1, 2))(reference, x, y), strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=0.05, atol=0.05)
+    grad_fn = jax.grad(functools.partial(loss, ours), (0, 1))
+    bf16 = jnp.dtype(jnp.bfloat16)
+    assert set(_dot_general_operand_dtypes(grad_fn, xb, yb)) == {(bf16, bf16)}
+    autodiff = jax.grad(functools.partial(loss, reference), (0, 1))
+    assert (jnp.dtype(jnp.float32), bf16) in _dot_general_operand_dtypes(autodiff, xb, yb)
+
+
+def test_dot_float32_inside_shard_map_with_a_replicated_weight():
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    x = jax.random.normal(jax.random.key(0), (4, 8), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (8, 3), jnp.float32)
+    dims = (((1,), (0,)), ((), ()))
+
+    def total(x, w):
+        return jnp.sum(jnp.sin(dot_float32(x, w, dims)))
+
+    sharded = jax.shard_map(
+        lambda x, w: jax.lax.psum(total(x, w), "x"),
+        mesh=mesh,
+        in_specs=(P("x"), P()),
+        out_specs=P(),
+    )
+    got = jax.jit(jax.grad(sharded, (0, 1)))(x, w)
+    for g, want in zip(got, jax.grad(total, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
