@@ -159,31 +159,29 @@ def _computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str, str]]],
 
 
 def _flops(
-    computations: dict[str, Any],
-    types: dict[str, dict[str, str]],
-    where: str,
-    instruction: tuple,
-    wide: bool = False,
-) -> int:
+    computations: dict[str, Any], types: dict[str, dict[str, str]], where: str, instruction: tuple
+) -> tuple[int, int]:
     """Floating-point operations of the matmuls in one instruction of computation `where`
-    (a dot or convolution, or a fusion or call containing them); with `wide`, only of those
-    with a float32 or float64 operand."""
+    (a dot or convolution, or a fusion or call containing them): all of them, and those of
+    the matmuls with a float32 or float64 operand."""
     _, out_type, opcode, rest = instruction
-    flops = 0
+    flops = wide = 0
     if opcode in ("dot", "convolution"):
         out = _ARRAY.search(out_type)
         operands = [_ARRAY.search(types[where].get(o, "")) for o in _operands(rest)]
         lhs = operands[0] if operands else None
         contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-        counted = not wide or any(o and o.group(1) in ("f32", "f64") for o in operands)
-        if out and lhs and contracting and counted:
+        if out and lhs and contracting:
             lhs_dims = [int(d) for d in lhs.group(2).split(",") if d]
             k = math.prod(lhs_dims[int(i)] for i in contracting.group(1).split(",") if i)
-            flops += 2 * k * math.prod(int(d) for d in out.group(2).split(",") if d)
+            flops = 2 * k * math.prod(int(d) for d in out.group(2).split(",") if d)
+            if any(o and o.group(1) in ("f32", "f64") for o in operands):
+                wide = flops
     for called in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
-        body = computations.get(called, [])
-        flops += sum(_flops(computations, types, called, i, wide) for i in body)
-    return flops
+        for i in computations.get(called, []):
+            inner, inner_wide = _flops(computations, types, called, i)
+            flops, wide = flops + inner, wide + inner_wide
+    return flops, wide
 
 
 def _operands(rest: str) -> list[str]:
@@ -212,19 +210,17 @@ def _kernel_bytes(
         for position, operand in enumerate(_operands(r)):
             users[operand].append((name, op, typ, position))
 
-    def uses(value: str) -> list[tuple[str, str, int]]:
+    def uses_of(value: str) -> list[tuple[str, str, int]]:
         """The value's uses, looking through bitcasts (a slice of a bitcast reads a slice)."""
         found = []
         for name, op, typ, position in users.get(value, []):
-            found += uses(name) if op == "bitcast" else [(op, typ, position)]
+            found += uses_of(name) if op == "bitcast" else [(op, typ, position)]
         return found
 
     for param, index in params.items():
-        uses_ = uses(param)
-        if index < len(sizes) and uses_ and all(_slice_use(op, pos) for op, _, pos in uses_):
-            sizes[index] = sum(
-                _shape_bytes(t) for op, t, _ in uses_ if op != "dynamic-update-slice"
-            )
+        uses = uses_of(param)
+        if index < len(sizes) and uses and all(_slice_use(op, pos) for op, _, pos in uses):
+            sizes[index] = sum(_shape_bytes(t) for op, t, _ in uses if op != "dynamic-update-slice")
     root = body[-1] if body else None
     roots = [root] if root and root[2] != "tuple" else []
     if root and root[2] == "tuple":
@@ -270,10 +266,8 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
             size = _kernel_bytes(computations, types, computation, instruction)
             library = re.search(r'custom_call_target="([^"]*)"', rest)
             library_matmul = bool(library and _LIBRARY_MATMUL.search(library.group(1)))
-            flops = _flops(computations, types, computation, instruction)
-            totals["wide_flops"] += times * _flops(
-                computations, types, computation, instruction, wide=True
-            )
+            flops, wide_flops = _flops(computations, types, computation, instruction)
+            totals["wide_flops"] += times * wide_flops
             totals["kernels"] += times
             totals["matmuls"] += times * (flops > 0 or library_matmul)
             totals["custom"] += times * (opcode == "custom-call" and not library_matmul)

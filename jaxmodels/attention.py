@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels._pallas import on_nvidia_gpu as _on_nvidia_gpu
-from jaxmodels.layers import drop_threshold, dropout_mask, match_varying
+from jaxmodels.layers import dropout_mask, keep_probability, match_varying
 
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention", "MultiHeadAttention", "combine_masks"]
 
@@ -281,12 +281,11 @@ def _explicit_attention(
     if groups > 1:  # grouped-query attention: share each key/value head among `groups`
         key = jnp.repeat(key, groups, axis=2)
         value = jnp.repeat(value, groups, axis=2)
-    keep, keep_prob = None, 1.0
-    threshold = drop_threshold(dropout_rate)
-    if threshold:
+    keep, keep_prob = None, keep_probability(dropout_rate)
+    if keep_prob < 1.0:
         shape = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
         keep = dropout_mask(dropout_rng, dropout_rate, shape)
-        keep_prob = max(1.0 - threshold / 2**16, 2**-16)  # rate 1 keeps nothing: no 0 / 0
+        keep_prob = max(keep_prob, 2**-16)  # rate 1 keeps nothing: no 0 / 0
     if not return_weights:
         query, key, value, bias = match_varying(query, key, value, bias)
         return _softmax_attention(query, key, value, bias, mask, keep, keep_prob)

@@ -57,6 +57,7 @@ __all__ = [
     "dropout",
     "dropout_mask",
     "dot_float32",
+    "keep_probability",
     "match_varying",
     "gelu",
     "silu",
@@ -70,6 +71,12 @@ def drop_threshold(rate: float) -> int:
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"dropout rate must be in [0, 1], got {rate}")
     return round(rate * _HALF_WORD)
+
+
+def keep_probability(rate: float) -> float:
+    """The exact probability that `dropout_mask` keeps an element: 1 - `rate` rounded to a
+    multiple of 2**-16."""
+    return 1.0 - drop_threshold(rate) / _HALF_WORD
 
 
 def dropout_mask(key: jax.Array, rate: float, shape: Sequence[int]) -> jax.Array:
@@ -103,7 +110,7 @@ def dropout(
         return inputs
     if threshold == _HALF_WORD:
         return jnp.zeros_like(inputs)
-    keep_prob = 1.0 - threshold / _HALF_WORD
+    keep_prob = keep_probability(rate)
     mask_shape = list(inputs.shape)
     for dim in broadcast_dims:
         mask_shape[dim] = 1
