@@ -65,7 +65,7 @@ import numpy as np
 from jaxmodels import losses
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
-from jaxmodels.layers import Dense, Dropout, Embed, dot_float32, gelu, silu
+from jaxmodels.layers import Dense, Dropout, Embed, add_positions, dot_float32, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -365,10 +365,9 @@ class BertEmbeddings(nn.Module):
         """input_ids, token_type_ids: <int>[batch, length] -> <dtype>[batch, length, embed]."""
         # Positions 0..length-1: a slice of the table (no gather, no scatter-add gradient).
         positions = self.position_embeddings.embedding[: input_ids.shape[1]]
-        x = (
-            self.word_embeddings(input_ids)
-            + positions.astype(self.config.dtype)[None]
-            + self.token_type_embeddings(token_type_ids)
+        x = add_positions(
+            self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids),
+            positions.astype(self.config.dtype),
         )
         x = self.norm(x)
         return _constrain(self.dropout(x, deterministic=deterministic))

@@ -56,7 +56,7 @@ import numpy as np
 
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import ConfigError
-from jaxmodels.layers import Dense, Dropout, Embed, gelu, silu
+from jaxmodels.layers import Dense, Dropout, Embed, add_positions, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -214,10 +214,10 @@ class PositionEmbedding(nn.Module):
             table = jnp.asarray(sinusoidal_positions(self.max_len, dim))
         table = jnp.asarray(table, self.dtype)
         if positions is None:
-            pe = table[None, :length]
+            y = add_positions(x.astype(self.dtype), table[:length])
         else:
-            pe = jnp.take(table, positions, axis=0, mode="clip")
-        return nn.with_logical_constraint(x.astype(self.dtype) + pe, EMBED_AXES)
+            y = x.astype(self.dtype) + jnp.take(table, positions, axis=0, mode="clip")
+        return nn.with_logical_constraint(y, EMBED_AXES)
 
 
 class Mlp(nn.Module):

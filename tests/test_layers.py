@@ -17,6 +17,7 @@ from jaxmodels.layers import (
     Dense,
     Dropout,
     Embed,
+    add_positions,
     dot_float32,
     dropout,
     dropout_mask,
@@ -305,4 +306,63 @@ def test_dot_float32_inside_shard_map_with_a_replicated_weight():
     )
     got = jax.jit(jax.grad(sharded, (0, 1)))(x, w)
     for g, want in zip(got, jax.grad(total, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_positions_equals_the_broadcast_sum_and_its_table_gradient_is_a_matmul(dtype):
+    x = jax.random.normal(jax.random.key(0), (3, 5, 8), jnp.float32).astype(dtype)
+    table = jax.random.normal(jax.random.key(1), (5, 8), jnp.float32).astype(dtype)
+    cotangent = jax.random.normal(jax.random.key(2), (3, 5, 8), jnp.float32)
+
+    def ours(x, t):
+        return jnp.sum(add_positions(x, t).astype(jnp.float32) * cotangent)
+
+    def broadcast(x, t):
+        return jnp.sum((x + t[None]).astype(jnp.float32) * cotangent)
+
+    assert add_positions(x, table).dtype == dtype
+    np.testing.assert_array_equal(np.float32(add_positions(x, table)), np.float32(x + table[None]))
+    got, want = jax.grad(ours, (0, 1))(x, table), jax.grad(broadcast, (0, 1))(x, table)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == dtype
+        np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=tol, atol=tol)
+    # The table's gradient is a matmul with ones, not a sum over the batch (whose reduction
+    # makes XLA lay the residual stream out batch-minor on GPUs).
+    _, vjp = jax.vjp(add_positions, x, table)
+    jaxpr = str(jax.make_jaxpr(vjp)(x))
+    assert "dot_general" in jaxpr and "reduce_sum" not in jaxpr
+
+
+def test_add_positions_takes_mixed_dtypes_and_several_batch_dimensions():
+    x = jnp.ones((2, 3, 4, 6), jnp.bfloat16)
+    table = jnp.arange(24, dtype=jnp.float32).reshape(4, 6)
+    out = add_positions(x, table)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, x.astype(jnp.float32) + table)
+    d_x, d_table = jax.grad(lambda a, b: jnp.sum(add_positions(a, b)), (0, 1))(x, table)
+    assert d_x.dtype == jnp.bfloat16 and d_table.dtype == jnp.float32
+    np.testing.assert_array_equal(d_table, np.full((4, 6), 6.0))
+
+
+def test_add_positions_inside_shard_map_with_a_replicated_table():
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    x = jax.random.normal(jax.random.key(0), (4, 3, 8), jnp.float32)
+    table = jax.random.normal(jax.random.key(1), (3, 8), jnp.float32)
+
+    def total(x, t):
+        return jnp.sum(jnp.sin(add_positions(x, t)))
+
+    sharded = jax.shard_map(
+        lambda x, t: jax.lax.psum(total(x, t), "x"),
+        mesh=mesh,
+        in_specs=(P("x"), P()),
+        out_specs=P(),
+    )
+    got = jax.jit(jax.grad(sharded, (0, 1)))(x, table)
+    for g, want in zip(got, jax.grad(total, (0, 1))(x, table), strict=True):
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
