@@ -5,7 +5,7 @@ the call signature ``model.apply(variables, x, train=...)``. Every parameter car
 sharding names (``conv_in``, ``conv_out``, ``embed``, ``mlp``, ``classes``) via
 ``nn.with_logical_partitioning``, and the input batch axis is constrained to the logical ``batch``
 axis, so the models can be sharded by supplying logical axis rules; without rules the metadata is
-inert.
+inert. Max pooling is `jaxmodels.layers.max_pool` (Flax's numbers, a scatter-free gradient).
 
 Example:
     >>> import jax
@@ -31,6 +31,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from jaxmodels.layers import max_pool
 
 __all__ = [
     "SeedCNN",
@@ -105,9 +107,9 @@ class SeedCNN(nn.Module):
             bias_init=_channel_param(nn.initializers.zeros_init()),
         )
         x = nn.relu(conv(32)(x))  # [batch, 26, 26, 32]
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))  # [batch, 13, 13, 32]
+        x = max_pool(x, (2, 2), strides=(2, 2))  # [batch, 13, 13, 32]
         x = nn.relu(conv(64)(x))  # [batch, 11, 11, 64]
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))  # [batch, 5, 5, 64]
+        x = max_pool(x, (2, 2), strides=(2, 2))  # [batch, 5, 5, 64]
         x = x.reshape((x.shape[0], -1))  # [batch, 1600], flattened in (H, W, C) order
         x = nn.Dense(
             128,
@@ -336,7 +338,7 @@ class ResNet(nn.Module):
         else:
             x = _resnet_conv(self, self.num_filters, 7, 2, name="conv_init")(x)
             x = nn.relu(_batch_norm(self, train, name="bn_init")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, block_size in enumerate(self.stage_sizes):
             for j in range(block_size):
                 x = self.block_cls(

@@ -29,6 +29,10 @@ only the input is kept (`jax.checkpoint` around the activation), the backward pa
 recomputes the rest where it computes the gradient, and forward-mode differentiation still
 works. `Dense` with an `activation` takes the bias add into that recomputed function too.
 
+`max_pool` is `flax.linen.max_pool` whose backward pass is one elementwise pass over an
+int8 record of each window's winner instead of XLA's select-and-scatter (an atomic scatter
+on GPUs).
+
 `add_positions` adds a position table to a batch of embeddings with the table's gradient
 computed as a matmul rather than a sum over the batch, which on GPUs would make XLA lay out
 the whole residual stream batch-minor (see its docstring).
@@ -64,6 +68,7 @@ __all__ = [
     "dot_float32",
     "keep_probability",
     "match_varying",
+    "max_pool",
     "gelu",
     "silu",
 ]
@@ -280,6 +285,108 @@ def _add_positions_bwd(_, d_out):
 
 
 _add_positions.defvjp(_add_positions_fwd, _add_positions_bwd)
+
+
+def max_pool(
+    inputs: jax.Array,
+    window_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
+    padding: str | Sequence[tuple[int, int]] = "VALID",
+) -> jax.Array:
+    """`flax.linen.max_pool` (the same arguments and outputs) with a gradient that needs no
+    scatter.
+
+    XLA's GPU backend differentiates a max pool through select-and-scatter, which it lowers
+    to four int32 index arrays of the output's size and an atomic scatter-add into a padded
+    zero copy of the input. Here the forward pass also records which element of each window
+    is the maximum (the first one, in row-major window order, as XLA and PyTorch pick among
+    ties) in one int8 per output, and the backward pass puts each output's gradient back
+    with strided pads, one elementwise pass.
+
+    Args:
+      inputs: <float>[batch dims..., spatial dims..., features].
+      window_shape: the window's size in each spatial dimension.
+      strides: the step between windows (default 1 in each dimension).
+      padding: "SAME", "VALID", or (low, high) per spatial dimension; padded elements
+        never win.
+
+    Returns:
+      The maximum of each window.
+    """
+    window = tuple(int(w) for w in window_shape)
+    steps = tuple(int(s) for s in strides) if strides else (1,) * len(window)
+    if len(steps) != len(window):
+        raise ValueError(f"max_pool: {len(steps)} strides for a {len(window)}-d window")
+    spatial = inputs.shape[inputs.ndim - len(window) - 1 : -1]
+    if isinstance(padding, str):
+        pads = tuple(jax.lax.padtype_to_pads(spatial, window, steps, padding))
+    else:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if len(pads) != len(window):
+            raise ValueError(f"max_pool: padding {padding} for a {len(window)}-d window")
+    return _max_pool(inputs, window, steps, pads, inputs.shape)
+
+
+def _window_views(
+    x: jax.Array, window: tuple[int, ...], steps: tuple[int, ...], pads: tuple[Any, ...]
+) -> list[jax.Array]:
+    """Each window position's strided view of the -inf-padded `x` (output-shaped), in
+    row-major window order."""
+    lead = x.ndim - len(window) - 1
+    low = jnp.array(-jnp.inf, x.dtype)
+    config = [(0, 0, 0)] * lead + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
+    padded = jax.lax.pad(x, low, config)
+    out = tuple(
+        (padded.shape[lead + i] - w) // s + 1
+        for i, (w, s) in enumerate(zip(window, steps, strict=True))
+    )
+    views = []
+    for offset in np.ndindex(*window):
+        start = (0,) * lead + tuple(offset) + (0,)
+        limit = (
+            padded.shape[:lead]
+            + tuple(o + (n - 1) * s + 1 for o, n, s in zip(offset, out, steps, strict=True))
+            + padded.shape[-1:]
+        )
+        views.append(jax.lax.slice(padded, start, limit, (1,) * lead + steps + (1,)))
+    return views
+
+
+def _max_pool_fwd(x, window, steps, pads, shape):
+    del shape  # x's (static) shape, for the backward pass
+    views = _window_views(x, window, steps, pads)
+    y = functools.reduce(jnp.maximum, views)
+    winner = jnp.full(y.shape, len(views), jnp.int8 if len(views) < 127 else jnp.int32)
+    for k in reversed(range(len(views))):
+        winner = jnp.where(views[k] == y, k, winner).astype(winner.dtype)
+    return y, winner
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, window, steps, pads, shape):
+    return _max_pool_fwd(x, window, steps, pads, shape)[0]
+
+
+def _max_pool_bwd(window, steps, pads, shape, winner, g):
+    dtype = g.dtype
+    lead = len(shape) - len(window) - 1
+    wide = jnp.promote_types(g.dtype, jnp.float32)  # an input in several windows: a sum
+    zero = jnp.zeros((), wide)
+    g = g.astype(wide)
+    d_x = None
+    for k, offset in enumerate(np.ndindex(*window)):
+        config = [(0, 0, 0)] * lead
+        for i, (o, s, (lo, _)) in enumerate(zip(offset, steps, pads, strict=True)):
+            start = o - lo  # where this window position's first output lands in x
+            n = g.shape[lead + i]
+            config.append((start, shape[lead + i] - start - (n - 1) * s - 1, s - 1))
+        config.append((0, 0, 0))
+        placed = jax.lax.pad(jnp.where(winner == k, g, zero), zero, config)
+        d_x = placed if d_x is None else d_x + placed
+    return (d_x.astype(dtype),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Dense(nn.Dense):

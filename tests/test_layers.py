@@ -22,6 +22,7 @@ from jaxmodels.layers import (
     dropout,
     dropout_mask,
     gelu,
+    max_pool,
     silu,
 )
 
@@ -366,3 +367,56 @@ def test_add_positions_inside_shard_map_with_a_replicated_table():
     got = jax.jit(jax.grad(sharded, (0, 1)))(x, table)
     for g, want in zip(got, jax.grad(total, (0, 1))(x, table), strict=True):
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, window, strides, padding",
+    [
+        ((2, 9, 9, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool
+        ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),  # the MNIST CNN's
+        ((2, 7, 6, 3), (3, 2), (1, 2), "SAME"),
+        ((3, 2, 10, 10, 2), (3, 3), (2, 2), "SAME"),  # two batch dimensions
+        ((2, 11, 3), (4,), (3,), ((2, 1),)),  # one spatial dimension
+    ],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_max_pool_equals_flax_and_its_gradient_picks_the_same_elements(
+    shape, window, strides, padding, dtype, ties
+):
+    x = jax.random.normal(jax.random.key(0), shape)
+    if ties:  # ReLU'd integers: windows of equal maxima, all-zero windows
+        x = jnp.maximum(jnp.round(x), 0)
+    x = x.astype(dtype)
+
+    def flax_pool(x):
+        return nn.max_pool(x, window, strides, padding)
+
+    def ours(x):
+        return max_pool(x, window, strides, padding)
+
+    want, flax_vjp = jax.vjp(flax_pool, x)
+    got, our_vjp = jax.vjp(ours, x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    g = jax.random.normal(jax.random.key(1), want.shape).astype(dtype)
+    (d_got,), (d_want,) = our_vjp(g), flax_vjp(g)
+    assert d_got.dtype == dtype
+    # The same elements receive gradient (the first maximum of each window); where windows
+    # overlap, the sums may differ in rounding (ours adds in float32).
+    np.testing.assert_array_equal(np.float32(d_got) != 0, np.float32(d_want) != 0)
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(d_got), np.float32(d_want), rtol=tol, atol=tol)
+    # No scatter (select-and-scatter) in the backward pass.
+    assert "scatter" not in str(jax.make_jaxpr(our_vjp)(g))
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window():
+    x = jnp.array([[1.0, 3.0, 3.0, 0.0]])[..., None]  # [batch 1, width 4, features 1]
+    d_x = jax.grad(lambda x: jnp.sum(max_pool(x, (2,), (1,))))(x)
+    # Windows [1, 3], [3, 3], [3, 0]: the middle one's gradient goes to its first 3.
+    np.testing.assert_array_equal(d_x[0, :, 0], [0.0, 2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="strides"):
+        max_pool(x, (2,), (1, 1))
+    with pytest.raises(ValueError, match="padding"):
+        max_pool(x, (2,), (1,), ((0, 0), (0, 0)))
