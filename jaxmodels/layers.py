@@ -254,37 +254,31 @@ dot_float32.defvjp(_dot_float32_fwd, _dot_float32_bwd)
 def add_positions(x: jax.Array, table: jax.Array) -> jax.Array:
     """`x + table`: <[..., length, embed]> plus a <[length, embed]> table broadcast over the
     leading (batch) dimensions, whose table gradient is a matmul of the output's gradient
-    with a vector of ones (accumulated in float32) rather than a sum over the batch.
+    with a vector of ones rather than a sum over the batch.
 
     The numbers are those of the sum. The reason is the layout: to make that one reduction
     contiguous, XLA's GPU layout assignment lays out the whole residual stream that feeds it
     batch-minor ([length, embed, batch] in memory), and every matmul and LayerNorm of every
     layer then works through transposes. For the GPT-2-small LM at batch 32 that was about
     a fifth of the step's memory traffic; a matmul's operands keep their row-major layout.
+    Forward- and reverse-mode differentiation both work (the broadcast is written as an
+    outer product with ones, whose transpose is the matmul).
     """
     dtype = jnp.result_type(x, table)
-    x, table = match_varying(x.astype(dtype), table.astype(dtype))
-    return _add_positions(x, table)
+    return _add_positions(x.astype(dtype), table.astype(dtype))
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _add_positions(x: jax.Array, table: jax.Array) -> jax.Array:
     return x + table
 
 
-def _add_positions_fwd(x, table):
-    return x + table, None
-
-
-def _add_positions_bwd(_, d_out):
-    lead = d_out.ndim - 2
-    ones = jnp.ones(d_out.shape[:lead], d_out.dtype)
-    dims = ((tuple(range(lead)), tuple(range(lead))), ((), ()))
-    d_table = jax.lax.dot_general(ones, d_out, dims, preferred_element_type=jnp.float32)
-    return d_out, d_table.astype(d_out.dtype)
-
-
-_add_positions.defvjp(_add_positions_fwd, _add_positions_bwd)
+@_add_positions.defjvp
+def _add_positions_jvp(primals, tangents):
+    (x, table), (dx, d_table) = primals, tangents
+    ones = jnp.ones(x.shape[: x.ndim - 2], d_table.dtype)
+    spread = jax.lax.dot_general(ones, d_table, (((), ()), ((), ())))  # an outer product
+    return x + table, dx + spread
 
 
 def max_pool(
@@ -293,15 +287,16 @@ def max_pool(
     strides: Sequence[int] | None = None,
     padding: str | Sequence[tuple[int, int]] = "VALID",
 ) -> jax.Array:
-    """`flax.linen.max_pool` (the same arguments and outputs) with a gradient that needs no
-    scatter.
+    """`flax.linen.max_pool` (the same arguments and outputs) with a derivative that needs
+    no scatter.
 
     XLA's GPU backend differentiates a max pool through select-and-scatter, which it lowers
     to four int32 index arrays of the output's size and an atomic scatter-add into a padded
     zero copy of the input. Here the forward pass also records which element of each window
     is the maximum (the first one, in row-major window order, as XLA and PyTorch pick among
-    ties) in one int8 per output, and the backward pass puts each output's gradient back
-    with strided pads, one elementwise pass.
+    ties) in one int8 per output; the derivative picks that element's tangent, and its
+    transpose (the backward pass) puts each output's gradient back with strided pads, one
+    elementwise pass. Forward- and reverse-mode differentiation both work.
 
     Args:
       inputs: <float>[batch dims..., spatial dims..., features].
@@ -324,18 +319,21 @@ def max_pool(
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         if len(pads) != len(window):
             raise ValueError(f"max_pool: padding {padding} for a {len(window)}-d window")
-    return _max_pool(inputs, window, steps, pads, inputs.shape)
+    return _max_pool(inputs, window, steps, pads)
 
 
 def _window_views(
-    x: jax.Array, window: tuple[int, ...], steps: tuple[int, ...], pads: tuple[Any, ...]
+    x: jax.Array,
+    window: tuple[int, ...],
+    steps: tuple[int, ...],
+    pads: tuple[Any, ...],
+    fill: float,
 ) -> list[jax.Array]:
-    """Each window position's strided view of the -inf-padded `x` (output-shaped), in
+    """Each window position's strided view of `x` padded with `fill` (output-shaped), in
     row-major window order."""
     lead = x.ndim - len(window) - 1
-    low = jnp.array(-jnp.inf, x.dtype)
     config = [(0, 0, 0)] * lead + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
-    padded = jax.lax.pad(x, low, config)
+    padded = jax.lax.pad(x, jnp.array(fill, x.dtype), config)
     out = tuple(
         (padded.shape[lead + i] - w) // s + 1
         for i, (w, s) in enumerate(zip(window, steps, strict=True))
@@ -352,41 +350,23 @@ def _window_views(
     return views
 
 
-def _max_pool_fwd(x, window, steps, pads, shape):
-    del shape  # x's (static) shape, for the backward pass
-    views = _window_views(x, window, steps, pads)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, steps, pads):
+    return functools.reduce(jnp.maximum, _window_views(x, window, steps, pads, -jnp.inf))
+
+
+@_max_pool.defjvp
+def _max_pool_jvp(window, steps, pads, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    views = _window_views(x, window, steps, pads, -jnp.inf)
     y = functools.reduce(jnp.maximum, views)
     winner = jnp.full(y.shape, len(views), jnp.int8 if len(views) < 127 else jnp.int32)
     for k in reversed(range(len(views))):
         winner = jnp.where(views[k] == y, k, winner).astype(winner.dtype)
-    return y, winner
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _max_pool(x, window, steps, pads, shape):
-    return _max_pool_fwd(x, window, steps, pads, shape)[0]
-
-
-def _max_pool_bwd(window, steps, pads, shape, winner, g):
-    dtype = g.dtype
-    lead = len(shape) - len(window) - 1
-    wide = jnp.promote_types(g.dtype, jnp.float32)  # an input in several windows: a sum
-    zero = jnp.zeros((), wide)
-    g = g.astype(wide)
-    d_x = None
-    for k, offset in enumerate(np.ndindex(*window)):
-        config = [(0, 0, 0)] * lead
-        for i, (o, s, (lo, _)) in enumerate(zip(offset, steps, pads, strict=True)):
-            start = o - lo  # where this window position's first output lands in x
-            n = g.shape[lead + i]
-            config.append((start, shape[lead + i] - start - (n - 1) * s - 1, s - 1))
-        config.append((0, 0, 0))
-        placed = jax.lax.pad(jnp.where(winner == k, g, zero), zero, config)
-        d_x = placed if d_x is None else d_x + placed
-    return (d_x.astype(dtype),)
-
-
-_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+    d_views = _window_views(dx, window, steps, pads, 0.0)
+    zero = jnp.zeros((), dx.dtype)
+    dy = functools.reduce(jnp.add, [jnp.where(winner == k, d, zero) for k, d in enumerate(d_views)])
+    return y, dy
 
 
 class Dense(nn.Dense):

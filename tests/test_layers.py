@@ -334,6 +334,10 @@ def test_add_positions_equals_the_broadcast_sum_and_its_table_gradient_is_a_matm
     _, vjp = jax.vjp(add_positions, x, table)
     jaxpr = str(jax.make_jaxpr(vjp)(x))
     assert "dot_general" in jaxpr and "reduce_sum" not in jaxpr
+    # Forward mode too.
+    tangents = (jnp.ones_like(x), jnp.full_like(table, 2))
+    _, d_out = jax.jvp(add_positions, (x, table), tangents)
+    np.testing.assert_array_equal(np.float32(d_out), np.full(x.shape, 3.0))
 
 
 def test_add_positions_takes_mixed_dtypes_and_several_batch_dimensions():
@@ -409,6 +413,16 @@ def test_max_pool_equals_flax_and_its_gradient_picks_the_same_elements(
     np.testing.assert_allclose(np.float32(d_got), np.float32(d_want), rtol=tol, atol=tol)
     # No scatter (select-and-scatter) in the backward pass.
     assert "scatter" not in str(jax.make_jaxpr(our_vjp)(g))
+    # Forward mode: the winner's tangent, the transpose of the backward pass (<J t, g> =
+    # <t, J^T g>); without ties the same as Flax's (whose forward mode may pick another of
+    # tied elements than its backward pass does).
+    t = jax.random.normal(jax.random.key(2), shape).astype(dtype)
+    tangent = np.float32(jax.jvp(ours, (x,), (t,))[1])
+    np.testing.assert_allclose(
+        np.sum(tangent * np.float32(g)), np.sum(np.float32(t) * np.float32(d_got)), rtol=tol
+    )
+    if not ties:
+        np.testing.assert_array_equal(tangent, np.float32(jax.jvp(flax_pool, (x,), (t,))[1]))
 
 
 def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window():
