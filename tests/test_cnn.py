@@ -183,6 +183,23 @@ def test_resnet_imagenet_stem_output_shape():
     assert last_block.shape == (2, 2, 2, 64)
 
 
+def test_resnet_forward_mode_is_the_transpose_of_reverse_mode():
+    """jax.jvp through the whole ImageNet-stem ResNet (max pool included) in eval mode:
+    <J t, g> = <t, J^T g> for the input tangent t and the logits' cotangent g."""
+    model = _tiny_resnet()
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = _random_variables(model, x)
+
+    def logits(x):
+        return model.apply(variables, x)
+
+    t = jax.random.normal(jax.random.key(2), x.shape)
+    out, tangent = jax.jit(lambda x, t: jax.jvp(logits, (x,), (t,)))(x, t)
+    g = jax.random.normal(jax.random.key(3), out.shape)
+    (cotangent,) = jax.jit(lambda x, g: jax.vjp(logits, x)[1](g))(x, g)
+    np.testing.assert_allclose(jnp.sum(tangent * g), jnp.sum(t * cotangent), rtol=1e-4)
+
+
 def test_bottleneck_resnet_output_shape_and_expansion():
     model = ResNet(
         stage_sizes=(1, 1), block_cls=BottleneckResNetBlock, num_classes=5, num_filters=4
