@@ -24,6 +24,10 @@ Columns of the table (and keys of the ``--json`` rows):
   (slices where a kernel reads or updates only a slice), what the step would read and write
   in device memory if nothing stayed in cache: an upper bound of its memory traffic, and the
   number to bring down for memory-bound steps. Loops count each iteration's kernels;
+  ``transposing GB``: the part of it in kernels (other than matmuls) that transpose, i.e.
+  write an array in another dimension order than they read it. Splitting attention heads
+  needs some; many more point at a layout XLA chose for the whole step (e.g. a batch-minor
+  residual stream, see `jaxmodels.layers.add_positions`);
 * ``TFLOP``: the floating-point operations of the step's dots (2 x M x N x K, backward
   included; convolutions, which become cuDNN calls, are not counted); ``f32 TFLOP``: those
   of dots with a float32 (or float64) operand, which run at a fraction of the bfloat16
@@ -272,6 +276,8 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
             totals["matmuls"] += times * (flops > 0 or library_matmul)
             totals["custom"] += times * (opcode == "custom-call" and not library_matmul)
             totals["bytes"] += times * size
+            if not flops and not library_matmul and _transposes(computations, instruction):
+                totals["transpose_bytes"] += times * size
             totals["flops"] += times * flops
             source = re.search(r'op_name="([^"]*)"', rest)
             key = _source_name(source.group(1) if source else "")
@@ -284,6 +290,7 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
         "matmuls": totals["matmuls"],
         "custom": totals["custom"],
         "kernel_io_gb": totals["bytes"] / 1e9,
+        "transpose_gb": totals["transpose_bytes"] / 1e9,
         "matmul_tflop": totals["flops"] / 1e12,
         "f32_matmul_tflop": totals["wide_flops"] / 1e12,
     }
@@ -293,6 +300,18 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
         ranked = sorted(by_source.items(), key=lambda kv: -kv[1][0])[:top]
         result["top"] = [(k, v[0], v[1]) for k, v in ranked]
     return result
+
+
+def _transposes(computations: dict[str, Any], instruction: tuple) -> bool:
+    """Whether a kernel transposes: a transpose, or a fusion (or call) containing one."""
+    _, _, opcode, rest = instruction
+    if opcode == "transpose":
+        return True
+    return any(
+        _transposes(computations, inner)
+        for called in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest)
+        for inner in computations.get(called, [])
+    )
 
 
 def _source_name(op_name: str) -> str:
@@ -404,6 +423,7 @@ _COLUMNS = [
     ("matmuls", "matmuls", "{:,}"),
     ("custom", "custom", "{:,}"),
     ("kernel_io_gb", "kernel I/O GB", "{:.1f}"),
+    ("transpose_gb", "transposing GB", "{:.1f}"),
     ("matmul_tflop", "TFLOP", "{:.2f}"),
     ("f32_matmul_tflop", "f32 TFLOP", "{:.2f}"),
     ("temp_gib", "temp GiB", "{:.2f}"),

@@ -88,6 +88,47 @@ def test_a_slice_read_through_a_bitcast_counts_the_slice():
     assert stats["kernel_io_gb"] * 1e9 == pytest.approx(2 * (2 * 4 * 2 * 4))  # half of [8, 4]
 
 
+_TRANSPOSES = """HloModule m
+
+%moved (p0: f32[8,4]) -> f32[4,8] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %t = f32[4,8]{1,0} transpose(%p0), dimensions={1,0}
+  ROOT %n = f32[4,8]{1,0} negate(%t)
+}
+
+%matmul (p0: f32[8,4], p1: f32[8,2]) -> f32[4,2] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  %t = f32[4,8]{1,0} transpose(%p0), dimensions={1,0}
+  ROOT %d = f32[4,2]{1,0} dot(%t, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%kept (p0: f32[8,4]) -> f32[8,4] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  ROOT %n = f32[8,4]{1,0} negate(%p0)
+}
+
+ENTRY %main (a: f32[8,4], b: f32[8,2]) -> (f32[4,8], f32[4,2], f32[8,4], f32[4,8]) {
+  %a = f32[8,4]{1,0} parameter(0)
+  %b = f32[8,2]{1,0} parameter(1)
+  %f = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%moved
+  %g = f32[4,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%matmul
+  %h = f32[8,4]{1,0} fusion(%a), kind=kLoop, calls=%kept
+  %t = f32[4,8]{1,0} transpose(%a), dimensions={1,0}
+  ROOT %r = (f32[4,8]{1,0}, f32[4,2]{1,0}, f32[8,4]{1,0}, f32[4,8]{1,0}) tuple(%f, %g, %h, %t)
+}
+"""
+
+
+def test_transposing_io_is_that_of_the_kernels_that_transpose_but_matmuls():
+    stats = compiled.analyze_hlo(_TRANSPOSES)
+    assert (stats["kernels"], stats["matmuls"]) == (4, 1)
+    # The transposing fusion and the bare transpose: each reads and writes 32 floats. The
+    # matmul reading its operand transposed and the plain negation do not count.
+    assert stats["transpose_gb"] * 1e9 == pytest.approx(2 * (2 * 32 * 4))
+    assert stats["kernel_io_gb"] > stats["transpose_gb"]
+
+
 def test_a_missing_cuda_plugin_is_named(monkeypatch):
     monkeypatch.setattr(compiled, "cuda_plugin", lambda: None)
     with pytest.raises(SystemExit, match=r'needs jax\'s CUDA plugin.*pip install "jax\[cuda13\]"'):
