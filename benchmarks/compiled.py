@@ -181,11 +181,16 @@ def _flops(
             flops = 2 * k * math.prod(int(d) for d in out.group(2).split(",") if d)
             if any(o and o.group(1) in ("f32", "f64") for o in operands):
                 wide = flops
-    for called in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
+    for called in _called(rest):
         for i in computations.get(called, []):
             inner, inner_wide = _flops(computations, types, called, i)
             flops, wide = flops + inner, wide + inner_wide
     return flops, wide
+
+
+def _called(rest: str) -> list[str]:
+    """The computations an instruction calls (a fusion's body, a call's or reduce's function)."""
+    return re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest)
 
 
 def _operands(rest: str) -> list[str]:
@@ -309,7 +314,7 @@ def _transposes(computations: dict[str, Any], instruction: tuple) -> bool:
         return True
     return any(
         _transposes(computations, inner)
-        for called in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest)
+        for called in _called(rest)
         for inner in computations.get(called, [])
     )
 

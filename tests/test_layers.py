@@ -287,27 +287,31 @@ def test_dot_float32_returns_float32_and_its_backward_matmuls_run_in_the_inputs_
     assert (jnp.dtype(jnp.float32), bf16) in _dot_general_operand_dtypes(autodiff, xb, yb)
 
 
-def test_dot_float32_inside_shard_map_with_a_replicated_weight():
+def _assert_shard_map_grads_match_one_device(total, x, replicated):
+    """`total(x, replicated)` summed over a 2-device `shard_map` (`x` split on its first axis,
+    `replicated` on every device) has the gradients of the unsharded sum."""
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
-    x = jax.random.normal(jax.random.key(0), (4, 8), jnp.float32)
-    w = jax.random.normal(jax.random.key(1), (8, 3), jnp.float32)
-    dims = (((1,), (0,)), ((), ()))
-
-    def total(x, w):
-        return jnp.sum(jnp.sin(dot_float32(x, w, dims)))
-
     sharded = jax.shard_map(
-        lambda x, w: jax.lax.psum(total(x, w), "x"),
+        lambda x, r: jax.lax.psum(total(x, r), "x"),
         mesh=mesh,
         in_specs=(P("x"), P()),
         out_specs=P(),
     )
-    got = jax.jit(jax.grad(sharded, (0, 1)))(x, w)
-    for g, want in zip(got, jax.grad(total, (0, 1))(x, w), strict=True):
+    got = jax.jit(jax.grad(sharded, (0, 1)))(x, replicated)
+    for g, want in zip(got, jax.grad(total, (0, 1))(x, replicated), strict=True):
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dot_float32_inside_shard_map_with_a_replicated_weight():
+    x = jax.random.normal(jax.random.key(0), (4, 8), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (8, 3), jnp.float32)
+    dims = (((1,), (0,)), ((), ()))
+    _assert_shard_map_grads_match_one_device(
+        lambda x, w: jnp.sum(jnp.sin(dot_float32(x, w, dims))), x, w
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -352,25 +356,11 @@ def test_add_positions_takes_mixed_dtypes_and_several_batch_dimensions():
 
 
 def test_add_positions_inside_shard_map_with_a_replicated_table():
-    from jax.sharding import Mesh
-    from jax.sharding import PartitionSpec as P
-
-    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
     x = jax.random.normal(jax.random.key(0), (4, 3, 8), jnp.float32)
     table = jax.random.normal(jax.random.key(1), (3, 8), jnp.float32)
-
-    def total(x, t):
-        return jnp.sum(jnp.sin(add_positions(x, t)))
-
-    sharded = jax.shard_map(
-        lambda x, t: jax.lax.psum(total(x, t), "x"),
-        mesh=mesh,
-        in_specs=(P("x"), P()),
-        out_specs=P(),
+    _assert_shard_map_grads_match_one_device(
+        lambda x, t: jnp.sum(jnp.sin(add_positions(x, t))), x, table
     )
-    got = jax.jit(jax.grad(sharded, (0, 1)))(x, table)
-    for g, want in zip(got, jax.grad(total, (0, 1))(x, table), strict=True):
-        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
