@@ -10,10 +10,12 @@ The cell is the classic one (gate order i, f, g, o, as in PyTorch and cuDNN):
 ONE matmul before the loop, and only the recurrent `h @ U` is inside it. Its backward pass
 (a custom VJP) likewise carries only (dh, dc) through the reversed loop; the gradient of
 `U` is ONE matmul over all steps afterwards instead of a matmul and an accumulation per
-step. Being a custom VJP, the scan path supports reverse-mode differentiation only
-(`jax.grad`, `jax.vjp`), not forward mode (`jax.jvp`, `jax.jacfwd`). Variable-length
-batches are given by `lengths`: padded steps never change the state and output zeros, and
-the backward direction of a bidirectional layer starts at each sequence's own last token.
+step. Each forward step writes only what the backward pass needs (gates, output and cell
+state), which on GPUs is a kernel launch per array and step. Being a custom VJP, the scan
+path supports reverse-mode differentiation only (`jax.grad`, `jax.vjp`), not forward mode
+(`jax.jvp`, `jax.jacfwd`). Variable-length batches are given by `lengths`: padded steps
+never change the state and output zeros, and the backward direction of a bidirectional
+layer starts at each sequence's own last token.
 On GPU a cuDNN backend (`jax.experimental.rnn`) computes the same function from the same
 parameters (`backend="cudnn"`, or `"auto"`), and so does `backend="pallas"`: the scan path's
 arithmetic with the loop over time fused into one GPU kernel per direction and pass
@@ -140,22 +142,12 @@ def reverse_padded(x: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _step(
-    carry: State, z: jax.Array, m: jax.Array, wh: jax.Array, dtype: Dtype
-) -> tuple[State, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """One masked time step: ((h, c), output, (h_prev in `dtype`, c_prev, gate activations))."""
-    h, c = carry
-    h_in = h.astype(dtype)
-    z = z + jnp.matmul(h_in, wh, preferred_element_type=z.dtype)
+def _activations(z: jax.Array) -> jax.Array:
+    """The gate activations (sigmoid i, f; tanh g; sigmoid o) of pre-activations z [..., 4H]."""
     i, f, g, o = jnp.split(z, 4, axis=-1)
-    gates = jnp.concatenate(
+    return jnp.concatenate(
         [jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)], axis=-1
     )
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c_new = f * c + i * g
-    h_new = o * jnp.tanh(c_new)
-    out = (jnp.where(m, h_new, h), jnp.where(m, c_new, c))
-    return out, jnp.where(m, h_new, 0.0), (h_in, c, gates)
 
 
 def _recurrence_fwd(
@@ -169,18 +161,36 @@ def _recurrence_fwd(
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], Any]:
     """The recurrence as a `lax.scan`: ((outputs, h, c), residuals for `_recurrence_bwd`).
 
-    zx <acc>[time, batch, 4H] input projections (bias included), mask <bool>[time, batch, 1],
-    h0, c0 <acc>[batch, H], wh [H, 4H] (the parameter, any float dtype; multiplied in
-    `dtype`). Outputs <acc>[time, batch, H] (zeros at masked steps) and the final h, c.
+    zx <acc>[time, batch, 4H] input projections (bias included), mask <bool>[time, batch, 1]
+    (a prefix of each sequence's steps), h0, c0 <acc>[batch, H], wh [H, 4H] (the parameter,
+    any float dtype; multiplied in `dtype`). Outputs <acc>[time, batch, H] (zeros at masked
+    steps) and the final h, c.
+
+    Each step writes two arrays for the backward pass: its gate activations and one
+    [2, batch, H] array of its output and cell state. The h that the next step multiplies
+    (in `dtype`) is carried, not written: the backward pass takes it from the outputs. On
+    GPUs every array a step writes is a kernel launch per step, and a loop's steps are short
+    enough for launches to dominate; the carried h in `dtype` is made by the step's
+    elementwise kernel instead of a cast kernel of its own.
     """
     wh_c = wh.astype(dtype)
 
-    def step(carry: State, inputs: tuple[jax.Array, jax.Array]) -> Any:
-        carry, y, saved = _step(carry, *inputs, wh_c, dtype)
-        return carry, (y, saved)
+    def step(carry: tuple[jax.Array, ...], inputs: tuple[jax.Array, jax.Array]) -> Any:
+        h, c, h_in = carry
+        z, m = inputs
+        z = z + jnp.matmul(h_in, wh_c, preferred_element_type=z.dtype)
+        acts = _activations(z)
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        c_new = f * c + i * g
+        h_new = o * jnp.tanh(c_new)
+        h, c = jnp.where(m, h_new, h), jnp.where(m, c_new, c)
+        return (h, c, h.astype(dtype)), (jnp.stack([jnp.where(m, h_new, 0.0), c]), acts)
 
-    (h, c), (ys, saved) = jax.lax.scan(step, (h0, c0), (zx, mask), unroll=unroll)
-    return (ys, h, c), (saved, mask, wh)
+    (h, c, _), (yc, gates) = jax.lax.scan(
+        step, (h0, c0, h0.astype(dtype)), (zx, mask), unroll=unroll
+    )
+    ys, cs = yc[:, 0], yc[:, 1]
+    return (ys, h, c), (gates, ys, cs, h0, c0, mask, wh)
 
 
 def _recurrence_scan(*args: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -192,9 +202,15 @@ def _recurrence_scan(*args: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
 def _recurrence_bwd(dtype: Dtype, unroll: int, residuals: Any, cotangents: Any) -> tuple[Any, ...]:
     """Backpropagation through time that carries only (dh, dc) through the loop: the
     gradient of the recurrent kernel is ONE matmul over all steps afterwards (as cuDNN does),
-    not a matmul and an accumulation per step."""
-    (h_prev, c_prev, gates), mask, wh = residuals
+    not a matmul and an accumulation per step.
+
+    Each step's h_prev (in `dtype`) is the previous step's output: at a masked step that is 0
+    instead of the carried state, which changes nothing, since no gradient flows through a
+    masked step."""
+    gates, ys, cs, h0, c0, mask, wh = residuals
     dys, dh_last, dc_last = cotangents
+    h_prev = jnp.concatenate([h0[None], ys[:-1]]).astype(dtype)
+    c_prev = jnp.concatenate([c0[None], cs[:-1]])
     wh_t = wh.astype(dtype).T
 
     def step(carry: State, inputs: Any) -> tuple[State, jax.Array]:

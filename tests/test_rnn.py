@@ -191,6 +191,44 @@ def test_hand_written_backward_equals_autodiff_of_the_scan(dtype, unroll, tol):
         np.testing.assert_array_equal(a, b)
 
 
+def _scan_outputs_per_step(jaxpr) -> list[list[str]]:
+    """The per-step (stacked) outputs of every scan in `jaxpr`: lists of (dtype, shape)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            carry = eqn.params["num_carry"]
+            found.append([(str(v.aval.dtype), v.aval.shape) for v in eqn.outvars[carry:]])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if hasattr(sub, "eqns"):  # a Jaxpr
+                    found += _scan_outputs_per_step(sub)
+                elif hasattr(getattr(sub, "jaxpr", None), "eqns"):  # a ClosedJaxpr
+                    found += _scan_outputs_per_step(sub.jaxpr)
+    return found
+
+
+def test_loops_write_only_what_the_backward_pass_needs():
+    """Each step of the forward loop writes its gates and one [2, batch, H] array (output and
+    cell state), not also its h in the matmul dtype (the backward pass takes that from the
+    outputs); the backward loop writes its gate gradients. On GPUs every array a loop's step
+    writes is a kernel per step."""
+    zx = jnp.ones((T, B, 4 * H), jnp.float32)
+    mask = jnp.ones((T, B, 1), bool)
+    h0 = c0 = jnp.zeros((B, H), jnp.float32)
+    wh = jnp.ones((H, 4 * H), jnp.float32)
+    dtype = jnp.dtype(jnp.bfloat16)
+
+    def loss(zx, wh):
+        ys, h, c = rnn._recurrence(zx, mask, h0, c0, wh, dtype, 1)
+        return jnp.sum(ys) + jnp.sum(h) + jnp.sum(c)
+
+    forward = jax.make_jaxpr(lambda zx, wh: rnn._recurrence(zx, mask, h0, c0, wh, dtype, 1))
+    saved = [("float32", (T, 2, B, H)), ("float32", (T, B, 4 * H))]
+    assert _scan_outputs_per_step(forward(zx, wh).jaxpr) == [saved]
+    scans = _scan_outputs_per_step(jax.make_jaxpr(jax.grad(loss, (0, 1)))(zx, wh).jaxpr)
+    assert scans == [saved, [("float32", (T, B, 4 * H))]]
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_cudnn_weight_packing_matches_jax_reference(bidirectional):
     """The cuDNN backend's weight packing, checked on CPU with jax.experimental.rnn's
