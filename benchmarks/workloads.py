@@ -107,7 +107,9 @@ class FlaxRNNClassifier(nn.Module):
     num_layers: int
     num_classes: int
     dtype: Any = jnp.float32
-    unroll: int = 1  # nn.RNN's own scan unroll, so `--set unroll=N` applies to both paths
+    # nn.RNN's own default; ours unrolls `jaxmodels.rnn.GPU_UNROLL` times on GPUs by default.
+    # `--set unroll=N` sets both.
+    unroll: int = 1
 
     @nn.compact
     def __call__(self, tokens: jax.Array, lengths: jax.Array, train: bool = False) -> jax.Array:

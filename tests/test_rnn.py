@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -227,6 +229,56 @@ def test_loops_write_only_what_the_backward_pass_needs():
     assert _scan_outputs_per_step(forward(zx, wh).jaxpr) == [saved]
     scans = _scan_outputs_per_step(jax.make_jaxpr(jax.grad(loss, (0, 1)))(zx, wh).jaxpr)
     assert scans == [saved, [("float32", (T, B, 4 * H))]]
+
+
+def _unroll_by_platform(jaxpr) -> list[dict]:
+    """For each `platform_dependent` choice in `jaxpr`: {platform: the scans' unroll factors
+    in the branch lowered for it} (None: any other platform)."""
+    found, index_platforms = [], {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "platform_index":
+            index_platforms[eqn.outvars[0]] = eqn.params["platforms"]
+        elif eqn.primitive.name == "cond" and eqn.invars[0] in index_platforms:
+            choice = {}
+            for platforms, branch in zip(
+                index_platforms[eqn.invars[0]], eqn.params["branches"], strict=True
+            ):
+                unrolls = {
+                    e.params["unroll"] for e in branch.jaxpr.eqns if e.primitive.name == "scan"
+                }
+                for platform in platforms or (None,):
+                    choice[platform] = unrolls
+            found.append(choice)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if eqn.primitive.name != "cond" and hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    found += _unroll_by_platform(sub.jaxpr)
+    return found
+
+
+def test_default_unroll_is_chosen_by_the_platform_the_step_is_lowered_for():
+    """unroll None: the forward and backward loops unroll `GPU_UNROLL` times where lowered
+    for a GPU, once elsewhere; on this CPU the numbers are those of unroll=1."""
+    zx = jnp.asarray(np.random.default_rng(0).normal(size=(T, B, 4 * H)), jnp.float32)
+    mask = (np.arange(T)[:, None] < np.array([7, 4, 1])[None, :])[..., None]
+    h0 = jnp.zeros((B, H), jnp.float32)
+    wh = jnp.asarray(np.random.default_rng(1).normal(size=(H, 4 * H)) / 3, jnp.float32)
+    f32 = jnp.dtype(jnp.float32)
+
+    def loss(unroll, zx, wh):
+        ys, h, c = rnn._recurrence(zx, mask, h0, h0, wh, f32, unroll)
+        return jnp.sum(ys * ys) + jnp.sum(h) + jnp.sum(c)
+
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, None), (0, 1)))(zx, wh)
+    want = {"cuda": {rnn.GPU_UNROLL}, "rocm": {rnn.GPU_UNROLL}, None: {1}}
+    assert rnn.GPU_UNROLL > 1
+    assert _unroll_by_platform(jaxpr.jaxpr) == [want, want]  # forward, backward
+    for a, b in zip(
+        jax.jit(jax.grad(functools.partial(loss, None), (0, 1)))(zx, wh),
+        jax.jit(jax.grad(functools.partial(loss, 1), (0, 1)))(zx, wh),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
