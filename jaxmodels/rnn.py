@@ -154,7 +154,7 @@ def _activations(z: jax.Array) -> jax.Array:
 # step's kernels are short enough there for their launches to dominate, and XLA writes the
 # per-step arrays of several unrolled steps in one kernel (for an H200, the 2x1024 LSTM's
 # training step at batch 256: 3,408 kernels unrolled once, 1,872 unrolled 4 times). On a CPU
-# the same unrolling made the training steps 3-14% slower.
+# the same unrolling made the training steps 3-11% slower (benchmarks/RESULTS.md).
 GPU_UNROLL = 4
 
 
