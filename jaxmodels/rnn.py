@@ -300,7 +300,8 @@ def _fused_primal(
 def _fused_fwd(
     zx: jax.Array, mask: jax.Array, h0: jax.Array, c0: jax.Array, wh: jax.Array, dtype: Dtype
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], Any]:
-    """`_recurrence_fwd` as one Pallas kernel (`jaxmodels.pallas_lstm`); same residuals."""
+    """The forward recurrence as one Pallas kernel (`jaxmodels.pallas_lstm`), writing the
+    residuals `_fused_bwd` takes: each step's h_prev, c_prev and gate activations."""
     from jaxmodels import pallas_lstm
 
     ys, h, c, h_prev, c_prev, gates = pallas_lstm.forward(zx, mask, h0, c0, wh, dtype)

@@ -193,19 +193,26 @@ def test_hand_written_backward_equals_autodiff_of_the_scan(dtype, unroll, tol):
         np.testing.assert_array_equal(a, b)
 
 
-def _scan_outputs_per_step(jaxpr) -> list[list[str]]:
+def _sub_jaxprs(eqn):
+    """The jaxprs an equation holds in its parameters (a scan's body, a cond's branches, a
+    custom VJP's function, ...)."""
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else [value]:
+            if hasattr(sub, "eqns"):  # a Jaxpr
+                yield sub
+            elif hasattr(getattr(sub, "jaxpr", None), "eqns"):  # a ClosedJaxpr
+                yield sub.jaxpr
+
+
+def _scan_outputs_per_step(jaxpr) -> list[list[tuple]]:
     """The per-step (stacked) outputs of every scan in `jaxpr`: lists of (dtype, shape)."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan":
             carry = eqn.params["num_carry"]
             found.append([(str(v.aval.dtype), v.aval.shape) for v in eqn.outvars[carry:]])
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                if hasattr(sub, "eqns"):  # a Jaxpr
-                    found += _scan_outputs_per_step(sub)
-                elif hasattr(getattr(sub, "jaxpr", None), "eqns"):  # a ClosedJaxpr
-                    found += _scan_outputs_per_step(sub.jaxpr)
+        for sub in _sub_jaxprs(eqn):
+            found += _scan_outputs_per_step(sub)
     return found
 
 
@@ -249,10 +256,9 @@ def _unroll_by_platform(jaxpr) -> list[dict]:
                 for platform in platforms or (None,):
                     choice[platform] = unrolls
             found.append(choice)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                if eqn.primitive.name != "cond" and hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    found += _unroll_by_platform(sub.jaxpr)
+        elif eqn.primitive.name != "cond":
+            for sub in _sub_jaxprs(eqn):
+                found += _unroll_by_platform(sub)
     return found
 
 
