@@ -65,7 +65,7 @@ import numpy as np
 from jaxmodels import losses
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
-from jaxmodels.layers import Dense, Dropout, Embed, add_positions, dot_float32, gelu, silu
+from jaxmodels.layers import Dense, Dropout, Embed, add_positions, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -373,15 +373,15 @@ class BertEmbeddings(nn.Module):
         return _constrain(self.dropout(x, deterministic=deterministic))
 
     def attend(self, x: Array) -> Array:
-        """Projects <[..., embed]> onto the vocabulary with the word embeddings (tied decoder).
-
-        Computed in `dtype`, accumulated and returned in float32: <float32>[..., vocab]; the
-        backward matmuls in `dtype` (`jaxmodels.layers.dot_float32`).
+        """Projects <[..., embed]> onto the vocabulary with the word embeddings (tied decoder):
+        <dtype>[..., vocab], accumulated in float32 and rounded to `dtype` (as under PyTorch's
+        autocast). In bfloat16 this halves what the loss's passes over the logits read (BERT's
+        MLM logits are 5120 x 30522 at batch 256); the loss upcasts them.
         """
         table = self.word_embeddings.embedding
         dtype = self.config.dtype
         dims = (((x.ndim - 1,), (1,)), ((), ()))
-        return dot_float32(x.astype(dtype), table.astype(dtype), dims)
+        return jax.lax.dot_general(x.astype(dtype), table.astype(dtype), dims)
 
 
 class BertLayer(nn.Module):
@@ -693,7 +693,7 @@ class BertModel(nn.Module):
         return x, pooled
 
     def attend(self, x: Array) -> Array:
-        """<[..., embed]> -> <float32>[..., vocab] logits with the tied word embeddings."""
+        """<[..., embed]> -> <dtype>[..., vocab] logits with the tied word embeddings."""
         return self.embeddings.attend(x)
 
 
@@ -721,7 +721,8 @@ class BertMLMHead(nn.Module):
             (c.vocab_size,),
             c.param_dtype,
         )
-        return attend(x) + bias.astype(jnp.float32)
+        # The bias is added in `dtype` (the decoder matmul's epilogue), then upcast for the loss.
+        return (attend(x) + bias.astype(c.dtype)).astype(jnp.float32)
 
 
 def _gather(x: Array, positions: Array) -> Array:

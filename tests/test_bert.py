@@ -372,6 +372,10 @@ def test_bfloat16_compute_float32_params_and_logits():
     assert mlm.dtype == jnp.float32 and nsp.dtype == jnp.float32
     ref, _ = bert.BertForPreTraining(SMALL).apply(variables, ids, mask, types)
     np.testing.assert_allclose(mlm, ref, atol=0.1, rtol=0.05)
+    # The MLM logits come out of the decoder matmul (bias included) in bfloat16, as under
+    # PyTorch's autocast, and are upcast for the loss: the float32 values are bfloat16's.
+    np.testing.assert_array_equal(mlm, mlm.astype(jnp.bfloat16).astype(jnp.float32))
+    assert not np.array_equal(ref, ref.astype(jnp.bfloat16).astype(jnp.float32))
 
 
 # ------------------------------------------------------------------------ input errors
