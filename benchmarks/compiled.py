@@ -200,17 +200,17 @@ def _operands(rest: str) -> list[str]:
 def _kernel_bytes(
     computations: dict[str, Any], types: dict[str, dict[str, str]], where: str, instruction: tuple
 ) -> int:
-    """Bytes a kernel reads and writes: its operands and results, except that a fused
-    computation reading only slices of an operand counts the slices, and one updating a slice
-    of an operand in place (dynamic-update-slice, e.g. a loop writing its step's output)
-    counts the update, not the buffer."""
+    """Bytes a kernel reads and writes: its operands (an array passed several times once)
+    and results, except that a fused computation reading only slices of an operand counts
+    the slices, and one updating a slice of an operand in place (dynamic-update-slice, e.g. a
+    loop writing its step's output) counts the update, not the buffer."""
     _, out_type, opcode, rest = instruction
     operands = _operands(rest)
     sizes = [_shape_bytes(types[where].get(o, "")) for o in operands]
     out = _shape_bytes(out_type)
     called = re.search(r"calls=%([\w.\-]+)", rest)
-    if opcode != "fusion" or not called:
-        return out + sum(sizes)
+    if opcode != "fusion" or not called:  # e.g. a custom call taking one array for 3 inputs
+        return out + sum(_shape_bytes(types[where].get(o, "")) for o in dict.fromkeys(operands))
     body = computations.get(called.group(1), [])
     body_types = types.get(called.group(1), {})
     params = {n: int(re.match(r"(\d+)", r).group(1)) for n, _, op, r in body if op == "parameter"}

@@ -23,7 +23,9 @@ Three paths compute it:
 * `implementation="pallas"`: fused kernels WITH dropout (`jaxmodels.pallas_attention`,
   FlashAttention-style, nothing of size q_len x kv_len stored), for padding given as
   `kv_lengths` and no other mask, bias or causality; attention weights still take the
-  explicit path.
+  explicit path. `MultiHeadAttention`'s self-attention hands the kernels its one
+  query/key/value matmul's output and their biases as they are
+  (`pallas_attention.packed_attention`): no kernel adds the biases or splits Q, K and V.
 
 `MultiHeadAttention` projects inputs to heads with `DenseGeneral` layers named `query`,
 `key`, `value` (kernels <[embed, heads, head_dim]>) and `out` (<[heads, head_dim, embed]>),
@@ -586,8 +588,25 @@ class MultiHeadAttention(nn.Module):
             )
 
         kv_features = inputs_kv.shape[-1]
+        dropout_rng = None
+        if self.dropout_rate > 0.0 and not deterministic:
+            dropout_rng = self.make_rng("dropout")
         if inputs_kv is inputs_q:
-            query, key, value = self._self_projections(inputs_q, head_dim)
+            qkv, bias = self._self_projections(inputs_q, head_dim)
+            if self.implementation == "pallas" and not (
+                self.decode or return_weights or causal or mask is not None
+            ):
+                # The fused kernels read Q, K and V from the projection matmul's output and
+                # add the bias themselves: no kernel in between.
+                from jaxmodels import pallas_attention
+
+                qkv = nn.with_logical_constraint(qkv, (*QKV_AXES[:2], None, *QKV_AXES[2:]))
+                rate = self.dropout_rate if dropout_rng is not None else 0.0
+                x = pallas_attention.packed_attention(qkv, bias, kv_lengths, rate, dropout_rng)
+                return self._output(x, out_features, head_dim, None, return_weights)
+            if bias is not None:
+                qkv = qkv + bias
+            query, key, value = (qkv[..., i, :, :] for i in range(3))
         else:
             query = projection("query", features)(inputs_q)
             key = projection("key", kv_features)(inputs_kv)
@@ -599,9 +618,6 @@ class MultiHeadAttention(nn.Module):
         if self.decode:
             key, value, mask, kv_lengths, causal = self._use_cache(key, value, mask, kv_lengths)
 
-        dropout_rng = None
-        if self.dropout_rate > 0.0 and not deterministic:
-            dropout_rng = self.make_rng("dropout")
         result = dot_product_attention(
             query,
             key,
@@ -616,6 +632,18 @@ class MultiHeadAttention(nn.Module):
             return_weights=return_weights,
         )
         x, weights = result if return_weights else (result, None)
+        return self._output(x, out_features, head_dim, weights, return_weights)
+
+    def _output(
+        self,
+        x: Array,
+        out_features: int,
+        head_dim: int,
+        weights: Array | None,
+        return_weights: bool,
+    ) -> Array | tuple[Array, Array]:
+        """The output projection of the attended values <[batch, q_len, heads, head_dim]>
+        (and `weights` with `return_weights`)."""
         x = nn.with_logical_constraint(x, QKV_AXES)
         out = nn.DenseGeneral(
             features=out_features,
@@ -642,10 +670,13 @@ class MultiHeadAttention(nn.Module):
             _partitioned(self.bias_init, heads, ("heads", "kv")),
         )
 
-    def _self_projections(self, x: Array, head_dim: int) -> tuple[Array, Array, Array]:
+    def _self_projections(self, x: Array, head_dim: int) -> tuple[Array, Array | None]:
         """Self-attention's query, key and value projections as ONE matmul (one read of `x`
         forward, one input-gradient matmul backward), with the parameters of three
-        `DenseGeneral`s (same names, shapes, initial values and logical axes)."""
+        `DenseGeneral`s (same names, shapes, initial values and logical axes).
+
+        Returns (<dtype>[batch, length, 3, heads, head_dim] queries, keys and values before
+        their bias, the bias <dtype>[3, heads, head_dim] or None without biases)."""
         heads = (self.num_heads, head_dim)
         inits = self._projection_inits(x.shape[-1], heads)
         kernels, biases = [], []
@@ -659,9 +690,7 @@ class MultiHeadAttention(nn.Module):
         kernel = jnp.stack(kernels, axis=1).astype(self.dtype)  # [embed, 3, heads, head_dim]
         x = x.astype(self.dtype)
         qkv = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        if self.use_bias:
-            qkv = qkv + jnp.stack(biases).astype(self.dtype)
-        return tuple(qkv[..., i, :, :] for i in range(3))  # type: ignore[return-value]
+        return qkv, jnp.stack(biases).astype(self.dtype) if self.use_bias else None
 
     def _use_cache(
         self, key: Array, value: Array, mask: Array | None, kv_lengths: Array | None

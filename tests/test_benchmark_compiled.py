@@ -88,6 +88,23 @@ def test_a_slice_read_through_a_bitcast_counts_the_slice():
     assert stats["kernel_io_gb"] * 1e9 == pytest.approx(2 * (2 * 4 * 2 * 4))  # half of [8, 4]
 
 
+_ONE_ARRAY_THRICE = """HloModule m
+
+ENTRY %main (a: f32[8,4], b: f32[2]) -> f32[8,4] {
+  %a = f32[8,4]{1,0} parameter(0)
+  %b = f32[2]{0} parameter(1)
+  ROOT %k = f32[8,4]{1,0} custom-call(%b, %a, %a, %a), custom_call_target="kernel"
+}
+"""
+
+
+def test_an_array_passed_to_a_kernel_several_times_is_read_once():
+    """(As a packed query/key/value array passed to the fused attention kernels.)"""
+    stats = compiled.analyze_hlo(_ONE_ARRAY_THRICE)
+    assert stats["kernels"] == 1
+    assert stats["kernel_io_gb"] * 1e9 == pytest.approx(4 * (2 + 32 + 32))
+
+
 _TRANSPOSES = """HloModule m
 
 %moved (p0: f32[8,4]) -> f32[4,8] {

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from jaxmodels import attention, bert, pallas_attention
 
@@ -111,10 +112,62 @@ def test_training_dropout_drops_the_rate_and_keeps_the_mean():
     np.testing.assert_array_equal(out, again)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_packed_inputs_with_their_bias_equal_the_separate_ones(rate):
+    """`packed_attention` reads Q, K and V from one [batch, length, 3, heads, head_dim] array
+    and adds their bias itself: the same outputs, dropout mask and gradients (the bias's
+    summed) as `attention` on the three biased arrays."""
+    q, k, v, do = _qkv()
+    bias = jnp.asarray(np.random.default_rng(7).normal(size=(3, H, D)), jnp.float32)
+    key = jax.random.key(3)
+
+    def packed(qkv, bias):
+        return pallas_attention.packed_attention(qkv, bias, LENGTHS, rate, key, interpret=True)
+
+    def separate(qkv, bias):
+        q, k, v = (qkv[:, :, i] + bias[i] for i in range(3))
+        return pallas_attention.attention(q, k, v, LENGTHS, rate, key, interpret=True)
+
+    qkv = jnp.stack([q, k, v], axis=2)
+    np.testing.assert_allclose(packed(qkv, bias), separate(qkv, bias), atol=1e-6)
+    grads = [
+        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * do), argnums=(0, 1))(qkv, bias)
+        for f in (packed, separate)
+    ]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    with pytest.raises(ValueError, match=r"bias has shape \(2, 16\).*\[3, heads, head_dim\]"):
+        pallas_attention.packed_attention(qkv, bias[0])
+    with pytest.raises(ValueError, match="one \\[batch, length, 3, heads, head_dim\\] array"):
+        pallas_attention.packed_attention(q)
+
+
+def test_self_attention_gradients_through_the_packed_kernels():
+    """MultiHeadAttention's pallas path (packed Q, K, V, bias inside the kernels): the
+    parameters' gradients equal the explicit path's."""
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, 32)), jnp.float32)
+    layers = [
+        attention.MultiHeadAttention(num_heads=H, implementation=impl) for impl in ("pallas", "xla")
+    ]
+    params = nn.unbox(layers[1].init(jax.random.key(0), x)["params"])
+
+    def loss(params, layer):
+        return jnp.sum(jnp.sin(layer.apply({"params": params}, x, kv_lengths=LENGTHS)))
+
+    got, want = (jax.grad(loss)(params, layer) for layer in layers)
+    # (The key bias's gradient is 0 up to rounding: it shifts a query's logits all alike.)
+    scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(want))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+    assert float(jnp.max(jnp.abs(got["query"]["bias"]))) > 1e-2  # reached, not zero
+
+
 @pytest.mark.parametrize("rules", ["data", "fsdp_tp"])
-def test_sharded_kernels_run_per_shard_and_equal_one_device(rules):
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_sharded_kernels_run_per_shard_and_equal_one_device(rules, packed):
     """Batch (and with fsdp_tp heads) split over 8 devices: shard_map runs the kernels on each
-    shard, no all-gather, and the outputs, dropout mask included, equal one device's."""
+    shard, no all-gather, and the outputs, dropout mask included, equal one device's (Q, K, V
+    as three arrays or packed in one)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -127,8 +180,14 @@ def test_sharded_kernels_run_per_shard_and_equal_one_device(rules):
     key = jax.random.key(5)
     lengths = jnp.array([64, 30, 1, 64, 17, 64, 2, 40])
 
+    bias = jnp.full((3, H, D), 0.1)
+
     def loss(q, k, v):
-        out = pallas_attention.attention(q, k, v, lengths, 0.2, key, interpret=True)
+        if packed:
+            qkv = jnp.stack([q, k, v], axis=2)
+            out = pallas_attention.packed_attention(qkv, bias, lengths, 0.2, key, interpret=True)
+        else:
+            out = pallas_attention.attention(q, k, v, lengths, 0.2, key, interpret=True)
         return jnp.sum(out * do), out
 
     want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -185,7 +244,8 @@ def test_unsupported_sizes_are_named():
     assert not pallas_attention.supported(128, 128, 24)
 
 
-def test_kernels_lower_to_triton_for_an_nvidia_gpu():
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_kernels_lower_to_triton_for_an_nvidia_gpu(packed):
     """BERT-base's attention (seq 128, 12 heads of 64, bfloat16) with dropout, forward and
     backward, lowered for CUDA on this machine: three Triton kernels (chosen by the platform
     lowered for, not the machine's backend); lowered for the CPU: the interpreter."""
@@ -194,7 +254,11 @@ def test_kernels_lower_to_triton_for_an_nvidia_gpu():
 
     def loss(q, k, v):
         key = jax.random.key(0)
-        out = pallas_attention.attention(q, k, v, lengths, 0.1, key)
+        if packed:
+            qkv, bias = jnp.stack([q, k, v], axis=2), jnp.ones((3, 12, 64), jnp.bfloat16)
+            out = pallas_attention.packed_attention(qkv, bias, lengths, 0.1, key)
+        else:
+            out = pallas_attention.attention(q, k, v, lengths, 0.1, key)
         return jnp.sum(out.astype(jnp.float32))
 
     traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(shape, shape, shape)
@@ -207,17 +271,26 @@ def test_kernels_lower_to_triton_for_an_nvidia_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not attention._on_nvidia_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
 @pytest.mark.parametrize("rate", [0.0, 0.1])
-def test_kernels_on_the_gpu_equal_the_explicit_computation(rate):
+def test_kernels_on_the_gpu_equal_the_explicit_computation(rate, packed):
     q, k, v, do = _qkv(jnp.bfloat16)
     key = jax.random.key(3)
     seeds = jax.random.bits(key, (2,), jnp.uint32)
+    bias = jnp.zeros((3, H, D), jnp.bfloat16)
+    if packed:  # the kernels add the bias as they load Q, K and V
+        bias = jnp.asarray(np.random.default_rng(7).normal(size=(3, H, D)), jnp.bfloat16)
 
     def ours(q, k, v):
-        return pallas_attention.attention(q, k, v, LENGTHS, rate, key).astype(jnp.float32)
+        if packed:
+            qkv = jnp.stack([q, k, v], axis=2)
+            out = pallas_attention.packed_attention(qkv, bias, LENGTHS, rate, key)
+        else:
+            out = pallas_attention.attention(q, k, v, LENGTHS, rate, key)
+        return out.astype(jnp.float32)
 
     def ref(q, k, v):
-        return _reference(q, k, v, LENGTHS, rate, seeds)
+        return _reference(q + bias[0], k + bias[1], v + bias[2], LENGTHS, rate, seeds)
 
     np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=3e-2, rtol=3e-2)
     grads = [
