@@ -19,7 +19,7 @@ global batch and head numbers, so the mask does not depend on the partitioning.
 matmul writes them, [batch, length, 3, heads, head_dim] before their biases: each kernel
 reads its blocks of Q, K and V from that array and adds the biases as it loads them, so no
 kernel splits the array or adds the biases beforehand (for BERT-base at batch 256 a 302 MB
-pass per layer).
+pass per layer), and the backward kernels sum the rows they write for the biases' gradient.
 
 Supported: queries and keys of lengths divisible by 16 (blocks of 64, 32 or 16 rows: the
 largest that divides), head_dim a power of two
@@ -201,6 +201,8 @@ def _dkdv_kernel(
     delta_ref,
     dk_ref,
     dv_ref,
+    dbk_ref,
+    dbv_ref,
     *,
     cfg,
 ):
@@ -224,8 +226,16 @@ def _dkdv_kernel(
 
     zeros = jnp.zeros((bk, head_dim), jnp.float32)
     dk, dv = jax.lax.fori_loop(0, q_ref.shape[0] // bq, body, (zeros, zeros))
-    dk_ref[...] = (dk * cfg["scale"]).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    _write_with_sum(dk_ref, dbk_ref, dk * cfg["scale"])
+    _write_with_sum(dv_ref, dbv_ref, dv)
+
+
+def _write_with_sum(ref, sum_ref, x) -> None:
+    """Writes the block `x` rounded to the output's dtype, and the sum of its rows (as
+    rounded) to `sum_ref`: the block's part of the bias gradient."""
+    x = x.astype(ref.dtype)
+    ref[...] = x
+    sum_ref[...] = jnp.sum(x.astype(jnp.float32), axis=0)
 
 
 def _dq_kernel(
@@ -241,6 +251,7 @@ def _dq_kernel(
     lse_ref,
     delta_ref,
     dq_ref,
+    dbq_ref,
     *,
     cfg,
 ):
@@ -259,7 +270,7 @@ def _dq_kernel(
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     dq = jax.lax.fori_loop(0, k_ref.shape[0] // bk, body, jnp.zeros((bq, head_dim), jnp.float32))
-    dq_ref[...] = (dq * cfg["scale"]).astype(dq_ref.dtype)
+    _write_with_sum(dq_ref, dbq_ref, dq * cfg["scale"])
 
 
 _CALL = {
@@ -367,34 +378,46 @@ def _forward(q, k, v, bias, seeds, lengths, rate, interpret, total_heads, packed
 
 
 def _backward(q, k, v, bias, out, lse, seeds, lengths, do, rate, interpret, total_heads, packed):
-    """(dQ, dK, dV), each <[batch, length, heads, head_dim]>."""
+    """(dQ, dK, dV), each <[batch, length, heads, head_dim]>, and their row sums by block,
+    each <float32>[batch, heads, blocks, head_dim] (the kernels sum each block's rows as they
+    write it: the parts of a bias's gradient)."""
     sizes = batch, q_len, kv_len, heads, head_dim = _sizes(q, k, packed)
     cfg = _config(q, k, rate, total_heads)
     # delta_i = sum_d dO_id O_id: the softmax backward's row term (dropout included).
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
     args = (seeds, lengths, q, k, v, bias, bias, bias, do, lse, delta)
     kv_rows = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), q.dtype)
-    dk, dv = _pallas.pallas_call(
+    kv_sums, kv_sum_spec = _block_sums(batch, heads, kv_len, head_dim)
+    dk, dv, dbk, dbv = _pallas.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
-        out_shape=[kv_rows, kv_rows],
+        out_shape=[kv_rows, kv_rows, kv_sums, kv_sums],
         grid=(batch, heads, kv_len // block(kv_len)),
         in_specs=_in_specs(sizes, False, packed),
-        out_specs=[_row_spec(kv_len, head_dim, True), _row_spec(kv_len, head_dim, True)],
+        out_specs=[*[_row_spec(kv_len, head_dim, True)] * 2, kv_sum_spec, kv_sum_spec],
         name="attention_backward_dkdv",
         interpret=interpret,
         **_CALL,
     )(*args)
-    dq = _pallas.pallas_call(
+    q_sums, q_sum_spec = _block_sums(batch, heads, q_len, head_dim)
+    dq, dbq = _pallas.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
-        out_shape=jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), q.dtype),
+        out_shape=[jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), q.dtype), q_sums],
         grid=(batch, heads, q_len // block(q_len)),
         in_specs=_in_specs(sizes, True, packed),
-        out_specs=_row_spec(q_len, head_dim, True),
+        out_specs=[_row_spec(q_len, head_dim, True), q_sum_spec],
         name="attention_backward_dq",
         interpret=interpret,
         **_CALL,
     )(*args)
-    return dq, dk, dv
+    return dq, dk, dv, (dbq, dbk, dbv)
+
+
+def _block_sums(batch: int, heads: int, length: int, head_dim: int) -> tuple[Any, pl.BlockSpec]:
+    """The shape and BlockSpec of <float32>[batch, heads, blocks, head_dim]: each program's
+    row sums of the block it writes."""
+    blocks = length // block(length)
+    shape = jax.ShapeDtypeStruct((batch, heads, blocks, head_dim), jnp.float32)
+    return shape, pl.BlockSpec((_SQ, _SQ, _SQ, head_dim), lambda b, h, i: (b, h, i, 0))
 
 
 def _no_bias(q: jax.Array) -> jax.Array:
@@ -417,7 +440,8 @@ def _attention_fwd(q, k, v, seeds, lengths, rate, interpret, total_heads):
 def _attention_bwd(rate, interpret, total_heads, residuals, do):
     q, k, v, out, lse, seeds, lengths = residuals
     args = (q, k, v, _no_bias(q), out, lse, seeds, lengths, do)
-    return (*_backward(*args, rate, interpret, total_heads, False), None, None)
+    dq, dk, dv, _ = _backward(*args, rate, interpret, total_heads, False)
+    return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -438,10 +462,9 @@ def _packed_attention_fwd(qkv, bias, seeds, lengths, rate, interpret, total_head
 def _packed_attention_bwd(rate, interpret, total_heads, residuals, do):
     qkv, bias, out, lse, seeds, lengths = residuals
     args = (qkv, qkv, qkv, bias, out, lse, seeds, lengths, do)
-    dqkv = jnp.stack(_backward(*args, rate, interpret, total_heads, True), axis=2)
-    # Summed in the bias's dtype, as autodiff sums a broadcast bias's gradient: XLA sums
-    # while it stacks (a float32 sum would be a pass of its own).
-    return dqkv, jnp.sum(dqkv, axis=(0, 1)).astype(bias.dtype), None, None
+    dq, dk, dv, sums = _backward(*args, rate, interpret, total_heads, True)
+    dbias = jnp.sum(jnp.stack(sums), axis=(1, 3))  # one small reduction
+    return jnp.stack([dq, dk, dv], axis=2), dbias.astype(bias.dtype), None, None
 
 
 _packed_attention.defvjp(_packed_attention_fwd, _packed_attention_bwd)
@@ -484,8 +507,9 @@ def packed_attention(
     writes them: qkv <dtype>[batch, length, 3, heads, head_dim] (queries, keys, values)
     before its bias <[3, heads, head_dim]> (None: no bias). The kernels read each of them
     from `qkv` and add the bias as they load it, so no kernel adds it or splits `qkv`
-    beforehand; the gradients come back the same way (`qkv`'s packed, the bias's summed
-    over batch and length). Returns <dtype>[batch, length, heads, head_dim]."""
+    beforehand; the gradients come back the same way: `qkv`'s packed, the bias's summed over
+    batch and length by the backward kernels as they write dQ, dK and dV (so that no pass
+    reads them again for it). Returns <dtype>[batch, length, heads, head_dim]."""
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(
             f"packed_attention takes one [batch, length, 3, heads, head_dim] array, got shape "

@@ -166,8 +166,9 @@ def test_self_attention_gradients_through_the_packed_kernels():
 @pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
 def test_sharded_kernels_run_per_shard_and_equal_one_device(rules, packed):
     """Batch (and with fsdp_tp heads) split over 8 devices: shard_map runs the kernels on each
-    shard, no all-gather, and the outputs, dropout mask included, equal one device's (Q, K, V
-    as three arrays or packed in one)."""
+    shard, no all-gather, and the outputs, dropout mask included, and the gradients equal one
+    device's (Q, K, V as three arrays, or packed in one with a bias whose gradient sums over
+    the shards)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -180,9 +181,9 @@ def test_sharded_kernels_run_per_shard_and_equal_one_device(rules, packed):
     key = jax.random.key(5)
     lengths = jnp.array([64, 30, 1, 64, 17, 64, 2, 40])
 
-    bias = jnp.full((3, H, D), 0.1)
+    bias = jnp.asarray(np.random.default_rng(3).normal(size=(3, H, D)), jnp.float32)
 
-    def loss(q, k, v):
+    def loss(q, k, v, bias):
         if packed:
             qkv = jnp.stack([q, k, v], axis=2)
             out = pallas_attention.packed_attention(qkv, bias, lengths, 0.2, key, interpret=True)
@@ -190,16 +191,20 @@ def test_sharded_kernels_run_per_shard_and_equal_one_device(rules, packed):
             out = pallas_attention.attention(q, k, v, lengths, 0.2, key, interpret=True)
         return jnp.sum(out * do), out
 
-    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    want = jax.jit(grad)(q, k, v, bias)
     spec = NamedSharding(mesh, P(("data", "fsdp"), None, heads_axis, None))
-    args = [jax.device_put(x, spec) for x in (q, k, v)]
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    args = [*(jax.device_put(x, spec) for x in (q, k, v)), bias]
+    step = jax.jit(grad)
     with training.mesh_context(mesh, sharding.logical_rules(rules)):
         got = step(*args)
         hlo = step.lower(*args).compile().as_text()
     assert "all-gather" not in hlo
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)  # the loss: summation order
+        # Summation order: the loss; the bias's gradient, summed over shards (the key
+        # bias's is 0 up to rounding).
+        scale = max(1.0, float(jnp.max(jnp.abs(b))))
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-5)
 
 
 def test_bert_with_pallas_attention():
