@@ -206,11 +206,11 @@ def _kernel_bytes(
     loop writing its step's output) counts the update, not the buffer."""
     _, out_type, opcode, rest = instruction
     operands = _operands(rest)
-    sizes = [_shape_bytes(types[where].get(o, "")) for o in operands]
     out = _shape_bytes(out_type)
     called = re.search(r"calls=%([\w.\-]+)", rest)
     if opcode != "fusion" or not called:  # e.g. a custom call taking one array for 3 inputs
         return out + sum(_shape_bytes(types[where].get(o, "")) for o in dict.fromkeys(operands))
+    sizes = [_shape_bytes(types[where].get(o, "")) for o in operands]
     body = computations.get(called.group(1), [])
     body_types = types.get(called.group(1), {})
     params = {n: int(re.match(r"(\d+)", r).group(1)) for n, _, op, r in body if op == "parameter"}

@@ -21,6 +21,14 @@ def _qkv(dtype=jnp.float32, seed=0, q_len=T, kv_len=T):
     return tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in shapes)
 
 
+def _kernels(q, k, v, bias, packed, lengths, rate, key, **kwargs):
+    """The fused kernels on Q, K and V as three arrays (no bias), or packed with `bias`."""
+    if packed:
+        qkv = jnp.stack([q, k, v], axis=2)
+        return pallas_attention.packed_attention(qkv, bias, lengths, rate, key, **kwargs)
+    return pallas_attention.attention(q, k, v, lengths, rate, key, **kwargs)
+
+
 def _reference(q, k, v, lengths, rate, seeds):
     """The explicit computation with the kernels' own dropout mask."""
     q_len, kv_len = q.shape[1], k.shape[1]
@@ -184,11 +192,7 @@ def test_sharded_kernels_run_per_shard_and_equal_one_device(rules, packed):
     bias = jnp.asarray(np.random.default_rng(3).normal(size=(3, H, D)), jnp.float32)
 
     def loss(q, k, v, bias):
-        if packed:
-            qkv = jnp.stack([q, k, v], axis=2)
-            out = pallas_attention.packed_attention(qkv, bias, lengths, 0.2, key, interpret=True)
-        else:
-            out = pallas_attention.attention(q, k, v, lengths, 0.2, key, interpret=True)
+        out = _kernels(q, k, v, bias, packed, lengths, 0.2, key, interpret=True)
         return jnp.sum(out * do), out
 
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
@@ -258,12 +262,8 @@ def test_kernels_lower_to_triton_for_an_nvidia_gpu(packed):
     lengths = jnp.full((8,), 128, jnp.int32)
 
     def loss(q, k, v):
-        key = jax.random.key(0)
-        if packed:
-            qkv, bias = jnp.stack([q, k, v], axis=2), jnp.ones((3, 12, 64), jnp.bfloat16)
-            out = pallas_attention.packed_attention(qkv, bias, lengths, 0.1, key)
-        else:
-            out = pallas_attention.attention(q, k, v, lengths, 0.1, key)
+        bias = jnp.ones((3, 12, 64), jnp.bfloat16)
+        out = _kernels(q, k, v, bias, packed, lengths, 0.1, jax.random.key(0))
         return jnp.sum(out.astype(jnp.float32))
 
     traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(shape, shape, shape)
@@ -287,12 +287,7 @@ def test_kernels_on_the_gpu_equal_the_explicit_computation(rate, packed):
         bias = jnp.asarray(np.random.default_rng(7).normal(size=(3, H, D)), jnp.bfloat16)
 
     def ours(q, k, v):
-        if packed:
-            qkv = jnp.stack([q, k, v], axis=2)
-            out = pallas_attention.packed_attention(qkv, bias, LENGTHS, rate, key)
-        else:
-            out = pallas_attention.attention(q, k, v, LENGTHS, rate, key)
-        return out.astype(jnp.float32)
+        return _kernels(q, k, v, bias, packed, LENGTHS, rate, key).astype(jnp.float32)
 
     def ref(q, k, v):
         return _reference(q + bias[0], k + bias[1], v + bias[2], LENGTHS, rate, seeds)
