@@ -5,7 +5,9 @@ the call signature ``model.apply(variables, x, train=...)``. Every parameter car
 sharding names (``conv_in``, ``conv_out``, ``embed``, ``mlp``, ``classes``) via
 ``nn.with_logical_partitioning``, and the input batch axis is constrained to the logical ``batch``
 axis, so the models can be sharded by supplying logical axis rules; without rules the metadata is
-inert. Max pooling is `jaxmodels.layers.max_pool` (Flax's numbers, a scatter-free gradient).
+inert. Max pooling is `jaxmodels.layers.max_pool` (Flax's numbers, a scatter-free gradient),
+batch normalisation `jaxmodels.layers.BatchNorm` (Flax's numbers, one reduction per call in
+the backward pass).
 
 Example:
     >>> import jax
@@ -32,7 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxmodels.layers import max_pool
+from jaxmodels.layers import BatchNorm, max_pool
 
 __all__ = [
     "SeedCNN",
@@ -159,7 +161,7 @@ def _resnet_conv(
     )
 
 
-def _batch_norm(module: nn.Module, train: bool, zero_scale: bool = False, **kwargs) -> nn.BatchNorm:
+def _batch_norm(module: nn.Module, train: bool, zero_scale: bool = False, **kwargs) -> BatchNorm:
     """A BatchNorm over the batch and spatial axes, configured from ``module``'s fields.
 
     With ``train=True`` it normalises with the batch statistics and updates the running averages
@@ -167,10 +169,11 @@ def _batch_norm(module: nn.Module, train: bool, zero_scale: bool = False, **kwar
     with the batch sharded over devices, the mean/variance are computed over the GLOBAL batch
     (XLA inserts the cross-device reductions), so the statistics equal the single-device ones.
     Under ``pmap`` each device only sees its shard: set ``axis_name`` to the mapped axis name to
-    reduce across devices.
+    reduce across devices. It is `jaxmodels.layers.BatchNorm`: Flax's, with a backward pass
+    that reduces once per call.
     """
     scale_init = nn.initializers.zeros_init() if zero_scale else nn.initializers.ones_init()
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train,
         momentum=module.bn_momentum,
         epsilon=module.bn_epsilon,

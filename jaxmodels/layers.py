@@ -33,6 +33,16 @@ works. `Dense` with an `activation` takes the bias add into that recomputed func
 int8 record of each window's winner instead of XLA's select-and-scatter (an atomic scatter
 on GPUs).
 
+`BatchNorm` is `flax.linen.BatchNorm` (features last) whose training-mode normalisation
+has a hand-written backward pass. It needs two per-channel sums over the batch, of the
+output's gradient g and of g times the normalised input. Differentiating Flax's, XLA's GPU
+backend makes them two reduction kernels, and the second one reads g again; in ResNet-50,
+where g itself is computed from the ReLU mask and written for the shortcut, that is one
+more read of every normalised activation per step. Here both sums are one reduction over
+complex numbers (g + i g x_hat: float32 parts, added part by part), which XLA fuses with the
+kernel that computes g, and the mean and the mean of squares of the forward pass are one
+reduction the same way.
+
 `add_positions` adds a position table to a batch of embeddings with the table's gradient
 computed as a matmul rather than a sum over the batch, which on GPUs would make XLA lay out
 the whole residual stream batch-minor (see its docstring).
@@ -48,6 +58,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,10 +69,12 @@ import numpy as np
 
 __all__ = [
     "SELECT_MAX_ROWS",
+    "BatchNorm",
     "Dense",
     "Dropout",
     "Embed",
     "add_positions",
+    "batch_norm",
     "drop_threshold",
     "dropout",
     "dropout_mask",
@@ -366,6 +379,136 @@ def _max_pool_jvp(window, steps, pads, primals, tangents):
     zero = jnp.zeros((), dx.dtype)
     dy = functools.reduce(jnp.add, [jnp.where(winner == k, d, zero) for k, d in enumerate(d_views)])
     return y, dy
+
+
+def _two_sums(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(sum of `a`, sum of `b`) over `axes`, both float32 arrays of one shape, as ONE
+    reduction: the sum of the complex numbers a + ib, whose parts are added separately, so
+    the numbers are those of two float32 sums. XLA fuses one reduction, with the kernel
+    computing its operands, where it leaves two reductions of one operand as two kernels."""
+    total = jax.lax.complex(a, b).sum(axes)
+    return jnp.real(total), jnp.imag(total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    epsilon: float,
+    dtype: Any = None,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Batch normalisation with the batch's statistics, over all axes but the last.
+
+    `(x - mean) * rsqrt(var + epsilon) * scale + bias`, the statistics and the arithmetic in
+    float32 (the variance as the mean of squares minus the squared mean, at least 0), as
+    `flax.linen.BatchNorm` computes it in training mode. Its backward pass is hand-written:
+    the two per-channel sums it needs are one reduction (see the module docstring). Reverse
+    mode only (`jax.grad`, `jax.vjp`); forward mode is not defined.
+
+    Args:
+      x: <float>[..., features] activations.
+      scale, bias: <float>[features] parameters.
+      epsilon: added to the variance.
+      dtype: the output's dtype (default: that of `x`).
+      axis_name: a `pmap`/`vmap` axis to take the statistics over as well (its devices'
+        batches together); under `jax.jit` a sharded batch needs none.
+
+    Returns:
+      (normalised <dtype>[..., features], the batch's <float32>[features] mean and
+      (biased) variance). The statistics carry no gradient.
+    """
+    return _batch_norm_forward(x, scale, bias, epsilon, dtype, axis_name)[0]
+
+
+def _count(x: jax.Array, axis_name: str | None) -> int | jax.Array:
+    """Elements per channel of `x`, over `axis_name`'s members too."""
+    n = math.prod(x.shape[:-1])
+    return n if axis_name is None else n * jax.lax.psum(1, axis_name)
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, dtype, axis_name):
+    axes = tuple(range(x.ndim - 1))
+    wide = x.astype(jnp.float32)
+    sums = _two_sums(wide, wide * wide, axes)
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    n = _count(x, axis_name)
+    mean = sums[0] / n
+    var = jnp.maximum(sums[1] / n - mean * mean, 0.0)
+    inv = jax.lax.rsqrt(var + epsilon)
+    y = (wide - mean) * (inv * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    outputs = (y.astype(dtype or x.dtype), mean, var)
+    return outputs, (x, mean, inv, scale, bias)
+
+
+def _batch_norm_backward(epsilon, dtype, axis_name, residuals, cotangents):
+    x, mean, inv, scale, bias = residuals
+    g = cotangents[0].astype(jnp.float32)  # the statistics' cotangents: no gradient (see above)
+    normalised = (x.astype(jnp.float32) - mean) * inv
+    d_bias, d_scale = _two_sums(g, g * normalised, tuple(range(x.ndim - 1)))
+    totals = (d_bias, d_scale)
+    if axis_name is not None:  # the parameters' gradients stay per member, as autodiff's
+        totals = jax.lax.psum(totals, axis_name)
+    n = _count(x, axis_name)
+    dx = (inv * scale.astype(jnp.float32)) * (g - totals[0] / n - normalised * (totals[1] / n))
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+
+batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+class BatchNorm(nn.Module):
+    """`flax.linen.BatchNorm` over all axes but the last (the features), whose training
+    mode is `batch_norm`: the same parameters (`scale`, `bias`), running statistics
+    (`batch_stats`: `mean`, `var`), attributes and numbers, with a backward pass that
+    reduces once per call instead of twice (see the module docstring). In training mode
+    it supports reverse-mode differentiation only.
+
+    Under `jax.jit` with the batch sharded over devices the statistics are the global
+    batch's (XLA adds the cross-device sums); under `pmap`, set `axis_name`.
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+    scale_init: Callable[..., jax.Array] = nn.initializers.ones_init()
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """x <float>[..., features] -> <dtype>[..., features], normalised with the batch's
+        statistics (updating the running ones) or, with `use_running_average`, with the
+        running ones."""
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        shape = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        scale = jnp.ones(shape, self.param_dtype)
+        bias = jnp.zeros(shape, self.param_dtype)
+        if self.use_scale:
+            scale = self.param("scale", self.scale_init, shape, self.param_dtype)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, shape, self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        if use_running_average:
+            inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
+            y = (x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)
+            return y.astype(dtype)
+        y, mean, var = batch_norm(x, scale, bias, self.epsilon, dtype, self.axis_name)
+        if not self.is_initializing():
+            mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
 
 
 class Dense(nn.Dense):

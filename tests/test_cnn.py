@@ -495,6 +495,26 @@ def test_resnet_matches_pytorch(block_cls, stage_sizes, small_images):
     torch_model.train()
     with torch.no_grad():
         expected_train = torch_model(x_torch).numpy()
+    torch_stem_mean = torch_model.bn1.running_mean.numpy().copy()  # after one update
     apply = jax.jit(partial(model.apply, train=True, mutable=["batch_stats"]))
     actual_train, _ = apply(variables, x)
     np.testing.assert_allclose(actual_train, expected_train, atol=1e-4, rtol=1e-4)
+
+    # And the input's gradient in training mode (every BatchNorm's backward pass), and the
+    # update of the running mean (PyTorch's running variance is the unbiased one; Flax's and
+    # ours the biased one).
+    w = jax.random.normal(jax.random.key(2), actual_train.shape)
+    x_torch.requires_grad_(True)
+    (torch_model(x_torch) * torch.from_numpy(np.array(w))).sum().backward()
+
+    def loss(x):
+        logits, updates = apply(variables, x)
+        return jnp.sum(logits * w), updates
+
+    d_x, updates = jax.jit(jax.grad(loss, has_aux=True))(x)
+    np.testing.assert_allclose(
+        d_x, x_torch.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-3
+    )
+    np.testing.assert_allclose(
+        updates["batch_stats"]["bn_init"]["mean"], torch_stem_mean, atol=1e-5, rtol=1e-4
+    )

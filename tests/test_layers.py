@@ -14,10 +14,12 @@ import pytest
 from jaxmodels import sharding
 from jaxmodels.layers import (
     SELECT_MAX_ROWS,
+    BatchNorm,
     Dense,
     Dropout,
     Embed,
     add_positions,
+    batch_norm,
     dot_float32,
     dropout,
     dropout_mask,
@@ -424,3 +426,119 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window():
         max_pool(x, (2,), (1, 1))
     with pytest.raises(ValueError, match="padding"):
         max_pool(x, (2,), (1,), ((0, 0), (0, 0)))
+
+
+def _bn_pair(dtype, **kw):
+    """Flax's BatchNorm and ours, configured alike, and shared random variables."""
+    kw = dict(momentum=0.9, epsilon=1e-3, dtype=dtype, **kw)
+    x = jax.random.normal(jax.random.key(0), (4, 5, 3, 6)) * 3 + 1
+    flax_bn, ours = nn.BatchNorm(**kw), BatchNorm(**kw)
+    unnamed = {k: v for k, v in kw.items() if k != "axis_name"}
+    variables = nn.BatchNorm(**unnamed).init(jax.random.key(1), x, use_running_average=False)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        BatchNorm(**unnamed).init(jax.random.key(1), x, use_running_average=False)
+    )
+    keys = iter(jax.random.split(jax.random.key(2), 4))
+    variables = jax.tree.map(lambda v: v + jax.random.normal(next(keys), v.shape), variables)
+    variables["batch_stats"]["var"] = jnp.abs(variables["batch_stats"]["var"])
+    return flax_bn, ours, variables, x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_equals_flax_in_values_gradients_and_running_statistics(dtype):
+    flax_bn, ours, variables, x = _bn_pair(dtype)
+    residual = jax.random.normal(jax.random.key(3), x.shape).astype(dtype)
+    w = jax.random.normal(jax.random.key(4), x.shape)
+
+    def loss(module, params, x):  # ResNet's use: residual add, ReLU; the statistics' update
+        y, updates = module.apply(
+            {**variables, "params": params}, x, use_running_average=False, mutable="batch_stats"
+        )
+        return jnp.sum(jax.nn.relu(y + residual) * w), (y, updates["batch_stats"])
+
+    grads = {}
+    for name, module in (("flax", flax_bn), ("ours", ours)):
+        grad_fn = jax.jit(jax.grad(functools.partial(loss, module), (0, 1), has_aux=True))
+        grads[name] = grad_fn(variables["params"], x)
+    (want_dp, want_dx), (want, want_stats) = grads["flax"]
+    (got_dp, got_dx), (got, got_stats) = grads["ours"]
+    assert got.dtype == want.dtype == dtype and got_dx.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=5e-2)
+    np.testing.assert_allclose(np.float32(got), np.float32(want), **tol)
+    np.testing.assert_allclose(np.float32(got_dx), np.float32(want_dx), **tol)
+    got_rest, want_rest = (
+        jax.tree.leaves((got_dp, got_stats)),
+        jax.tree.leaves((want_dp, want_stats)),
+    )
+    for a, b in zip(got_rest, want_rest, strict=True):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # Eval mode: the running statistics.
+    got = ours.apply(variables, x, use_running_average=True)
+    want = flax_bn.apply(variables, x, use_running_average=True)
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(np.float32(got), np.float32(want), **tol)
+
+
+def _reductions_of(jaxpr, shape) -> int:
+    """reduce_sum equations over an operand of `shape` in a jaxpr and the jaxprs it calls."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.shape == shape:
+            count += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    count += _reductions_of(sub, shape)
+    return count
+
+
+def test_batch_norm_reduces_once_in_each_direction():
+    """One reduction over the activations forward and one backward; Flax's: two each."""
+    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3))
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    flax_bn = nn.BatchNorm(use_running_average=False)
+    variables = flax_bn.init(jax.random.key(0), x)
+    counts = {}
+    for name, fn in (
+        ("ours", lambda x: batch_norm(x, jnp.ones(3), jnp.zeros(3), 1e-5)[0]),
+        ("flax", lambda x: flax_bn.apply(variables, x, mutable="batch_stats")[0]),
+    ):
+        jaxpr = jax.make_jaxpr(lambda x, g, fn=fn: jax.vjp(fn, x)[1](g))(x, g)
+        counts[name] = _reductions_of(jaxpr.jaxpr, x.shape)
+    assert counts == {"ours": 2, "flax": 4}, counts
+
+
+def test_batch_norm_over_a_named_axis_takes_the_statistics_over_all_members():
+    """Under vmap (as under pmap) with `axis_name`: Flax's numbers, per-member parameter
+    gradients, and the same result as one big batch."""
+    flax_bn, ours, variables, x = _bn_pair(jnp.float32, axis_name="members")
+    xs = x.reshape(2, 2, *x.shape[1:])  # 2 members of 2 examples
+    w = jax.random.normal(jax.random.key(4), xs.shape)
+
+    def member_loss(module, params, x, w):
+        y, updates = module.apply(
+            {**variables, "params": params}, x, use_running_average=False, mutable="batch_stats"
+        )
+        return jnp.sum(jnp.tanh(y) * w), updates["batch_stats"]
+
+    results = {}
+    for name, module in (("flax", flax_bn), ("ours", ours)):
+        grad_fn = jax.grad(functools.partial(member_loss, module), (0, 1), has_aux=True)
+        results[name] = jax.jit(jax.vmap(grad_fn, in_axes=(None, 0, 0), axis_name="members"))(
+            variables["params"], xs, w
+        )
+    for a, b in zip(
+        jax.tree.leaves(results["ours"]), jax.tree.leaves(results["flax"]), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # The summed parameter gradients and the input gradient equal one batch of 4's.
+    single = BatchNorm(momentum=0.9, epsilon=1e-3)
+    (d_params, d_x), _ = jax.grad(functools.partial(member_loss, single), (0, 1), has_aux=True)(
+        variables["params"], x, w.reshape(x.shape)
+    )
+    (m_params, m_x), _ = results["ours"]
+    np.testing.assert_allclose(m_x.reshape(x.shape), d_x, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(m_params), jax.tree.leaves(d_params), strict=True):
+        np.testing.assert_allclose(a.sum(0), b, rtol=1e-4, atol=1e-5)
