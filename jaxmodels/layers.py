@@ -390,7 +390,6 @@ def _two_sums(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Ar
     return jnp.real(total), jnp.imag(total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def batch_norm(
     x: jax.Array,
     scale: jax.Array,
@@ -412,13 +411,19 @@ def batch_norm(
       scale, bias: <float>[features] parameters.
       epsilon: added to the variance.
       dtype: the output's dtype (default: that of `x`).
-      axis_name: a `pmap`/`vmap` axis to take the statistics over as well (its devices'
-        batches together); under `jax.jit` a sharded batch needs none.
+      axis_name: a `pmap`, `vmap` or `shard_map` axis to take the statistics over as well
+        (its members' batches together); under `jax.jit` a sharded batch needs none.
 
     Returns:
       (normalised <dtype>[..., features], the batch's <float32>[features] mean and
       (biased) variance). The statistics carry no gradient.
     """
+    x, scale, bias = match_varying(x, scale, bias)  # inside shard_map (see match_varying)
+    return _batch_norm(x, scale, bias, epsilon, dtype, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _batch_norm(x, scale, bias, epsilon, dtype, axis_name):
     return _batch_norm_forward(x, scale, bias, epsilon, dtype, axis_name)[0]
 
 
@@ -456,7 +461,7 @@ def _batch_norm_backward(epsilon, dtype, axis_name, residuals, cotangents):
     return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
-batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
+_batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
 class BatchNorm(nn.Module):
@@ -467,7 +472,7 @@ class BatchNorm(nn.Module):
     it supports reverse-mode differentiation only.
 
     Under `jax.jit` with the batch sharded over devices the statistics are the global
-    batch's (XLA adds the cross-device sums); under `pmap`, set `axis_name`.
+    batch's (XLA adds the cross-device sums); under `pmap` or `shard_map`, set `axis_name`.
     """
 
     use_running_average: bool | None = None

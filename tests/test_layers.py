@@ -542,3 +542,27 @@ def test_batch_norm_over_a_named_axis_takes_the_statistics_over_all_members():
     np.testing.assert_allclose(m_x.reshape(x.shape), d_x, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(m_params), jax.tree.leaves(d_params), strict=True):
         np.testing.assert_allclose(a.sum(0), b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_inside_shard_map_over_the_mesh_axis_equals_one_batch():
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (4, 3, 5)) * 2 + 1
+    w = jax.random.normal(keys[1], x.shape)
+    scale, bias = jax.random.normal(keys[2], (5,)), jax.random.normal(keys[3], (5,))
+
+    def loss(x, w, scale, bias, axis_name=None):
+        return jnp.sum(jnp.tanh(batch_norm(x, scale, bias, 1e-5, axis_name=axis_name)[0]) * w)
+
+    sharded = jax.shard_map(
+        lambda *args: jax.lax.psum(loss(*args, axis_name="x"), "x"),
+        mesh=Mesh(np.array(jax.devices()[:2]), ("x",)),
+        in_specs=(P("x"), P("x"), P(), P()),
+        out_specs=P(),
+    )
+    got = jax.jit(jax.value_and_grad(sharded, (0, 2, 3)))(x, w, scale, bias)
+    want = jax.value_and_grad(loss, (0, 2, 3))(x, w, scale, bias)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
