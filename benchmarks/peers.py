@@ -19,7 +19,8 @@ Peers (each an optimizer step in the timing: zero_grad, forward, loss, backward,
   torchvision is missing.
 * ``lstm_*``: Embedding + ``nn.LSTM`` (cuDNN on GPU) + Linear on the last layer's final state,
   bfloat16 autocast where the workload is bfloat16, Adam; eager, and ``torch.compile`` on GPU
-  (dynamo leaves ``nn.LSTM`` itself eager).
+  (dynamo leaves ``nn.LSTM`` itself eager). On a CPU whose oneDNN cannot train a bfloat16
+  LSTM (no bfloat16 instructions) ``nn.LSTM`` runs outside autocast, in float32 (noted).
 * ``bert_*``: ``transformers.BertForPreTraining`` with the same sizes (`specs.BERT_PRESETS`,
   random init, ``attn_implementation="sdpa"``, dropout 0.1), bfloat16 autocast, AdamW; eager
   and ``torch.compile`` (GPU only). The same batch shapes: full-length sequences (an all-ones
@@ -110,6 +111,7 @@ def _mnist_cnn(num_classes: int) -> Any:
 def _lstm_classifier(
     vocab_size: int, embed_dim: int, hidden_size: int, num_layers: int, num_classes: int
 ) -> Any:
+    import torch
     from torch import nn
 
     class LSTMClassifier(nn.Module):
@@ -118,9 +120,15 @@ def _lstm_classifier(
             self.embed = nn.Embedding(vocab_size, embed_dim)
             self.lstm = nn.LSTM(embed_dim, hidden_size, num_layers, batch_first=True)
             self.head = nn.Linear(hidden_size, num_classes)
+            self.lstm_autocast = True  # False: nn.LSTM in float32 even under autocast
 
         def forward(self, tokens: Any) -> Any:
-            _, (h_n, _) = self.lstm(self.embed(tokens))
+            x = self.embed(tokens)
+            if self.lstm_autocast:
+                _, (h_n, _) = self.lstm(x)
+            else:
+                with torch.autocast(tokens.device.type, enabled=False):
+                    _, (h_n, _) = self.lstm(x.float())
             return self.head(h_n[-1])
 
     return LSTMClassifier()
@@ -306,6 +314,18 @@ def measure_peer(
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    notes = []
+    if w.family == "lstm" and bf16 and not cuda:
+        try:  # oneDNN has no bfloat16 LSTM training on CPUs without bfloat16 instructions
+            with autocast():
+                output = model(inputs[0][:1])
+            output.float().sum().backward()
+        except RuntimeError as error:
+            if "primitive descriptor" not in str(error):
+                raise
+            model.lstm_autocast = False
+            notes.append("outside autocast: this CPU's oneDNN has no bfloat16 LSTM")
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast():
@@ -318,10 +338,11 @@ def measure_peer(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     result = timing.time_training(step, sync, steps, windows, warmup)
-    notes = []
     if w.family == "lstm":
-        with torch.no_grad(), autocast():  # what autocast made of nn.LSTM here
-            lstm_dtype = model.lstm(model.embed(inputs[0][:1]))[0].dtype
+        lstm_dtype = torch.float32
+        if model.lstm_autocast:
+            with torch.no_grad(), autocast():  # what autocast made of nn.LSTM here
+                lstm_dtype = model.lstm(model.embed(inputs[0][:1]))[0].dtype
         notes.append(f"nn.LSTM computes in {str(lstm_dtype).removeprefix('torch.')}")
         if impl == "torch compile":
             notes.append("dynamo leaves nn.LSTM eager")

@@ -350,6 +350,11 @@ def test_peer_process_cpu(tmp_path, monkeypatch):
     assert mnist["model_flops_per_step"] == 3 * mnist_forward
     assert mnist["tflops"] == pytest.approx(3 * mnist_forward / mnist["step_ms"] * 1e-9)
     assert rows[("lstm_article", "torch compile")]["status"] == "skipped"
+    # What autocast made of nn.LSTM; float32 only where this CPU cannot train it in bfloat16.
+    lstm_note = rows[("lstm_article", "torch eager")]["note"]
+    assert "nn.LSTM computes in bfloat16" in lstm_note or (
+        "nn.LSTM computes in float32" in lstm_note and "no bfloat16 LSTM" in lstm_note
+    ), lstm_note
     # The Keras peers (Keras 3 on JAX, each in a process of its own): a row per workload.
     for name in ("mnist_cnn", "lstm_article"):
         row = rows[(name, "keras jax")]
