@@ -433,6 +433,13 @@ def _count(x: jax.Array, axis_name: str | None) -> int | jax.Array:
     return n if axis_name is None else n * jax.lax.psum(1, axis_name)
 
 
+def _normalise(x, mean, inv, scale, bias, dtype):
+    """`(x - mean) * (inv * scale) + bias` in float32 (`inv`: the reciprocal standard
+    deviation), cast to `dtype`: both modes of `BatchNorm`."""
+    f32 = jnp.float32
+    return ((x.astype(f32) - mean) * (inv * scale.astype(f32)) + bias.astype(f32)).astype(dtype)
+
+
 def _batch_norm_forward(x, scale, bias, epsilon, dtype, axis_name):
     axes = tuple(range(x.ndim - 1))
     wide = x.astype(jnp.float32)
@@ -443,8 +450,7 @@ def _batch_norm_forward(x, scale, bias, epsilon, dtype, axis_name):
     mean = sums[0] / n
     var = jnp.maximum(sums[1] / n - mean * mean, 0.0)
     inv = jax.lax.rsqrt(var + epsilon)
-    y = (wide - mean) * (inv * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-    outputs = (y.astype(dtype or x.dtype), mean, var)
+    outputs = (_normalise(x, mean, inv, scale, bias, dtype or x.dtype), mean, var)
     return outputs, (x, mean, inv, scale, bias)
 
 
@@ -505,9 +511,8 @@ class BatchNorm(nn.Module):
             bias = self.param("bias", self.bias_init, shape, self.param_dtype)
         dtype = self.dtype or jnp.result_type(x, scale, bias)
         if use_running_average:
-            inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
-            y = (x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)
-            return y.astype(dtype)
+            inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
+            return _normalise(x, ra_mean.value, inv, scale, bias, dtype)
         y, mean, var = batch_norm(x, scale, bias, self.epsilon, dtype, self.axis_name)
         if not self.is_initializing():
             mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
