@@ -25,16 +25,16 @@ from train.tasks import bert_pretraining  # noqa: E402
 
 MLM_OVER_UNIGRAM = 2.0  # held-out MLM accuracy at least this many times the unigram baseline
 # Held-out NSP accuracy on 2,000 balanced pairs: 0.5 by chance, standard error about 0.011,
-# so 0.55 is over four standard errors above chance. The shipped run ends between about 0.58
-# and 0.60 (changes of rounding order in the model move it within that range).
+# so 0.55 is over four standard errors above chance. The shipped run ends at 0.654 (seed 1:
+# 0.631).
 NSP_ACCURACY = 0.55
 # Fine-tuning on the embedded 10-class task (about 800 test examples, so an accuracy's
 # standard error is about 0.014 and a difference's about 0.02): from the pretrained checkpoint
 # the test loss must be lower by at least this much, and the accuracy higher by at least
-# FINETUNE_ACCURACY_GAIN. An earlier form, an accuracy margin of 0.05 alone, failed once at a
-# gain of 0.049 (0.174 -> 0.223), in a run whose test loss fell by 0.18 (2.25 -> 2.07).
-FINETUNE_LOSS_GAIN = 0.1
-FINETUNE_ACCURACY_GAIN = 0.02
+# FINETUNE_ACCURACY_GAIN. From scratch the run ends at loss 2.254, accuracy 0.170; from the
+# shipped pretraining at 1.840, 0.402 (pretrained with seed 1: 1.918, 0.356).
+FINETUNE_LOSS_GAIN = 0.2
+FINETUNE_ACCURACY_GAIN = 0.08
 
 
 def _train(config: str, workdir: str, *overrides: str) -> dict[str, float]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -53,6 +58,41 @@ def _unmask(example):
     w = example["masked_weights"] > 0
     ids[example["masked_positions"][w]] = example["masked_ids"][w]
     return ids[: example["length"]]
+
+
+def test_vocabulary_merges_the_most_frequent_pair_ties_in_string_order():
+    # Pieces: l ##o ##w (x3), l ##o ##w ##e ##r, n ##e ##w ##e ##s ##t. (l, ##o) and
+    # (##o, ##w) both occur 4 times; "##o" sorts before "l", so ##ow comes first, then
+    # (l, ##ow) is the most frequent pair. Pairs seen once are never merged.
+    texts = ["Low low LOW lower", "newest"]
+    base = mlm.train_vocabulary(texts, vocab_size=0)
+    assert base[:5] == mlm.SPECIAL_TOKENS
+    assert base[5:] == sorted(set("lowernst")) + ["##" + c for c in sorted(set("oweerst"))]
+    assert mlm.train_vocabulary(texts, vocab_size=len(base) + 2)[len(base) :] == ["##ow", "low"]
+    learnt = mlm.train_vocabulary(texts, vocab_size=1000)[len(base) :]
+    assert learnt == ["##ow", "low"]  # every other pair occurs once
+
+
+def test_vocabulary_is_the_same_in_every_process():
+    """String hashing differs between processes; the vocabulary must not."""
+    script = (
+        "import json, sys; from train.data import mlm; "
+        "print(json.dumps(mlm.train_vocabulary(json.load(sys.stdin), 150)))"
+    )
+    vocabs = []
+    for seed in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            input=json.dumps(TEXTS),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            check=True,
+        )
+        vocabs.append(json.loads(done.stdout))
+    assert vocabs[0] == vocabs[1] == mlm.train_vocabulary(TEXTS, 150)
+    assert len(vocabs[0]) == 150
 
 
 def test_example_layout_and_labels(setup):

@@ -22,7 +22,10 @@ same data. Examples are dicts of numpy arrays:
 
 from __future__ import annotations
 
+import collections
 import functools
+import heapq
+import itertools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -42,7 +45,8 @@ def split_sentences(text: str) -> list[str]:
 
 
 def wordpiece(vocab_file: str | None, texts: Iterable[str] | None = None, vocab_size: int = 8000):
-    """A lower-casing BERT WordPiece tokenizer from `vocab_file`, or trained on `texts`."""
+    """A lower-casing BERT WordPiece tokenizer from `vocab_file`, or trained on `texts`
+    (`train_vocabulary`: the same texts give the same vocabulary in every run)."""
     from tokenizers import BertWordPieceTokenizer
 
     if vocab_file:
@@ -51,15 +55,101 @@ def wordpiece(vocab_file: str | None, texts: Iterable[str] | None = None, vocab_
         return BertWordPieceTokenizer(vocab_file, lowercase=True)
     if texts is None:
         raise ValueError("give a vocab_file or texts to train the vocabulary on")
-    tokenizer = BertWordPieceTokenizer(lowercase=True)
-    tokenizer.train_from_iterator(
-        texts,
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        show_progress=False,
-    )
-    return tokenizer
+    vocab = train_vocabulary(texts, vocab_size)
+    return BertWordPieceTokenizer({token: i for i, token in enumerate(vocab)}, lowercase=True)
+
+
+_PREFIX = "##"  # marks a piece that continues a word
+_MAX_WORD_CHARS = 100  # longer words are [UNK] to BERT's WordPiece; they teach nothing
+
+
+def train_vocabulary(
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+) -> list[str]:
+    """A WordPiece vocabulary learnt from `texts`, deterministically.
+
+    The algorithm of `tokenizers`' WordPiece trainer: words are split as BERT splits them
+    (lower-cased, at whitespace and punctuation); every character is a token, and a
+    character inside a word also as a `##` piece; then, until `vocab_size` tokens, the most
+    frequent pair of adjacent pieces (counted over the words' occurrences; at least
+    `min_frequency` times) becomes a new token. Ties go to the pair first in string order.
+    `tokenizers`' own trainer breaks ties by ids it hands out in hash-map order, so it learns
+    a different vocabulary in each run; processes training on the same texts would not
+    agree, and a run could not be repeated.
+
+    Returns the tokens in id order: `special_tokens`, the characters, their `##` pieces,
+    then the merged pieces in the order they were learnt.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    counts: collections.Counter[str] = collections.Counter()
+    for text in texts:
+        counts.update(w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    words = sorted(w for w in counts if len(w) <= _MAX_WORD_CHARS)
+    freqs = [counts[w] for w in words]
+    pieces = [[w[0]] + [_PREFIX + c for c in w[1:]] for w in words]
+
+    vocab = list(dict.fromkeys(special_tokens))
+    known = set(vocab)
+    for token in sorted({c for w in words for c in w}) + sorted({p for w in pieces for p in w[1:]}):
+        if token not in known:
+            vocab.append(token)
+            known.add(token)
+
+    pair_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    where: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
+    for i, word in enumerate(pieces):
+        for pair in itertools.pairwise(word):
+            pair_counts[pair] += freqs[i]
+            where[pair].add(i)
+    # Max-heap on (count, then string order); stale entries are skipped or refreshed on pop.
+    heap = [(-n, pair) for pair, n in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        negative, pair = heapq.heappop(heap)
+        n = pair_counts.get(pair, 0)
+        if n != -negative:  # its count fell since: back in at the count it has now
+            if n > 0:
+                heapq.heappush(heap, (-n, pair))
+            continue
+        if n < min_frequency:
+            break
+        a, b = pair
+        merged = a + b[len(_PREFIX) :]
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+        grown = set()  # pairs that occur more often than before: into the heap again
+        for i in sorted(where.pop(pair)):
+            old, f = pieces[i], freqs[i]
+            new, j = [], 0
+            while j < len(old):
+                if j + 1 < len(old) and old[j] == a and old[j + 1] == b:
+                    new.append(merged)
+                    j += 2
+                else:
+                    new.append(old[j])
+                    j += 1
+            pieces[i] = new
+            for p in itertools.pairwise(old):
+                pair_counts[p] -= f
+            for p in itertools.pairwise(new):
+                pair_counts[p] += f
+            before, after = set(itertools.pairwise(old)), set(itertools.pairwise(new))
+            for p in before - after:
+                where[p].discard(i)
+            for p in after - before:
+                where[p].add(i)
+            grown.update(p for p in after if merged in p)
+        for p in grown:
+            heapq.heappush(heap, (-pair_counts[p], p))
+        del pair_counts[pair]
+    return vocab
 
 
 def _sentences_until(

@@ -56,7 +56,8 @@ def tokenizer_for(config: Any, workdir: str, train_texts: Any) -> Any:
     tmp = os.path.join(workdir, f".vocab.{os.getpid()}")
     os.makedirs(tmp, exist_ok=True)
     tokenizer.save_model(tmp)
-    os.replace(os.path.join(tmp, VOCAB_FILE), saved)  # atomic; processes agree on one file
+    # Atomic. Processes that train at once learn the same vocabulary (see train_vocabulary).
+    os.replace(os.path.join(tmp, VOCAB_FILE), saved)
     os.rmdir(tmp)
     return mlm.wordpiece(saved)
 
