@@ -80,8 +80,10 @@ def train_vocabulary(
     a different vocabulary in each run; processes training on the same texts would not
     agree, and a run could not be repeated.
 
-    Returns the tokens in id order: `special_tokens`, the characters, their `##` pieces,
-    then the merged pieces in the order they were learnt.
+    Returns the tokens in id order: `special_tokens`, the characters, their `##` pieces
+    (all of these, even past `vocab_size`), then the merged pieces in the order they were
+    learnt. Pure Python: about 1.5 s for the embedded `stdlib_docs` (650k characters) on
+    one CPU core, growing with the number of distinct words.
     """
     from tokenizers import normalizers, pre_tokenizers
 
