@@ -52,13 +52,12 @@ def tokenizer_for(config: Any, workdir: str, train_texts: Any) -> Any:
     if os.path.exists(saved):
         return mlm.wordpiece(saved)
     n = min(len(train_texts), _VOCAB_TRAIN_DOCS)
-    tokenizer = mlm.wordpiece(None, (train_texts[i] for i in range(n)), config.vocab_size)
-    tmp = os.path.join(workdir, f".vocab.{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
-    tokenizer.save_model(tmp)
+    vocab = mlm.train_vocabulary((train_texts[i] for i in range(n)), config.vocab_size)
+    tmp = f"{saved}.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(f"{token}\n" for token in vocab))  # vocab.txt: a token per line, id order
     # Atomic. Processes that train at once learn the same vocabulary (see train_vocabulary).
-    os.replace(os.path.join(tmp, VOCAB_FILE), saved)
-    os.rmdir(tmp)
+    os.replace(tmp, saved)
     return mlm.wordpiece(saved)
 
 
