@@ -3,7 +3,9 @@ and a private TFDS data dir."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -13,6 +15,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never touch the user's ~/tensorflow_datasets; the embedded digits are written here.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="jaxmodels-tfds-")
+atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:

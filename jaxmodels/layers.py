@@ -451,7 +451,8 @@ def _batch_norm_forward(x, scale, bias, epsilon, dtype, axis_name):
     var = jnp.maximum(sums[1] / n - mean * mean, 0.0)
     inv = jax.lax.rsqrt(var + epsilon)
     outputs = (_normalise(x, mean, inv, scale, bias, dtype or x.dtype), mean, var)
-    return outputs, (x, mean, inv, scale, bias)
+    # The bias's gradient needs only its dtype: an empty array of that dtype stands for it.
+    return outputs, (x, mean, inv, scale, jnp.zeros((0,), bias.dtype))
 
 
 def _batch_norm_backward(epsilon, dtype, axis_name, residuals, cotangents):
