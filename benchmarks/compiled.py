@@ -201,9 +201,10 @@ def _kernel_bytes(
     computations: dict[str, Any], types: dict[str, dict[str, str]], where: str, instruction: tuple
 ) -> int:
     """Bytes a kernel reads and writes: its operands (an array passed several times once)
-    and results, except that a fused computation reading only slices of an operand counts
-    the slices, and one updating a slice of an operand in place (dynamic-update-slice, e.g. a
-    loop writing its step's output) counts the update, not the buffer."""
+    and results, except that a fused computation reading only slices of an operand (also
+    through bitcasts and elementwise operations) counts the slices, and one updating a
+    slice of an operand in place (dynamic-update-slice, e.g. a loop writing its step's
+    output) counts the update, not the buffer."""
     _, out_type, opcode, rest = instruction
     operands = _operands(rest)
     out = _shape_bytes(out_type)
@@ -219,17 +220,29 @@ def _kernel_bytes(
         for position, operand in enumerate(_operands(r)):
             users[operand].append((name, op, typ, position))
 
-    def uses_of(value: str) -> list[tuple[str, str, int]]:
-        """The value's uses, looking through bitcasts (a slice of a bitcast reads a slice)."""
-        found = []
-        for name, op, typ, position in users.get(value, []):
-            found += uses_of(name) if op == "bitcast" else [(op, typ, position)]
+    def uses_of(value: str, value_type: str) -> list[tuple[str, int, float]]:
+        """The value's uses as (opcode, operand position, fraction of the value's elements
+        the use reads), looking through bitcasts and elementwise operations: a slice of
+        either reads only the elements the slice keeps. Each use once."""
+        found, seen, pending = [], {value}, [(value, value_type)]
+        while pending:
+            current, current_type = pending.pop()
+            for name, op, typ, position in users.get(current, []):
+                if op == "bitcast" or (
+                    op in _ELEMENTWISE and _elements(typ) == _elements(current_type)
+                ):
+                    if name not in seen:
+                        seen.add(name)
+                        pending.append((name, typ))
+                else:
+                    found.append((op, position, _elements(typ) / max(_elements(current_type), 1)))
         return found
 
     for param, index in params.items():
-        uses = uses_of(param)
-        if index < len(sizes) and uses and all(_slice_use(op, pos) for op, _, pos in uses):
-            sizes[index] = sum(_shape_bytes(t) for op, t, _ in uses if op != "dynamic-update-slice")
+        uses = uses_of(param, body_types.get(param, ""))
+        if index < len(sizes) and uses and all(_slice_use(op, pos) for op, pos, _ in uses):
+            read = sum(part for op, _, part in uses if op != "dynamic-update-slice")
+            sizes[index] = round(sizes[index] * read)
     root = body[-1] if body else None
     roots = [root] if root and root[2] != "tuple" else []
     if root and root[2] == "tuple":
@@ -238,6 +251,23 @@ def _kernel_bytes(
     if roots and all(r[2] == "dynamic-update-slice" for r in roots):
         out = sum(_shape_bytes(body_types.get(_operands(r[3])[1], "")) for r in roots)
     return out + sum(sizes)
+
+
+# Operations whose output element i depends on element i of each operand only (operands
+# of the output's size): a slice after them reads only the sliced elements of the operand.
+_ELEMENTWISE = frozenset(
+    {
+        *("abs", "add", "and", "compare", "convert", "divide", "exponential", "maximum"),
+        *("minimum", "multiply", "negate", "not", "or", "select", "shift-left"),
+        *("shift-right-arithmetic", "shift-right-logical", "subtract", "xor"),
+    }
+)
+
+
+def _elements(text: str) -> int:
+    """Elements of the (first) array type in `text`."""
+    found = _ARRAY.search(text)
+    return math.prod(int(d) for d in found.group(2).split(",") if d) if found else 0
 
 
 def _slice_use(opcode: str, position: int) -> bool:

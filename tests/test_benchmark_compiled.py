@@ -88,6 +88,36 @@ def test_a_slice_read_through_a_bitcast_counts_the_slice():
     assert stats["kernel_io_gb"] * 1e9 == pytest.approx(2 * (2 * 4 * 2 * 4))  # half of [8, 4]
 
 
+_SLICE_AFTER_ELEMENTWISE = """HloModule m
+
+%fused (p0: u16[4,8,2], p1: f32[8,2]) -> f32[8,2] {
+  %p0 = u16[4,8,2]{2,1,0} parameter(0)
+  %t = u16[] constant(7)
+  %tb = u16[4,8,2]{2,1,0} broadcast(%t), dimensions={}
+  %c = pred[4,8,2]{2,1,0} compare(%p0, %tb), direction=GE
+  %s = pred[1,8,2]{2,1,0} slice(%c), slice={[1:2], [0:8], [0:2]}
+  %b = pred[8,2]{1,0} bitcast(%s)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  %z = f32[8,2]{1,0} broadcast(f32[] constant(0)), dimensions={}
+  ROOT %r = f32[8,2]{1,0} select(%b, %p1, %z)
+}
+
+ENTRY %main (a: u16[4,8,2], x: f32[8,2]) -> f32[8,2] {
+  %a = u16[4,8,2]{2,1,0} parameter(0)
+  %x = f32[8,2]{1,0} parameter(1)
+  ROOT %f = f32[8,2]{1,0} fusion(%a, %x), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_a_slice_after_elementwise_operations_counts_the_slice():
+    """(As a layer's dropout mask compared and sliced out of the masks of all layers.)"""
+    stats = compiled.analyze_hlo(_SLICE_AFTER_ELEMENTWISE)
+    assert stats["kernels"] == 1
+    # A quarter of the u16 masks (2 x 32 bytes of 128), the input and the output.
+    assert stats["kernel_io_gb"] * 1e9 == pytest.approx(32 + 64 + 64)
+
+
 _ONE_ARRAY_THRICE = """HloModule m
 
 ENTRY %main (a: f32[8,4], b: f32[2]) -> f32[8,4] {
