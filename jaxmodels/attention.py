@@ -264,9 +264,11 @@ def _explicit_attention(
     dropout_rate: float,
     dropout_rng: Array | None,
     return_weights: bool = False,
+    dropout_keep: Array | None = None,
 ) -> Array | tuple[Array, Array]:
     """softmax(QK^T/sqrt(d) + bias) V with the softmax in float32; with `return_weights`,
-    also the float32 weights (before dropout).
+    also the float32 weights (before dropout). The dropout mask is `dropout_keep` if given,
+    else drawn with `dropout_rng`.
 
     The weights are rounded to the values' dtype before dropout and the product with V.
     Without `return_weights` the gradient is hand-written (`_softmax_attention`): the
@@ -286,7 +288,16 @@ def _explicit_attention(
     keep, keep_prob = None, keep_probability(dropout_rate)
     if keep_prob < 1.0:
         shape = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
-        keep = dropout_mask(dropout_rng, dropout_rate, shape)
+        if dropout_keep is None:
+            keep = dropout_mask(dropout_rng, dropout_rate, shape)
+        elif dropout_keep.shape != shape or dropout_keep.dtype != jnp.bool_:
+            raise ValueError(
+                f"dropout_keep is {dropout_keep.dtype}{list(dropout_keep.shape)}; pass "
+                f"bool{list(shape)} (batch, heads, q_len, kv_len), e.g. from "
+                "layers.dropout_mask"
+            )
+        else:
+            keep = dropout_keep
         keep_prob = max(keep_prob, 2**-16)  # rate 1 keeps nothing: no 0 / 0
     if not return_weights:
         query, key, value, bias = match_varying(query, key, value, bias)
@@ -310,6 +321,7 @@ def dot_product_attention(
     dropout_rng: Array | None = None,
     deterministic: bool = True,
     return_weights: bool = False,
+    dropout_keep: Array | None = None,
 ) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention, softmax(Q K^T / sqrt(d_k) + bias) V, per head.
 
@@ -331,9 +343,13 @@ def dot_product_attention(
             docstring; Pallas's interpreter off an NVIDIA GPU).
         dropout_rate: attention-probability dropout rate, applied only when
             `deterministic` is False.
-        dropout_rng: PRNG key for the dropout; required when dropout is active.
+        dropout_rng: PRNG key for the dropout; required when dropout is active, unless
+            `dropout_keep` is given.
         deterministic: True disables dropout (evaluation).
         return_weights: also return the attention weights (before dropout).
+        dropout_keep: a <bool>[batch, heads, q_len, kv_len] dropout mask drawn before
+            (`layers.dropout_mask` with `dropout_rate`), used instead of `dropout_rng`
+            (e.g. one slice of the masks of all layers drawn at once); explicit path only.
 
     Dropout and `return_weights` use the explicit path (float32 softmax, weights
     materialised) whatever `implementation` says, except that "pallas" does dropout in its
@@ -369,13 +385,18 @@ def dot_product_attention(
     if bias is not None:
         bias = _to_4d(bias)
     use_dropout = dropout_rate > 0.0 and not deterministic
-    if use_dropout and dropout_rng is None:
+    if use_dropout and dropout_rng is None and dropout_keep is None:
         raise ValueError(
             "attention dropout is active (deterministic=False) but dropout_rng is None; "
             "pass a PRNG key"
         )
 
     if implementation == "pallas" and not return_weights:
+        if use_dropout and dropout_keep is not None:
+            raise ValueError(
+                "implementation='pallas' draws its dropout bits in its kernels; pass "
+                "dropout_rng, not dropout_keep"
+            )
         from jaxmodels import pallas_attention
 
         unsupported = [
@@ -420,6 +441,7 @@ def dot_product_attention(
             dropout_rate if use_dropout else 0.0,
             dropout_rng,
             return_weights,
+            dropout_keep,
         )
     if not _on_nvidia_gpu():
         raise ValueError(
@@ -538,6 +560,7 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         deterministic: bool = True,
         return_weights: bool = False,
+        dropout_keep: Array | None = None,
     ) -> Array | tuple[Array, Array]:
         """Attends from `inputs_q` to `inputs_kv` (itself when None).
 
@@ -551,6 +574,9 @@ class MultiHeadAttention(nn.Module):
             causal: no attending to later positions (implied in decode mode).
             deterministic: True disables dropout; False needs a 'dropout' PRNG stream.
             return_weights: also return <float32>[batch, heads, q_len, kv_len] weights.
+            dropout_keep: the attention dropout's <bool>[batch, heads, q_len, kv_len]
+                mask drawn before (see `dot_product_attention`), instead of drawing one
+                from the 'dropout' stream; not with implementation "pallas".
 
         Returns:
             <dtype>[batch, q_len, out_features], or (that, weights).
@@ -589,8 +615,13 @@ class MultiHeadAttention(nn.Module):
 
         kv_features = inputs_kv.shape[-1]
         dropout_rng = None
-        if self.dropout_rate > 0.0 and not deterministic:
+        if self.dropout_rate > 0.0 and not deterministic and dropout_keep is None:
             dropout_rng = self.make_rng("dropout")
+        if dropout_keep is not None and self.implementation == "pallas":
+            raise ValueError(
+                "implementation='pallas' draws its dropout bits in its kernels; "
+                "pass no dropout_keep"
+            )
         if inputs_kv is inputs_q:
             qkv, bias = self._self_projections(inputs_q, head_dim)
             if self.implementation == "pallas" and not (
@@ -630,6 +661,7 @@ class MultiHeadAttention(nn.Module):
             dropout_rng=dropout_rng,
             deterministic=deterministic,
             return_weights=return_weights,
+            dropout_keep=dropout_keep,
         )
         x, weights = result if return_weights else (result, None)
         return self._output(x, out_features, head_dim, weights, return_weights)

@@ -65,7 +65,7 @@ import numpy as np
 from jaxmodels import losses
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
-from jaxmodels.layers import Dense, Dropout, Embed, add_positions, gelu, silu
+from jaxmodels.layers import Dense, Dropout, Embed, add_positions, dropout_mask, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -408,12 +408,16 @@ class BertLayer(nn.Module):
         kv_lengths: Array | None = None,
         mask: Array | None = None,
         deterministic: bool = True,
+        dropout_keeps: tuple[Array | None, Array | None, Array | None] | None = None,
     ) -> Array:
         """Args:
           x: <dtype>[batch, length, embed].
           kv_lengths: <int>[batch] real tokens per row (a prefix), or None.
           mask: <bool>[batch, 1, 1, length] keys to attend to, or None.
           deterministic: disables dropout.
+          dropout_keeps: masks drawn before for the attention dropout (<bool>[batch, heads,
+            length, length]) and the two hidden-state dropouts (<bool>[batch, length,
+            embed]), each None to draw it here (see `BertEncoder`).
 
         Returns:
           <dtype>[batch, length, embed].
@@ -429,13 +433,16 @@ class BertLayer(nn.Module):
             kernel_init=nn.initializers.normal(c.initializer_range),
             name="attention",
         )
-        h = attention(x, kv_lengths=kv_lengths, mask=mask, deterministic=deterministic)
-        h = Dropout(c.hidden_dropout)(h, deterministic=deterministic)
+        keeps = dropout_keeps or (None, None, None)
+        h = attention(
+            x, kv_lengths=kv_lengths, mask=mask, deterministic=deterministic, dropout_keep=keeps[0]
+        )
+        h = Dropout(c.hidden_dropout)(h, deterministic=deterministic, keep=keeps[1])
         x = _layer_norm(c, "attention_norm")(x + h)
         act = ACTIVATIONS[c.hidden_act]
         h = _dense(c, c.intermediate_size, ("embed", "mlp"), "intermediate", act)(x)
         h = _dense(c, c.hidden_size, ("mlp", "embed"), "output")(h)
-        h = Dropout(c.hidden_dropout)(h, deterministic=deterministic)
+        h = Dropout(c.hidden_dropout)(h, deterministic=deterministic, keep=keeps[2])
         return _constrain(_layer_norm(c, "output_norm")(x + h))
 
 
@@ -452,6 +459,14 @@ class BertEncoder(nn.Module):
     Parameters: `layer_0`, `layer_1`, ... or, with `config.scan_layers`, one `layers` tree
     whose arrays are stacked on a leading `layers` axis (`stack_layers` / `unstack_layers`
     convert between the two).
+
+    In training, unrolled layers get their hidden-state dropout masks from one draw for all
+    layers, each layer a slice (their attention draws its own). Compiled, every draw is a
+    threefry computation that XLA optimises and compiles on its own: with a draw per layer
+    and dropout, dropout more than doubled BERT-base's compilation for an H200 (15.1 s
+    without, 35.4 s with); drawing the hidden-state masks at once takes it from about 36 to
+    29 s, for 0.5% more kernel I/O (`benchmarks/RESULTS.md`, 2026-11-30). Scanned layers
+    draw their own (one computation in the loop body).
 
     Attributes:
       config: the sizes, dtypes, rates, remat policy and layout.
@@ -490,9 +505,22 @@ class BertEncoder(nn.Module):
             )
             x, _ = layers(c, name="layers")(x, kv_lengths, mask, deterministic)
             return x
+        keeps = self._dropout_masks(x) if not deterministic else [None] * c.num_layers
         for i in range(c.num_layers):
-            x = layer_cls(c, name=f"layer_{i}")(x, kv_lengths, mask, deterministic)
+            x = layer_cls(c, name=f"layer_{i}")(x, kv_lengths, mask, deterministic, keeps[i])
         return x
+
+    def _dropout_masks(self, x: Array) -> list[tuple[None, Array, Array] | None]:
+        """Each layer's (attention: drawn in the layer, hidden, hidden) dropout masks,
+        sliced from one draw."""
+        c = self.config
+        if c.hidden_dropout <= 0.0:
+            return [None] * c.num_layers
+        hidden = dropout_mask(
+            self.make_rng("dropout"), c.hidden_dropout, (c.num_layers, 2, *x.shape)
+        )
+        hidden = nn.with_logical_constraint(hidden, (None, None, "batch", "length", "embed"))
+        return [(None, hidden[i, 0], hidden[i, 1]) for i in range(c.num_layers)]
 
 
 def _replace_encoders(tree: Any, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:

@@ -74,6 +74,7 @@ __all__ = [
     "Dropout",
     "Embed",
     "add_positions",
+    "apply_dropout_mask",
     "batch_norm",
     "drop_threshold",
     "dropout",
@@ -133,14 +134,24 @@ def dropout(
         return inputs
     if threshold == _HALF_WORD:
         return jnp.zeros_like(inputs)
-    keep_prob = keep_probability(rate)
     mask_shape = list(inputs.shape)
     for dim in broadcast_dims:
         mask_shape[dim] = 1
-    keep = jnp.broadcast_to(dropout_mask(key, rate, mask_shape), inputs.shape)
+    return apply_dropout_mask(inputs, dropout_mask(key, rate, mask_shape), rate)
+
+
+def apply_dropout_mask(inputs: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    """`inputs` where `keep` (a `dropout_mask` of `rate`, broadcastable to `inputs`) is True,
+    divided by the keep probability; zeros elsewhere. `dropout` with a mask drawn before."""
+    threshold = drop_threshold(rate)
+    if threshold == 0:
+        return inputs
+    if threshold == _HALF_WORD:
+        return jnp.zeros_like(inputs)
+    keep = jnp.broadcast_to(keep, inputs.shape)
     # Scaled in float32 (or wider) and rounded once: 1 / 0.9 is not exact in bfloat16.
     wide = jnp.promote_types(inputs.dtype, jnp.float32)
-    scaled = (inputs.astype(wide) / np.asarray(keep_prob, wide)).astype(inputs.dtype)
+    scaled = (inputs.astype(wide) / np.asarray(keep_probability(rate), wide)).astype(inputs.dtype)
     return jax.lax.select(keep, scaled, jnp.zeros_like(inputs))
 
 
@@ -188,15 +199,22 @@ def _elementwise(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], 
 
 class Dropout(nn.Dropout):
     """`nn.Dropout` drawing its mask with `dropout_mask` (see the module docstring); the
-    attributes and call are Flax's."""
+    attributes and call are Flax's, plus `keep`: a mask drawn before (e.g. one slice of
+    the masks of several layers drawn at once), used instead of drawing one."""
 
     @nn.compact
     def __call__(
-        self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+        self,
+        inputs: jax.Array,
+        deterministic: bool | None = None,
+        rng: jax.Array | None = None,
+        keep: jax.Array | None = None,
     ) -> jax.Array:
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic or drop_threshold(self.rate) == 0:
             return inputs
+        if keep is not None:
+            return apply_dropout_mask(inputs, keep, self.rate)
         if rng is None:
             rng = self.make_rng(self.rng_collection)
         return dropout(rng, inputs, self.rate, self.broadcast_dims)

@@ -229,6 +229,36 @@ def test_explicit_backward_pass_in_bfloat16_keeps_bfloat16_weights_not_float32_l
     assert ((B, H, T, S), jnp.float32) not in kept  # not the logits
 
 
+def test_a_dropout_mask_drawn_before_equals_drawing_it_inside():
+    """`dropout_keep` (e.g. one layer's slice of all layers' masks) is the mask that
+    `dropout_rng` would draw: the same outputs and gradients."""
+    from jaxmodels.layers import dropout_mask
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 8, 4, 16)) for i in range(3))
+    rng = jax.random.key(3)
+    keep = dropout_mask(rng, 0.2, (2, 4, 8, 8))
+
+    def run(q, k, v, **how):
+        out = dot_product_attention(
+            q, k, v, dropout_rate=0.2, deterministic=False, kv_lengths=jnp.array([8, 5]), **how
+        )
+        return jnp.sum(out**2)
+
+    drawn = jax.value_and_grad(run, argnums=(0, 1, 2))(q, k, v, dropout_rng=rng)
+    given = jax.value_and_grad(run, argnums=(0, 1, 2))(q, k, v, dropout_keep=keep)
+    for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(given), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"dropout_keep is bool\[2, 4, 8, 7\]; pass"):
+        run(q, k, v, dropout_keep=keep[..., :7])
+    with pytest.raises(ValueError, match="pallas"):
+        run(q, k, v, dropout_keep=keep, implementation="pallas")
+    mha = MultiHeadAttention(num_heads=4, dropout_rate=0.2, implementation="pallas")
+    x = jnp.ones((2, 16, 64))  # the fused kernels' sizes: lengths of 16, heads of 16
+    variables = mha.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="pallas"):
+        mha.apply(variables, x, deterministic=False, dropout_keep=keep)
+
+
 def test_dropout_rate_one_drops_everything_without_nans():
     q, k, v = _qkv()
     kwargs = dict(dropout_rate=1.0, dropout_rng=jax.random.key(0), deterministic=False)

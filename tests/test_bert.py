@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -345,6 +346,38 @@ def test_scan_layers_is_the_same_function_with_stacked_parameters():
             bert.unstack_layers(got_grads),
             want_grads,
         )
+
+
+@pytest.mark.parametrize("implementation", [None, "pallas"])
+def test_unrolled_layers_draw_their_hidden_dropout_masks_at_once(implementation):
+    """In training the encoder draws the hidden-state dropout masks of all its layers at
+    once, not one per layer and dropout: each draw is a computation that XLA compiles on
+    its own (see `BertEncoder`). Each layer's attention draws its own."""
+    config = dataclasses.replace(SMALL, num_layers=3, implementation=implementation)
+    model = bert.BertModel(config)
+    ids, mask, types = _batch(length=16)  # the fused kernels' lengths: multiples of 16
+    variables = _init(model, ids)
+
+    def train(variables, key):
+        return model.apply(
+            variables, ids, None, types, True, lengths=mask.sum(1), rngs={"dropout": key}
+        )
+
+    jaxpr = str(jax.make_jaxpr(train)(variables, jax.random.key(1)))
+    draws = re.findall(r"random_bits\[bit_width=32 shape=\(([\d, ]+)\)\]", jaxpr)
+    batch, length = ids.shape
+    expected = [
+        f"{batch}, {length}, {config.hidden_size // 2}",  # the embeddings' own
+        f"3, 2, {batch}, {length}, {config.hidden_size // 2}",
+    ]
+    if implementation is None:
+        expected += [f"{batch}, {config.num_heads}, {length}, {length // 2}"] * 3
+    else:  # each fused attention kernel's seed
+        expected += ["2,"] * 3
+    assert sorted(draws) == sorted(expected)
+    a, b = train(variables, jax.random.key(1)), train(variables, jax.random.key(2))
+    assert not np.allclose(a[0], b[0])
+    np.testing.assert_array_equal(a[0], train(variables, jax.random.key(1))[0])
 
 
 def test_scan_layers_dropout_differs_per_layer_and_step():

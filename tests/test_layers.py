@@ -147,6 +147,15 @@ def test_dropout_module_is_flax_dropout_with_our_mask():
         Dropout(0.25).apply({}, x, deterministic=False)  # no 'dropout' PRNG stream
 
 
+def test_dropout_takes_a_mask_drawn_before():
+    x = jnp.arange(1.0, 25.0).reshape(4, 6)
+    key = jax.random.key(3)
+    keep = dropout_mask(key, 0.25, x.shape)
+    out = Dropout(0.25).apply({}, x, deterministic=False, keep=keep)  # no 'dropout' stream
+    np.testing.assert_array_equal(out, dropout(key, x, 0.25))
+    np.testing.assert_array_equal(Dropout(0.25).apply({}, x, deterministic=True, keep=keep), x)
+
+
 def test_sharded_dropout_equals_single_device():
     mesh = sharding.make_mesh(data=8)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4, 10, 10)), jnp.float32)
