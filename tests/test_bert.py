@@ -283,16 +283,22 @@ def test_dropout_only_in_training():
     assert not np.allclose(train1, eval1)
 
 
-def test_remat_policy_gives_the_same_gradients():
+@pytest.mark.parametrize("train", [False, True])
+def test_remat_policy_gives_the_same_gradients(train):
+    """Also in training, where the rematerialised layers take slices of the encoder's
+    dropout masks."""
     ids, mask, types = _batch()
-    config = dataclasses.replace(SMALL, num_layers=1)
+    config = dataclasses.replace(SMALL, num_layers=1 + train)
     variables = _init(bert.BertForPreTraining(config), ids)
+    rngs = {"dropout": jax.random.key(1)} if train else None
 
     def grads(policy):
         model = bert.BertForPreTraining(dataclasses.replace(config, remat_policy=policy))
 
         def loss(params):
-            mlm, nsp = model.apply({"params": params}, ids, None, types, lengths=mask.sum(1))
+            mlm, nsp = model.apply(
+                {"params": params}, ids, None, types, None, train, lengths=mask.sum(1), rngs=rngs
+            )
             return jnp.mean(mlm**2) + jnp.mean(nsp**2)
 
         return jax.jit(jax.grad(loss))(variables["params"])
