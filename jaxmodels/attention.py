@@ -120,6 +120,15 @@ def _auto_implementation(query: Array, key: Array, needs_xla: bool) -> str:
     return "xla"
 
 
+def _refuse_drawn_mask(use_dropout: bool, dropout_keep: Array | None) -> None:
+    """The fused kernels draw their own dropout bits: a mask drawn before has no place."""
+    if use_dropout and dropout_keep is not None:
+        raise ValueError(
+            "implementation='pallas' draws its dropout bits in its kernels; pass "
+            "dropout_rng (MultiHeadAttention: the 'dropout' RNG), not dropout_keep"
+        )
+
+
 def _partitioned(
     init: Callable[..., Array], shape: tuple[int, ...], names: tuple[str, ...]
 ) -> Callable[..., Array]:
@@ -392,11 +401,7 @@ def dot_product_attention(
         )
 
     if implementation == "pallas" and not return_weights:
-        if use_dropout and dropout_keep is not None:
-            raise ValueError(
-                "implementation='pallas' draws its dropout bits in its kernels; pass "
-                "dropout_rng, not dropout_keep"
-            )
+        _refuse_drawn_mask(use_dropout, dropout_keep)
         from jaxmodels import pallas_attention
 
         unsupported = [
@@ -617,11 +622,6 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if self.dropout_rate > 0.0 and not deterministic and dropout_keep is None:
             dropout_rng = self.make_rng("dropout")
-        if dropout_keep is not None and self.implementation == "pallas":
-            raise ValueError(
-                "implementation='pallas' draws its dropout bits in its kernels; "
-                "pass no dropout_keep"
-            )
         if inputs_kv is inputs_q:
             qkv, bias = self._self_projections(inputs_q, head_dim)
             if self.implementation == "pallas" and not (
@@ -631,6 +631,7 @@ class MultiHeadAttention(nn.Module):
                 # add the bias themselves: no kernel in between.
                 from jaxmodels import pallas_attention
 
+                _refuse_drawn_mask(self.dropout_rate > 0.0 and not deterministic, dropout_keep)
                 qkv = nn.with_logical_constraint(qkv, (*QKV_AXES[:2], None, *QKV_AXES[2:]))
                 rate = self.dropout_rate if dropout_rng is not None else 0.0
                 x = pallas_attention.packed_attention(qkv, bias, kv_lengths, rate, dropout_rng)

@@ -65,7 +65,16 @@ import numpy as np
 from jaxmodels import losses
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
-from jaxmodels.layers import Dense, Dropout, Embed, add_positions, dropout_mask, gelu, silu
+from jaxmodels.layers import (
+    Dense,
+    Dropout,
+    Embed,
+    add_positions,
+    drop_threshold,
+    dropout_mask,
+    gelu,
+    silu,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -514,7 +523,7 @@ class BertEncoder(nn.Module):
         """Each layer's (attention: drawn in the layer, hidden, hidden) dropout masks,
         sliced from one draw."""
         c = self.config
-        if c.hidden_dropout <= 0.0:
+        if drop_threshold(c.hidden_dropout) == 0:  # as `Dropout`: nothing dropped
             return [None] * c.num_layers
         hidden = dropout_mask(
             self.make_rng("dropout"), c.hidden_dropout, (c.num_layers, 2, *x.shape)

@@ -257,6 +257,8 @@ def test_a_dropout_mask_drawn_before_equals_drawing_it_inside():
     variables = mha.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="pallas"):
         mha.apply(variables, x, deterministic=False, dropout_keep=keep)
+    # Without dropout a mask has nothing to do, on every path (as `dot_product_attention`).
+    mha.apply(variables, x, deterministic=True, dropout_keep=keep)
 
 
 def test_dropout_rate_one_drops_everything_without_nans():

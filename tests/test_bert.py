@@ -384,6 +384,18 @@ def test_unrolled_layers_draw_their_hidden_dropout_masks_at_once(implementation)
     a, b = train(variables, jax.random.key(1)), train(variables, jax.random.key(2))
     assert not np.allclose(a[0], b[0])
     np.testing.assert_array_equal(a[0], train(variables, jax.random.key(1))[0])
+    # A rate too small to drop anything (below `layers.drop_threshold`'s resolution) draws
+    # no hidden-state masks at all, as `Dropout` draws none.
+    tiny = bert.BertModel(dataclasses.replace(config, hidden_dropout=2.0**-20))
+
+    def train_tiny(variables, key):
+        return tiny.apply(
+            variables, ids, None, types, True, lengths=mask.sum(1), rngs={"dropout": key}
+        )
+
+    jaxpr = str(jax.make_jaxpr(train_tiny)(variables, jax.random.key(1)))
+    draws = re.findall(r"random_bits\[bit_width=32 shape=\(([\d, ]+)\)\]", jaxpr)
+    assert sorted(draws) == sorted(expected[2:])
 
 
 def test_scan_layers_dropout_differs_per_layer_and_step():
