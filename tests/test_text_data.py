@@ -1,5 +1,6 @@
 """Tests for the text-classification data: the embedded stdlib docstrings, words, pipelines."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -147,6 +148,57 @@ def test_open_text_source_embedded(docs_dir):
     assert 0 <= int(record["label"]) < num_classes
     with pytest.raises(DataError, match="'description'"):
         text.open_text_source("stdlib_docs", "test", docs_dir, text_key="description")
+
+
+@functools.cache
+def _unlabelled_prose():
+    """A TFDS builder of articles with a title and a text and no label, like `wikipedia`."""
+    import tensorflow_datasets as tfds
+
+    class UnlabelledProse(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {"title": tfds.features.Text(), "text": tfds.features.Text()}
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _split_generators(self, dl_manager):  # noqa: ARG002
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(6):
+                text = f"Article {i} opens here. It goes on for a while. Then it ends."
+                yield i, {"title": f"Title {i}", "text": text}
+
+    return UnlabelledProse
+
+
+def test_pretraining_and_language_models_read_corpora_without_labels(tmp_path):
+    """Pretraining and language modelling read only text: a corpus without a label (as
+    `wikipedia`, `bert_pretrain.py:base`'s) is theirs; text classification refuses it."""
+    import ml_collections
+
+    from train.data import tfds_local
+    from train.tasks import bert_pretraining, language_model
+
+    data_dir = str(tmp_path)
+    tfds_local.prepare_once(_unlabelled_prose(), data_dir)
+    source = text.open_corpus("unlabelled_prose", "train", data_dir)
+    texts = sorted(text.read_texts(source, "text"))
+    assert len(texts) == 6 and texts[0].startswith("Article 0 opens here.")
+    with pytest.raises(DataError, match=r"no text feature 'body'.*config key text_key"):
+        text.open_corpus("unlabelled_prose", "train", data_dir, text_key="body")
+    with pytest.raises(DataError, match="text classification needs .* and a 'label'"):
+        text.open_text_source("unlabelled_prose", "train", data_dir)
+    config = ml_collections.ConfigDict(
+        {"dataset": "unlabelled_prose", "text_key": "", "data_dir": data_dir}
+    )
+    docs = bert_pretraining.corpus(config, "train")
+    assert sorted(docs[i] for i in range(len(docs))) == texts
+    stream = language_model.corpus(config, "train")
+    assert len(stream) >= sum(len(t) for t in texts)
 
 
 def test_missing_tfds_dataset_is_a_data_error_with_the_build_command(tmp_path):

@@ -152,23 +152,47 @@ def text_key_for(name: str, text_key: str | None = None) -> str:
     return _TEXT_KEYS.get(name, _TEXT_KEYS.get(name.split("/")[0], "text"))
 
 
+def _builder(name: str, data_dir: str | None) -> Any:
+    """The TFDS builder of text dataset `name`: the embedded one prepared on first use, any
+    other already prepared in `data_dir` (nothing is downloaded)."""
+    data_dir = data_dir or default_data_dir()
+    if name == EMBEDDED:
+        return prepare(data_dir)
+    return tfds_local.prepared_builder(
+        name, data_dir, f"The embedded dataset {EMBEDDED!r} needs no download."
+    )
+
+
+def open_corpus(name: str, split: str, data_dir: str | None, text_key: str | None = None) -> Any:
+    """A random-access source for `split` of text dataset `name`, for tasks that read only
+    its text (pretraining, language modelling): any prepared TFDS dataset whose records
+    hold a text feature, labelled or not (e.g. `wikipedia/20230601.en`, `lm1b`).
+
+    Records hold the text under `text_key_for(name, text_key)` (possibly as bytes; see
+    `record_text`).
+    """
+    builder = _builder(name, data_dir)
+    key = text_key_for(name, text_key)
+    if key not in builder.info.features:
+        raise DataError(
+            f"dataset {name!r} has features {sorted(builder.info.features)} and no text "
+            f"feature {key!r}; name the one that holds the text with the config key text_key"
+        )
+    return tfds_local.split_source(builder, name, split, data_dir or default_data_dir())
+
+
 def open_text_source(
     name: str, split: str, data_dir: str | None, text_key: str | None = None
 ) -> tuple[Any, int, list[str]]:
-    """A random-access source for `split` of text dataset `name`, its class count and names.
+    """A random-access source for `split` of text classification dataset `name`, its class
+    count and names.
 
     `stdlib_docs` is prepared on first use; any other TFDS dataset (e.g. `imdb_reviews`,
     `ag_news_subset`) must already be prepared in `data_dir`: nothing is downloaded.
     Records hold the text under `text_key_for(name, text_key)` (possibly as bytes; see
     `record_text`) and an integer `label`.
     """
-    data_dir = data_dir or default_data_dir()
-    if name == EMBEDDED:
-        builder = prepare(data_dir)
-    else:
-        builder = tfds_local.prepared_builder(
-            name, data_dir, f"The embedded dataset {EMBEDDED!r} needs no download."
-        )
+    builder = _builder(name, data_dir)
     features = builder.info.features
     key = text_key_for(name, text_key)
     if key not in features or "label" not in features:
@@ -176,10 +200,10 @@ def open_text_source(
             f"dataset {name!r} has features {sorted(features)}; text classification needs a "
             f"text feature {key!r} (config key text_key) and a 'label'"
         )
-    source = tfds_local.split_source(builder, name, split, data_dir)
     label = features["label"]
     if not isinstance(label, tfds.features.ClassLabel):
         raise DataError(f"the 'label' of dataset {name!r} is not a class label: {label}")
+    source = tfds_local.split_source(builder, name, split, data_dir or default_data_dir())
     return source, int(label.num_classes), list(label.names)
 
 

@@ -37,7 +37,7 @@ class _Texts:
 
 def corpus(config: Any, split: str) -> Any:
     key = text.text_key_for(config.dataset, config.text_key or None)
-    source, _, _ = text.open_text_source(config.dataset, split, config.data_dir, key)
+    source = text.open_corpus(config.dataset, split, config.data_dir, key)
     if config.dataset == text.EMBEDDED:
         # Single-sentence docstrings could only give "random" pairs and skew the NSP labels.
         return [t for t in text.read_texts(source, key) if len(mlm.split_sentences(t)) >= 2]

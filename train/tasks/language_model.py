@@ -31,7 +31,7 @@ from train.tasks import Task, make_iterators, make_module
 def corpus(config: Any, split: str) -> np.ndarray:
     """The split as one stream of byte ids."""
     key = text.text_key_for(config.dataset, config.text_key or None)
-    source, _, _ = text.open_text_source(config.dataset, split, config.data_dir, key)
+    source = text.open_corpus(config.dataset, split, config.data_dir, key)
     return sequences.byte_stream(text.read_texts(source, key))
 
 
