@@ -97,6 +97,37 @@ def test_open_source_unknown_dataset(tmp_path):
         images.open_source("no_such_dataset_xyz", "train", str(tmp_path))
 
 
+def test_open_source_needs_an_image_and_a_class_label(tmp_path):
+    """A dataset whose features are named otherwise (as `smallnorb`'s `label_category`) is a
+    DataError naming its features, not a KeyError from deep inside the pipeline."""
+    import tensorflow_datasets as tfds
+
+    from train.data import tfds_local
+
+    class ImagesWithCategories(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
+                "label_category": tfds.features.ClassLabel(num_classes=2),
+            }
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _split_generators(self, dl_manager):  # noqa: ARG002
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(2):
+                yield i, {"image": np.full((4, 4, 1), i, np.uint8), "label_category": i}
+
+    tfds_local.prepare_once(ImagesWithCategories, str(tmp_path))
+    with pytest.raises(DataError, match=r"\['image', 'label_category'\]; image classification"):
+        images.open_source("images_with_categories", "train", str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------
 # Grain pipelines.
 
@@ -329,6 +360,15 @@ def test_inception_preprocessing_shapes():
     assert out["image"].shape == (16, 16, 3)
     out = images.inception_eval(record, None, size=16)
     assert out["image"].shape == (16, 16, 3)
+    # Greyscale images keep their one channel.
+    grey = {"image": image[..., :1], "label": 4}
+    for fn in (train_fn, eval_fn):
+        out = fn(grey, np.random.default_rng(0))
+        assert out["image"].shape == (32, 32, 1) and out["image"].dtype == np.uint8
+    np.testing.assert_array_equal(
+        images.center_crop(image[..., :1], 16),
+        images.center_crop(image[..., :1].repeat(3, -1), 16)[..., :1],
+    )
 
 
 def test_preprocessors_by_preset():

@@ -53,6 +53,8 @@ def open_source(name: str, split: str, data_dir: str | None) -> tuple[Any, int]:
     Nothing is downloaded: a dataset that is not prepared in `data_dir` is an error that
     says how to get it.
     """
+    import tensorflow_datasets as tfds
+
     from train.data import tfds_local
 
     data_dir = data_dir or default_data_dir()
@@ -64,8 +66,15 @@ def open_source(name: str, split: str, data_dir: str | None) -> tuple[Any, int]:
         builder = tfds_local.prepared_builder(
             name, data_dir, f"The embedded dataset {EMBEDDED!r} needs no download."
         )
+    features = builder.info.features
+    label = features["label"] if "label" in features else None  # noqa: SIM401 - no .get
+    if "image" not in features or not isinstance(label, tfds.features.ClassLabel):
+        raise DataError(
+            f"dataset {name!r} has features {sorted(features)}; image classification needs "
+            "an image feature 'image' and a class label 'label' (config key dataset: e.g. "
+            f"mnist, cifar10, imagenet2012, or the embedded {EMBEDDED!r})"
+        )
     source = tfds_local.split_source(builder, name, split, data_dir)
-    label = builder.info.features["label"]
     return source, int(label.num_classes)
 
 
@@ -92,8 +101,11 @@ def cifar_train(record: Any, rng: np.random.Generator) -> dict[str, Any]:
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[h, w, channels] resized to `size` (bilinear); one channel (greyscale) as well."""
     from PIL import Image
 
+    if image.ndim == 3 and image.shape[-1] == 1:
+        return _resize(image[..., 0], size)[..., None]
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 
