@@ -184,11 +184,25 @@ def model_overrides(settings: list[str]) -> dict[str, Any]:
 
 def _timing_args(args: argparse.Namespace, suite: str) -> tuple[int, int, int]:
     defaults = specs.DEFAULT_TIMING[suite]
-    return (
-        args.steps or defaults["steps"],
-        args.windows or defaults["windows"],
-        defaults["warmup"] if args.warmup is None else args.warmup,
+    return tuple(
+        defaults[name] if getattr(args, name) is None else getattr(args, name)
+        for name in ("steps", "windows", "warmup")
     )
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Numeric flags that cannot make a measurement fail before anything starts."""
+    for flag, value, least in (
+        ("--steps", args.steps, 1),
+        ("--windows", args.windows, 1),
+        ("--warmup", args.warmup, 0),
+    ):
+        if value is not None and value < least:
+            raise SystemExit(f"{flag} must be >= {least}, got {value}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise SystemExit(f"--peak-tflops must be > 0 (TFLOP/s), got {args.peak_tflops}")
+    if args.devices != "all" and not (args.devices.isdecimal() and int(args.devices) >= 1):
+        raise SystemExit(f'--devices takes a count (>= 1) or "all", got {args.devices!r}')
 
 
 def _run_here(
@@ -379,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             "--set changes our model but not the peers': compare with --peers in a run "
             "without --set"
         )
+    _check_numbers(args)
     if args.xla_flags and args.in_process:
         raise SystemExit(
             "--xla-flags takes effect when XLA starts, in each workload's own process: "

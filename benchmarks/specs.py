@@ -74,7 +74,7 @@ def peak_flops(
     device_kind: str, precision: str, override_tflops: float | None = None
 ) -> float | None:
     """Peak FLOP/s of `device_kind` at `precision`; `override_tflops` (TFLOP/s) wins; else None."""
-    if override_tflops:
+    if override_tflops is not None:
         return override_tflops * 1e12
     return PEAK_FLOPS.get(device_kind, {}).get(precision)
 

@@ -306,6 +306,31 @@ def test_xla_flags_reach_the_workload_process(tmp_path):
     assert proc.returncode != 0 and "drop --in-process" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--windows", "-1"], "--windows must be >= 1, got -1"),
+        (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--peak-tflops", "0"], "--peak-tflops must be > 0"),
+        (["--devices", "foo"], "--devices takes a count"),
+    ],
+)
+def test_bad_numbers_fail_before_anything_runs(flags, message, monkeypatch):
+    """Zero steps was taken for "the default", a negative count failed in every workload
+    process, one by one: now each is refused at once, naming the flag."""
+    from benchmarks import cli
+
+    def no_run(args):
+        raise AssertionError("the suite started")
+
+    monkeypatch.setattr(cli, "_run_suite", no_run)
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["--suite", "cpu", "--only", "mnist_cnn", *flags])
+    parsed = cli._parser().parse_args(["--steps", "2", "--warmup", "0"])
+    assert cli._timing_args(parsed, "cpu")[0::2] == (2, 0)
+
+
 def test_unbuilt_family_is_a_skipped_row(monkeypatch):
     from benchmarks import cli, workloads
 
