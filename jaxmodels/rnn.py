@@ -391,7 +391,8 @@ class LSTM(nn.Module):
       backend: "scan" (portable), "cudnn" (GPU; jax.experimental.rnn), "pallas" (the scan
         path's arithmetic, each direction's loop over time one fused GPU kernel per pass;
         hidden sizes that are powers of two from 16 to 128; Pallas's slow interpreter
-        elsewhere) or "auto" (cuDNN on an NVIDIA GPU, scan elsewhere). All compute the same
+        elsewhere) or "auto" (cuDNN on an NVIDIA GPU, scan elsewhere and while dropout
+        between layers is on: cuDNN's LSTM here has none). All compute the same
         function of the same parameters; cuDNN computes in float32 (jaxlib's cuDNN RNN
         rejects bfloat16).
       dtype: matmul dtype of the scan path (gates and cell state are float32).
@@ -449,6 +450,8 @@ class LSTM(nn.Module):
                     f"{pallas_lstm.MAX_HIDDEN}, got {self.hidden_size}; use backend 'scan' or "
                     "'cudnn'"
                 )
+        if x.ndim != 3:
+            raise ValueError(f"x must be [batch, time, features], got shape {x.shape}")
         batch, time, _ = x.shape
         lengths = jnp.full((batch,), time, jnp.int32) if lengths is None else lengths
         check_lengths(lengths, batch, time)
@@ -475,10 +478,20 @@ class LSTM(nn.Module):
                 )
             features = self.num_directions * self.hidden_size
 
-        use_cudnn = self.backend == "cudnn" or (self.backend == "auto" and cudnn_available())
-        if use_cudnn:
-            if self.dropout and not deterministic:
-                raise ValueError("dropout between layers is supported by the scan backend only")
+        # Dropout acts between layers: with one layer, or in evaluation, there is none.
+        drops = bool(self.dropout) and not deterministic and self.num_layers > 1
+        if self.backend == "cudnn":
+            if not cudnn_available():
+                raise ValueError(
+                    f"backend='cudnn' needs an NVIDIA GPU (the default backend is "
+                    f"{jax.default_backend()!r}); use backend 'auto' or 'scan'"
+                )
+            if drops:
+                raise ValueError(
+                    "dropout between layers is not in cuDNN's LSTM here; train with backend "
+                    "'auto' (which takes the scan path while dropout is on) or 'scan'"
+                )
+        if self.backend == "cudnn" or (self.backend == "auto" and cudnn_available() and not drops):
             return self._cudnn(x, lengths, h0, c0, params)
 
         hs, cs = [], []

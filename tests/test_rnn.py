@@ -13,6 +13,7 @@ import pytest
 from jaxmodels import rnn
 
 B, T, F, H = 3, 7, 5, 6
+KEY = jax.random.key(0)
 
 
 def _inputs(seed=0):
@@ -329,6 +330,46 @@ def test_cudnn_backend_equals_scan(bidirectional):
     b = cudnn.apply(params, x, lengths)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(u, v, atol=1e-4)
+
+
+def test_auto_takes_the_scan_path_while_dropout_is_on(monkeypatch):
+    """On a GPU "auto" means cuDNN, whose LSTM here has no dropout between layers: training
+    with dropout takes the scan path (was: an error), evaluation and one layer take cuDNN."""
+    x, lengths = _inputs()
+    calls = []
+
+    def fake_cudnn(self, x, *args):
+        calls.append(self.num_layers)
+        return x, None
+
+    monkeypatch.setattr(rnn, "cudnn_available", lambda: True)  # as on an NVIDIA GPU
+    monkeypatch.setattr(rnn.LSTM, "_cudnn", fake_cudnn)
+    auto, scan = rnn.LSTM(H, 2, dropout=0.3), rnn.LSTM(H, 2, dropout=0.3, backend="scan")
+    params = _init(scan, x, lengths)
+
+    def train(model):
+        return model.apply(params, x, lengths, deterministic=False, rngs={"dropout": KEY})
+
+    for u, v in zip(jax.tree.leaves(train(auto)), jax.tree.leaves(train(scan)), strict=True):
+        np.testing.assert_array_equal(u, v)
+    assert calls == []
+    auto.apply(params, x, lengths)  # evaluation: no dropout
+    one = rnn.LSTM(H, 1, dropout=0.3)
+    one_params = _init(one, x, lengths)
+    one.apply(one_params, x, lengths, deterministic=False, rngs={"dropout": KEY})
+    assert calls == [2, 1, 1]  # evaluation; initialisation and training of one layer
+    with pytest.raises(ValueError, match="backend 'auto'"):
+        train(rnn.LSTM(H, 2, dropout=0.3, backend="cudnn"))
+
+
+def test_cudnn_backend_off_a_gpu_and_bad_shapes_are_clear_errors():
+    x, lengths = _inputs()
+    model = rnn.LSTM(H, backend="cudnn")
+    if not rnn.cudnn_available():
+        with pytest.raises(ValueError, match="backend='cudnn' needs an NVIDIA GPU"):
+            model.init(KEY, x, lengths)
+    with pytest.raises(ValueError, match=r"x must be \[batch, time, features\], got shape"):
+        rnn.LSTM(H).init(KEY, x[0])
 
 
 def test_unroll_does_not_change_numbers():
