@@ -97,7 +97,8 @@ def make_optimizer(
       grad_clip_norm: clip the gradient to this global norm first (None or 0: off).
       accumulate_steps: accumulate gradients over this many micro-steps before an update
         (`optax.MultiSteps`); the effective batch is `accumulate_steps` times larger.
-      mu_dtype: storage dtype of first moments (e.g. bfloat16 to save memory).
+      mu_dtype: storage dtype of first moments (e.g. bfloat16 to save memory): adam, adamw
+        and sgd (its momentum).
     """
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
@@ -105,6 +106,13 @@ def make_optimizer(
         raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
     if accumulate_steps < 1:
         raise ConfigError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+    if mu_dtype is not None and name not in ("adam", "adamw", "sgd"):
+        raise ConfigError(
+            f"mu_dtype (the first moments' storage dtype) applies to adam, adamw and sgd; "
+            f"optax's {name} keeps its state in the parameters' dtype: drop mu_dtype"
+        )
+    if nesterov and not momentum and name in ("sgd", "rmsprop", "lars"):
+        raise ConfigError(f"nesterov needs momentum > 0 ({name}); set momentum or drop nesterov")
     sched = make_schedule(learning_rate, total_steps, warmup_steps, schedule, end_factor)
 
     def build(learning_rate: Any) -> optax.GradientTransformation:
@@ -127,7 +135,9 @@ def make_optimizer(
                 )
             )
         elif name == "rmsprop":
-            parts.append(optax.rmsprop(learning_rate, eps=eps, momentum=momentum))
+            parts.append(
+                optax.rmsprop(learning_rate, eps=eps, momentum=momentum or None, nesterov=nesterov)
+            )
         elif name == "sgd":
             parts.append(
                 optax.sgd(

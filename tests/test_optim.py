@@ -86,6 +86,42 @@ def test_bad_optimizer_arguments_raise(kwargs):
         optim.make_optimizer("sgd", lr, total_steps=10, **args)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("lamb", {"mu_dtype": jnp.bfloat16}, "mu_dtype .* applies to adam, adamw and sgd"),
+        ("rmsprop", {"mu_dtype": jnp.bfloat16}, "drop mu_dtype"),
+        ("lars", {"mu_dtype": jnp.bfloat16}, "drop mu_dtype"),
+        ("sgd", {"momentum": 0.0, "nesterov": True}, "nesterov needs momentum > 0"),
+    ],
+)
+def test_options_an_optimizer_would_ignore_raise(name, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        optim.make_optimizer(name, 1e-3, total_steps=10, **kwargs)
+
+
+def test_rmsprop_takes_nesterov_and_sgd_its_accumulator_dtype():
+    params, loss = _least_squares()
+    grads = jax.grad(loss)(params)
+
+    def after_two(**kwargs):
+        tx = optim.make_optimizer("rmsprop", 0.01, total_steps=10, **kwargs)
+        state = tx.init(params)
+        for _ in range(2):
+            updates, state = tx.update(grads, state, params)
+        return updates["kernel"]
+
+    nesterov = after_two(nesterov=True)
+    assert not np.allclose(nesterov, after_two())
+    reference = optax.rmsprop(0.01, momentum=0.9, nesterov=True)
+    state = reference.init(params)
+    for _ in range(2):
+        expected, state = reference.update(grads, state, params)
+    np.testing.assert_allclose(nesterov, expected["kernel"], rtol=1e-6)
+    tx = optim.make_optimizer("sgd", 0.1, total_steps=10, mu_dtype=jnp.bfloat16)
+    assert {a.dtype for a in jax.tree.leaves(tx.init(params)) if a.ndim == 2} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_unknown_schedule_raises_config_error_naming_it():
     with pytest.raises(ConfigError, match="cosinus"):
         optim.make_schedule(1.0, 100, schedule="cosinus")
