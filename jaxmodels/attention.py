@@ -526,7 +526,8 @@ class MultiHeadAttention(nn.Module):
     `kv_lengths` <int>[batch] says how many of the chunk's tokens are real (right-padded
     prompts of different lengths): each sequence's `cache_index` advances by that many
     (default: the chunk length), so the padding is overwritten by the next tokens before
-    anything attends to it. Positions beyond max_len are not checked under `jit`.
+    anything attends to it. Writing beyond max_len is an error outside `jit`; under `jit`
+    it is not checked (the write would land on the last positions).
 
     Attributes:
         num_heads: number of attention heads.
@@ -740,6 +741,12 @@ class MultiHeadAttention(nn.Module):
         if chunk > max_len:
             raise ValueError(f"decode chunk of {chunk} tokens exceeds the cache length {max_len}")
         index = cache_index.value
+        if not isinstance(index, jax.core.Tracer) and int(jnp.max(index)) + chunk > max_len:
+            raise ValueError(
+                f"decoding past the cache: a chunk of {chunk} token(s) at position "
+                f"{int(jnp.max(index))} needs {int(jnp.max(index)) + chunk} positions, the "
+                f"cache holds {max_len}; create the cache with a longer input (init_cache)"
+            )
         write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))
         cached_key.value = write(cached_key.value, key.astype(cached_key.value.dtype), index)
         cached_value.value = write(

@@ -76,6 +76,7 @@ __all__ = [
     "add_positions",
     "apply_dropout_mask",
     "batch_norm",
+    "check_lengths",
     "drop_threshold",
     "dropout",
     "dropout_mask",
@@ -88,6 +89,32 @@ __all__ = [
 ]
 
 _HALF_WORD = 2**16
+
+
+def check_lengths(lengths: Any, batch: int, time: int, name: str = "lengths") -> None:
+    """Raises ValueError for a lengths array (called `name` in the messages) that cannot
+    describe a [batch, time] batch of right-padded sequences.
+
+    Shapes are always checked; values only when concrete (outside jit).
+    """
+    if jnp.shape(lengths) != (batch,):
+        raise ValueError(
+            f"{name} has shape {jnp.shape(lengths)} but the batch has {batch} sequences: "
+            "pass one length per sequence, <int>[batch]"
+        )
+    if isinstance(lengths, jax.core.Tracer):
+        return
+    values = np.asarray(lengths)
+    if values.size and values.min() < 1:
+        raise ValueError(
+            f"{name} must be >= 1 (found {values.min()}): empty sequences have no last "
+            "token; drop them or give them one padding token"
+        )
+    if values.size and values.max() > time:
+        raise ValueError(
+            f"{name} must be <= the sequence length {time} (found {values.max()}); "
+            "truncate the lengths or pad the tokens to the longest sequence"
+        )
 
 
 def drop_threshold(rate: float) -> int:

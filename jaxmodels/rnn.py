@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.layers import Dropout, Embed, dot_float32
+from jaxmodels.layers import Dropout, Embed, check_lengths, dot_float32
 
 Dtype = Any
 State = tuple[jax.Array, jax.Array]  # (h, c)
@@ -346,31 +346,6 @@ def _scan_direction(
     else:
         ys, h, c = _recurrence(zx, mask, *state, wh, jnp.dtype(dtype), unroll)
     return jnp.swapaxes(ys, 0, 1), (h, c)
-
-
-def check_lengths(lengths: Any, batch: int, time: int) -> None:
-    """Raises ValueError for a lengths array that cannot describe a [batch, time] batch.
-
-    Shapes are always checked; values only when concrete (outside jit).
-    """
-    if jnp.shape(lengths) != (batch,):
-        raise ValueError(
-            f"lengths has shape {jnp.shape(lengths)} but the batch has {batch} sequences: "
-            "pass one length per sequence, <int>[batch]"
-        )
-    if isinstance(lengths, jax.core.Tracer):
-        return
-    values = np.asarray(lengths)
-    if values.size and values.min() < 1:
-        raise ValueError(
-            f"lengths must be >= 1 (found {values.min()}): empty sequences have no last "
-            "state; drop them or give them one padding token"
-        )
-    if values.size and values.max() > time:
-        raise ValueError(
-            f"lengths must be <= the sequence length {time} (found {values.max()}); "
-            "truncate the lengths or pad the tokens to the longest sequence"
-        )
 
 
 def cudnn_available() -> bool:

@@ -56,7 +56,7 @@ import numpy as np
 
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import ConfigError
-from jaxmodels.layers import Dense, Dropout, Embed, add_positions, gelu, silu
+from jaxmodels.layers import Dense, Dropout, Embed, add_positions, check_lengths, gelu, silu
 
 __all__ = [
     "ACTIVATIONS",
@@ -123,7 +123,10 @@ def _layer_norm(module: nn.Module, name: str) -> nn.LayerNorm:
 
 
 def _check_tokens(tokens: Array, vocab_size: int, what: str = "tokens") -> None:
-    """Raises ValueError for token ids outside [0, vocab_size) (only when concrete)."""
+    """Raises ValueError for tokens that are not [batch, length], or (only when concrete)
+    for ids outside [0, vocab_size)."""
+    if jnp.ndim(tokens) != 2:
+        raise ValueError(f"{what}s must be <int>[batch, length], got shape {jnp.shape(tokens)}")
     if isinstance(tokens, jax.core.Tracer):
         return
     values = np.asarray(tokens)
@@ -941,7 +944,7 @@ class DecoderOnlyLM(nn.Module):
         Returns:
             <float32>[batch, length, vocab]: the logits at t predict token t + 1.
         """
-        _check_tokens(tokens, self.vocab_size)
+        _check_tokens(tokens, self.vocab_size, "token")
         batch, length = tokens.shape
         embed = _embed(self, self.vocab_size, "embed")
         positions = _decode_positions(self, batch, length, lengths) if self.decode else None
@@ -975,9 +978,10 @@ def _sample(
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_k is not None:  # exactly k tokens, ties with the k-th included or not by index
+        top = jax.lax.top_k(logits, top_k)[1]
+        keep = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], top].set(True)
+        logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
@@ -1070,8 +1074,9 @@ def generate(
         prompt_lengths: <int>[batch] real prompt tokens, >= 1 (default: prompt_len).
         max_new_tokens: tokens to generate; prompt_len + max_new_tokens <= model.max_len.
         rng: PRNG key for sampling (unused, and optional, when `greedy`).
-        temperature: divides the logits before sampling.
-        top_k: sample only among the k most likely tokens (None: all).
+        temperature: divides the logits before sampling; > 0 (`greedy` for the limit 0).
+        top_k: sample only among the k most likely tokens (None: all); of tokens tied with
+            the k-th, those of lower id.
         greedy: take the most likely token (deterministic).
 
     Returns:
@@ -1082,6 +1087,7 @@ def generate(
             arguments are inconsistent.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
+    _check_tokens(prompt, model.vocab_size, "prompt token")
     batch, prompt_len = prompt.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -1094,15 +1100,15 @@ def generate(
         raise ValueError(f"top_k must lie in [1, vocab_size={model.vocab_size}], got {top_k}")
     if not greedy and rng is None:
         raise ValueError("sampling needs an rng key; pass rng=... or greedy=True")
+    if not greedy and not isinstance(temperature, jax.core.Tracer) and not temperature > 0:
+        raise ValueError(
+            f"temperature must be > 0, got {temperature}; for the most likely token at every "
+            "step pass greedy=True"
+        )
     if prompt_lengths is None:
         prompt_lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    check_lengths(prompt_lengths, batch, prompt_len, "prompt_lengths")
     prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
-    if prompt_lengths.shape != (batch,):
-        raise ValueError(
-            f"prompt_lengths has shape {prompt_lengths.shape}; pass one length per prompt, "
-            f"<int>[{batch}]"
-        )
-    _check_tokens(prompt, model.vocab_size, "prompt token")
     if rng is None:
         rng = jax.random.key(0)
     return _generate(
@@ -1196,6 +1202,7 @@ def greedy_translate(
             inconsistent.
     """
     src_tokens = jnp.asarray(src_tokens, jnp.int32)
+    _check_tokens(src_tokens, model.vocab_size, "source token")
     batch, src_len = src_tokens.shape
     if not 1 <= max_length <= model.max_len:
         raise ValueError(
@@ -1204,12 +1211,8 @@ def greedy_translate(
         )
     if src_lengths is None:
         src_lengths = jnp.full((batch,), src_len, jnp.int32)
+    check_lengths(src_lengths, batch, src_len, "src_lengths")
     src_lengths = jnp.asarray(src_lengths, jnp.int32)
-    if src_lengths.shape != (batch,):
-        raise ValueError(
-            f"src_lengths has shape {src_lengths.shape}; pass one length per source, <int>[{batch}]"
-        )
-    _check_tokens(src_tokens, model.vocab_size, "source token")
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and not 0 <= value < model.target_vocab_size:
             raise ValueError(

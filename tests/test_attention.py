@@ -616,6 +616,18 @@ def test_mha_kv_cache_token_by_token_equals_full_causal_forward():
     np.testing.assert_array_equal(cache["cache_index"], [x.shape[1]] * B)
 
 
+def test_mha_kv_cache_writing_past_its_end_is_an_error():
+    """Outside jit a chunk that does not fit is refused (the write used to land on the last
+    cached position, silently)."""
+    model, variables, params, x, _ = _decode_setup()
+    cache = variables["cache"]
+    for t in range(x.shape[1]):
+        _, mutated = model.apply({**params, "cache": cache}, x[:, t : t + 1], mutable=["cache"])
+        cache = mutated["cache"]
+    with pytest.raises(ValueError, match=f"needs {x.shape[1] + 1} positions, the cache holds"):
+        model.apply({**params, "cache": cache}, x[:, :1], mutable=["cache"])
+
+
 def test_mha_kv_cache_prefill_with_ragged_lengths_then_tokens():
     """A right-padded prompt chunk, then single tokens: each sequence continues at its length."""
     model, variables, params, x, _ = _decode_setup(max_len=7, seed=3)

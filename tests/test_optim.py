@@ -119,7 +119,9 @@ def test_rmsprop_takes_nesterov_and_sgd_its_accumulator_dtype():
         expected, state = reference.update(grads, state, params)
     np.testing.assert_allclose(nesterov, expected["kernel"], rtol=1e-6)
     tx = optim.make_optimizer("sgd", 0.1, total_steps=10, mu_dtype=jnp.bfloat16)
-    assert {a.dtype for a in jax.tree.leaves(tx.init(params)) if a.ndim == 2} == {jnp.dtype(jnp.bfloat16)}
+    assert {a.dtype for a in jax.tree.leaves(tx.init(params)) if a.ndim == 2} == {
+        jnp.dtype(jnp.bfloat16)
+    }
 
 
 def test_unknown_schedule_raises_config_error_naming_it():

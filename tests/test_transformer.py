@@ -379,6 +379,36 @@ def test_sampling_respects_the_rng_and_top_k(lm_reference):
         generate(lm, params, prompt, max_new_tokens=2)
 
 
+def test_generation_arguments_that_cannot_be_meant_are_errors(lm_reference):
+    """Were: token 0 for ever (temperature 0: NaN logits), tokens from a prompt of length 0
+    or past the prompt, an unpacking error for 1-D prompts."""
+    lm, tokens, params, _ = lm_reference
+    prompt = tokens[:, :3]
+    kw = dict(max_new_tokens=2, rng=jax.random.key(0))
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be > 0.*greedy=True"):
+            generate(lm, params, prompt, temperature=temperature, **kw)
+    generate(lm, params, prompt, temperature=0.0, greedy=True, max_new_tokens=2)  # unused
+    for lengths, message in (([3, 0], "must be >= 1"), ([3, 4], "must be <= the sequence")):
+        with pytest.raises(ValueError, match=f"prompt_lengths {message}"):
+            generate(lm, params, prompt, jnp.array(lengths[:1] * (B - 1) + lengths[1:]), **kw)
+    with pytest.raises(ValueError, match=r"prompt tokens must be <int>\[batch, length\]"):
+        generate(lm, params, prompt[0], **kw)
+    with pytest.raises(ValueError, match=r"tokens must be <int>\[batch, length\]"):
+        lm.apply({"params": params}, tokens[0])
+
+
+def test_top_k_samples_exactly_k_tokens_when_logits_tie():
+    """Logits tied with the k-th do not widen the choice: top_k=1 is one token."""
+    from jaxmodels.transformer import _sample
+
+    logits = jnp.array([[3.0, 3.0, 3.0, 0.0, 0.0]] * 64)
+    drawn = {int(t) for s in range(8) for t in _sample(logits, jax.random.key(s), 1.0, 1, False)}
+    assert drawn == {0}
+    drawn = {int(t) for s in range(8) for t in _sample(logits, jax.random.key(s), 1.0, 2, False)}
+    assert drawn == {0, 1}
+
+
 def test_untied_output_projection_and_bfloat16():
     lm = DecoderOnlyLM(**LM, tie_embeddings=False, dtype=jnp.bfloat16)
     tokens = _tokens((B, L))
