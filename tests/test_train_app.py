@@ -343,6 +343,19 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(v)) for v in params.values())
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    """The loss of a step comes from the parameters before its update: an update to inf on a
+    checkpoint step used to be saved, and then named the last good checkpoint."""
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = 3
+    config.checkpoint_every = config.log_every = 1
+    config.optimizer.learning_rate = 1e39  # the first update overflows float32
+    with pytest.raises(NonFiniteError, match=r"state after step 1 is not finite .*not saved"):
+        train_and_evaluate(config, str(tmp_path))
+    assert not [s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+
+
 def test_user_errors_are_user_errors():
     for cls in (CheckpointError, ConfigError, DataError, NonFiniteError):
         assert issubclass(cls, UserError)

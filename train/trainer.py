@@ -325,16 +325,7 @@ def _train(
             if not np.isfinite(m["loss"]):
                 bad = training.first_non_finite(state.params)
                 where = f"; first non-finite parameter after it: {bad}" if bad else ""
-                kept = ckpt.latest_step()
-                raise NonFiniteError(
-                    f"non-finite loss ({m['loss']}) at step {s + 1}{where}. Stopped; the last "
-                    f"good checkpoint is step {kept} in {ckpt.directory}. Lower the learning "
-                    "rate, add grad_clip_norm, or check the data."
-                    if kept is not None
-                    else f"non-finite loss ({m['loss']}) at step {s + 1}{where}. Stopped "
-                    "before any checkpoint. Lower the learning rate, add grad_clip_norm, "
-                    "or check the data."
-                )
+                stop(f"non-finite loss ({m['loss']}) at step {s + 1}{where}")
         now = time.perf_counter()
         mean = {f"train/{k}": float(np.mean([m[k] for m in values])) for k in values[0]}
         mean["train/steps_per_sec"] = (step - last_step) / max(now - last_time, 1e-9)
@@ -347,7 +338,24 @@ def _train(
                 loss=f"{mean['train/loss']:.4f}", steps_s=f"{mean['train/steps_per_sec']:.1f}"
             )
 
+    def stop(what: str) -> None:
+        kept = ckpt.latest_step()
+        where = (
+            f"Stopped; the last good checkpoint is step {kept} in {ckpt.directory}."
+            if kept is not None
+            else "Stopped before any checkpoint."
+        )
+        raise NonFiniteError(
+            f"{what}. {where} Lower the learning rate, add grad_clip_norm, or check the data."
+        )
+
     def save(step: int) -> None:
+        # A finite loss is computed before the step's update: the state itself is checked,
+        # so that no checkpoint (which would replace good ones) holds NaN or inf.
+        saved = {"params": state.params, "model_state": state.model_state}
+        bad = training.first_non_finite({**saved, "opt_state": state.opt_state})
+        if bad:
+            stop(f"the state after step {step} is not finite (first: {bad}); not saved")
         ckpt.save(step, state, {"iterator": train_iter.get_state()})
 
     trace = _StepTrace(
