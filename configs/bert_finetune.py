@@ -11,10 +11,11 @@ Hugging Face BERT directory (config.json + model.safetensors + vocab.txt); witho
       --config.init_from=runs/bert_tiny
 """
 
-from train.defaults import base_config
+from train.defaults import base_config, check_variant
 
 
 def get_config(variant: str | None = None):
+    check_variant(variant, ("sst2", "smoke"))
     c = base_config()
     c.task = "text_classification"
     c.dataset = "stdlib_docs"

@@ -19,10 +19,11 @@ Variants:
 
 from ml_collections.config_dict import placeholder
 
-from train.defaults import base_config
+from train.defaults import base_config, check_variant
 
 
 def get_config(variant: str | None = None):
+    check_variant(variant, ("base", "large", "smoke"))
     c = base_config()
     c.task = "bert_pretraining"
     c.dataset = "stdlib_docs"

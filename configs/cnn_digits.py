@@ -7,10 +7,11 @@ first use. Reaches ~98% test accuracy in well under a minute on a 2-core CPU.
   python -m train --config=configs/cnn_digits.py:smoke --workdir=/tmp/smoke   # a few steps
 """
 
-from train.defaults import base_config
+from train.defaults import base_config, check_variant
 
 
 def get_config(variant: str | None = None):
+    check_variant(variant, ("smoke",))
     c = base_config()
     c.dataset = "sklearn_digits"
     c.model.name = "SeedCNN"

@@ -6,10 +6,11 @@ Needs TFDS mnist prepared as array_record in the data dir (training never downlo
   python -m train --config=configs/cnn_mnist.py --workdir=runs/cnn_mnist
 """
 
-from train.defaults import base_config
+from train.defaults import base_config, check_variant
 
 
 def get_config(variant: str | None = None):
+    check_variant(variant, ("smoke",))
     c = base_config()
     c.dataset = "mnist"
     c.model.name = "SeedCNN"

@@ -10,12 +10,13 @@ dataset by name when prepared locally (training never downloads):
   python -m train --config=configs/lstm_text.py:smoke --workdir=/tmp/smoke
 """
 
-from train.defaults import base_config
+from train.defaults import base_config, check_variant
 
 _TRAIN = 3_147  # stdlib_docs train examples (about; depends a little on the Python version)
 
 
 def get_config(variant: str | None = None):
+    check_variant(variant, ("imdb", "ag_news", "smoke"))
     c = base_config()
     c.task = "text_classification"
     c.dataset = "stdlib_docs"

@@ -5,10 +5,11 @@ cosine schedule with warmup, weight decay 5e-4, pad-crop-flip augmentation, 200 
   python -m train --config=configs/resnet18_cifar10.py --workdir=runs/resnet18_cifar10
 """
 
-from train.defaults import base_config
+from train.defaults import base_config, check_variant
 
 
 def get_config(variant: str | None = None):
+    check_variant(variant, ("smoke",))
     c = base_config()
     c.dataset = "cifar10"
     c.augment = "cifar"

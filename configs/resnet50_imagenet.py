@@ -7,12 +7,13 @@ inception crop + flip; evaluation at 224 px centre crop.
   python -m train --config=configs/resnet50_imagenet.py --workdir=runs/resnet50
 """
 
-from train.defaults import base_config
+from train.defaults import base_config, check_variant
 
 _TRAIN_IMAGES = 1_281_167
 
 
 def get_config(variant: str | None = None):
+    check_variant(variant, ("smoke",))
     c = base_config()
     c.dataset = "imagenet2012"
     c.eval_split = "validation"

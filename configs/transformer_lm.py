@@ -12,10 +12,11 @@ keys set the temperature / top-k of `train.tasks.language_model.sample`.
   python -m train --config=configs/transformer_lm.py:smoke --workdir=/tmp/smoke
 """
 
-from train.defaults import base_config
+from train.defaults import base_config, check_variant
 
 
 def get_config(variant: str | None = None):
+    check_variant(variant, ("smoke",))
     c = base_config()
     c.task = "language_model"
     c.dataset = "stdlib_docs"

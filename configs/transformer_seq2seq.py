@@ -14,10 +14,11 @@ downloads), `smoke` (a few steps). Remat and scan-over-layers are `model` keys.
   python -m train --config=configs/transformer_seq2seq.py:smoke --workdir=/tmp/smoke
 """
 
-from train.defaults import base_config
+from train.defaults import base_config, check_variant
 
 
 def get_config(variant: str | None = None):
+    check_variant(variant, ("sort", "wmt", "smoke"))
     c = base_config()
     c.task = "seq2seq"
     c.dataset = "toy_reverse"  # toy_reverse | toy_sort | a TFDS translation dataset

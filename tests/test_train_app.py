@@ -260,6 +260,62 @@ def test_unknown_override_key_fails_cleanly(tmp_path):
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
+    """Were: the default recipe for a misspelt variant, a traceback for a missing file, a
+    run in the current directory for an empty --workdir."""
+    proc = run_app("configs/cnn_digits.py:smok", str(tmp_path / "a"))
+    _assert_clean_failure(proc, "unknown config variant 'smok'", "'smoke'")
+    proc = run_app("configs/no_such_config.py", str(tmp_path / "b"))
+    _assert_clean_failure(proc, "cannot load the --config file", "no_such_config.py")
+    proc = run_app(DIGITS_SMOKE, "")
+    _assert_clean_failure(proc, "--workdir is empty")
+    proc = run_app(DIGITS_SMOKE, str(tmp_path / "c"), "--config.optimzer.name=sgd")
+    _assert_clean_failure(proc, "unknown config key 'optimzer'", 'Did you mean "optimizer"')
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("optimizer.accumulate_steps", 0, "optimizer.accumulate_steps must be >= 1"),
+        ("dtype", "int32", "not a floating-point dtype"),
+        ("seed", -1, "seed must be >= 0"),
+        ("max_length", 0, "max_length must be > 0"),
+        ("vocab_size", 1, "vocab_size must be >= 2"),
+    ],
+)
+def test_values_that_cannot_run_are_named(key, value, message):
+    config = load_config("cnn_digits.py")
+    node, name = (config.optimizer, key.split(".")[1]) if "." in key else (config, key)
+    setattr(node, name, value)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_values_the_dataset_contradicts_are_named(tmp_path):
+    """Were: a loss below zero from labels past the logits, a model of 2-channel inputs for
+    1-channel digits."""
+    config = load_config("cnn_digits.py", "smoke")
+    config.num_classes = 5
+    with pytest.raises(ConfigError, match="num_classes=5 is fewer than the 10 classes"):
+        train_and_evaluate(config, str(tmp_path))
+    config = load_config("cnn_digits.py", "smoke")
+    config.image_mean, config.image_std = (0.1, 0.2), (0.3, 0.3)
+    with pytest.raises(ConfigError, match="image_mean/image_std have 2 values for images of 1"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_checkpoint_past_total_steps_is_refused(tmp_path):
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 4
+    train_and_evaluate(config, str(tmp_path))
+    saved = (tmp_path / "config.json").read_text()
+    config.total_steps = 2
+    with pytest.raises(ConfigError, match="latest checkpoint .* is step 4, past total_steps=2"):
+        train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved  # the run's record is kept
+
+
 def test_unknown_key_in_config_file_is_named():
     config = load_config("cnn_digits.py")
     with config.unlocked():

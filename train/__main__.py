@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxmodels.errors import UserError
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/X.py[:variant]).", lock_config=True
@@ -31,8 +33,6 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
-
-    from jaxmodels.errors import UserError
 
     logging.set_verbosity(logging.WARNING)  # Orbax/TFDS are chatty at INFO
 
@@ -57,15 +57,37 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _user_error_in(error: BaseException) -> UserError | None:
+    """The first UserError an error was raised from (e.g. a config file's own check, which
+    ml_collections re-raises with a traceback in its message), if any."""
+    found, seen = None, error
+    while seen is not None:
+        if isinstance(seen, UserError):
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with bad flags and config overrides reported in one clean line."""
     try:
-        return FLAGS(argv)
-    except flags.Error as e:
+        argv = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.keys()  # a config file that cannot be loaded fails here, not later
+        return argv
+    except UserError as e:  # e.g. an unknown variant, from the config file itself
         message = str(e)
-    except (KeyError, AttributeError, TypeError, ValueError) as e:
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        message = f"cannot load the --config file: {lines[-1] if lines else e}"
+    except flags.Error as e:
+        cause = _user_error_in(e)
+        message = str(cause) if cause is not None else str(e)
+    except KeyError as e:  # its str() is the repr of the message
+        message = f"bad --config override: unknown config key {e.args[0] if e.args else e}"
+    except (AttributeError, TypeError, ValueError) as e:
         message = f"bad --config override: {e}"
-    text = message.strip("\"'")
+    text = message
     print(
         f"error: {text}\nUsage: python -m train --config=configs/X.py --workdir=DIR "
         "[--config.KEY=VALUE ...]",

@@ -56,7 +56,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         close = difflib.get_close_matches(key, known_prefixes, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown config key {key!r}{hint}")
-    for key in ("total_steps", "batch_size", "log_every"):
+    for key in ("total_steps", "batch_size", "log_every", "max_length"):
         if int(config[key]) <= 0:
             raise ConfigError(f"config key {key} must be > 0, got {config[key]}")
     for key in (
@@ -66,9 +66,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "num_classes",
         "profile_steps",
         "profile_skip_steps",
+        "seed",
     ):
         if int(config[key]) < 0:
             raise ConfigError(f"config key {key} must be >= 0, got {config[key]}")
+    if int(config.vocab_size) < 2:
+        raise ConfigError(
+            f"config key vocab_size must be >= 2 (padding and unknown words), got "
+            f"{config.vocab_size}"
+        )
+    if int(config.optimizer.accumulate_steps) < 1:
+        raise ConfigError(
+            f"config key optimizer.accumulate_steps must be >= 1, got "
+            f"{config.optimizer.accumulate_steps}"
+        )
     if config.step_rng not in training.STEP_RNG_IMPLS:
         raise ConfigError(
             f"config key step_rng: {config.step_rng!r} is not one of {training.STEP_RNG_IMPLS}"
@@ -76,9 +87,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.keep_checkpoints < 1:
         raise ConfigError("config key keep_checkpoints must be >= 1")
     try:
-        jnp.dtype(config.dtype)
+        dtype = jnp.dtype(config.dtype)
     except TypeError as e:
         raise ConfigError(f"config key dtype: {config.dtype!r} is not a dtype") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ConfigError(
+            f"config key dtype: {config.dtype!r} is not a floating-point dtype; use float32, "
+            "bfloat16 or float16"
+        )
     if len(config.image_mean) != len(config.image_std):
         raise ConfigError("config keys image_mean and image_std must have the same length")
 
@@ -98,6 +114,8 @@ def _check_batch(config: Any, mesh: Any) -> None:
 
 def prepare_workdir(workdir: str) -> str:
     """Creates `workdir` and checks that it is writable."""
+    if not workdir.strip():
+        raise UserError("--workdir is empty; name the directory for the run's checkpoints and logs")
     workdir = os.path.abspath(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -277,7 +295,13 @@ def _train(
     )
     train_iter = task.train_iterator()
     start = 0
-    if ckpt.latest_step() is not None:
+    latest = ckpt.latest_step()
+    if latest is not None and latest > config.total_steps:
+        raise ConfigError(
+            f"the latest checkpoint in {ckpt.directory} is step {latest}, past total_steps="
+            f"{config.total_steps}; raise total_steps to continue, or use another --workdir"
+        )
+    if latest is not None:
         state, data_state = ckpt.restore(state)
         train_iter.set_state(data_state["iterator"])
         start = int(state.step)

@@ -59,6 +59,17 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
     return module.build(config, process_index, process_count, workdir)
 
 
+def class_count(config: Any, dataset_classes: int) -> int:
+    """The model's classes: config key num_classes (0: the dataset's), never fewer than the
+    dataset's labels (a label past the logits would make the loss meaningless)."""
+    if config.num_classes and config.num_classes < dataset_classes:
+        raise ConfigError(
+            f"config key num_classes={config.num_classes} is fewer than the "
+            f"{dataset_classes} classes of dataset {config.dataset!r}; use 0 (the dataset's)"
+        )
+    return int(config.num_classes or dataset_classes)
+
+
 def make_module(namespace: Any, spec: Any, **fixed: Any) -> nn.Module:
     """Instantiates `namespace.<spec.name>(**spec_without_name, **fixed)` with checked keys."""
     spec = dict(spec)

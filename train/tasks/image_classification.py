@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import cnn, training
+from jaxmodels.errors import ConfigError
 from train.data import images, pipeline
-from train.tasks import Task, make_iterators, make_module
+from train.tasks import Task, class_count, make_iterators, make_module
 
 
 def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:  # noqa: ARG001
@@ -27,8 +28,14 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
             config.dataset, config.train_split, config.data_dir
         )
         eval_source, _ = images.open_source(config.dataset, config.eval_split, config.data_dir)
-        num_classes = config.num_classes or num_classes
+        num_classes = class_count(config, num_classes)
     sample = train_pre(train_source[0], np.random.default_rng(0))["image"]
+    if len(config.image_mean) not in (1, sample.shape[-1]):
+        raise ConfigError(
+            f"config keys image_mean/image_std have {len(config.image_mean)} values for images "
+            f"of {sample.shape[-1]} channel(s) ({config.dataset!r}); give one value or one per "
+            "channel"
+        )
 
     model = make_module(cnn, config.model, num_classes=num_classes, dtype=dtype)
     transform = functools.partial(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxmodels import rnn, training
 from jaxmodels.errors import DataError
 from train.data import text
-from train.tasks import Task, bert_finetune, make_iterators, make_module
+from train.tasks import Task, bert_finetune, class_count, make_iterators, make_module
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -53,7 +53,7 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
     eval_source, _, _ = text.open_text_source(
         config.dataset, config.eval_split, config.data_dir, text_key
     )
-    num_classes = config.num_classes or num_classes
+    num_classes = class_count(config, num_classes)
     init_params = None
     if config.model.name.startswith("Bert"):
         model, tokenizer, init_params = bert_finetune.model_and_tokenizer(
