@@ -412,6 +412,26 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     assert not [s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
 
 
+def test_sigterm_while_setting_up_exits_at_once_without_saving(tmp_path, monkeypatch):
+    """Was: killed by the signal (status 143) until the loop had started."""
+    from train import tasks
+
+    build = tasks.build
+    reached = []
+
+    def preempted_build(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered while the task is being built
+        reached.append("after the signal")
+        return build(*args)
+
+    monkeypatch.setattr(tasks, "build", preempted_build)
+    config = load_config("cnn_digits.py", "smoke")
+    assert train_and_evaluate(config, str(tmp_path)) == {}
+    assert reached == []  # the setup stopped there
+    assert not os.path.exists(tmp_path / "checkpoints")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+
+
 def test_user_errors_are_user_errors():
     for cls in (CheckpointError, ConfigError, DataError, NonFiniteError):
         assert issubclass(cls, UserError)

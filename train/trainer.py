@@ -218,11 +218,21 @@ class _StepTrace:
                 jax.profiler.stop_trace()
 
 
+class _Preempted(Exception):
+    """SIGTERM before the training loop started: nothing new to save."""
+
+
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks; restores the old handler on exit."""
+    """Turns SIGTERM into a flag the loop checks; restores the old handler on exit.
+
+    Until `deferred()`, a SIGTERM stops the run at once (`_Preempted`): setting up (building
+    a vocabulary, preparing a dataset, initialising the state) makes nothing to save, and a
+    preempted machine's grace period may not outlast it. Afterwards it is a flag.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.immediate = True
         self._old: Any = None
 
     def __enter__(self) -> _Preemption:
@@ -234,6 +244,11 @@ class _Preemption:
 
     def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self.requested = True
+        if self.immediate:
+            raise _Preempted
+
+    def deferred(self) -> None:
+        self.immediate = False
 
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:
@@ -269,14 +284,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the last evaluation's metrics (or the last train metrics without an eval set).
     """
-    validate_config(config)
-    workdir = prepare_workdir(workdir)
-    with compilation_cache(config.compilation_cache_dir, workdir) as cache_dir:
-        return _train(config, workdir, cache_dir)
+    with _Preemption() as preempt:
+        try:
+            validate_config(config)
+            workdir = prepare_workdir(workdir)
+            with compilation_cache(config.compilation_cache_dir, workdir) as cache_dir:
+                return _train(config, workdir, cache_dir, preempt)
+        except _Preempted:
+            if jax.process_index() == 0:
+                print("\nSIGTERM before the first step: nothing new to save; exiting.")
+            return {}
 
 
 def _train(
-    config: ml_collections.ConfigDict, workdir: str, cache_dir: str | None
+    config: ml_collections.ConfigDict, workdir: str, cache_dir: str | None, preempt: _Preemption
 ) -> dict[str, float]:
     """`train_and_evaluate` in a checked config, a ready workdir and its compilation cache."""
     lead = jax.process_index() == 0
@@ -290,6 +311,7 @@ def _train(
         task.model, tx, task.example_inputs, jax.random.PRNGKey(config.seed), mesh, rules
     )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    preempt.deferred()  # from here on, resources to close: the loop's checks see SIGTERM
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
@@ -386,43 +408,46 @@ def _train(
         os.path.join(workdir, "profile"), start + config.profile_skip_steps, config.profile_steps
     )
     try:
-        with _Preemption() as preempt:
-            step = start
-            while step < config.total_steps:
-                batch = _global_batch(next(train_iter), mesh)
-                trace.before(step)
-                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-                    state, metrics = train_step(state, batch)
-                pending.append((step, metrics))
-                step += 1
-                trace.after(step, state, lead)
-                if bar is not None:
-                    bar.update(1)
-                last = step == config.total_steps
-                do_eval = task.eval_iterator is not None and (
-                    last or (config.eval_every and step % config.eval_every == 0)
-                )
-                do_ckpt = last or (config.checkpoint_every and step % config.checkpoint_every == 0)
-                at_flush = step % config.log_every == 0 or do_eval or do_ckpt or last
-                # One process can stop at any step; several must agree, at log points.
-                if at_flush or (preempt.requested and jax.process_count() == 1):
-                    flush(step)
-                    if preempt.agreed():
-                        save(step)
-                        ckpt.wait()
-                        if lead:
-                            print(f"\nSIGTERM: saved step {step}; exiting.", flush=True)
-                        return result
-                if do_ckpt:
+        if preempt.agreed():  # during the restore or the setup after it
+            if lead:
+                print("\nSIGTERM before the first step: nothing new to save; exiting.")
+            return result
+        step = start
+        while step < config.total_steps:
+            batch = _global_batch(next(train_iter), mesh)
+            trace.before(step)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                state, metrics = train_step(state, batch)
+            pending.append((step, metrics))
+            step += 1
+            trace.after(step, state, lead)
+            if bar is not None:
+                bar.update(1)
+            last = step == config.total_steps
+            do_eval = task.eval_iterator is not None and (
+                last or (config.eval_every and step % config.eval_every == 0)
+            )
+            do_ckpt = last or (config.checkpoint_every and step % config.checkpoint_every == 0)
+            at_flush = step % config.log_every == 0 or do_eval or do_ckpt or last
+            # One process can stop at any step; several must agree, at log points.
+            if at_flush or (preempt.requested and jax.process_count() == 1):
+                flush(step)
+                if preempt.agreed():
                     save(step)
-                if do_eval:
-                    result = evaluate(task, eval_step, state, mesh)
-                    writer.write(step, result)
+                    ckpt.wait()
                     if lead:
-                        text = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
-                        (bar.write if bar is not None else print)(f"step {step}: {text}")
-            if start == config.total_steps and task.eval_iterator is not None:
+                        print(f"\nSIGTERM: saved step {step}; exiting.", flush=True)
+                    return result
+            if do_ckpt:
+                save(step)
+            if do_eval:
                 result = evaluate(task, eval_step, state, mesh)
+                writer.write(step, result)
+                if lead:
+                    text = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
+                    (bar.write if bar is not None else print)(f"step {step}: {text}")
+        if start == config.total_steps and task.eval_iterator is not None:
+            result = evaluate(task, eval_step, state, mesh)
     finally:
         trace.close(state)
         if bar is not None:
