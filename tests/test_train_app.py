@@ -432,6 +432,31 @@ def test_sigterm_while_setting_up_exits_at_once_without_saving(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
 
 
+def test_an_evaluation_cut_off_by_sigterm_runs_on_resuming(tmp_path, monkeypatch):
+    """Was: a SIGTERM at an evaluation step saved and exited before the evaluation, and the
+    resumed run went on from the next step: that evaluation was never logged."""
+    from train import trainer
+
+    config = load_config("cnn_digits.py", "smoke")  # 20 steps, evaluations at 10 and 20
+    write = trainer.MetricWriter.write
+
+    def write_then_preempt(self, step, metrics):
+        write(self, step, metrics)
+        if step == 10 and "train/loss" in metrics:  # the flush just before the evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.MetricWriter, "write", write_then_preempt)
+        train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
+    assert not [r for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r]
+    train_and_evaluate(config, str(tmp_path))  # resumed
+    evals = [r["step"] for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r]
+    assert evals == [10, 20]
+    train_and_evaluate(config, str(tmp_path))  # finished: evaluates again, logs nothing new
+    assert [r["step"] for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r] == evals
+
+
 def test_user_errors_are_user_errors():
     for cls in (CheckpointError, ConfigError, DataError, NonFiniteError):
         assert issubclass(cls, UserError)

@@ -39,6 +39,15 @@ class MetricWriter:
                 self._tb.add_scalar(k, float(v), step)
             self._tb.flush()
 
+    def has_eval(self, step: int) -> bool:
+        """Whether the file has evaluation metrics for `step` (False where not writing)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return False
+        return any(
+            row.get("step") == step and any(k.startswith("eval/") for k in row)
+            for row in read_metrics(os.path.dirname(self.path))
+        )
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -316,7 +316,7 @@ def _train(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
     train_iter = task.train_iterator()
-    start = 0
+    start, eval_pending = 0, False
     latest = ckpt.latest_step()
     if latest is not None and latest > config.total_steps:
         raise ConfigError(
@@ -327,6 +327,8 @@ def _train(
         state, data_state = ckpt.restore(state)
         train_iter.set_state(data_state["iterator"])
         start = int(state.step)
+        # Saved before its step's evaluation ran (or was preempted): run it on resuming.
+        eval_pending = bool(data_state.get("eval_pending", False))
     elif task.init_params is not None:  # e.g. fine-tuning: the pretrained weights
         params = task.init_params(jax.device_get(state.params))
         state = state.replace(params=jax.device_put(params, shardings.params))
@@ -384,6 +386,15 @@ def _train(
                 loss=f"{mean['train/loss']:.4f}", steps_s=f"{mean['train/steps_per_sec']:.1f}"
             )
 
+    def run_eval(step: int) -> None:
+        nonlocal result
+        result = evaluate(task, eval_step, state, mesh)
+        if not writer.has_eval(step):  # not there already (a run stopped after writing it)
+            writer.write(step, result)
+        if lead:
+            text = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
+            (bar.write if bar is not None else print)(f"step {step}: {text}")
+
     def stop(what: str) -> None:
         kept = ckpt.latest_step()
         where = (
@@ -395,14 +406,14 @@ def _train(
             f"{what}. {where} Lower the learning rate, add grad_clip_norm, or check the data."
         )
 
-    def save(step: int) -> None:
+    def save(step: int, eval_pending: bool) -> None:
         # A finite loss is computed before the step's update: the state itself is checked,
         # so that no checkpoint (which would replace good ones) holds NaN or inf.
         saved = {"params": state.params, "model_state": state.model_state}
         bad = training.first_non_finite({**saved, "opt_state": state.opt_state})
         if bad:
             stop(f"the state after step {step} is not finite (first: {bad}); not saved")
-        ckpt.save(step, state, {"iterator": train_iter.get_state()})
+        ckpt.save(step, state, {"iterator": train_iter.get_state(), "eval_pending": eval_pending})
 
     trace = _StepTrace(
         os.path.join(workdir, "profile"), start + config.profile_skip_steps, config.profile_steps
@@ -412,6 +423,8 @@ def _train(
             if lead:
                 print("\nSIGTERM before the first step: nothing new to save; exiting.")
             return result
+        if eval_pending and task.eval_iterator is not None:
+            run_eval(start)
         step = start
         while step < config.total_steps:
             batch = _global_batch(next(train_iter), mesh)
@@ -433,21 +446,17 @@ def _train(
             if at_flush or (preempt.requested and jax.process_count() == 1):
                 flush(step)
                 if preempt.agreed():
-                    save(step)
+                    save(step, do_eval)
                     ckpt.wait()
                     if lead:
                         print(f"\nSIGTERM: saved step {step}; exiting.", flush=True)
                     return result
             if do_ckpt:
-                save(step)
+                save(step, do_eval)
             if do_eval:
-                result = evaluate(task, eval_step, state, mesh)
-                writer.write(step, result)
-                if lead:
-                    text = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
-                    (bar.write if bar is not None else print)(f"step {step}: {text}")
-        if start == config.total_steps and task.eval_iterator is not None:
-            result = evaluate(task, eval_step, state, mesh)
+                run_eval(step)
+        if start == config.total_steps and task.eval_iterator is not None and not eval_pending:
+            result = evaluate(task, eval_step, state, mesh)  # a finished run's last metrics
     finally:
         trace.close(state)
         if bar is not None:
