@@ -11,6 +11,8 @@ Hugging Face BERT directory (config.json + model.safetensors + vocab.txt); witho
       --config.init_from=runs/bert_tiny
 """
 
+from ml_collections.config_dict import placeholder
+
 from train.defaults import base_config, check_variant
 
 
@@ -21,7 +23,16 @@ def get_config(variant: str | None = None):
     c.dataset = "stdlib_docs"
     c.max_length = 128
     c.vocab_size = 8_000  # only when training from scratch without a vocabulary
-    c.model = {"name": "BertForSequenceClassification", "preset": "tiny"}
+    # Other `model` keys are BertConfig fields of how the model runs (the architecture comes
+    # from init_from when given): remat_policy, scan_layers, implementation (see
+    # configs/bert_pretrain.py).
+    c.model = {
+        "name": "BertForSequenceClassification",
+        "preset": "tiny",
+        "implementation": placeholder(str),
+        "remat_policy": placeholder(str),
+        "scan_layers": False,
+    }
     c.batch_size = 32
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 1e-4

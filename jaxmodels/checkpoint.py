@@ -211,6 +211,17 @@ class Checkpointer:
             ) from e
 
 
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a complete checkpoint (it is not created if missing)."""
+    if not os.path.isdir(directory):
+        return False
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        return ckpt.latest_step() is not None
+    finally:
+        ckpt.close()
+
+
 def load_params(directory: str | os.PathLike, step: int | None = None) -> Any:
     """`Checkpointer(directory).restore_params(step)`, closing the checkpointer after."""
     ckpt = Checkpointer(directory, async_save=False)

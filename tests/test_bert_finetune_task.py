@@ -45,8 +45,9 @@ def test_from_a_pretraining_workdir(tmp_path, pre_scan, ft_scan):
     assert logs.read_metrics(str(tmp_path / "ft"))
     # The encoder it starts from is exactly the pretrained one.
     config.model.scan_layers = ft_scan
+    (tmp_path / "ft2").mkdir()
     model, tokenizer, init_params = bert_finetune.model_and_tokenizer(
-        config, str(tmp_path / "ft"), 10, []
+        config, str(tmp_path / "ft2"), 10, []
     )
     assert init_params is not None
     assert model.config.scan_layers == ft_scan
@@ -57,6 +58,11 @@ def test_from_a_pretraining_workdir(tmp_path, pre_scan, ft_scan):
     for a, b in zip(jax.tree.leaves(started["bert"]), jax.tree.leaves(saved), strict=True):
         np.testing.assert_array_equal(a, b)
     assert "classifier" in started
+    # Resuming needs its own checkpoints, not the pretraining workdir (was: FileNotFoundError).
+    (tmp_path / "pre").rename(tmp_path / "gone")
+    config.total_steps += 3
+    _finetune(tmp_path, "ft", init_from=str(tmp_path / "pre"), total_steps=config.total_steps)
+    assert logs.read_metrics(str(tmp_path / "ft"))[-1]["step"] == config.total_steps
 
 
 @pytest.mark.reference
@@ -78,8 +84,15 @@ def test_from_a_hugging_face_directory(tmp_path):
     _finetune(tmp_path, "ft", init_from=str(hf))
 
 
-def test_a_workdir_without_checkpoints_is_a_clear_error(tmp_path):
+def test_bad_init_from_is_a_clear_error(tmp_path):
+    from jaxmodels.errors import DataError
+
+    with pytest.raises(DataError, match=r"init_from=\S*nowhere is not a directory; give a pre"):
+        _finetune(tmp_path, "ft", init_from=str(tmp_path / "nowhere"))
     (tmp_path / "pre" / "checkpoints").mkdir(parents=True)
     (tmp_path / "pre" / "config.json").write_text("{}")
-    with pytest.raises(Exception, match=r"no checkpoint|vocabulary file"):
+    with pytest.raises(DataError, match=r"init_from=\S*pre has no vocab.txt; give"):
+        _finetune(tmp_path, "ft", init_from=str(tmp_path / "pre"))
+    (tmp_path / "pre" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    with pytest.raises(DataError, match=r"init_from=\S*pre: no checkpoint in"):
         _finetune(tmp_path, "ft", init_from=str(tmp_path / "pre"))

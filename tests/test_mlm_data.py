@@ -31,6 +31,12 @@ def setup():
     return tokenizer, source, pairs
 
 
+def test_without_tokenizers_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
+    with pytest.raises(DataError, match=r"tokenizers package, in the text extra: pip install"):
+        mlm.wordpiece(None, TEXTS, vocab_size=200)
+
+
 def test_split_sentences():
     assert mlm.split_sentences("One thing. Two things! Three? 4 is a number. e.g. not this.") == [
         "One thing.",

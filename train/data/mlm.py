@@ -44,10 +44,22 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
 
+def _tokenizers() -> Any:
+    """The `tokenizers` package, or an error that says how to install it."""
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise DataError(
+            "BERT's WordPiece needs the tokenizers package, in the text extra: "
+            "pip install -e '.[text]' (or pip install tokenizers)"
+        ) from e
+    return tokenizers
+
+
 def wordpiece(vocab_file: str | None, texts: Iterable[str] | None = None, vocab_size: int = 8000):
     """A lower-casing BERT WordPiece tokenizer from `vocab_file`, or trained on `texts`
     (`train_vocabulary`: the same texts give the same vocabulary in every run)."""
-    from tokenizers import BertWordPieceTokenizer
+    BertWordPieceTokenizer = _tokenizers().BertWordPieceTokenizer  # noqa: N806
 
     if vocab_file:
         if not os.path.exists(vocab_file):
@@ -85,7 +97,7 @@ def train_vocabulary(
     learnt. Pure Python: about 1.5 s for the embedded `stdlib_docs` (650k characters) on
     one CPU core, growing with the number of distinct words.
     """
-    from tokenizers import normalizers, pre_tokenizers
+    normalizers, pre_tokenizers = _tokenizers().normalizers, _tokenizers().pre_tokenizers
 
     normalizer = normalizers.BertNormalizer(lowercase=True)
     splitter = pre_tokenizers.BertPreTokenizer()

@@ -26,11 +26,31 @@ from jaxmodels.errors import DataError
 from train.data import mlm, text
 from train.tasks import bert_pretraining
 
+INIT_RECORD = "init_from.json"  # the architecture fine-tuning started from, for resuming
+
 
 def _is_hf_directory(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(
         os.path.join(path, "checkpoints")
     )
+
+
+def _check_source(source: str) -> None:
+    """A clear error for an `init_from` that is neither kind of directory."""
+    kinds = (
+        "a pretraining workdir of this library (checkpoints/, config.json, vocab.txt) or a "
+        "Hugging Face BERT directory (config.json, model.safetensors or pytorch_model.bin, "
+        "vocab.txt)"
+    )
+    if not os.path.isdir(source):
+        raise DataError(f"init_from={source} is not a directory; give {kinds}")
+    missing = [
+        name
+        for name in ("config.json", bert_pretraining.VOCAB_FILE)
+        if not os.path.exists(os.path.join(source, name))
+    ]
+    if missing:
+        raise DataError(f"init_from={source} has no {' or '.join(missing)}; give {kinds}")
 
 
 def _pretrained_bert_params(workdir: str) -> Any:
@@ -45,16 +65,47 @@ def _pretrained_bert_params(workdir: str) -> Any:
     return params["bert"]
 
 
+def _write_atomically(path: str, data: str) -> None:
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+    os.replace(tmp, path)  # processes that write at once write the same
+
+
+def _keep_source(workdir: str, source: str, bert_config: bert.BertConfig, vocab_file: str) -> None:
+    """Copies what a resumed run needs of `source` into the workdir: the vocabulary and the
+    architecture (its parameters are in the run's own checkpoints by then)."""
+    with open(vocab_file, encoding="utf-8") as f:
+        _write_atomically(os.path.join(workdir, bert_pretraining.VOCAB_FILE), f.read())
+    record = {"init_from": source, "bert": bert_config.to_hf_dict()}
+    _write_atomically(os.path.join(workdir, INIT_RECORD), json.dumps(record, indent=2))
+
+
 def model_and_tokenizer(
     config: Any, workdir: str, num_classes: int, train_texts: list[str]
 ) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, init_params or None) for fine-tuning."""
+    """(model, tokenizer, init_params or None) for fine-tuning.
+
+    A run that resumes from its own checkpoints reads its vocabulary and architecture from
+    the workdir (copied there at its start), not from `init_from`, which may be gone.
+    """
     dtype = jnp.dtype(config.dtype)
     source = config.init_from
     # The architecture comes from the source; how it runs (remat, scan_layers, dropout)
     # from this config.
-    runtime = {k: v for k, v in dict(config.model).items() if k in bert.RUNTIME_FIELDS}
+    runtime = {
+        k: v for k, v in dict(config.model).items() if k in bert.RUNTIME_FIELDS and v is not None
+    }
     runtime["dtype"] = dtype
+    record = os.path.join(workdir, INIT_RECORD)
+    resuming = checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints"))
+    if source and resuming and os.path.exists(record):
+        with open(record, encoding="utf-8") as f:
+            bert_config = bert.BertConfig.from_hf_dict(json.load(f)["bert"], **runtime)
+        tokenizer = mlm.wordpiece(os.path.join(workdir, bert_pretraining.VOCAB_FILE))
+        return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
+    if source:
+        _check_source(source)
     if source and _is_hf_directory(source):
         model, variables, vocab_file = bert.from_pretrained(
             source,
@@ -66,19 +117,28 @@ def model_and_tokenizer(
         if vocab_file is None:
             raise DataError(f"init_from={source} has no vocab.txt")
         encoder = variables["params"]["bert"]
-        tokenizer = mlm.wordpiece(vocab_file)
+        bert_config = model.config
     elif source:
+        pretrained = _pretrained_bert_params(source)
         with open(os.path.join(source, "config.json")) as f:
             pretrain_config = ml_collections.ConfigDict(json.load(f))
-        tokenizer = mlm.wordpiece(os.path.join(source, bert_pretraining.VOCAB_FILE))
+        if pretrain_config.get("task") != "bert_pretraining":
+            raise DataError(
+                f"init_from={source} is a workdir of task {pretrain_config.get('task')!r}, "
+                "not bert_pretraining (configs/bert_pretrain.py)"
+            )
+        vocab_file = os.path.join(source, bert_pretraining.VOCAB_FILE)
+        tokenizer = mlm.wordpiece(vocab_file)
         bert_config = bert_pretraining.model_config(pretrain_config, tokenizer.get_vocab_size())
         bert_config = dataclasses.replace(bert_config, **runtime)
         model = bert.BertForSequenceClassification(bert_config, num_labels=num_classes)
-        encoder = bert.layer_layout(_pretrained_bert_params(source), bert_config.scan_layers)
+        encoder = bert.layer_layout(pretrained, bert_config.scan_layers)
     else:
         tokenizer = bert_pretraining.tokenizer_for(config, workdir, train_texts)
         bert_config = bert_pretraining.model_config(config, tokenizer.get_vocab_size())
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
+    _keep_source(workdir, source, bert_config, vocab_file)
+    tokenizer = mlm.wordpiece(os.path.join(workdir, bert_pretraining.VOCAB_FILE))
 
     def init_params(params: Any) -> Any:
         ours = jax.tree.map(np.shape, params["bert"])
