@@ -31,7 +31,7 @@ def get_config(variant: str | None = None):
         "preset": "tiny",
         "implementation": placeholder(str),
         "remat_policy": placeholder(str),
-        "scan_layers": False,
+        "scan_layers": placeholder(bool),  # None: as init_from's (else False)
     }
     c.batch_size = 32
     c.optimizer.name = "adamw"

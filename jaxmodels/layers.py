@@ -108,7 +108,7 @@ def check_lengths(lengths: Any, batch: int, time: int, name: str = "lengths") ->
     if values.size and values.min() < 1:
         raise ValueError(
             f"{name} must be >= 1 (found {values.min()}): empty sequences have no last "
-            "token; drop them or give them one padding token"
+            "step; drop them or give them one padding token"
         )
     if values.size and values.max() > time:
         raise ValueError(

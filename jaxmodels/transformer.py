@@ -122,7 +122,7 @@ def _layer_norm(module: nn.Module, name: str) -> nn.LayerNorm:
     )
 
 
-def _check_tokens(tokens: Array, vocab_size: int, what: str = "tokens") -> None:
+def _check_tokens(tokens: Array, vocab_size: int, what: str = "token") -> None:
     """Raises ValueError for tokens that are not [batch, length], or (only when concrete)
     for ids outside [0, vocab_size)."""
     if jnp.ndim(tokens) != 2:
@@ -944,7 +944,7 @@ class DecoderOnlyLM(nn.Module):
         Returns:
             <float32>[batch, length, vocab]: the logits at t predict token t + 1.
         """
-        _check_tokens(tokens, self.vocab_size, "token")
+        _check_tokens(tokens, self.vocab_size)
         batch, length = tokens.shape
         embed = _embed(self, self.vocab_size, "embed")
         positions = _decode_positions(self, batch, length, lengths) if self.decode else None

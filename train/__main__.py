@@ -15,8 +15,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxmodels.errors import UserError
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/X.py[:variant]).", lock_config=True
@@ -33,6 +31,8 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
+
+    from jaxmodels.errors import UserError
 
     logging.set_verbosity(logging.WARNING)  # Orbax/TFDS are chatty at INFO
 
@@ -57,9 +57,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _user_error_in(error: BaseException) -> UserError | None:
+def _user_error_in(error: BaseException) -> Exception | None:
     """The first UserError an error was raised from (e.g. a config file's own check, which
     ml_collections re-raises with a traceback in its message), if any."""
+    from jaxmodels.errors import UserError
+
     found, seen = None, error
     while seen is not None:
         if isinstance(seen, UserError):
@@ -75,8 +77,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         if FLAGS.config is not None:
             FLAGS.config.keys()  # a config file that cannot be loaded fails here, not later
         return argv
-    except UserError as e:  # e.g. an unknown variant, from the config file itself
-        message = str(e)
     except OSError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         message = f"cannot load the --config file: {lines[-1] if lines else e}"
@@ -86,7 +86,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     except KeyError as e:  # its str() is the repr of the message
         message = f"bad --config override: unknown config key {e.args[0] if e.args else e}"
     except (AttributeError, TypeError, ValueError) as e:
-        message = f"bad --config override: {e}"
+        cause = _user_error_in(e)  # e.g. an unknown variant, from the config file itself
+        message = str(cause) if cause is not None else f"bad --config override: {e}"
     text = message
     print(
         f"error: {text}\nUsage: python -m train --config=configs/X.py --workdir=DIR "

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxmodels.errors import ConfigError
-
 
 def check_variant(variant: str | None, known: tuple[str, ...]) -> None:
     """A config file's variant (`--config=configs/X.py:VARIANT`) must be one it defines."""
     if variant is not None and variant not in known:
+        from jaxmodels.errors import ConfigError  # only now: the library imports jax
+
         raise ConfigError(
             f"unknown config variant {variant!r}; this config file has "
             f"{', '.join(repr(k) for k in known)} (or none: --config=configs/X.py)"

@@ -43,10 +43,15 @@ class MetricWriter:
         """Whether the file has evaluation metrics for `step` (False where not writing)."""
         if not self.enabled or not os.path.exists(self.path):
             return False
-        return any(
-            row.get("step") == step and any(k.startswith("eval/") for k in row)
-            for row in read_metrics(os.path.dirname(self.path))
-        )
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut short by a killed run
+                    continue
+                if row.get("step") == step and any(k.startswith("eval/") for k in row):
+                    return True
+        return False
 
     def close(self) -> None:
         if self._tb is not None:

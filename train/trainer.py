@@ -218,29 +218,43 @@ class _StepTrace:
                 jax.profiler.stop_trace()
 
 
-class _Preempted(Exception):
-    """SIGTERM before the training loop started: nothing new to save."""
+class _Preempted(BaseException):
+    """SIGTERM while a run sets up: nothing new to save. A BaseException (as
+    KeyboardInterrupt), so that no `except Exception` on the way takes it for an error."""
+
+
+_SETUP_STOPPED = "\nSIGTERM before the first step: nothing new to save; exiting."
 
 
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks; restores the old handler on exit.
 
-    Until `deferred()`, a SIGTERM stops the run at once (`_Preempted`): setting up (building
-    a vocabulary, preparing a dataset, initialising the state) makes nothing to save, and a
-    preempted machine's grace period may not outlast it. Afterwards it is a flag.
+    Until `deferred()`, a SIGTERM stops a single-process run (`_Preempted`) as soon as
+    Python runs again: setting up (building a vocabulary, preparing a dataset, initialising
+    the state) makes nothing to save, and a preempted machine's grace period may not outlast
+    it. Several processes keep the default action until then (one process returning while
+    another waits in a collective would leave that one hanging). Afterwards it is a flag.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self.immediate = True
         self._old: Any = None
+        self._installed = False
 
     def __enter__(self) -> _Preemption:
+        if jax.process_count() == 1:
+            self._install()
+        return self
+
+    def _install(self) -> None:
+        if self._installed:
+            return
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         except ValueError:  # not the main thread: no handler
             self._old = None
-        return self
 
     def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self.requested = True
@@ -249,10 +263,12 @@ class _Preemption:
 
     def deferred(self) -> None:
         self.immediate = False
+        self._install()
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
+        if self._installed and self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+        self._installed = False
 
     def agreed(self) -> bool:
         """True when any process got SIGTERM (a collective when there are several)."""
@@ -292,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 return _train(config, workdir, cache_dir, preempt)
         except _Preempted:
             if jax.process_index() == 0:
-                print("\nSIGTERM before the first step: nothing new to save; exiting.")
+                print(_SETUP_STOPPED, flush=True)
             return {}
 
 
@@ -319,6 +335,7 @@ def _train(
     start, eval_pending = 0, False
     latest = ckpt.latest_step()
     if latest is not None and latest > config.total_steps:
+        ckpt.close()
         raise ConfigError(
             f"the latest checkpoint in {ckpt.directory} is step {latest}, past total_steps="
             f"{config.total_steps}; raise total_steps to continue, or use another --workdir"
@@ -386,10 +403,11 @@ def _train(
                 loss=f"{mean['train/loss']:.4f}", steps_s=f"{mean['train/steps_per_sec']:.1f}"
             )
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, resumed: bool = False) -> None:
         nonlocal result
         result = evaluate(task, eval_step, state, mesh)
-        if not writer.has_eval(step):  # not there already (a run stopped after writing it)
+        # On resuming, the row may be there already (a run stopped after writing it).
+        if not (resumed and writer.has_eval(step)):
             writer.write(step, result)
         if lead:
             text = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
@@ -421,10 +439,10 @@ def _train(
     try:
         if preempt.agreed():  # during the restore or the setup after it
             if lead:
-                print("\nSIGTERM before the first step: nothing new to save; exiting.")
+                print(_SETUP_STOPPED, flush=True)
             return result
         if eval_pending and task.eval_iterator is not None:
-            run_eval(start)
+            run_eval(start, resumed=True)
         step = start
         while step < config.total_steps:
             batch = _global_batch(next(train_iter), mesh)

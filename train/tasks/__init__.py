@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -57,6 +59,28 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         raise ConfigError(f"unknown task {config.task!r} (config key task); choose one of {TASKS}")
     module = importlib.import_module(f"train.tasks.{config.task}")
     return module.build(config, process_index, process_count, workdir)
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then renames it to `path`: readers
+    see the old file or the whole new one, and processes (on any host sharing the
+    filesystem) that write the same file at once each rename their own, whole copy."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomically(path, write)
 
 
 def class_count(config: Any, dataset_classes: int) -> int:

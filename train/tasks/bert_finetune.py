@@ -24,7 +24,7 @@ import numpy as np
 from jaxmodels import bert, checkpoint
 from jaxmodels.errors import DataError
 from train.data import mlm, text
-from train.tasks import bert_pretraining
+from train.tasks import bert_pretraining, write_text_atomically
 
 INIT_RECORD = "init_from.json"  # the architecture fine-tuning started from, for resuming
 
@@ -65,20 +65,18 @@ def _pretrained_bert_params(workdir: str) -> Any:
     return params["bert"]
 
 
-def _write_atomically(path: str, data: str) -> None:
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-    os.replace(tmp, path)  # processes that write at once write the same
-
-
 def _keep_source(workdir: str, source: str, bert_config: bert.BertConfig, vocab_file: str) -> None:
     """Copies what a resumed run needs of `source` into the workdir: the vocabulary and the
     architecture (its parameters are in the run's own checkpoints by then)."""
     with open(vocab_file, encoding="utf-8") as f:
-        _write_atomically(os.path.join(workdir, bert_pretraining.VOCAB_FILE), f.read())
-    record = {"init_from": source, "bert": bert_config.to_hf_dict()}
-    _write_atomically(os.path.join(workdir, INIT_RECORD), json.dumps(record, indent=2))
+        write_text_atomically(os.path.join(workdir, bert_pretraining.VOCAB_FILE), f.read())
+    # The layer layout too: the run's checkpoints hold its parameters in it.
+    record = {
+        "init_from": source,
+        "bert": bert_config.to_hf_dict(),
+        "scan_layers": bert_config.scan_layers,
+    }
+    write_text_atomically(os.path.join(workdir, INIT_RECORD), json.dumps(record, indent=2))
 
 
 def model_and_tokenizer(
@@ -99,23 +97,24 @@ def model_and_tokenizer(
     runtime["dtype"] = dtype
     record = os.path.join(workdir, INIT_RECORD)
     resuming = checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints"))
-    if source and resuming and os.path.exists(record):
+    if resuming and os.path.exists(record):  # whatever init_from says now
         with open(record, encoding="utf-8") as f:
-            bert_config = bert.BertConfig.from_hf_dict(json.load(f)["bert"], **runtime)
+            kept = json.load(f)
+        runtime.setdefault("scan_layers", kept.get("scan_layers", False))
+        bert_config = bert.BertConfig.from_hf_dict(kept["bert"], **runtime)
         tokenizer = mlm.wordpiece(os.path.join(workdir, bert_pretraining.VOCAB_FILE))
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
     if source:
         _check_source(source)
+    vocab_file = os.path.join(source, bert_pretraining.VOCAB_FILE)
     if source and _is_hf_directory(source):
-        model, variables, vocab_file = bert.from_pretrained(
+        model, variables, _ = bert.from_pretrained(
             source,
             bert.BertForSequenceClassification,
             num_labels=num_classes,
             init_missing=True,
             **runtime,
         )
-        if vocab_file is None:
-            raise DataError(f"init_from={source} has no vocab.txt")
         encoder = variables["params"]["bert"]
         bert_config = model.config
     elif source:
@@ -127,7 +126,6 @@ def model_and_tokenizer(
                 f"init_from={source} is a workdir of task {pretrain_config.get('task')!r}, "
                 "not bert_pretraining (configs/bert_pretrain.py)"
             )
-        vocab_file = os.path.join(source, bert_pretraining.VOCAB_FILE)
         tokenizer = mlm.wordpiece(vocab_file)
         bert_config = bert_pretraining.model_config(pretrain_config, tokenizer.get_vocab_size())
         bert_config = dataclasses.replace(bert_config, **runtime)

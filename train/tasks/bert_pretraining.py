@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxmodels import bert, losses
 from train.data import mlm, text
-from train.tasks import Task, make_iterators
+from train.tasks import Task, make_iterators, write_text_atomically
 
 VOCAB_FILE = "vocab.txt"
 _VOCAB_TRAIN_DOCS = 100_000  # documents read to train a vocabulary on a large corpus
@@ -53,16 +53,14 @@ def tokenizer_for(config: Any, workdir: str, train_texts: Any) -> Any:
         return mlm.wordpiece(saved)
     n = min(len(train_texts), _VOCAB_TRAIN_DOCS)
     vocab = mlm.train_vocabulary((train_texts[i] for i in range(n)), config.vocab_size)
-    tmp = f"{saved}.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(f"{token}\n" for token in vocab))  # vocab.txt: a token per line, id order
-    # Atomic. Processes that train at once learn the same vocabulary (see train_vocabulary).
-    os.replace(tmp, saved)
+    # vocab.txt: a token per line, in id order. Processes that train at once learn the same
+    # vocabulary (see train_vocabulary).
+    write_text_atomically(saved, "".join(f"{token}\n" for token in vocab))
     return mlm.wordpiece(saved)
 
 
 def model_config(config: Any, vocab_size: int) -> bert.BertConfig:
-    spec = dict(config.model)
+    spec = {k: v for k, v in dict(config.model).items() if v is not None}  # None: default
     spec.pop("name", None)
     preset = spec.pop("preset", "tiny")
     spec.setdefault("max_position_embeddings", max(512, config.max_length))

@@ -16,7 +16,14 @@ import jax.numpy as jnp
 from jaxmodels import rnn, training
 from jaxmodels.errors import DataError
 from train.data import text
-from train.tasks import Task, bert_finetune, class_count, make_iterators, make_module
+from train.tasks import (
+    Task,
+    bert_finetune,
+    class_count,
+    make_iterators,
+    make_module,
+    write_atomically,
+)
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -32,9 +39,7 @@ def _tokenizer(config: Any, workdir: str, train_source: Any, text_key: str) -> A
             )
         return tokenizer
     tokenizer = text.WordTokenizer.build(text.read_texts(train_source, text_key), config.vocab_size)
-    tmp = f"{path}.tmp{os.getpid()}"
-    tokenizer.save(tmp)
-    os.replace(tmp, path)  # atomic: processes sharing the workdir agree on one file
+    write_atomically(path, tokenizer.save)  # processes sharing the workdir agree on one file
     return tokenizer
 
 
