@@ -102,28 +102,18 @@ def test_open_source_needs_an_image_and_a_class_label(tmp_path):
     DataError naming its features, not a KeyError from deep inside the pipeline."""
     import tensorflow_datasets as tfds
 
-    from train.data import tfds_local
+    from tests.helpers import prepare_local_dataset
 
-    class ImagesWithCategories(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
+    def features():
+        return {
+            "image": tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
+            "label_category": tfds.features.ClassLabel(num_classes=2),
+        }
 
-        def _info(self):
-            features = {
-                "image": tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
-                "label_category": tfds.features.ClassLabel(num_classes=2),
-            }
-            return tfds.core.DatasetInfo(
-                builder=self, features=tfds.features.FeaturesDict(features)
-            )
+    def records():
+        return [{"image": np.full((4, 4, 1), i, np.uint8), "label_category": i} for i in range(2)]
 
-        def _split_generators(self, dl_manager):  # noqa: ARG002
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i in range(2):
-                yield i, {"image": np.full((4, 4, 1), i, np.uint8), "label_category": i}
-
-    tfds_local.prepare_once(ImagesWithCategories, str(tmp_path))
+    prepare_local_dataset("ImagesWithCategories", features, records, str(tmp_path))
     with pytest.raises(DataError, match=r"\['image', 'label_category'\]; image classification"):
         images.open_source("images_with_categories", "train", str(tmp_path))
 

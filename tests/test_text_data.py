@@ -1,6 +1,5 @@
 """Tests for the text-classification data: the embedded stdlib docstrings, words, pipelines."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -150,29 +149,21 @@ def test_open_text_source_embedded(docs_dir):
         text.open_text_source("stdlib_docs", "test", docs_dir, text_key="description")
 
 
-@functools.cache
-def _unlabelled_prose():
-    """A TFDS builder of articles with a title and a text and no label, like `wikipedia`."""
+def _prose_features():
+    """Articles with a title and a text and no label, like `wikipedia`."""
     import tensorflow_datasets as tfds
 
-    class UnlabelledProse(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
+    return {"title": tfds.features.Text(), "text": tfds.features.Text()}
 
-        def _info(self):
-            features = {"title": tfds.features.Text(), "text": tfds.features.Text()}
-            return tfds.core.DatasetInfo(
-                builder=self, features=tfds.features.FeaturesDict(features)
-            )
 
-        def _split_generators(self, dl_manager):  # noqa: ARG002
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i in range(6):
-                text = f"Article {i} opens here. It goes on for a while. Then it ends."
-                yield i, {"title": f"Title {i}", "text": text}
-
-    return UnlabelledProse
+def _prose_records():
+    return [
+        {
+            "title": f"Title {i}",
+            "text": f"Article {i} opens here. It goes on for a while. Then it ends.",
+        }
+        for i in range(6)
+    ]
 
 
 def test_pretraining_and_language_models_read_corpora_without_labels(tmp_path):
@@ -180,11 +171,11 @@ def test_pretraining_and_language_models_read_corpora_without_labels(tmp_path):
     `wikipedia`, `bert_pretrain.py:base`'s) is theirs; text classification refuses it."""
     import ml_collections
 
-    from train.data import tfds_local
+    from tests.helpers import prepare_local_dataset
     from train.tasks import bert_pretraining, language_model
 
     data_dir = str(tmp_path)
-    tfds_local.prepare_once(_unlabelled_prose(), data_dir)
+    prepare_local_dataset("UnlabelledProse", _prose_features, _prose_records, data_dir)
     source = text.open_corpus("unlabelled_prose", "train", data_dir)
     texts = sorted(text.read_texts(source, "text"))
     assert len(texts) == 6 and texts[0].startswith("Article 0 opens here.")

@@ -88,9 +88,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, TypeError, ValueError) as e:
         cause = _user_error_in(e)  # e.g. an unknown variant, from the config file itself
         message = str(cause) if cause is not None else f"bad --config override: {e}"
-    text = message
     print(
-        f"error: {text}\nUsage: python -m train --config=configs/X.py --workdir=DIR "
+        f"error: {message}\nUsage: python -m train --config=configs/X.py --workdir=DIR "
         "[--config.KEY=VALUE ...]",
         file=sys.stderr,
     )

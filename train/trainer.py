@@ -427,8 +427,9 @@ def _train(
     def save(step: int, eval_pending: bool) -> None:
         # A finite loss is computed before the step's update: the state itself is checked,
         # so that no checkpoint (which would replace good ones) holds NaN or inf.
-        saved = {"params": state.params, "model_state": state.model_state}
-        bad = training.first_non_finite({**saved, "opt_state": state.opt_state})
+        bad = training.first_non_finite(
+            {"params": state.params, "model_state": state.model_state, "opt_state": state.opt_state}
+        )
         if bad:
             stop(f"the state after step {step} is not finite (first: {bad}); not saved")
         ckpt.save(step, state, {"iterator": train_iter.get_state(), "eval_pending": eval_pending})

@@ -97,7 +97,8 @@ def train_vocabulary(
     learnt. Pure Python: about 1.5 s for the embedded `stdlib_docs` (650k characters) on
     one CPU core, growing with the number of distinct words.
     """
-    normalizers, pre_tokenizers = _tokenizers().normalizers, _tokenizers().pre_tokenizers
+    tokenizers = _tokenizers()
+    normalizers, pre_tokenizers = tokenizers.normalizers, tokenizers.pre_tokenizers
 
     normalizer = normalizers.BertNormalizer(lowercase=True)
     splitter = pre_tokenizers.BertPreTokenizer()

@@ -104,10 +104,14 @@ def model_and_tokenizer(
         bert_config = bert.BertConfig.from_hf_dict(kept["bert"], **runtime)
         tokenizer = mlm.wordpiece(os.path.join(workdir, bert_pretraining.VOCAB_FILE))
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
-    if source:
-        _check_source(source)
+    if not source:
+        tokenizer = bert_pretraining.tokenizer_for(config, workdir, train_texts)
+        bert_config = bert_pretraining.model_config(config, tokenizer.get_vocab_size())
+        return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
+    _check_source(source)
     vocab_file = os.path.join(source, bert_pretraining.VOCAB_FILE)
-    if source and _is_hf_directory(source):
+    tokenizer = mlm.wordpiece(vocab_file)
+    if _is_hf_directory(source):
         model, variables, _ = bert.from_pretrained(
             source,
             bert.BertForSequenceClassification,
@@ -117,7 +121,7 @@ def model_and_tokenizer(
         )
         encoder = variables["params"]["bert"]
         bert_config = model.config
-    elif source:
+    else:
         pretrained = _pretrained_bert_params(source)
         with open(os.path.join(source, "config.json")) as f:
             pretrain_config = ml_collections.ConfigDict(json.load(f))
@@ -126,17 +130,11 @@ def model_and_tokenizer(
                 f"init_from={source} is a workdir of task {pretrain_config.get('task')!r}, "
                 "not bert_pretraining (configs/bert_pretrain.py)"
             )
-        tokenizer = mlm.wordpiece(vocab_file)
         bert_config = bert_pretraining.model_config(pretrain_config, tokenizer.get_vocab_size())
         bert_config = dataclasses.replace(bert_config, **runtime)
         model = bert.BertForSequenceClassification(bert_config, num_labels=num_classes)
         encoder = bert.layer_layout(pretrained, bert_config.scan_layers)
-    else:
-        tokenizer = bert_pretraining.tokenizer_for(config, workdir, train_texts)
-        bert_config = bert_pretraining.model_config(config, tokenizer.get_vocab_size())
-        return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
     _keep_source(workdir, source, bert_config, vocab_file)
-    tokenizer = mlm.wordpiece(os.path.join(workdir, bert_pretraining.VOCAB_FILE))
 
     def init_params(params: Any) -> Any:
         ours = jax.tree.map(np.shape, params["bert"])
