@@ -457,7 +457,9 @@ def batch_norm(
       epsilon: added to the variance.
       dtype: the output's dtype (default: that of `x`).
       axis_name: a `pmap`, `vmap` or `shard_map` axis to take the statistics over as well
-        (its members' batches together); under `jax.jit` a sharded batch needs none.
+        (its members' batches together); under `jax.jit` a sharded batch needs none. The
+        backward pass sums over the axis too, so under `vmap` take the gradient inside the
+        mapped function (a `jax.grad` outside a `vmap` with an axis name finds it unbound).
 
     Returns:
       (normalised <dtype>[..., features], the batch's <float32>[features] mean and
@@ -549,17 +551,22 @@ class BatchNorm(nn.Module):
         shape = (x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        params = []  # those that exist set the output dtype with x (as in Flax)
         scale = jnp.ones(shape, self.param_dtype)
         bias = jnp.zeros(shape, self.param_dtype)
         if self.use_scale:
             scale = self.param("scale", self.scale_init, shape, self.param_dtype)
+            params.append(scale)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, shape, self.param_dtype)
-        dtype = self.dtype or jnp.result_type(x, scale, bias)
+            params.append(bias)
+        dtype = self.dtype or jnp.result_type(x, *params)
         if use_running_average:
             inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
             return _normalise(x, ra_mean.value, inv, scale, bias, dtype)
-        y, mean, var = batch_norm(x, scale, bias, self.epsilon, dtype, self.axis_name)
+        # As Flax: initialisation (usually outside the pmap / shard_map) takes no axis.
+        axis_name = None if self.is_initializing() else self.axis_name
+        y, mean, var = batch_norm(x, scale, bias, self.epsilon, dtype, axis_name)
         if not self.is_initializing():
             mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

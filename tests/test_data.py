@@ -278,6 +278,9 @@ def test_eval_batches_single_process_is_in_order():
         ("synthetic", "none"),
         ("cifar10", "cifar"),
         ("imagenet2012", "inception"),
+        ("cifar10:3.0.2", "cifar"),  # versioned names: were "inception"
+        ("mnist:3.0.1", "none"),
+        ("svhn_cropped", "none"),  # digits are not mirrored: was "cifar" (with flips)
     ],
 )
 def test_augment_preset_auto(dataset, preset):

@@ -553,6 +553,20 @@ def test_batch_norm_over_a_named_axis_takes_the_statistics_over_all_members():
         np.testing.assert_allclose(a.sum(0), b, rtol=1e-4, atol=1e-5)
 
 
+def test_batch_norm_init_outside_the_axis_and_output_dtype_without_parameters():
+    """As Flax: initialising in training mode with `axis_name` outside any mapped axis works
+    (was: unbound axis name), and without scale and bias the output keeps x's dtype (was:
+    float32 from the placeholder parameters)."""
+    x = jnp.ones((4, 3), jnp.bfloat16)
+    for module in (nn.BatchNorm, BatchNorm):
+        variables = module(axis_name="batch").init(jax.random.key(0), x, False)
+        assert variables["params"]["scale"].shape == (3,)
+        bare = module(use_scale=False, use_bias=False)
+        for running in (True, False):
+            y, _ = bare.apply(bare.init({}, x, running), x, running, mutable="batch_stats")
+            assert y.dtype == jnp.bfloat16, (module, running)
+
+
 def test_batch_norm_inside_shard_map_over_the_mesh_axis_equals_one_batch():
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P

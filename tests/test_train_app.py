@@ -316,6 +316,30 @@ def test_a_checkpoint_past_total_steps_is_refused(tmp_path):
     assert (tmp_path / "config.json").read_text() == saved  # the run's record is kept
 
 
+def test_warmup_counts_training_steps_with_accumulation():
+    """total_steps and warmup_steps both count batches; with 4 batches per update the
+    warmup of 8 batches ends after 2 updates (was: after 8 updates, 32 batches)."""
+    import jax.numpy as jnp
+
+    from jaxmodels import optim
+    from train.trainer import _make_optimizer
+
+    config = load_config("cnn_digits.py")
+    config.total_steps, config.optimizer.learning_rate = 40, 1.0
+    config.optimizer.warmup_steps, config.optimizer.accumulate_steps = 8, 4
+    config.optimizer.schedule = "linear"
+    tx = _make_optimizer(config)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    rates = []
+    for _ in range(3 * 4):
+        _, state = tx.update({"w": jnp.ones(3)}, state, params)
+        rates.append(float(optim.current_learning_rate(state)))
+    assert rates[3] == pytest.approx(0.5)  # after the first update, half the warmup
+    assert rates[7] == pytest.approx(1.0)  # warmup over after two updates
+    assert rates[11] == pytest.approx(1.0 - 1 / 8)  # 10 updates in all, 8 of decay
+
+
 def test_unknown_key_in_config_file_is_named():
     config = load_config("cnn_digits.py")
     with config.unlocked():

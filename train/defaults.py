@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
             "name": "adam",  # adam | adamw | rmsprop | sgd | lamb | lars
             "learning_rate": 1e-3,
             "schedule": "constant",  # constant | cosine | linear (after warmup)
-            "warmup_steps": 0,
+            "warmup_steps": 0,  # training steps (batches), as total_steps
             "end_factor": 0.0,
             "weight_decay": 0.0,
             "momentum": 0.9,
@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
             "b2": 0.999,
             "eps": 1e-8,
             "grad_clip_norm": 0.0,  # 0: off
-            "accumulate_steps": 1,
+            "accumulate_steps": 1,  # batches per update; the schedule counts updates
         }
     )
 

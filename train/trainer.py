@@ -157,12 +157,15 @@ def compilation_cache(setting: str, workdir: str) -> Iterator[str | None]:
 
 
 def _make_optimizer(config: Any) -> Any:
+    """The optimizer of `config`. `total_steps` and `optimizer.warmup_steps` count training
+    steps (batches); with `accumulate_steps` k the schedule advances once per update, every
+    k steps, so both are divided by k here."""
     o = config.optimizer
     return optim.make_optimizer(
         o.name,
         o.learning_rate,
         total_steps=config.total_steps // o.accumulate_steps,
-        warmup_steps=o.warmup_steps,
+        warmup_steps=o.warmup_steps // o.accumulate_steps,
         schedule=o.schedule,
         end_factor=o.end_factor,
         weight_decay=o.weight_decay,

@@ -3,8 +3,9 @@
 Images stay uint8 on the host (4x less to move than float32); scaling and normalisation
 happen on the device inside the jitted step (`normalize_on_device`).
 
-Augmentation presets (`config.augment`, `auto` picks by dataset):
-* `none`: as stored (MNIST-like datasets, the embedded digits).
+Augmentation presets (`config.augment`, `auto` picks by dataset, version aside):
+* `none`: as stored (MNIST-like datasets, the embedded digits, SVHN: digits are not
+  mirrored).
 * `cifar`: 4-pixel zero padding, random 32x32 crop, random horizontal flip.
 * `inception`: the standard ResNet ImageNet recipe: random-resized crop (area 8%-100%,
   aspect 3/4-4/3) to `image_size`, random flip; evaluation resizes the shorter side to
@@ -23,8 +24,8 @@ from jaxmodels.errors import DataError
 
 EMBEDDED = "sklearn_digits"
 SYNTHETIC = "synthetic"
-_MNIST_LIKE = ("sklearn_digits", "mnist", "fashion_mnist", "kmnist", "emnist")
-_CIFAR_LIKE = ("cifar10", "cifar100", "svhn_cropped")
+_UNAUGMENTED = ("sklearn_digits", "mnist", "fashion_mnist", "kmnist", "emnist", "svhn_cropped")
+_CIFAR_LIKE = ("cifar10", "cifar100")
 
 
 def default_data_dir() -> str:
@@ -40,9 +41,10 @@ def augment_preset(dataset: str, augment: str) -> str:
                 "choose auto, none, cifar or inception"
             )
         return augment
-    if dataset.split("/")[0] in _MNIST_LIKE or dataset == SYNTHETIC:
+    base = dataset.split("/")[0].split(":")[0]  # "cifar10/plain:3.0.2" -> "cifar10"
+    if base in _UNAUGMENTED or dataset == SYNTHETIC:
         return "none"
-    if dataset.split("/")[0] in _CIFAR_LIKE:
+    if base in _CIFAR_LIKE:
         return "cifar"
     return "inception"
 
