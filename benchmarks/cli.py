@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         "--peak-tflops",
         type=float,
         default=None,
-        help="peak TFLOP/s for MFU (default: the table in benchmarks.specs by device kind)",
+        help="one device's peak TFLOP/s for MFU (default: the table in benchmarks.specs by "
+        "device kind)",
     )
     parser.add_argument(
         "--in-process",
@@ -217,19 +219,20 @@ def _run_here(
     rows = []
     for i, (name, impl) in enumerate(jobs):
         _log(f"[{i + 1}/{len(jobs)}] {name} {workloads.impl_label(impl)} ...")
-        row = measure.measure(
-            by_name[name],
-            impl,
-            devices,
-            steps,
-            windows,
-            warmup,
-            args.peak_tflops,
-            report_memory=i == 0,
-            step_rng=args.step_rng,
-            profile_dir=args.profile and os.path.abspath(args.profile),
-            model_overrides=model_overrides(args.set),
-        )
+        with timing.without_compilation_cache():
+            row = measure.measure(
+                by_name[name],
+                impl,
+                devices,
+                steps,
+                windows,
+                warmup,
+                args.peak_tflops,
+                report_memory=i == 0,
+                step_rng=args.step_rng,
+                profile_dir=args.profile and os.path.abspath(args.profile),
+                model_overrides=model_overrides(args.set),
+            )
         if i > 0 and args.in_process and timing.peak_memory_bytes(devices) is not None:
             row["note"] = "; ".join(
                 filter(None, [row["note"], "peak mem: only in a fresh process"])
@@ -254,12 +257,18 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _child(
-    cmd: list[str], timeout: float, echo: bool = False, xla_flags: str | None = None
+    cmd: list[str],
+    timeout: float,
+    echo: bool = False,
+    xla_flags: str | None = None,
+    new_group: bool = True,
 ) -> tuple[Any, str | None]:
     """Runs `python -m <cmd...> --json TMP`; returns (parsed JSON, None) or (None, error).
 
     The child's output is kept for the error message, and echoed to stderr if `echo`.
-    `xla_flags` are appended to the child's XLA_FLAGS.
+    `xla_flags` are appended to the child's XLA_FLAGS. With `new_group` the child runs in
+    a process group of its own, all of which a timeout kills (the peer process's Keras
+    children included, which therefore stay in its group: `new_group=False`).
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
@@ -269,11 +278,12 @@ def _child(
             env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), xla_flags]))
         proc = subprocess.Popen(
             [sys.executable, "-m", *cmd, "--json", out],
-            cwd=ROOT,
+            # cwd: the caller's, so relative paths (in --xla-flags too) mean what they say
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=new_group,
         )
         lines: list[str] = []
 
@@ -288,7 +298,10 @@ def _child(
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            if new_group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
             proc.wait()
             return None, f"timed out after {timeout:.0f} s"
         finally:
@@ -353,6 +366,9 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
                 f"    {result[0]['step_ms']:.2f} ms/step, "
                 f"first step {result[0]['first_step_s']:.1f} s"
             )
+            if result[0].get("profile"):  # the profile's summary, as --in-process prints it
+                with open(os.path.join(result[0]["profile"], "summary.txt")) as f:
+                    _log(f.read().rstrip())
         if args.xla_flags:
             for row in result:
                 row["note"] = "; ".join(filter(None, [row["note"], f"XLA_FLAGS {args.xla_flags}"]))
@@ -367,10 +383,11 @@ def _run_peers(
     cmd = ["benchmarks.peers", "--suite", suite]
     cmd += ["--only", *args.only] if args.only else []
     cmd += ["--flops", *[f"{k}={v}" for k, v in forward.items()]] if forward else []
-    cmd += _sizing_flags(args)
+    cmd += [*_sizing_flags(args), "--timeout", str(args.timeout)]
     _log("peers (PyTorch, separate process) ...")
     workloads = specs.suite(suite, args.only, args.batch)
-    result, error = _child(cmd, args.timeout * max(1, len(workloads)), echo=True)
+    # Up to three peers per workload (eager, torch.compile, Keras), each given --timeout.
+    result, error = _child(cmd, 3 * args.timeout * max(1, len(workloads)), echo=True)
     if result is None:
         return [], f"peer process failed: {error}"
     return result, None
@@ -387,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     if model_overrides(args.set) and not args.only:
         raise SystemExit(
             "--set changes a setting of one model family: name its workloads with --only"
+        )
+    if args.peers and args.devices != "1":
+        raise SystemExit(
+            "--peers runs on one device, so their ratios compare one device with one: "
+            "use --devices 1 (the default) with --peers"
         )
     if args.set and args.peers:
         raise SystemExit(
@@ -441,4 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(args.json, rows, metadata)
     if args.plot:
         report.plot(args.plot, rows, f"{info['suite']} suite, {info['device']}")
-    return 0
+    # Status 1 when one of our workloads (or the whole peer process) failed; the table and
+    # the files still hold every row.
+    failed = [r for r in rows if r.get("status") == "failed" and r.get("framework") == "jax"]
+    return 1 if failed or peer_error else 0

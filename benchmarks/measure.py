@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import flops, profile, timing, workloads
+from benchmarks import flops, profile, specs, timing, workloads
 from benchmarks.specs import Workload
 from jaxmodels import optim, sharding, training
 
@@ -58,13 +58,16 @@ def measure(
     if model_overrides:
         w = dataclasses.replace(w, model={**w.model, **model_overrides})
     built = workloads.BUILDERS[w.family](w, impl)
+    precision, note = built.precision, built.note
+    if precision == "float32" and timing.xla_runs_tf32(devices[0]):
+        precision, note = specs.TF32, "; ".join(filter(None, [note, timing.XLA_TF32_NOTE]))
     row = timing.empty_row(
         w,
         workloads.impl_label(impl),
         "jax",
         device=device_label(devices),
-        precision=built.precision,
-        note=built.note,
+        precision=precision,
+        note=note,
     )
     parallel = len(devices)
     if w.batch % parallel:
@@ -108,7 +111,7 @@ def measure(
     if step_rng != "threefry":
         extra.append(f"dropout bits: {step_rng}")
     row["note"] = "; ".join(filter(None, [row["note"], *extra]))
-    timing.derive(row, w, result, forward, devices[0].device_kind, peak_tflops)
+    timing.derive(row, w, result, forward, devices[0].device_kind, peak_tflops, len(devices))
     peak = timing.peak_memory_bytes(devices) if report_memory else None
     if peak is not None:
         row["peak_mem_gib"] = peak / 2**30

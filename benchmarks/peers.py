@@ -63,6 +63,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -134,6 +135,19 @@ def _lstm_classifier(
     return LSTMClassifier()
 
 
+TORCH_TF32_NOTE = (
+    "convolutions on TF32 tensor cores (cuDNN's default in PyTorch), linear layers in float32"
+)
+
+
+def _cudnn_runs_tf32() -> bool:
+    """Whether PyTorch's float32 convolutions run on TF32 tensor cores here: cuDNN's TF32
+    allowed (PyTorch's default) on a GPU of compute capability 8.0 or newer."""
+    import torch
+
+    return torch.backends.cudnn.allow_tf32 and torch.cuda.get_device_capability(0)[0] >= 8
+
+
 def _precision(w: specs.Workload) -> str:
     return "bfloat16 autocast" if w.precision == "bfloat16" else w.precision
 
@@ -202,9 +216,11 @@ def _bert(w: specs.Workload, gen: Any) -> tuple[Any, dict[str, Any]]:
     mlm_labels.scatter_(1, positions, torch.randint(0, specs.BERT_VOCAB, (b, real), generator=gen))
     token_type_ids = torch.zeros(b, t, dtype=torch.long)
     token_type_ids[:, t // 2 :] = 1
+    # No attention_mask: every sequence is full length (ours takes none either), and an
+    # all-ones mask costs transformers a host read per step (eager) or the flash kernel
+    # (torch.compile).
     batch = {
         "input_ids": input_ids,
-        "attention_mask": torch.ones(b, t, dtype=torch.long),
         "token_type_ids": token_type_ids,
         "labels": mlm_labels,
         "next_sentence_label": torch.randint(0, 2, (b,), generator=gen),
@@ -348,10 +364,14 @@ def measure_peer(
             notes.append("dynamo leaves nn.LSTM eager")
     if w.family == "bert":
         notes.append(BERT_MLM_NOTE)
+    tf32 = not bf16 and w.family == "cnn" and cuda and _cudnn_runs_tf32()
+    if tf32:
+        notes.append(TORCH_TF32_NOTE)
     row = timing.empty_row(w, impl, "torch", device=label, note="; ".join(notes))
-    # MFU against the peak of the precision the workload computes in.
+    # MFU against the peak of the precision the workload computes in (none for TF32).
+    row["precision"] = specs.TF32 if tf32 else w.precision
     timing.derive(row, w, result, forward_flops, kind, peak_tflops)
-    row["precision"] = _precision(w)
+    row["precision"] = specs.TF32 if tf32 else _precision(w)
     if cuda:
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -474,7 +494,7 @@ def run_keras_peers(
             cmd += ["--flops", f"{w.name}={forward_flops[w.name]}"]
         if peak_tflops is not None:
             cmd += ["--peak-tflops", str(peak_tflops)]
-        result, error = _child(cmd, timeout, echo=True)
+        result, error = _child(cmd, timeout, echo=True, new_group=False)
         if result is None:
             result = [
                 timing.empty_row(
@@ -612,6 +632,9 @@ def measure_keras(
         elif cudnn_lstm.get("cudnn"):
             notes.append("keras.layers.LSTM on cuDNN (float32 in, TF32 matmuls)")
             precision = specs.TF32
+    if precision == "float32" and timing.xla_runs_tf32(device):
+        notes.append(timing.XLA_TF32_NOTE)
+        precision = specs.TF32
     row = timing.empty_row(
         w,
         KERAS_IMPL,
@@ -713,13 +736,19 @@ def main(argv: list[str] | None = None) -> int:
         if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != "jax":
             raise SystemExit("keras is already imported with another backend")
         os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported
-        rows = [
-            measure_keras(w, *timed, flops.get(w.name), args.peak_tflops)
-            for w in workloads
-            if w.family in KERAS_FAMILIES
-        ]
+        with timing.without_compilation_cache():
+            rows = [
+                measure_keras(w, *timed, flops.get(w.name), args.peak_tflops)
+                for w in workloads
+                if w.family in KERAS_FAMILIES
+            ]
     else:
-        rows = run_peers(workloads, *timed, flops, args.peak_tflops, timeout=args.timeout)
+        # torch.compile's first step compiles from scratch, as ours does: its on-disk caches
+        # (Inductor's, Triton's) start empty, whatever earlier runs left.
+        with tempfile.TemporaryDirectory() as caches:
+            for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+                os.environ[variable] = os.path.join(caches, variable.lower())
+            rows = run_peers(workloads, *timed, flops, args.peak_tflops, timeout=args.timeout)
     with open(args.json, "w") as f:
         json.dump(rows, f, indent=1)
     return 0

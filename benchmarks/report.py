@@ -7,6 +7,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks import specs
+
 MATPLOTLIB_MISSING = (
     "--plot needs matplotlib, which is not installed: pip install matplotlib "
     "(or drop --plot; --json keeps the numbers)"
@@ -80,9 +82,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Sets `ours_per_peer` on each measured peer row: our best items/s for the workload over
-    the peer's items/s (above 1: ours is faster)."""
+    the peer's items/s (above 1: ours is faster). Only our implementations that do the
+    peers' work count (not `specs.NOT_THE_PEERS_WORK`: BERT without attention dropout, the
+    stock-Flax LSTM)."""
     best: dict[str, float] = {}
     for row in rows:
+        impl = str(row.get("impl", "")).split()
+        if impl[1:] and impl[1] in specs.NOT_THE_PEERS_WORK:
+            continue
         if row.get("framework") == "jax" and row.get("items_per_s"):
             best[row["workload"]] = max(best.get(row["workload"], 0.0), row["items_per_s"])
     for row in rows:

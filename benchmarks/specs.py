@@ -36,8 +36,17 @@ Peak FLOP/s (for MFU), by ``jax.devices()[0].device_kind`` (PyTorch's
 |---------------|-----------------|----------------|
 | NVIDIA H200   | 790 TFLOP/s     | 67 TFLOP/s     |
 
-On a device missing from the table MFU is left blank unless ``--peak-tflops X`` is given
-(then X is used for every row). Add a device by adding a line to `PEAK_FLOPS`.
+The H200's bfloat16 peak is the one the published peer MFU figures this suite is compared
+with are computed against (a bfloat16 8192^3 matmul reaches 708 TFLOP/s there), so the
+percentages compare; NVIDIA's data sheet gives 989 dense for the SXM part, against which
+every MFU here would be 0.8x. With N devices MFU is over N peaks. Rows whose float32
+matmuls or convolutions run on TF32 tensor cores (XLA's default precision on NVIDIA GPUs
+of compute capability 8.0 and newer; cuDNN's convolutions in PyTorch) are labelled
+`TF32` and have no MFU: against the plain FP32 peak it would be far too high.
+
+On a device missing from the table MFU is left blank unless ``--peak-tflops X`` (one
+device's peak) is given; then X is used for every row. Add a device by adding a line to
+`PEAK_FLOPS`.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ __all__ = [
     "BACKWARD_FACTOR",
     "BERT_PRESETS",
     "DEFAULT_TIMING",
+    "NOT_THE_PEERS_WORK",
     "PEAK_FLOPS",
     "TF32",
     "SUITES",
@@ -56,6 +66,11 @@ __all__ = [
     "peak_flops",
     "suite",
 ]
+
+# Our implementations that are not what the peers run, left out of the ours/peer ratios:
+# BERT with attention-probability dropout off (the peers keep it), and stock Flax's nn.RNN
+# (a baseline, not ours).
+NOT_THE_PEERS_WORK = ("no_attn_dropout", "flax_rnn")
 
 # Model FLOPs per training step = BACKWARD_FACTOR x forward FLOPs (see `benchmarks.flops`).
 BACKWARD_FACTOR = 3
@@ -65,8 +80,9 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 }
 
 # The precision of rows whose float32 matmuls run on TF32 tensor cores (cuDNN's RNN, which
-# takes float32 only and allows TF32 by default). No peak is listed for it, so their MFU is
-# blank: against the plain FP32 peak it would exceed 100%.
+# takes float32 only and allows TF32 by default; XLA's float32 matmuls and convolutions on
+# NVIDIA GPUs of compute capability >= 8.0, `timing.xla_runs_tf32`). No peak is listed for
+# it, so their MFU is blank: against the plain FP32 peak it would be far too high.
 TF32 = "float32 (TF32)"
 
 

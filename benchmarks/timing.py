@@ -33,6 +33,8 @@ __all__ = [
     "empty_row",
     "peak_memory_bytes",
     "time_training",
+    "without_compilation_cache",
+    "xla_runs_tf32",
 ]
 
 # Keys of a row, in table order (see `benchmarks.report` for the column titles).
@@ -129,6 +131,43 @@ class compile_events(contextlib.AbstractContextManager):  # noqa: N801 (used lik
         jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
+XLA_TF32_NOTE = "float32 matmuls and convolutions on TF32 tensor cores (XLA's default precision)"
+
+
+def xla_runs_tf32(device: Any) -> bool:
+    """Whether XLA computes float32 matmuls and convolutions on `device` (a JAX device) on
+    TF32 tensor cores: an NVIDIA GPU of compute capability 8.0 or newer at JAX's default
+    matmul precision. Such rows are labelled `specs.TF32` (no peak, so no MFU): their
+    float32 rate is not the plain FP32 one."""
+    import jax
+
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or not capability:
+        return False
+    major = int(str(capability).split(".")[0])
+    precision = jax.config.jax_default_matmul_precision
+    return major >= 8 and precision in (None, "default", "bfloat16", "tensorfloat32")
+
+
+@contextlib.contextmanager
+def without_compilation_cache() -> Any:
+    """JAX's persistent compilation cache off inside (restored after): with
+    `JAX_COMPILATION_CACHE_DIR` set, a first step would otherwise read its program from the
+    cache and be timed as the compilation. (JAX decides once per process whether the cache
+    is used, hence the resets.)"""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        cache.reset_cache()
+
+
 def time_training(
     step: Callable[[], Any],
     sync: Callable[[], Any],
@@ -184,12 +223,14 @@ def derive(
     forward_flops: float | None,
     device_kind: str,
     peak_tflops: float | None = None,
+    devices: int = 1,
 ) -> dict[str, Any]:
     """Fills the timed and derived columns of `row` (in place) and returns it.
 
     items/s = batch / step time; tokens/s = batch x sequence length / step time (sequence
-    models); TFLOP/s = model FLOPs per step / step time; MFU = that / the device's peak at the
-    row's precision (blank when the peak is unknown).
+    models); TFLOP/s = model FLOPs per step / step time, over all `devices` the global batch
+    is split over; MFU = that / (`devices` x one device's peak at the row's precision), blank
+    when the peak is unknown. `peak_tflops` is one device's.
     """
     step_s = timing.step_s
     row["step_ms"] = 1e3 * step_s
@@ -205,5 +246,5 @@ def derive(
         row["tflops"] = achieved / 1e12
         peak = specs.peak_flops(device_kind, row["precision"], peak_tflops)
         if peak:
-            row["mfu_pct"] = 100.0 * achieved / peak
+            row["mfu_pct"] = 100.0 * achieved / (peak * devices)
     return row

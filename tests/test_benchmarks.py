@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import flops, report, specs
+from benchmarks import flops, report, specs, timing
 from jaxmodels import cnn, rnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,11 +164,14 @@ def test_ratios_and_table():
         {"workload": "a", "impl": "jax cudnn", "framework": "jax", "items_per_s": 150.0},
         {"workload": "b", "impl": "jax", "framework": "jax", "status": "skipped", "note": "why"},
         {"workload": "a", "impl": "keras jax", "framework": "keras", "items_per_s": 300.0},
+        # Not the peers' work: left out of "our best" (was counted).
+        {"workload": "a", "impl": "jax flax_rnn", "framework": "jax", "items_per_s": 900.0},
     ]
     rows = report.sort_rows(rows, ["a", "b"])
     report.add_ratios(rows)
     impls = [r["impl"] for r in rows]
-    assert impls == ["jax scan", "jax cudnn", "torch eager", "keras jax", "jax"]
+    assert impls == ["jax scan", "jax cudnn", "jax flax_rnn", "torch eager", "keras jax", "jax"]
+    del rows[2]
     assert rows[2]["ours_per_peer"] == pytest.approx(3.0)
     assert rows[3]["ours_per_peer"] == pytest.approx(0.5)
     table = report.format_table(rows)
@@ -314,6 +317,7 @@ def test_xla_flags_reach_the_workload_process(tmp_path):
         (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
         (["--peak-tflops", "0"], "--peak-tflops must be > 0"),
         (["--devices", "foo"], "--devices takes a count"),
+        (["--devices", "2", "--peers"], "--peers runs on one device"),  # ratios of 2 to 1
     ],
 )
 def test_bad_numbers_fail_before_anything_runs(flags, message, monkeypatch):
@@ -327,6 +331,80 @@ def test_bad_numbers_fail_before_anything_runs(flags, message, monkeypatch):
     monkeypatch.setattr(cli, "_run_suite", no_run)
     with pytest.raises(SystemExit, match=message):
         cli.main(["--suite", "cpu", "--only", "mnist_cnn", *flags])
+
+
+def test_a_failed_workload_makes_the_exit_status_1(monkeypatch, capsys):
+    """Was 0 whatever failed, so a script could not tell."""
+    from benchmarks import cli
+
+    info = cli._probe(cli._parser().parse_args(["--suite", "cpu", "--only", "mnist_cnn"]))
+    w = specs.suite("cpu", ["mnist_cnn"], None)[0]
+    failed = timing.empty_row(w, "jax", "jax", status="failed", note="boom")
+    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [failed]))
+    assert cli.main(["--suite", "cpu", "--only", "mnist_cnn"]) == 1
+    assert "failed: boom" in capsys.readouterr().out
+    ok = dict(failed, status="ok", step_ms=1.0, items_per_s=1.0)
+    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [ok]))
+    assert cli.main(["--suite", "cpu", "--only", "mnist_cnn"]) == 0
+
+
+def test_mfu_is_over_every_device_the_batch_is_split_over():
+    """Was one device's peak whatever the device count: N times too high."""
+    w = specs.suite("cpu", ["mnist_cnn"], None)[0]
+    result = timing.Timing(first_step_s=1.0, step_s=0.5, window_s=[0.5])
+    rows = [
+        timing.derive(timing.empty_row(w, "jax", "jax"), w, result, 1e12, "cpu", 2.0, devices=n)
+        for n in (1, 4)
+    ]
+    assert rows[0]["tflops"] == rows[1]["tflops"] == pytest.approx(6.0)  # 3 x 1e12 / 0.5 s
+    assert rows[0]["mfu_pct"] == pytest.approx(300.0) and rows[1]["mfu_pct"] == pytest.approx(75.0)
+
+
+def test_float32_on_tf32_tensor_cores_is_labelled_so():
+    """XLA's default precision runs float32 matmuls and convolutions on TF32 tensor cores on
+    NVIDIA GPUs of compute capability >= 8.0; such rows were labelled float32 and given an
+    MFU against the plain FP32 peak."""
+    import types
+
+    def gpu(capability):
+        return types.SimpleNamespace(platform="gpu", compute_capability=capability)
+
+    assert timing.xla_runs_tf32(gpu("9.0")) and timing.xla_runs_tf32(gpu("8.0"))
+    assert not timing.xla_runs_tf32(gpu("7.0"))
+    assert not timing.xla_runs_tf32(jax.devices("cpu")[0])
+    with jax.default_matmul_precision("float32"):
+        assert not timing.xla_runs_tf32(gpu("9.0"))
+    w = specs.suite("gpu", ["mnist_cnn"], None)[0]
+    row = timing.empty_row(w, "jax", "jax", precision=specs.TF32)
+    result = timing.Timing(first_step_s=1.0, step_s=0.5, window_s=[0.5])
+    timing.derive(row, w, result, 1e12, "NVIDIA H200")
+    assert row["tflops"] > 0 and row.get("mfu_pct") is None
+
+
+def test_first_steps_never_come_from_the_persistent_compilation_cache(tmp_path):
+    """With JAX_COMPILATION_CACHE_DIR set, a second run read its program from the cache and
+    timed that as the first step and its compilation. Now nothing of ours goes through the
+    cache (here: nothing is written to it, though every compilation would be); XLA flags
+    with relative paths resolve against the caller's directory."""
+    cache = tmp_path / "cache"
+    env = dict(_env(), PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache))
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.update(JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    args = ["--suite", "cpu", "--only", "mnist_cnn", "--steps", "1", "--windows", "1"]
+    args += ["--warmup", "0", "--xla-flags=--xla_dump_to=dump", "--json", "rows.json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [row] = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert row["status"] == "ok" and row["compile_s"] > 0
+    assert not cache.exists() or not any(cache.iterdir())
+    assert any(name.endswith("after_optimizations.txt") for name in os.listdir(tmp_path / "dump"))
 
 
 def test_unbuilt_family_is_a_skipped_row(monkeypatch):
@@ -448,6 +526,14 @@ def test_peer_process_transformers_cpu(tmp_path):
     bert_row = rows[("bert_base", "torch eager")]
     assert bert_row["model_flops_per_step"] == 3 * bert_forward  # our count, not the peer's
     assert "MLM head on all positions" in bert_row["note"]
+    # Full-length sequences and no attention mask, as ours (an all-ones mask cost the peer a
+    # host read per step, and torch.compile the flash kernel).
+    import torch
+
+    from benchmarks import peers
+
+    _, batch = peers._bert(w["bert_base"], torch.Generator().manual_seed(0))
+    assert "attention_mask" not in batch
 
 
 def test_next_token_loss_is_the_mean_over_the_first_seq_minus_one_positions():
