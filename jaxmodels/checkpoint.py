@@ -34,9 +34,18 @@ def _key_name(k: Any) -> str:
     return str(k)
 
 
+def _stored_shape(x: Any) -> tuple[int, ...]:
+    """The shape a leaf has on disk: a typed PRNG key (`jax.random.key`) is stored as its
+    key data (e.g. uint32[..., 2])."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        abstract = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return tuple(jax.eval_shape(jax.random.key_data, abstract).shape)
+    return tuple(x.shape)
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {"/".join(_key_name(k) for k in path): tuple(x.shape) for path, x in leaves}
+    return {"/".join(_key_name(k) for k in path): _stored_shape(x) for path, x in leaves}
 
 
 def _as_dict(state: Any) -> Any:

@@ -109,11 +109,18 @@ def abstract_train_state(
     example_inputs: Sequence[Any],
     mesh: Mesh,
     rules: Any,
+    rng: jax.Array | None = None,
 ) -> tuple[TrainState, TrainState]:
     """`create_train_state`'s result without computing it: (state of `jax.ShapeDtypeStruct`
     with shardings, shardings), for compiling a step ahead of time (`jit(...).lower(state,
-    batch).compile()`), e.g. to check its memory, on devices that need not be attached."""
-    key = jax.random.key(0)  # made here: the mesh's devices may be compile-only ones
+    batch).compile()`), e.g. to check its memory, on devices that need not be attached, or
+    as a restore target.
+
+    `rng`: a key of the kind `create_train_state` gets (only its shape and dtype matter): a
+    typed `jax.random.key` (the default) or a raw `jax.random.PRNGKey` (uint32[2], as the
+    training application uses), whose `rng` leaves differ."""
+    # Made on the default device: the mesh's devices may be compile-only ones.
+    key = jax.random.key(0) if rng is None else rng
     _, abstract, shardings = _state_init(model, tx, example_inputs, key, mesh, rules)
     state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -328,10 +335,19 @@ def classification_fns(
     return loss_fn, eval_fn
 
 
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
 def first_non_finite(tree: Any) -> str | None:
-    """Path of the first leaf holding a NaN or inf (host-side check), or None."""
+    """Path of the first leaf holding a NaN or inf (host-side check), or None.
+
+    One compiled program for the whole tree (not one per leaf): with the tree sharded over
+    several processes each program is a collective that every process must run, in the
+    same order."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    flags = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in leaves])
+    flags = jax.device_get(_finite_flags([x for _, x in leaves]))
     for (path, _), ok in zip(leaves, flags, strict=True):
         if not ok:
             return jax.tree_util.keystr(path)

@@ -133,20 +133,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path):
-    """jax.distributed on one machine: 2 processes x 4 devices == 1 process x 8 devices."""
-    overrides = ["--config.total_steps=12", "--config.eval_every=6", "--config.log_every=3"]
-    single = str(tmp_path / "single")
-    one = run_app("configs/cnn_digits.py", single, *overrides)
-    assert one.returncode == 0, one.stderr[-3000:]
-
-    multi = str(tmp_path / "multi")
+def _two_processes(config: str, workdir: str, *overrides: str) -> list[str]:
+    """Runs `config` as 2 processes x 4 devices (jax.distributed on this machine); their
+    stdouts."""
     port = _free_port()
     procs = [
         subprocess.Popen(
             train_cmd(
-                "configs/cnn_digits.py",
-                multi,
+                config,
+                workdir,
                 *overrides,
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
@@ -160,10 +155,40 @@ def test_two_processes_equal_one(tmp_path):
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert "2 process(es)" in outs[0][0]
+    return [out for out, _ in outs]
+
+
+def test_two_processes_with_sharded_parameters_save_while_training(tmp_path):
+    """FSDP over 2 processes with asynchronous saves during the run: the state's finiteness
+    check before each save was one collective program per leaf, and in about half the runs
+    the processes ended up waiting for each other (one in the check, one in Orbax's
+    barrier), for ever."""
+    workdir = str(tmp_path / "fsdp")
+    overrides = ["--config.total_steps=12", "--config.eval_every=6", "--config.log_every=3"]
+    overrides += ["--config.checkpoint_every=4", "--config.mesh.data=2", "--config.mesh.fsdp=4"]
+    _two_processes(
+        "configs/cnn_digits.py:smoke", workdir, *overrides, "--config.sharding_rules=fsdp"
+    )
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
+
+
+def test_two_processes_equal_one(tmp_path):
+    """jax.distributed on one machine: 2 processes x 4 devices == 1 process x 8 devices."""
+    overrides = ["--config.total_steps=12", "--config.eval_every=6", "--config.log_every=3"]
+    single = str(tmp_path / "single")
+    one = run_app("configs/cnn_digits.py", single, *overrides)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    multi = str(tmp_path / "multi")
+    outs = _two_processes("configs/cnn_digits.py", multi, *overrides)
+    assert "2 process(es)" in outs[0]
     a, b = saved_params(single, 12), saved_params(multi, 12)
     # The two layouts sum the gradients in different orders, and Adam's normalised updates
     # magnify the rounding where a gradient is near zero: equal to 1e-5 (parameters ~0.02).
@@ -479,6 +504,22 @@ def test_an_evaluation_cut_off_by_sigterm_runs_on_resuming(tmp_path, monkeypatch
     assert evals == [10, 20]
     train_and_evaluate(config, str(tmp_path))  # finished: evaluates again, logs nothing new
     assert [r["step"] for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r] == evals
+
+
+def test_a_run_killed_outright_resumes_without_second_rows(tmp_path):
+    """Was: the steps a killed run (SIGKILL, OOM, a lost node) had logged after its last
+    checkpoint got a second row each when the resumed run took them again."""
+    import shutil
+
+    config = load_config("cnn_digits.py", "smoke")  # 20 steps, checkpoints at 10 and 20
+    train_and_evaluate(config, str(tmp_path))
+    before = logs.read_metrics(str(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "20")  # killed before step 20's save landed
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "train/lo')  # and in the middle of a line
+    train_and_evaluate(config, str(tmp_path))
+    after = logs.read_metrics(str(tmp_path))
+    assert [(r["step"], sorted(r)) for r in after] == [(r["step"], sorted(r)) for r in before]
 
 
 def test_user_errors_are_user_errors():

@@ -132,6 +132,34 @@ def test_state_is_created_sharded_and_donated():
     assert new_state.params["Dense_0"]["kernel"].sharding.spec == P("fsdp", None)
 
 
+@pytest.mark.parametrize("key", [jax.random.PRNGKey, jax.random.key], ids=["raw", "typed"])
+def test_abstract_state_matches_the_created_state(key, tmp_path):
+    """Its rng leaf was always a typed key, so with the raw keys the application uses it
+    described another state and could not be a restore target; a state with a typed key
+    could not be restored at all (its stored shape is the key data's)."""
+    from jaxmodels.checkpoint import Checkpointer
+
+    mesh, rules = sharding.make_mesh(data=2, fsdp=4), sharding.logical_rules("fsdp")
+    model, tx = cnn.SeedCNN(), optim.make_optimizer("adam", 1e-3, total_steps=10)
+    inputs = [jnp.zeros((1, 28, 28, 1))]
+    state, _ = training.create_train_state(model, tx, inputs, key(0), mesh, rules)
+    abstract, _ = training.abstract_train_state(model, tx, inputs, mesh, rules, rng=key(1))
+    leaves = jax.tree.leaves(abstract)
+    assert [(a.shape, a.dtype, a.sharding) for a in leaves] == [
+        (x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(state)
+    ]
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(1, state)
+    restored, _ = ckpt.restore(abstract)
+    ckpt.close()
+
+    def data(x):
+        return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(data(a), data(b))
+
+
 def test_fsdp_tp_rules_shard_over_tensor_axis():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     rules = sharding.logical_rules("fsdp_tp")

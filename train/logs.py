@@ -39,6 +39,27 @@ class MetricWriter:
                 self._tb.add_scalar(k, float(v), step)
             self._tb.flush()
 
+    def drop_after(self, step: int) -> None:
+        """Removes the rows past `step` (and lines cut short), where a run resumes from its
+        checkpoint at `step`: a run killed outright (no SIGTERM) had logged steps it will now
+        run again, which would otherwise get a second row each."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a killed run
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if kept != lines:
+            from train.tasks import write_text_atomically
+
+            write_text_atomically(self.path, "".join(kept))
+
     def has_eval(self, step: int) -> bool:
         """Whether the file has evaluation metrics for `step` (False where not writing)."""
         if not self.enabled or not os.path.exists(self.path):

@@ -367,6 +367,7 @@ def _train(
     train_step = training.compile_train_step(task.loss_fn, shardings, mesh, rules, config.step_rng)
     eval_step = training.compile_eval_step(task.eval_fn, shardings, mesh, rules)
     writer = MetricWriter(workdir, enabled=lead)
+    writer.drop_after(start)  # rows of steps this run will take again
     bar = None
     if lead and config.progress_bar:
         from tqdm import tqdm
@@ -430,6 +431,7 @@ def _train(
     def save(step: int, eval_pending: bool) -> None:
         # A finite loss is computed before the step's update: the state itself is checked,
         # so that no checkpoint (which would replace good ones) holds NaN or inf.
+        ckpt.wait()
         bad = training.first_non_finite(
             {"params": state.params, "model_state": state.model_state, "opt_state": state.opt_state}
         )
