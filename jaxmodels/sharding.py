@@ -116,6 +116,41 @@ def batch_parallelism(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def process_batch_part(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): the part of every global batch this process feeds, of `count` equal,
+    consecutive parts. Usually one per process; processes whose devices differ only along
+    `tensor` hold the same rows and get the same part (each must load the same examples).
+
+    Raises:
+      ConfigError: when the processes' rows are not equal, consecutive blocks (a mesh that
+        interleaves processes along the batch axes).
+    """
+    index_map = batch_sharding(mesh).devices_indices_map((batch_parallelism(mesh),))
+    part = _batch_part(index_map, jax.process_index(), lambda d: d.process_index)
+    if part is None:
+        raise ConfigError(
+            f"the mesh {dict(mesh.shape)} gives the processes batch rows that are not equal, "
+            "consecutive blocks; choose mesh sizes whose data x fsdp split keeps each "
+            "process's devices together (keep mesh.tensor within a host's devices)"
+        )
+    return part
+
+
+def _batch_part(index_map: Any, process: int, process_of: Any) -> tuple[int, int] | None:
+    """`process_batch_part` for `index_map` (device -> (slice of batch rows,)) and
+    `process_of(device)`; None where the processes' rows are not equal consecutive blocks."""
+    rows: dict[int, set[int]] = {}
+    for device, (block,) in index_map.items():
+        rows.setdefault(process_of(device), set()).add(block.start or 0)
+    parts = sorted({tuple(sorted(r)) for r in rows.values()})
+    size = len(parts[0])
+    flat = [r for part in parts for r in part]
+    consecutive = all(p == tuple(range(p[0], p[0] + size)) for p in parts)
+    if flat != list(range(len(flat))) or any(len(p) != size for p in parts) or not consecutive:
+        return None
+    return parts.index(tuple(sorted(rows[process]))), len(parts)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Sharding of a batch array: leading axis over `data` x `fsdp`, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

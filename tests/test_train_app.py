@@ -179,6 +179,24 @@ def test_two_processes_with_sharded_parameters_save_while_training(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
 
 
+def test_tensor_parallelism_across_processes_equals_one_process(tmp_path):
+    """mesh.tensor=8 over 2 processes x 4 devices: both processes hold every batch row, so
+    both must load the whole batch. Each loaded a different half (which JAX took for the
+    same rows): eval accuracy 0.12 where one process reaches 0.64."""
+    overrides = ["--config.total_steps=12", "--config.eval_every=6", "--config.log_every=3"]
+    overrides += ["--config.mesh.data=1", "--config.mesh.tensor=8"]
+    overrides += ["--config.sharding_rules=fsdp_tp"]
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    one = run_app("configs/cnn_digits.py:smoke", single, *overrides)
+    assert one.returncode == 0, one.stderr[-3000:]
+    _two_processes("configs/cnn_digits.py:smoke", multi, *overrides)
+    evals = [
+        [r["eval/accuracy"] for r in logs.read_metrics(d) if "eval/accuracy" in r]
+        for d in (single, multi)
+    ]
+    np.testing.assert_allclose(evals[0], evals[1], atol=1e-6)
+
+
 def test_two_processes_equal_one(tmp_path):
     """jax.distributed on one machine: 2 processes x 4 devices == 1 process x 8 devices."""
     overrides = ["--config.total_steps=12", "--config.eval_every=6", "--config.log_every=3"]

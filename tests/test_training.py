@@ -173,6 +173,33 @@ def test_fsdp_tp_rules_shard_over_tensor_axis():
     assert state.params["Dense_1"]["kernel"].sharding.spec == P("tensor", None)
 
 
+@pytest.mark.parametrize(
+    ("mesh_kw", "parts"),
+    [
+        ({"data": 2, "fsdp": 4}, [(0, 2), (1, 2)]),  # one part per process
+        ({"data": 1, "fsdp": 8}, [(0, 2), (1, 2)]),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, [(0, 2), (1, 2)]),
+        ({"data": 1, "fsdp": 1, "tensor": 8}, [(0, 1), (0, 1)]),  # was: a different half each
+        ({"data": 1, "fsdp": 2, "tensor": 4}, [(0, 2), (1, 2)]),
+    ],
+)
+def test_each_process_feeds_the_rows_its_devices_hold(mesh_kw, parts):
+    """The 8 devices as 2 simulated processes of 4: each process's part of the batch, the
+    same part where processes hold the same rows (tensor parallelism across them)."""
+    mesh = sharding.make_mesh(**mesh_kw)
+    ways = sharding.batch_parallelism(mesh)
+    index_map = sharding.batch_sharding(mesh).devices_indices_map((ways,))
+    got = [sharding._batch_part(index_map, p, lambda d: d.id // 4) for p in (0, 1)]
+    assert got == parts
+    assert sharding.process_batch_part(mesh) == (0, 1)  # one real process: the whole batch
+
+
+def test_processes_interleaved_along_the_batch_are_refused():
+    mesh = sharding.make_mesh(data=8)
+    index_map = sharding.batch_sharding(mesh).devices_indices_map((8,))
+    assert sharding._batch_part(index_map, 0, lambda d: d.id % 2) is None  # rows 0, 2, 4, 6
+
+
 def test_indivisible_dimension_stays_replicated():
     mesh = sharding.make_mesh(data=1, fsdp=8)
     spec = sharding._fit_spec(P("fsdp", None), (10, 4), mesh)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import os
 import signal
@@ -101,13 +102,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_batch(config: Any, mesh: Any) -> None:
     ways = sharding.batch_parallelism(mesh)
-    procs = jax.process_count()
+    _, procs = sharding.process_batch_part(mesh)  # the parts the processes feed
     for key in ("batch_size", "eval_batch_size"):
         b = int(config[key]) or int(config.batch_size)
         if b % ways or b % procs:
             raise ConfigError(
                 f"{key}={b} is not divisible by the data-parallel size {ways} "
-                f"(mesh data x fsdp over {jax.device_count()} devices, {procs} process(es)); "
+                f"(mesh data x fsdp over {jax.device_count()} devices, fed in {procs} part(s)); "
                 f"use a multiple of {np.lcm(ways, procs)}"
             )
 
@@ -179,10 +180,20 @@ def _make_optimizer(config: Any) -> Any:
     )
 
 
+@functools.cache
+def _batch_parts(mesh: Any) -> int:
+    return sharding.process_batch_part(mesh)[1]
+
+
 def _global_batch(local: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
+    """The global batch from this process's part of it (`sharding.process_batch_part`)."""
+
     def put(x: np.ndarray) -> jax.Array:
         x = np.asarray(x)
-        return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
+        global_shape = (x.shape[0] * _batch_parts(mesh), *x.shape[1:])
+        return jax.make_array_from_process_local_data(
+            sharding.batch_sharding(mesh, x.ndim), x, global_shape
+        )
 
     return {k: put(v) for k, v in local.items()}
 
@@ -324,7 +335,10 @@ def _train(
     rules = sharding.logical_rules(config.sharding_rules)
     _check_batch(config, mesh)
 
-    task = tasks.build(config, jax.process_index(), jax.process_count(), workdir)
+    # Each process loads its part of every batch: usually one part per process; processes
+    # that differ only along `tensor` hold the same rows and load the same part.
+    part, parts = sharding.process_batch_part(mesh)
+    task = tasks.build(config, part, parts, workdir)
     tx = _make_optimizer(config)
     state, shardings = training.create_train_state(
         task.model, tx, task.example_inputs, jax.random.PRNGKey(config.seed), mesh, rules
