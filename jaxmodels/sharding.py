@@ -143,10 +143,9 @@ def _batch_part(index_map: Any, process: int, process_of: Any) -> tuple[int, int
     for device, (block,) in index_map.items():
         rows.setdefault(process_of(device), set()).add(block.start or 0)
     parts = sorted({tuple(sorted(r)) for r in rows.values()})
-    size = len(parts[0])
+    # Sorted parts that concatenate to 0, 1, ..., n-1 are consecutive blocks.
     flat = [r for part in parts for r in part]
-    consecutive = all(p == tuple(range(p[0], p[0] + size)) for p in parts)
-    if flat != list(range(len(flat))) or any(len(p) != size for p in parts) or not consecutive:
+    if flat != list(range(len(flat))) or len({len(p) for p in parts}) != 1:
         return None
     return parts.index(tuple(sorted(rows[process]))), len(parts)
 

@@ -102,7 +102,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_batch(config: Any, mesh: Any) -> None:
     ways = sharding.batch_parallelism(mesh)
-    _, procs = sharding.process_batch_part(mesh)  # the parts the processes feed
+    _, procs = _batch_part(mesh)  # the parts the processes feed
     for key in ("batch_size", "eval_batch_size"):
         b = int(config[key]) or int(config.batch_size)
         if b % ways or b % procs:
@@ -181,8 +181,9 @@ def _make_optimizer(config: Any) -> Any:
 
 
 @functools.cache
-def _batch_parts(mesh: Any) -> int:
-    return sharding.process_batch_part(mesh)[1]
+def _batch_part(mesh: Any) -> tuple[int, int]:
+    """`sharding.process_batch_part(mesh)`, worked out once per mesh."""
+    return sharding.process_batch_part(mesh)
 
 
 def _global_batch(local: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
@@ -190,7 +191,7 @@ def _global_batch(local: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Arra
 
     def put(x: np.ndarray) -> jax.Array:
         x = np.asarray(x)
-        global_shape = (x.shape[0] * _batch_parts(mesh), *x.shape[1:])
+        global_shape = (x.shape[0] * _batch_part(mesh)[1], *x.shape[1:])
         return jax.make_array_from_process_local_data(
             sharding.batch_sharding(mesh, x.ndim), x, global_shape
         )
@@ -337,8 +338,7 @@ def _train(
 
     # Each process loads its part of every batch: usually one part per process; processes
     # that differ only along `tensor` hold the same rows and load the same part.
-    part, parts = sharding.process_batch_part(mesh)
-    task = tasks.build(config, part, parts, workdir)
+    task = tasks.build(config, *_batch_part(mesh), workdir)
     tx = _make_optimizer(config)
     state, shardings = training.create_train_state(
         task.model, tx, task.example_inputs, jax.random.PRNGKey(config.seed), mesh, rules
