@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import flops, profile, specs, timing, workloads
+from benchmarks import flops, profile, timing, workloads
 from benchmarks.specs import Workload
 from jaxmodels import optim, sharding, training
 
@@ -58,9 +58,8 @@ def measure(
     if model_overrides:
         w = dataclasses.replace(w, model={**w.model, **model_overrides})
     built = workloads.BUILDERS[w.family](w, impl)
-    precision, note = built.precision, built.note
-    if precision == "float32" and timing.xla_runs_tf32(devices[0]):
-        precision, note = specs.TF32, "; ".join(filter(None, [note, timing.XLA_TF32_NOTE]))
+    precision, tf32_note = timing.xla_precision(built.precision, devices[0])
+    note = "; ".join(filter(None, [built.note, tf32_note]))
     row = timing.empty_row(
         w,
         workloads.impl_label(impl),

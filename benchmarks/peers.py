@@ -632,9 +632,8 @@ def measure_keras(
         elif cudnn_lstm.get("cudnn"):
             notes.append("keras.layers.LSTM on cuDNN (float32 in, TF32 matmuls)")
             precision = specs.TF32
-    if precision == "float32" and timing.xla_runs_tf32(device):
-        notes.append(timing.XLA_TF32_NOTE)
-        precision = specs.TF32
+    precision, tf32_note = timing.xla_precision(precision, device)
+    notes += filter(None, [tf32_note])
     row = timing.empty_row(
         w,
         KERAS_IMPL,

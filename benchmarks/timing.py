@@ -34,6 +34,7 @@ __all__ = [
     "peak_memory_bytes",
     "time_training",
     "without_compilation_cache",
+    "xla_precision",
     "xla_runs_tf32",
 ]
 
@@ -147,6 +148,15 @@ def xla_runs_tf32(device: Any) -> bool:
     major = int(str(capability).split(".")[0])
     precision = jax.config.jax_default_matmul_precision
     return major >= 8 and precision in (None, "default", "bfloat16", "tensorfloat32")
+
+
+def xla_precision(precision: str, device: Any) -> tuple[str, str | None]:
+    """The precision a row computed in by XLA on `device` is labelled with, and the note that
+    goes with it: float32 on TF32 tensor cores (`xla_runs_tf32`) is `specs.TF32` with
+    `XLA_TF32_NOTE`; any other precision is itself, with no note."""
+    if precision == "float32" and xla_runs_tf32(device):
+        return specs.TF32, XLA_TF32_NOTE
+    return precision, None
 
 
 @contextlib.contextmanager

@@ -374,6 +374,9 @@ def test_float32_on_tf32_tensor_cores_is_labelled_so():
     assert not timing.xla_runs_tf32(jax.devices("cpu")[0])
     with jax.default_matmul_precision("float32"):
         assert not timing.xla_runs_tf32(gpu("9.0"))
+    assert timing.xla_precision("float32", gpu("9.0")) == (specs.TF32, timing.XLA_TF32_NOTE)
+    assert timing.xla_precision("bfloat16", gpu("9.0")) == ("bfloat16", None)
+    assert timing.xla_precision("float32", jax.devices("cpu")[0]) == ("float32", None)
     w = specs.suite("gpu", ["mnist_cnn"], None)[0]
     row = timing.empty_row(w, "jax", "jax", precision=specs.TF32)
     result = timing.Timing(first_step_s=1.0, step_s=0.5, window_s=[0.5])

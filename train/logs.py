@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -47,14 +48,11 @@ class MetricWriter:
             return
         with open(self.path) as f:
             lines = f.readlines()
-        kept = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut short by a killed run
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+        kept = [
+            line if line.endswith("\n") else line + "\n"
+            for line, row in _parsed(lines)
+            if row.get("step", 0) <= step
+        ]
         if kept != lines:
             from train.tasks import write_text_atomically
 
@@ -65,18 +63,26 @@ class MetricWriter:
         if not self.enabled or not os.path.exists(self.path):
             return False
         with open(self.path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:  # a line cut short by a killed run
-                    continue
-                if row.get("step") == step and any(k.startswith("eval/") for k in row):
-                    return True
-        return False
+            return any(
+                row.get("step") == step and any(k.startswith("eval/") for k in row)
+                for _, row in _parsed(f)
+            )
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _parsed(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The lines that hold a row, each with its row: lines cut short by a killed run (or
+    anything else that is not a JSON object) are skipped."""
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            yield line, row
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
