@@ -664,16 +664,43 @@ def _logits(x: Array, embed: Embed | None, projection: nn.Dense | None) -> Array
     return logits.astype(jnp.float32)
 
 
+def _check_chunk_lengths(lengths: Array | None, batch: int, length: int, name: str) -> None:
+    """Raises ValueError for the real-token counts `lengths` (called `name`) of a decode
+    chunk of shape [batch, length] that are not <int>[batch] in [0, length].
+
+    0 is allowed (a sequence that takes no step in this chunk). The shape is always
+    checked; the values only when concrete (outside jit).
+    """
+    if lengths is None:
+        return
+    if jnp.shape(lengths) != (batch,):
+        raise ValueError(
+            f"{name} has shape {jnp.shape(lengths)} but the decode chunk has {batch} "
+            f"sequences: pass one count of real chunk tokens per sequence, <int>[batch]"
+        )
+    if isinstance(lengths, jax.core.Tracer):
+        return
+    values = np.asarray(lengths)
+    if values.size and (values.min() < 0 or values.max() > length):
+        raise ValueError(
+            f"{name} in decode mode counts the real tokens of the chunk and must lie in "
+            f"[0, {length}] (the chunk length); found [{values.min()}, {values.max()}]: pass "
+            "the lengths of this chunk, not of the whole sequence"
+        )
+
+
 def _decode_positions(
-    module: nn.Module, batch: int, length: int, lengths: Array | None
+    module: nn.Module, batch: int, length: int, lengths: Array | None, name: str = "lengths"
 ) -> Array | None:
     """Positions <int32>[batch, length] of a chunk in KV-cache decoding.
 
     Keeps `position` <int32>[batch] (the next position of each sequence) in the `cache`
-    collection of `module` and advances it by `lengths` (the chunk's real tokens; default
-    all `length`). Returns None in the sizing pass of `init`, which creates the cache (and
-    sees positions 0..length-1). Call it from a compact method.
+    collection of `module` and advances it by `lengths` (the chunk's real tokens, each in
+    [0, length], checked when concrete and reported as `name`; default all `length`).
+    Returns None in the sizing pass of `init`, which creates the cache (and sees positions
+    0..length-1). Call it from a compact method.
     """
+    _check_chunk_lengths(lengths, batch, length, name)
     initialized = module.has_variable("cache", "position")
     position = module.variable("cache", "position", jnp.zeros, (batch,), jnp.int32)
     if not initialized:
@@ -722,7 +749,10 @@ class EncoderDecoder(nn.Module):
         activation: MLP activation.
         position_embedding: "sinusoidal" or "learned".
         share_embeddings: one embedding table for source and target (same vocabulary).
-        tie_output: logits from the target embedding (transposed) instead of a projection.
+        tie_output: logits from the target embedding (transposed) instead of a projection,
+            divided by sqrt(embed_dim): `y @ tgt_embed.T / sqrt(embed_dim)`, no bias. For
+            weights trained with unscaled tied logits, set tie_output=False and copy the
+            table, transposed, into `output` (bias zero).
         remat_policy, scan_layers: as in `Encoder`.
         layer_norm_epsilon: LayerNorm epsilon.
         implementation: attention implementation (None = auto, "xla", "cudnn").
@@ -832,7 +862,8 @@ class EncoderDecoder(nn.Module):
             tgt_in_tokens: <int>[batch, tgt_len] decoder input; with `kv_cache`, the next
                 chunk of it (usually one token).
             tgt_lengths: <int>[batch] real target tokens (None: all); with `kv_cache`, the
-                real tokens of the chunk.
+                real tokens of the chunk, each in [0, chunk length] (ValueError otherwise,
+                when concrete).
             train: enables dropout.
 
         Returns:
@@ -841,7 +872,7 @@ class EncoderDecoder(nn.Module):
         _check_tokens(tgt_in_tokens, self.target_vocab_size, "target token")
         positions = None
         if self.kv_cache:
-            positions = _decode_positions(self, *tgt_in_tokens.shape, tgt_lengths)
+            positions = _decode_positions(self, *tgt_in_tokens.shape, tgt_lengths, "tgt_lengths")
         y = self.tgt_pos(self.tgt_embed(tgt_in_tokens), positions)
         y = self.dropout(y, deterministic=not train)
         y = self.decoder(y, encoded, src_lengths, tgt_lengths, deterministic=not train)
@@ -882,9 +913,10 @@ class DecoderOnlyLM(nn.Module):
     `model.clone(decode=True).init(rng, tokens)` on a [batch, total_len] input (it sizes
     each layer's cache; any values), then call `apply({"params": ..., "cache": ...},
     chunk, lengths, mutable=["cache"])` with a prompt chunk and then one token at a time.
-    `lengths` <int>[batch] marks how many tokens of the chunk are real, so right-padded
-    prompts of different lengths continue at their own positions. The `cache` collection
-    also holds `position` <int32>[batch], the next position of each sequence.
+    `lengths` <int>[batch] marks how many tokens of the chunk are real (0..chunk length),
+    so right-padded prompts of different lengths continue at their own positions. The
+    `cache` collection also holds `position` <int32>[batch], the next position of each
+    sequence.
 
     Attributes:
         vocab_size: vocabulary size.
@@ -900,7 +932,10 @@ class DecoderOnlyLM(nn.Module):
         activation: MLP activation.
         position_embedding: "learned" or "sinusoidal".
         tie_embeddings: logits from the token embedding (transposed) instead of a
-            separate output projection.
+            separate output projection, divided by sqrt(embed_dim): `x @ embed.T /
+            sqrt(embed_dim)`, no bias. Weights trained with unscaled tied logits (GPT-2)
+            would give logits sqrt(embed_dim) times too small: for them set
+            tie_embeddings=False and copy the table, transposed, into `output` (bias zero).
         remat_policy, scan_layers: as in `Encoder`.
         layer_norm_epsilon: LayerNorm epsilon.
         implementation: attention implementation (None = auto, "xla", "cudnn").
@@ -938,7 +973,9 @@ class DecoderOnlyLM(nn.Module):
 
         Args:
             tokens: <int>[batch, length] right-padded tokens (in decode mode: the chunk).
-            lengths: <int>[batch] real tokens per sequence (None: all).
+            lengths: <int>[batch] real tokens per sequence (None: all); in decode mode, the
+                real tokens of the chunk, each in [0, length] (ValueError otherwise, when
+                concrete).
             train: enables dropout (needs a 'dropout' PRNG stream).
 
         Returns:
@@ -1026,7 +1063,9 @@ def _generate(
 ) -> Array:
     decoder = _cached(model)
     batch, prompt_len = prompt.shape
-    cache = init_cache(model, batch, prompt_len + max_new_tokens)
+    # The last new token is returned, never fed back: the cache holds the prompt and the
+    # first max_new_tokens - 1 new tokens.
+    cache = init_cache(model, batch, prompt_len + max_new_tokens - 1)
 
     def step(cache: Any, tokens: Array, lengths: Array | None) -> tuple[Any, Array]:
         logits, mutated = decoder.apply(
@@ -1072,7 +1111,8 @@ def generate(
         params: the model's parameters (`variables["params"]`).
         prompt: <int>[batch, prompt_len] right-padded prompts.
         prompt_lengths: <int>[batch] real prompt tokens, >= 1 (default: prompt_len).
-        max_new_tokens: tokens to generate; prompt_len + max_new_tokens <= model.max_len.
+        max_new_tokens: tokens to generate; prompt_len + max_new_tokens - 1 <= model.max_len
+            (the last new token is returned, never fed back, so it needs no position).
         rng: PRNG key for sampling (unused, and optional, when `greedy`).
         temperature: divides the logits before sampling; > 0 (`greedy` for the limit 0).
         top_k: sample only among the k most likely tokens (None: all); of tokens tied with
@@ -1083,18 +1123,19 @@ def generate(
         <int32>[batch, max_new_tokens] the generated tokens (without the prompt).
 
     Raises:
-        ValueError: when the prompt plus the new tokens do not fit in `max_len`, or the
-            arguments are inconsistent.
+        ValueError: when the prompt plus all new tokens but the last do not fit in
+            `max_len`, or the arguments are inconsistent.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     _check_tokens(prompt, model.vocab_size, "prompt token")
     batch, prompt_len = prompt.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prompt_len + max_new_tokens > model.max_len:
+    if prompt_len + max_new_tokens - 1 > model.max_len:
         raise ValueError(
-            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the "
-            f"model's max_len={model.max_len}; shorten the prompt or generate fewer tokens"
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} - 1 (the last new "
+            f"token is not fed back) exceeds the model's max_len={model.max_len}; shorten the "
+            "prompt or generate fewer tokens"
         )
     if top_k is not None and not 1 <= top_k <= model.vocab_size:
         raise ValueError(f"top_k must lie in [1, vocab_size={model.vocab_size}], got {top_k}")

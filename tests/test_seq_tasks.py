@@ -108,6 +108,77 @@ def test_language_model_lowers_eval_loss_and_samples(tmp_path):
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
 
 
+def test_language_model_prompts_start_with_eos_like_documents(monkeypatch):
+    """The training stream separates documents with EOS and never holds BOS, so every prompt
+    (empty or not) is fed after an EOS (was: BOS for an empty prompt, nothing before the
+    others); long prompts keep their last max_len - 1 bytes. The budget counts the EOS and
+    not the last new token, which is never fed back; the continuation stops at EOS."""
+    from jaxmodels import checkpoint, transformer
+
+    config = load_config("transformer_lm.py", "smoke")
+    config.max_length = 8
+    calls = []
+
+    def fake_generate(model, params, prompt, lengths, *, max_new_tokens, **kwargs):
+        calls.append((np.asarray(prompt), np.asarray(lengths), max_new_tokens))
+        row = list(sequences.encode_bytes("hi")) + [sequences.EOS, 70]
+        return np.array([row] * len(prompt), np.int32)
+
+    monkeypatch.setattr(checkpoint, "load_params", lambda directory: None)
+    monkeypatch.setattr(transformer, "generate", fake_generate)
+    out = language_model.sample(config, "unused", ["", "ab", "0123456789"], max_new_tokens=50)
+    assert out == ["hi"] * 3
+    ((prompt, lengths, new),) = calls
+    eos = sequences.EOS
+    assert prompt[:, 0].tolist() == [eos] * 3
+    assert lengths.tolist() == [1, 3, 8]
+    assert prompt[1, :3].tolist() == [eos, *sequences.encode_bytes("ab")]
+    assert prompt[2].tolist() == [eos, *sequences.encode_bytes("3456789")]
+    assert new == 1  # 8 prompt positions + 1 new token - 1 = max_len
+    language_model.sample(config, "unused", ["ab"], max_new_tokens=50)
+    assert calls[-1][2] == 8 - 3 + 1
+
+
+def test_language_model_empty_prompt_samples_a_document_start(monkeypatch):
+    """Every document starts with 'Q': greedy sampling from an empty prompt gives 'Q' first
+    (from BOS, never seen in training, the model predicted noise)."""
+    import optax
+
+    from jaxmodels import checkpoint
+
+    config = load_config("transformer_lm.py", "smoke")
+    config.max_length = 16
+    config.model.update(embed_dim=32, mlp_dim=64, num_heads=2, num_layers=1)
+    config.sample_temperature = 0.0
+    rng = np.random.default_rng(0)
+    docs = ["Q" + "".join(rng.choice(list("abcde"), rng.integers(3, 8))) for _ in range(400)]
+    windows = sequences.Windows(sequences.byte_stream(docs), config.max_length)
+    model = language_model.make_model(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, config.max_length), jnp.int32))
+    params = params["params"]
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, state, tokens, labels):
+        def loss(p):
+            logits = model.apply({"params": p}, tokens)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        grads = jax.grad(loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for _ in range(100):
+        batch = [windows[int(i)] for i in rng.integers(0, len(windows), 32)]
+        tokens, labels = (np.stack([b[k] for b in batch]) for k in ("tokens", "labels"))
+        params, state = step(params, state, tokens, labels)
+    monkeypatch.setattr(checkpoint, "load_params", lambda directory: params)
+    out = language_model.sample(config, "unused", ["", "Q"], max_new_tokens=3)
+    assert out[0].startswith("Q"), out
+    assert out[1] and set(out[1]) <= set("abcde"), out
+
+
 def test_wmt_variant_fails_offline_naming_tfds_build(tmp_path):
     config = load_config("transformer_seq2seq.py", "wmt")
     config.data_dir = str(tmp_path / "tfds")

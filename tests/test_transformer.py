@@ -373,8 +373,8 @@ def test_sampling_respects_the_rng_and_top_k(lm_reference):
     for t in range(kw["max_new_tokens"]):
         for b in range(B):
             assert k2[b, t] in top2[b, prompt.shape[1] + t - 1]
-    with pytest.raises(ValueError, match="max_len=12"):
-        generate(lm, params, prompt, max_new_tokens=10, greedy=True)
+    with pytest.raises(ValueError, match="max_len=12"):  # 3 + 11 - 1 positions > 12
+        generate(lm, params, prompt, max_new_tokens=11, greedy=True)
     with pytest.raises(ValueError, match="rng"):
         generate(lm, params, prompt, max_new_tokens=2)
 
@@ -396,6 +396,88 @@ def test_generation_arguments_that_cannot_be_meant_are_errors(lm_reference):
         generate(lm, params, prompt[0], **kw)
     with pytest.raises(ValueError, match=r"tokens must be <int>\[batch, length\]"):
         lm.apply({"params": params}, tokens[0])
+
+
+def test_generation_fills_the_position_table(lm_reference):
+    """The last new token is never fed back, so prompt_len + max_new_tokens - 1 = max_len
+    fits (was refused); greedy and sampled tokens equal the full forward pass on a buffer of
+    max_len tokens, each step drawn with the key `generate` uses for it."""
+    from jaxmodels.transformer import _sample
+
+    lm, tokens, params, forward = lm_reference
+    prompt, lengths = tokens[:, :4], np.array([4, 2])
+    n = LM["max_len"] - prompt.shape[1] + 1
+    key = jax.random.key(4)
+    for greedy, temperature, top_k in ((True, 1.0, None), (False, 1.5, 5)):
+        got = generate(lm, params, prompt, lengths, max_new_tokens=n, rng=key, greedy=greedy,
+                       temperature=temperature, top_k=top_k)  # fmt: skip
+        keys = jax.random.split(key, n)
+        buf = np.zeros((B, LM["max_len"]), np.int32)
+        buf[:, :4] = prompt
+        ends = lengths.copy()
+        by_hand = np.zeros((B, n), np.int32)
+        for k in range(n):
+            last = np.asarray(forward(params, buf))[np.arange(B), ends - 1]
+            by_hand[:, k] = _sample(jnp.asarray(last), keys[k], temperature, top_k, greedy)
+            for b in range(B):
+                if ends[b] < LM["max_len"]:
+                    buf[b, ends[b]] = by_hand[b, k]
+            ends += 1
+        np.testing.assert_array_equal(got, by_hand)
+    with pytest.raises(ValueError, match="max_len=12"):
+        generate(lm, params, prompt, max_new_tokens=n + 1, greedy=True)
+
+
+def test_decode_chunk_lengths_outside_the_chunk_are_errors(lm_reference, s2s_reference):
+    """Were: positions silently advanced past the chunk (or backwards). 0 is a sequence
+    that takes no step: it continues at its own position."""
+    lm, tokens, params, forward = lm_reference
+    decoder = lm.clone(decode=True)
+
+    def apply(cache, chunk, lengths):
+        variables = {"params": params, "cache": cache}
+        return decoder.apply(variables, chunk, lengths, mutable=["cache"])
+
+    for lengths in ([4, 7], [4, -2]):
+        with pytest.raises(ValueError, match=r"^lengths in decode mode .* \[0, 4\]"):
+            apply(init_cache(lm, B, 8), tokens[:, :4], jnp.array(lengths))
+    with pytest.raises(ValueError, match="lengths has shape"):
+        apply(init_cache(lm, B, 8), tokens[:, :4], jnp.array([4]))
+    logits, mutated = apply(init_cache(lm, B, 8), tokens[:, :4], jnp.array([4, 0]))
+    np.testing.assert_array_equal(mutated["cache"]["position"], [4, 0])
+    full = forward(params, tokens)
+    np.testing.assert_allclose(logits[0], full[0, :4], atol=1e-5)
+    chunk = jnp.stack([tokens[0, 4:6], tokens[1, :2]])
+    logits, mutated = apply(mutated["cache"], chunk, None)
+    np.testing.assert_array_equal(mutated["cache"]["position"], [6, 2])
+    np.testing.assert_allclose(logits[0], full[0, 4:6], atol=1e-5)
+    np.testing.assert_allclose(logits[1], full[1, :2], atol=1e-5)
+
+    model, s2s_params, src, src_lengths, tgt_in, _ = s2s_reference
+    encoded = model.apply({"params": s2s_params}, src, src_lengths, method=EncoderDecoder.encode)
+    for lengths in ([3, 5], [-1, 3]):
+        with pytest.raises(ValueError, match=r"^tgt_lengths in decode mode .* \[0, 3\]"):
+            model.clone(kv_cache=True).apply(
+                {"params": s2s_params, "cache": init_cache(model, B, 8)},
+                encoded,
+                src_lengths,
+                tgt_in[:, :3],
+                jnp.array(lengths),
+                method=EncoderDecoder.decode,
+                mutable=["cache"],
+            )
+
+
+def test_tied_logits_are_divided_by_sqrt_embed_dim(lm_reference):
+    """As the docstring says: untied with the table, transposed, as the output kernel (bias
+    zero) gives sqrt(embed_dim) times the tied logits."""
+    _, tokens, params, forward = lm_reference
+    untied = DecoderOnlyLM(**LM, tie_embeddings=False)
+    table = params["embed"]["embedding"]
+    output = {"kernel": table.T, "bias": jnp.zeros(LM["vocab_size"])}
+    logits = untied.apply({"params": dict(params, output=output)}, tokens)
+    expected = forward(params, tokens) * math.sqrt(LM["embed_dim"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_top_k_samples_exactly_k_tokens_when_logits_tie():

@@ -90,26 +90,51 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
     return Task(model, example, loss_fn, eval_fn, train_iterator, eval_iterator, info)
 
 
+def prompt_tokens(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model's input for `prompts`: each one starts with EOS, the way every document
+    but the first follows an EOS in the training stream (`sequences.byte_stream`), so an
+    empty prompt continues like the start of a document.
+
+    Prompts longer than `max_len - 1` bytes keep their last `max_len - 1` bytes, which
+    leaves room for the EOS.
+
+    Returns:
+        tokens <int32>[len(prompts), longest] right-padded and lengths <int32>[len(prompts)]
+        (each >= 1: the EOS counts).
+
+    Example:
+        >>> tokens, lengths = prompt_tokens(["", "ab", "abcdef"], max_len=4)
+        >>> tokens.tolist(), lengths.tolist()  # EOS = 2, "a" = 97 + 3; keeps "def"
+        ([[2, 0, 0, 0], [2, 100, 101, 0], [2, 103, 104, 105]], [1, 3, 4])
+    """
+    keep = max(max_len - 1, 0)
+    encoded = [sequences.encode_bytes(p) for p in prompts]
+    encoded = [e[len(e) - min(len(e), keep) :] for e in encoded]
+    lengths = np.array([len(e) + 1 for e in encoded], np.int32)
+    tokens = np.full((len(prompts), int(lengths.max(initial=1))), sequences.PAD, np.int32)
+    for i, e in enumerate(encoded):
+        tokens[i, 0] = sequences.EOS
+        tokens[i, 1 : len(e) + 1] = e
+    return tokens, lengths
+
+
 def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 0) -> list[str]:
     """Continues each prompt with the model of the latest checkpoint in `workdir`.
 
-    Sampling uses the config keys `sample_temperature` and `sample_top_k` (0: all tokens;
-    temperature 0: greedy); `max_new_tokens` defaults to `sample_tokens`, and is cut so that
-    prompt + continuation fit in the model's `max_len`.
+    Each prompt is fed after an EOS, the document separator of the training stream (see
+    `prompt_tokens`), so an empty prompt samples the start of a document. Sampling uses
+    the config keys `sample_temperature` and `sample_top_k` (0: all tokens; temperature 0:
+    greedy); `max_new_tokens` defaults to `sample_tokens`, and is cut so that the prompt
+    (with its EOS) plus all new tokens but the last (which is never fed back) fit in the
+    model's `max_len`.
 
     Returns:
         The continuations (text after the prompt; stops at EOS).
     """
     model = make_model(config)
     params = checkpoint.load_params(os.path.join(workdir, "checkpoints"))
-    encoded = [sequences.encode_bytes(p)[-(model.max_len - 1) :] for p in prompts]
-    lengths = np.array([max(len(e), 1) for e in encoded], np.int32)
-    prompt = np.zeros((len(prompts), int(lengths.max())), np.int32)
-    for i, e in enumerate(encoded):
-        prompt[i, : len(e)] = e
-        if not len(e):
-            prompt[i, 0] = sequences.BOS
-    new = min(max_new_tokens or config.sample_tokens, model.max_len - prompt.shape[1])
+    prompt, lengths = prompt_tokens(prompts, model.max_len)
+    new = min(max_new_tokens or config.sample_tokens, model.max_len - prompt.shape[1] + 1)
     greedy = config.sample_temperature <= 0
     out = transformer.generate(
         model,
