@@ -534,8 +534,15 @@ class MultiHeadAttention(nn.Module):
         head_dim: size of each head; default `features // num_heads`.
         out_features: output size; default the input's feature size.
         use_bias: add biases in the four projections.
-        dropout_rate: attention-probability dropout in training (uses the explicit path).
-        implementation: None (auto), "xla" or "cudnn"; see `dot_product_attention`.
+        dropout_rate: attention-probability dropout in training. With implementation
+            "pallas" (and no `return_weights`) it runs in the fused kernels; otherwise
+            it makes the call take the explicit path whatever `implementation` says.
+        implementation: None (auto), "xla", "cudnn" or "pallas"; see
+            `dot_product_attention`. "pallas" (fused kernels, dropout included) takes
+            padding as `kv_lengths` only: a `mask`, `causal` or `decode` is an error
+            with it, except with `return_weights`, which takes the explicit path. In
+            self-attention the kernels read the one query/key/value matmul's output and
+            add its biases as they load it (`pallas_attention.packed_attention`).
         dtype: computation dtype (activations, attention inputs, cache).
         param_dtype: parameter storage dtype.
         kernel_init: projection kernel initialiser (default N(0, 0.02), as BERT).

@@ -482,17 +482,42 @@ def attention(
     """softmax(Q K^T / sqrt(d)) V with keys past `kv_lengths` hidden and, when
     `dropout_rate` > 0, attention-probability dropout drawn from `dropout_rng`.
 
-    query, key, value: <dtype>[batch, length, heads, head_dim] (`supported` sizes);
-    kv_lengths: <int>[batch] or None (all keys). Returns <dtype>[batch, q_len, heads,
-    head_dim]; a query with no visible key outputs zeros. Under a mesh whose logical-axis
-    rules split ``batch`` (and ``heads``), each device runs the kernels on its own shard;
-    the dropout mask is the same as on one device. `interpret`: Pallas's interpreter (None:
-    for any platform but CUDA, chosen where the step is lowered).
+    query: <dtype>[batch, q_len, heads, head_dim]; key, value: <dtype>[batch, kv_len, heads,
+    head_dim] with the query's batch, heads, head_dim and dtype (`supported` sizes; anything
+    else is a ValueError); kv_lengths: <int>[batch] or None (all keys). Returns
+    <dtype>[batch, q_len, heads, head_dim]; a query with no visible key outputs zeros. Under
+    a mesh whose logical-axis rules split ``batch`` (and ``heads``), each device runs the
+    kernels on its own shard; the dropout mask is the same as on one device. `interpret`:
+    Pallas's interpreter (None: for any platform but CUDA, chosen where the step is lowered).
     """
-    if key.shape[2] != query.shape[2]:
-        raise ValueError("the fused attention kernels need as many key/value heads as heads")
+    _check_separate(query, key, value)
     arrays = (query, key, value)
     return _run(arrays, None, kv_lengths, dropout_rate, dropout_rng, interpret)
+
+
+def _check_separate(query: jax.Array, key: jax.Array, value: jax.Array) -> None:
+    """ValueError unless query, key and value are [batch, length, heads, head_dim] arrays of
+    one dtype with key.shape == value.shape and the query's batch, heads and head_dim."""
+    shapes = f"query {query.shape}, key {key.shape}, value {value.shape}"
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError(
+            f"the fused attention kernels take query, key and value as [batch, length, heads, "
+            f"head_dim] arrays, got {shapes}"
+        )
+    if key.shape != value.shape:
+        raise ValueError(f"key and value shapes differ ({shapes}); they must be equal")
+    for i, name in ((0, "batch"), (2, "heads"), (3, "head_dim")):
+        if key.shape[i] != query.shape[i]:
+            needs = " (no grouped-query attention here)" if name == "heads" else ""
+            raise ValueError(
+                f"the fused attention kernels need the query's {name} in key and value"
+                f"{needs}: {shapes}"
+            )
+    if not query.dtype == key.dtype == value.dtype:
+        raise ValueError(
+            f"query, key and value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype}); "
+            f"the fused attention kernels take one dtype"
+        )
 
 
 def packed_attention(

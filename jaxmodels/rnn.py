@@ -16,10 +16,11 @@ path supports reverse-mode differentiation only (`jax.grad`, `jax.vjp`), not for
 (`jax.jvp`, `jax.jacfwd`). Variable-length batches are given by `lengths`: padded steps
 never change the state and output zeros, and the backward direction of a bidirectional
 layer starts at each sequence's own last token.
-On GPU a cuDNN backend (`jax.experimental.rnn`) computes the same function from the same
-parameters (`backend="cudnn"`, or `"auto"`), and so does `backend="pallas"`: the scan path's
-arithmetic with the loop over time fused into one GPU kernel per direction and pass
-(`jaxmodels.pallas_lstm`, hidden sizes that are powers of two from 16 to 128).
+On an NVIDIA GPU a cuDNN backend (`jax.experimental.rnn`) computes the same function from
+the same parameters (`backend="cudnn"`, or `"auto"`; elsewhere, a ROCm GPU included, "auto"
+takes the scan path), and so does `backend="pallas"`: the scan path's arithmetic with the
+loop over time fused into one GPU kernel per direction and pass (`jaxmodels.pallas_lstm`,
+hidden sizes that are powers of two from 16 to 128).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels import _pallas
 from jaxmodels.layers import Dropout, Embed, check_lengths, dot_float32
 
 Dtype = Any
@@ -349,8 +351,9 @@ def _scan_direction(
 
 
 def cudnn_available() -> bool:
-    """True when the default backend is an NVIDIA GPU (cuDNN's LSTM applies)."""
-    return jax.default_backend() == "gpu"
+    """True when the default backend is an NVIDIA GPU (cuDNN's LSTM applies); False on any
+    other, a ROCm GPU included."""
+    return _pallas.on_nvidia_gpu()
 
 
 class LSTM(nn.Module):
@@ -363,13 +366,13 @@ class LSTM(nn.Module):
       dropout: dropout rate between layers (not after the last), in training only.
       unroll: the scan path's loop unroll factor (a speed knob; numbers are unchanged).
         None (default): `GPU_UNROLL` (4) where the step is lowered for a GPU, 1 elsewhere.
-      backend: "scan" (portable), "cudnn" (GPU; jax.experimental.rnn), "pallas" (the scan
-        path's arithmetic, each direction's loop over time one fused GPU kernel per pass;
-        hidden sizes that are powers of two from 16 to 128; Pallas's slow interpreter
-        elsewhere) or "auto" (cuDNN on an NVIDIA GPU, scan elsewhere and while dropout
-        between layers is on: cuDNN's LSTM here has none). All compute the same
-        function of the same parameters; cuDNN computes in float32 (jaxlib's cuDNN RNN
-        rejects bfloat16).
+      backend: "scan" (portable), "cudnn" (NVIDIA GPU; jax.experimental.rnn), "pallas"
+        (the scan path's arithmetic, each direction's loop over time one fused GPU kernel
+        per pass; hidden sizes that are powers of two from 16 to 128; Pallas's slow
+        interpreter elsewhere) or "auto" (cuDNN on an NVIDIA GPU, scan elsewhere, a ROCm
+        GPU included, and while dropout between layers is on: cuDNN's LSTM here has none).
+        All compute the same function of the same parameters; cuDNN computes in float32
+        (jaxlib's cuDNN RNN rejects bfloat16).
       dtype: matmul dtype of the scan path (gates and cell state are float32).
       param_dtype: parameter storage dtype.
 

@@ -246,6 +246,28 @@ def test_what_the_kernels_do_not_take_is_named(kwargs, message):
         attention.dot_product_attention(q, k, v, implementation="pallas", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "shapes,dtypes,message",
+    [
+        (((2, 16, 1, 16), (1, 16, 1, 16), (1, 16, 1, 16)), None, "query's batch"),
+        (((1, 16, 2, 16), (1, 16, 1, 16), (1, 16, 1, 16)), None, "query's heads"),
+        (((1, 16, 1, 16), (1, 16, 1, 32), (1, 16, 1, 32)), None, "query's head_dim"),
+        (((1, 16, 1, 16), (1, 32, 1, 16), (1, 16, 1, 16)), None, "key and value shapes differ"),
+        (((1, 16, 1, 16), (1, 16, 1, 16), (1, 16, 1, 32)), None, "key and value shapes differ"),
+        (((1, 16, 16), (1, 16, 16), (1, 16, 16)), None, r"\[batch, length, heads, head_dim\]"),
+        (((1, 16, 1, 16),) * 3, (jnp.float32, jnp.bfloat16, jnp.float32), "dtypes differ"),
+    ],
+    ids=["batch", "heads", "head_dim", "value_length", "value_head_dim", "rank", "dtype"],
+)
+def test_mismatched_inputs_are_named(shapes, dtypes, message):
+    """The kernels take batch, heads and head_dim from the query: keys and values that
+    disagree would be read out of bounds, so they are an error."""
+    dtypes = dtypes or (jnp.float32,) * 3
+    q, k, v = (jnp.zeros(s, d) for s, d in zip(shapes, dtypes, strict=True))
+    with pytest.raises(ValueError, match=message):
+        pallas_attention.attention(q, k, v, interpret=True)
+
+
 def test_unsupported_sizes_are_named():
     q = jnp.zeros((1, 100, 2, 16))
     with pytest.raises(ValueError, match="lengths divisible by 16 .* got q_len 100"):

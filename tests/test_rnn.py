@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 
 import flax.linen as nn
 import jax
@@ -360,6 +361,35 @@ def test_auto_takes_the_scan_path_while_dropout_is_on(monkeypatch):
     assert calls == [2, 1, 1]  # evaluation; initialisation and training of one layer
     with pytest.raises(ValueError, match="backend 'auto'"):
         train(rnn.LSTM(H, 2, dropout=0.3, backend="cudnn"))
+
+
+@pytest.mark.parametrize("platform_version, nvidia", [("rocm 6.3", False), ("cuda 12.8", True)])
+def test_cudnn_is_available_on_an_nvidia_gpu_only(monkeypatch, platform_version, nvidia):
+    """A ROCm GPU is a "gpu" backend too, but its MIOpen takes no cuDNN-packed weights: there
+    "auto" takes the scan path (simulated devices: the default backend and its client)."""
+    device = types.SimpleNamespace(client=types.SimpleNamespace(platform_version=platform_version))
+    x, lengths = _inputs()
+    scan = rnn.LSTM(H, backend="scan")
+    params = _init(scan, x, lengths)
+    calls = []
+
+    def fake_cudnn(self, x, *args):
+        calls.append(self.num_layers)
+        return x, None
+
+    monkeypatch.setattr(rnn.LSTM, "_cudnn", fake_cudnn)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *args: [device])
+    assert rnn.cudnn_available() is nvidia
+    out = rnn.LSTM(H).apply(params, x, lengths)
+    if nvidia:
+        assert calls == [1]
+    else:
+        assert calls == []
+        for u, v in zip(
+            jax.tree.leaves(out), jax.tree.leaves(scan.apply(params, x, lengths)), strict=True
+        ):
+            np.testing.assert_array_equal(u, v)
 
 
 def test_cudnn_backend_off_a_gpu_and_bad_shapes_are_clear_errors():
