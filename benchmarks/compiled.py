@@ -9,9 +9,14 @@ Each workload of the ``gpu`` suite (`benchmarks.specs`) is built as `python -m b
 builds it and its training step (`jaxmodels.training.train_step`, state donated) is compiled
 for one GPU of the target with XLA's deviceless compilation: nothing runs, so there are no
 timings, only what the compiled program is (every implementation but the cuDNN LSTM, which
-needs the GPU even to be traced). It needs jax's CUDA plugin (``pip install
-"jax[cuda13]"``, or ``cuda12``), which compiles without a GPU; the Pallas kernels compile
-through Triton (a step that lowers for CUDA gets them, see `jaxmodels._pallas`).
+needs the GPU even to be traced). Attention's automatic choice of implementation is made
+from the host's backend, so the compiled program has the explicit attention path where a
+GPU run would use cuDNN's fused attention (`jaxmodels.attention`'s rule: bfloat16/float16
+inputs, head_dim a multiple of 8 up to 128, no attention dropout, mask or bias; here the
+causal LM, and BERT without attention dropout): such rows say so in their note. It needs
+jax's CUDA plugin (``pip install "jax[cuda13]"``, or ``cuda12``), which compiles without a
+GPU; the Pallas kernels compile through Triton (a step that lowers for CUDA gets them, see
+`jaxmodels._pallas`).
 
 Columns of the table (and keys of the ``--json`` rows):
 
@@ -23,15 +28,19 @@ Columns of the table (and keys of the ``--json`` rows):
 * ``kernel I/O GB``: the sum over those kernels of the bytes of their operands and results
   (slices where a kernel reads or updates only a slice), what the step would read and write
   in device memory if nothing stayed in cache: an upper bound of its memory traffic, and the
-  number to bring down for memory-bound steps. Loops count each iteration's kernels;
+  number to bring down for memory-bound steps; the scratch workspace a cuBLAS or cuDNN call
+  returns is not counted. Loops count each iteration's kernels, and a conditional (e.g.
+  `optax.MultiSteps` applying the update every k-th step under gradient accumulation) its
+  largest branch's (each column separately: an upper bound of a step's);
   ``transposing GB``: the part of it in kernels (other than matmuls) that transpose, i.e.
   write an array in another dimension order than they read it. Splitting attention heads
   needs some; many more point at a layout XLA chose for the whole step (e.g. a batch-minor
   residual stream, see `jaxmodels.layers.add_positions`);
 * ``TFLOP``: the floating-point operations of the step's dots (2 x M x N x K, backward
-  included; convolutions, which become cuDNN calls, are not counted); ``f32 TFLOP``: those
-  of dots with a float32 (or float64) operand, which run at a fraction of the bfloat16
-  tensor-core rate (in a bfloat16 step, usually a backward pass fed a float32 gradient);
+  included; cuBLAS GEMM calls included, from their dimension numbers; convolutions, which
+  become cuDNN calls, are not counted); ``f32 TFLOP``: those of dots with a float32 (or
+  float64) operand, which run at a fraction of the bfloat16 tensor-core rate (in a bfloat16
+  step, usually a backward pass fed a float32 gradient);
 * ``temp GiB``: XLA's buffer assignment for everything but the state and batch: the
   activations kept for the backward pass and the kernels' scratch; ``state GiB``: parameters,
   optimizer state and batch (the arguments).
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -54,6 +64,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 # Device descriptions for XLA (its GpuTargetConfig, text format) of the targets: SM count,
@@ -72,6 +83,10 @@ _NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"
 _NOT_KERNELS |= {"after-all", "partition-id", "replica-id"}
 # Custom calls into cuBLAS / cuDNN matmuls and convolutions (counted as matmuls, not custom).
 _LIBRARY_MATMUL = re.compile(r"cublas|cudnn\$conv|gemm", re.IGNORECASE)
+# A cuBLAS GEMM (`__cublas$gemm`, `__cublas$lt$matmul`, ...): its FLOPs are those of the dot.
+_GEMM = re.compile(r'custom_call_target="__cublas\$(?:lt\$matmul|gemm)[^"]*"')
+# The scratch buffer a cuBLAS/cuDNN custom call returns last: s8[4194304] or u8[0].
+_WORKSPACE = re.compile(r",\s*[su]8\[\d*\](?:\{0\})?\)$")
 
 
 def target_config(target: str) -> str:
@@ -170,14 +185,21 @@ def _flops(
     the matmuls with a float32 or float64 operand."""
     _, out_type, opcode, rest = instruction
     flops = wide = 0
+    contracting = None
     if opcode in ("dot", "convolution"):
-        out = _ARRAY.search(out_type)
-        operands = [_ARRAY.search(types[where].get(o, "")) for o in _operands(rest)]
-        lhs = operands[0] if operands else None
         contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-        if out and lhs and contracting:
+    elif opcode == "custom-call" and _GEMM.search(rest):
+        # cuBLAS: the dot's dimension numbers are in backend_config, JSON, e.g.
+        # "dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],...}.
+        contracting = re.search(r'"lhs_contracting_dimensions":\[([0-9",]*)\]', rest)
+    if contracting:
+        out = _ARRAY.search(out_type)  # a cuBLAS call's: the first of its tuple
+        operands = [_ARRAY.search(types[where].get(o, "")) for o in _operands(rest)][:2]
+        lhs = operands[0] if operands else None
+        if out and lhs:
             lhs_dims = [int(d) for d in lhs.group(2).split(",") if d]
-            k = math.prod(lhs_dims[int(i)] for i in contracting.group(1).split(",") if i)
+            dims = contracting.group(1).replace('"', "").split(",")
+            k = math.prod(lhs_dims[int(i)] for i in dims if i)
             flops = 2 * k * math.prod(int(d) for d in out.group(2).split(",") if d)
             if any(o and o.group(1) in ("f32", "f64") for o in operands):
                 wide = flops
@@ -207,6 +229,8 @@ def _kernel_bytes(
     output) counts the update, not the buffer."""
     _, out_type, opcode, rest = instruction
     operands = _operands(rest)
+    if opcode == "custom-call" and re.search(r'custom_call_target="__cu(?:blas|dnn)\$', rest):
+        out_type = _WORKSPACE.sub(")", out_type)  # its scratch is no input or output
     out = _shape_bytes(out_type)
     called = re.search(r"calls=%([\w.\-]+)", rest)
     if opcode != "fusion" or not called:  # e.g. a custom call taking one array for 3 inputs
@@ -279,15 +303,16 @@ def _slice_use(opcode: str, position: int) -> bool:
 def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
     """Kernel count, matmul kernels, custom calls, kernel I/O bytes and matmul FLOPs of one
     execution of an optimized HLO module (see the module docstring): the entry computation's
-    kernels, and those of loops (`while`, counted as many times as their known trip count)
-    and calls within it. With `top`, the `top` source operations with the most kernel I/O as
-    (name, bytes, kernels)."""
+    kernels, and those of loops (`while`, counted as many times as their known trip count),
+    calls and conditionals within it. A conditional (`lax.cond`, e.g. `optax.MultiSteps`
+    applying the optimizer's update every k-th step) runs one branch; each number counts
+    its largest branch's, so that with conditionals the numbers are upper bounds of a step's.
+    With `top`, the `top` source operations with the most kernel I/O as (name, bytes,
+    kernels)."""
     computations, entry = _computations(hlo)
     types = {c: {name: typ for name, typ, _, _ in body} for c, body in computations.items()}
-    totals = collections.Counter()
-    by_source: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
 
-    def visit(computation: str, times: int) -> None:
+    def visit(computation: str, times: int, totals: Any, by_source: Any) -> None:
         for instruction in computations.get(computation, []):
             _, _, opcode, rest = instruction
             if opcode in _NOT_KERNELS:
@@ -297,10 +322,23 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
                 n = int(trips.group(1)) if trips else 1
                 totals["unknown_trips"] += trips is None
                 for part in ("condition", "body"):
-                    visit(re.search(part + r"=%([\w.\-]+)", rest).group(1), times * n)
+                    called = re.search(part + r"=%([\w.\-]+)", rest).group(1)
+                    visit(called, times * n, totals, by_source)
                 continue
             if opcode == "call":
-                visit(re.search(r"to_apply=%([\w.\-]+)", rest).group(1), times)
+                called = re.search(r"to_apply=%([\w.\-]+)", rest).group(1)
+                visit(called, times, totals, by_source)
+                continue
+            if opcode == "conditional":
+                branches = [_tallies() for _ in _branches(rest)]
+                for branch, tally in zip(_branches(rest), branches, strict=True):
+                    visit(branch, times, *tally)
+                for key in {k for t, _ in branches for k in t}:
+                    totals[key] += max(t[key] for t, _ in branches)
+                for key in {k for _, b in branches for k in b}:
+                    for i in range(2):
+                        by_source[key][i] += max(b[key][i] if key in b else 0 for _, b in branches)
+                totals["conditionals"] += 1
                 continue
             size = _kernel_bytes(computations, types, computation, instruction)
             library = re.search(r'custom_call_target="([^"]*)"', rest)
@@ -319,7 +357,8 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
             by_source[key][0] += times * size
             by_source[key][1] += times
 
-    visit(entry, 1)
+    totals, by_source = _tallies()
+    visit(entry, 1, totals, by_source)
     result: dict[str, Any] = {
         "kernels": totals["kernels"],
         "matmuls": totals["matmuls"],
@@ -329,12 +368,31 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
         "matmul_tflop": totals["flops"] / 1e12,
         "f32_matmul_tflop": totals["wide_flops"] / 1e12,
     }
+    notes = []
     if totals["unknown_trips"]:
-        result["note"] = f"{totals['unknown_trips']} loop(s) of unknown trip count counted once"
+        notes.append(f"{totals['unknown_trips']} loop(s) of unknown trip count counted once")
+    if totals["conditionals"]:
+        notes.append(f"{totals['conditionals']} conditional(s): the largest branch counted")
+    if notes:
+        result["note"] = "; ".join(notes)
     if top:
         ranked = sorted(by_source.items(), key=lambda kv: -kv[1][0])[:top]
         result["top"] = [(k, v[0], v[1]) for k, v in ranked]
     return result
+
+
+def _tallies() -> tuple[collections.Counter, dict[str, list[int]]]:
+    """Empty (totals, {source: [bytes, kernels]}) for `analyze_hlo`."""
+    return collections.Counter(), collections.defaultdict(lambda: [0, 0])
+
+
+def _branches(rest: str) -> list[str]:
+    """The branch computations of a conditional: branch_computations={%a, %b, ...}, or
+    true_computation=%a, false_computation=%b."""
+    listed = re.search(r"branch_computations=\{([^}]*)\}", rest)
+    if listed:
+        return re.findall(r"%([\w.\-]+)", listed.group(1))
+    return re.findall(r"(?:true|false)_computation=%([\w.\-]+)", rest)
 
 
 def _transposes(computations: dict[str, Any], instruction: tuple) -> bool:
@@ -397,9 +455,37 @@ def _target_devices(target: str) -> list[Any]:
     return list(topology.devices)
 
 
-def compile_step(w: Any, impl: str, target: str, overrides: dict[str, Any]) -> tuple[Any, float]:
-    """(the compiled training step of workload `w` with implementation `impl` for one GPU of
-    `target`, seconds XLA took)."""
+@contextlib.contextmanager
+def gpu_attention_choices() -> Iterator[list[str]]:
+    """While inside, records for every attention call traced with the automatic
+    implementation (`jaxmodels.attention.dot_product_attention`, implementation None) the
+    choice it would make on an NVIDIA GPU, "cudnn" or "xla", by the same rule; the calls
+    themselves keep this host's choice (the explicit path, off a GPU)."""
+    from jaxmodels import attention
+
+    choose = attention._auto_implementation
+    choices: list[str] = []
+
+    def recording(query: Any, key: Any, needs_xla: bool) -> str:
+        on_host = attention._on_nvidia_gpu
+        attention._on_nvidia_gpu = lambda: True
+        try:
+            choices.append(choose(query, key, needs_xla))
+        finally:
+            attention._on_nvidia_gpu = on_host
+        return choose(query, key, needs_xla)
+
+    attention._auto_implementation = recording
+    try:
+        yield choices
+    finally:
+        attention._auto_implementation = choose
+
+
+def lower_step(w: Any, impl: str, devices: list[Any], overrides: dict[str, Any]) -> tuple[Any, int]:
+    """(the training step of workload `w` with implementation `impl` lowered for a mesh of
+    `devices`, how many of its attention calls would run cuDNN's fused attention on an
+    NVIDIA GPU where lowering on this host gave them the explicit path)."""
     import jax
 
     from benchmarks import workloads
@@ -407,7 +493,7 @@ def compile_step(w: Any, impl: str, target: str, overrides: dict[str, Any]) -> t
 
     if overrides:
         w = dataclasses.replace(w, model={**w.model, **overrides})
-    mesh = sharding.make_mesh(data=-1, devices=_target_devices(target))
+    mesh = sharding.make_mesh(data=-1, devices=devices)
     rules = sharding.logical_rules("data")
     built = workloads.BUILDERS[w.family](w, impl)
     tx = optim.make_optimizer(w.optimizer, w.learning_rate, total_steps=1_000_000)
@@ -419,15 +505,26 @@ def compile_step(w: Any, impl: str, target: str, overrides: dict[str, Any]) -> t
         for k, v in built.batch.items()
     }
     step = training.compile_train_step(built.loss_fn, shardings, mesh, rules)
-    lowered = step.lower(state, batch)
+    with gpu_attention_choices() as choices:
+        lowered = step.lower(state, batch)
+    return lowered, choices.count("cudnn")
+
+
+def compile_step(
+    w: Any, impl: str, target: str, overrides: dict[str, Any]
+) -> tuple[Any, float, int]:
+    """(the compiled training step of workload `w` with implementation `impl` for one GPU of
+    `target`, seconds XLA took, how many attention calls in it take the explicit path where
+    the GPU would run cuDNN's fused attention: see `lower_step`)."""
+    lowered, cudnn_attention = lower_step(w, impl, _target_devices(target), overrides)
     start = time.perf_counter()
     compiled = lowered.compile()
-    return compiled, time.perf_counter() - start
+    return compiled, time.perf_counter() - start, cudnn_attention
 
 
 def row(w: Any, impl: str, target: str, overrides: dict[str, Any], top: int) -> dict[str, Any]:
     """One table row (see the module docstring); "hlo" holds the module's text."""
-    compiled, seconds = compile_step(w, impl, target, overrides)
+    compiled, seconds, cudnn_attention = compile_step(w, impl, target, overrides)
     hlo = compiled.as_text()
     memory = compiled.memory_analysis()
     out = {
@@ -443,6 +540,8 @@ def row(w: Any, impl: str, target: str, overrides: dict[str, Any], top: int) -> 
         "hlo": hlo,
     }
     notes = [f"{k}={v}" for k, v in overrides.items()] + [out.pop("note", "")]
+    if cudnn_attention:
+        notes.append("attention on the explicit path, where a GPU run uses cuDNN's fused one")
     out["note"] = "; ".join(filter(None, notes))
     return out
 

@@ -11,9 +11,12 @@ For each workload run, after its timed windows, `profile_step`:
 3. reads the trace back (`jax.profiler.ProfileData`) and attributes the time of every
    executed HLO op (device kernels on a GPU; XLA's CPU thunks on the CPU) to
 
-   * a *category*, from the op in the optimised HLO: matmul, convolution, fused attention,
+   * a *category*, from the op in the optimised HLO: matmul, convolution, fused attention
+     (cuDNN's, or the Pallas kernels), RNN (cuDNN's, or the Pallas LSTM kernels),
      RNG/dropout (a fusion computing random bits, with whatever XLA fused into it),
-     reduction, elementwise, copy/transpose, gather/scatter, collective, ...;
+     reduction, elementwise, copy/transpose, gather/scatter, collective, ...; a Pallas
+     kernel (a Triton custom call) is known by its kernel's name (``attention_forward``,
+     ``lstm_backward``, ...), from the call's backend_config or else its source metadata;
    * a *place*: forward, backward or update (the optimizer and anything outside the
      gradient), and the Flax module path of the op's source (``layer_3`` -> ``layer_*``).
 
@@ -68,6 +71,7 @@ class HloOp:
     calls: tuple[str, ...] = ()  # computations it calls (fusions, while bodies, reducers)
     target: str = ""  # custom-call target
     backend_kind: str = ""  # backend_config "kind" of a custom fusion (e.g. __triton_gemm)
+    kernel: str = ""  # backend_config "name" of a Triton (Pallas) custom call's kernel
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
@@ -79,6 +83,9 @@ _CALLS = re.compile(
 )
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _BACKEND_KIND = re.compile(r'"kind":"(__[^"]*)"')
+# A Triton custom call's backend_config: {debug = false, ..., ir = "<bytes, quotes escaped
+# as \22>", name = "attention_forward", num_stages = ...}.
+_KERNEL_NAME = re.compile(r'\bname = "([^"]*)"')
 
 
 def _split_type(rest: str) -> str:
@@ -117,6 +124,8 @@ def parse_hlo(text: str) -> dict[str, HloOp]:
         op_name = _OP_NAME.search(rest)
         target = _TARGET.search(rest)
         kind = _BACKEND_KIND.search(rest)
+        config = rest.find("backend_config={")
+        kernels = _KERNEL_NAME.findall(rest[config:]) if config >= 0 else []
         ops[name] = HloOp(
             name=name,
             opcode=op.group(1),
@@ -125,6 +134,7 @@ def parse_hlo(text: str) -> dict[str, HloOp]:
             calls=tuple(calls),
             target=target.group(1) if target else "",
             backend_kind=kind.group(1) if kind else "",
+            kernel=kernels[-1] if kernels else "",
         )
     return ops
 
@@ -161,6 +171,13 @@ def _is_rng(op: HloOp) -> bool:
 def categorize(op: HloOp, computations: dict[str, list[HloOp]]) -> str:
     """The category of an executed op (see the module docstring)."""
     code, target = op.opcode, op.target.lower()
+    if code == "custom-call" and "triton" in target:  # a Pallas kernel: known by its name
+        kernel = _kernel_name(op).lower()
+        if "attention" in kernel or "flash" in kernel:
+            return "attention (fused kernel)"
+        if "lstm" in kernel or "rnn" in kernel:
+            return "rnn (Pallas)"
+        return f"custom-call {op.target}"
     if code == "custom-call":
         if "fmha" in target or "attention" in target or "flash" in target:
             return "attention (fused kernel)"
@@ -209,6 +226,15 @@ def categorize(op: HloOp, computations: dict[str, list[HloOp]]) -> str:
     if codes and codes <= {"parameter", "copy", "transpose", "bitcast", "reshape", "constant"}:
         return "copy/transpose"
     return "elementwise"
+
+
+def _kernel_name(op: HloOp) -> str:
+    """The name of the kernel a Triton custom call runs: its backend_config's, else the
+    innermost name of its source (``.../attention_forward/pallas_call`` -> the former)."""
+    if op.kernel:
+        return op.kernel
+    parts = [p for p in op.op_name.split("/") if p and p != "pallas_call"]
+    return parts[-1] if parts else ""
 
 
 def _inner(computation: str, computations: dict[str, list[HloOp]]) -> Iterator[HloOp]:

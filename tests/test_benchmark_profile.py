@@ -103,6 +103,39 @@ def test_categories_of_gpu_ops():
     assert profile._resolve("gone.1::gone.2", ops) == "gone.1::gone.2"
 
 
+# Pallas kernels as they compile for an NVIDIA GPU: Triton custom calls (the ir abridged),
+# named in their backend_config.
+TRITON_HLO = r"""
+ENTRY %main.2 (q: bf16[2,64,2,32]) -> bf16[2,64,2,32] {
+  %q.1 = bf16[2,64,2,32]{3,2,1,0} parameter(0)
+  %pallas_call.11 = (bf16[2,64,2,32]{3,2,1,0}, f32[2,2,64]{2,1,0}) custom-call(%q.1, %q.1, %q.1), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={bf16[2,64,2,32]{3,2,1,0}, bf16[2,64,2,32]{3,2,1,0}, bf16[2,64,2,32]{3,2,1,0}}, api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(f)/jvp()/cond/branch_0_fun/attention_forward/pallas_call" scheduling_name="pallas_call.11" stack_frame_id=9}, backend_config={debug = false, grid_x = 2 : i32, grid_y = 2 : i32, grid_z = 1 : i32, ir = "ML\EFR\0DMLIR23.0.0git\00\01]\09\22lstm\22\00reduce_max:\00reduce_max\00\05\86\02", name = "attention_forward", num_stages = 2 : i32, num_warps = 4 : i32}
+  %pallas_call.14 = (bf16[2,64,2,32]{3,2,1,0}, bf16[2,64,2,32]{3,2,1,0}) custom-call(%q.1, %q.1), custom_call_target="__gpu$xla.gpu.triton", api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(step)/transpose(jvp(Bert))/encoder/layer_0/attention/pallas_call"}, backend_config={debug = false, grid_x = 2 : i32, grid_y = 2 : i32, grid_z = 1 : i32, ir = "ML\EFR\0D\00dot_general\00", name = "attention_backward_dkdv", num_stages = 2 : i32, num_warps = 4 : i32}
+  %pallas_call.20 = (bf16[2,64,2,32]{3,2,1,0}) custom-call(%q.1), custom_call_target="__gpu$xla.gpu.triton", api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(step)/jvp(LSTMClassifier)/lstm/lstm_forward/pallas_call"}, backend_config={debug = false, grid_x = 1 : i32, grid_y = 1 : i32, grid_z = 1 : i32, ir = "ML\EFR\0D\00attention\00", name = "lstm_forward", num_stages = 1 : i32, num_warps = 4 : i32}
+  %pallas_call.21 = (bf16[2,64,2,32]{3,2,1,0}) custom-call(%q.1), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/transpose(jvp(Bert))/encoder/layer_0/attention/attention_backward_dq"}
+  ROOT %pallas_call.22 = (bf16[2,64,2,32]{3,2,1,0}) custom-call(%q.1), custom_call_target="__gpu$xla.gpu.triton", backend_config={ir = "\00", name = "my_kernel"}
+}
+"""
+
+
+def test_pallas_kernels_are_categorised_by_their_names():
+    """Every Pallas kernel is the same Triton custom-call target: the kernel's name says
+    what it computes (attention or LSTM), whatever the layer it sits in."""
+    ops = profile.parse_hlo(TRITON_HLO)
+    computations = profile._by_computation(ops)
+    assert ops["pallas_call.11"].kernel == "attention_forward"
+    assert ops["pallas_call.20"].kernel == "lstm_forward"
+    assert ops["pallas_call.21"].kernel == ""  # no backend_config: the source names it
+
+    def category(name: str) -> str:
+        return profile.categorize(ops[name], computations)
+
+    assert category("pallas_call.11") == "attention (fused kernel)"
+    assert category("pallas_call.14") == "attention (fused kernel)"
+    assert category("pallas_call.20") == "rnn (Pallas)"
+    assert category("pallas_call.21") == "attention (fused kernel)"
+    assert category("pallas_call.22") == "custom-call __gpu$xla.gpu.triton"
+
+
 @pytest.mark.parametrize(
     "op_name, expected",
     [
