@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 pytest.importorskip("tokenizers", reason="needs the text extra (tokenizers)")
@@ -28,3 +29,21 @@ def test_pretraining_logs_mlm_and_nsp_and_keeps_its_vocabulary(tmp_path):
     config.total_steps = 9
     train_and_evaluate(config, str(tmp_path))  # resumes: same vocabulary file, untouched
     assert os.path.getmtime(vocab) == stamp
+
+
+def test_runs_of_any_seed_are_scored_on_the_same_pairs():
+    from tests.test_train_app import load_config
+    from train.data import mlm
+    from train.tasks import bert_pretraining
+
+    config = load_config("bert_pretrain.py", "smoke")
+    texts = [f"Document {i} has words. It has a second sentence {i}." for i in range(8)]
+    tokenizer = mlm.wordpiece(None, texts, vocab_size=100)
+    examples = []
+    for seed in (0, 1):
+        config.seed = seed
+        pairs = bert_pretraining.masked_pairs(config, texts, tokenizer)
+        examples.append([pairs.eval(pairs.source[i], None) for i in range(8)])
+    for a, b in zip(*examples, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])

@@ -172,3 +172,128 @@ def test_too_little_text_is_a_clear_error(setup):
     tokenizer, _, _ = setup
     with pytest.raises(DataError, match="at least two documents"):
         mlm.PairSource(["Only one. Document here."], tokenizer)
+
+
+# Documents of 1 to 6 sentences of varied length, as real corpora have.
+_WORDS = [f"word{chr(97 + i)}" for i in range(16)]
+
+
+def _varied_corpus(n=1000):
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(n):
+        sentences = [
+            " ".join(rng.choice(_WORDS, size=rng.integers(3, 12))).capitalize() + "."
+            for _ in range(rng.integers(1, 7))
+        ]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def _cue_accuracy(examples, cue):
+    """Held-out accuracy of predicting the NSP label from `cue(example)` alone (a majority
+    vote per cue value, fitted on the first half of `examples`)."""
+    fit, held_out = examples[: len(examples) // 2], examples[len(examples) // 2 :]
+    votes: dict = {}
+    for ex in fit:
+        votes.setdefault(cue(ex), [0, 0])[int(ex["nsp_label"])] += 1
+    guess = {k: int(v[1] > v[0]) for k, v in votes.items()}
+    return np.mean([guess.get(cue(ex), 1) == ex["nsp_label"] for ex in held_out])
+
+
+def test_nothing_but_the_text_tells_the_nsp_label():
+    """A "random" B used to be filled up to the sequence's length while the B that follows
+    stops where its document ends: the length alone gave the label away (58% on held-out
+    stdlib_docs pairs). Where B starts and how it ends must not give it away either."""
+    texts = _varied_corpus()
+    tokenizer = mlm.wordpiece(None, texts, vocab_size=120)
+    source = mlm.PairSource(texts, tokenizer, num_examples=4000)
+    pairs = mlm.MaskedPairs(source, tokenizer, max_length=64, max_predictions=10)
+    examples = [pairs.eval(source[i], None) for i in range(len(source))]
+    labels = np.array([int(ex["nsp_label"]) for ex in examples])
+    assert abs(labels.mean() - 0.5) < 0.03
+    chance = max(labels[2000:].mean(), 1 - labels[2000:].mean())
+
+    def segment_b(ex):
+        ids = _unmask(ex)
+        return ids[list(ids).index(pairs.sep) + 1 : -1]
+
+    cues = {
+        "length": lambda ex: int(ex["length"]),
+        "B's length": lambda ex: len(segment_b(ex)),
+        "B's first token": lambda ex: int(segment_b(ex)[0]) if len(segment_b(ex)) else -1,
+        "B's last token": lambda ex: int(segment_b(ex)[-1]) if len(segment_b(ex)) else -1,
+    }
+    for name, cue in cues.items():
+        assert _cue_accuracy(examples, cue) < chance + 0.04, name
+
+
+def test_one_sentence_documents_still_give_balanced_labels():
+    """Every record of a corpus like lm1b is one sentence: all its pairs were "random". A
+    sentence's two parts are A and the B that follows."""
+    texts = [" ".join(_WORDS[i % 5 : i % 5 + 8]) + f" number {i}." for i in range(40)]
+    tokenizer = mlm.wordpiece(None, texts, vocab_size=120)
+    source = mlm.PairSource(texts, tokenizer, num_examples=1000)
+    pairs = mlm.MaskedPairs(source, tokenizer, max_length=32, max_predictions=4)
+    labels = []
+    for i in range(len(source)):
+        ex = pairs.eval(source[i], None)
+        labels.append(int(ex["nsp_label"]))
+        if ex["nsp_label"] == 0:
+            ids = _unmask(ex)
+            sep = list(ids).index(pairs.sep)
+            joined = [*ids[1:sep], *ids[sep + 1 : -1]]
+            assert joined == list(source.document(source[i]["doc"])[0]), "A then its rest"
+    assert abs(np.mean(labels) - 0.5) < 0.05
+
+
+def test_special_tokens_may_have_any_ids_and_are_never_random_replacements(setup, tmp_path):
+    """The masking used to assume the special tokens were the lowest ids: with them at the
+    end of vocab.txt it failed inside a loader thread, and with [MASK] in the middle half
+    the vocabulary was never drawn as a random replacement."""
+    tokenizer, _, _ = setup
+    vocab = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    regular = [t for t in vocab if t not in mlm.SPECIAL_TOKENS]
+    path = tmp_path / "vocab.txt"
+    path.write_text("".join(f"{t}\n" for t in regular + mlm.SPECIAL_TOKENS))
+    moved = mlm.wordpiece(str(path))
+    source = mlm.PairSource(TEXTS, moved)
+    pairs = mlm.MaskedPairs(source, moved, max_length=32, max_predictions=32)
+    special = {moved.token_to_id(t) for t in mlm.SPECIAL_TOKENS}
+    assert min(special) == len(regular)
+    drawn = set()
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        ex = pairs.train(source[i % len(source)], rng)
+        w = ex["masked_weights"] > 0
+        got, want = ex["input_ids"][ex["masked_positions"][w]], ex["masked_ids"][w]
+        drawn.update(got[(got != pairs.mask) & (got != want)].tolist())
+    assert not drawn & special
+    assert len(drawn) > 0.9 * len(regular)
+
+    path.write_text("".join(f"{t}\n" for t in regular + ["[PAD]", "[UNK]", "[CLS]"]))
+    with pytest.raises(
+        DataError, match=r"vocab.txt has no \[SEP\], \[MASK\]: BERT.s vocab.txt needs"
+    ):
+        mlm.wordpiece(str(path))
+
+
+def test_special_tokens_written_in_a_text_are_text(setup):
+    tokenizer, _, _ = setup
+    ids = tokenizer.encode("the [SEP] cat [MASK]", add_special_tokens=False).ids
+    assert not {tokenizer.token_to_id(t) for t in mlm.SPECIAL_TOKENS[2:]} & set(ids)
+
+
+def test_a_cased_vocabulary_keeps_the_case(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("".join(f"{t}\n" for t in [*mlm.SPECIAL_TOKENS, "Paris", "paris", "é"]))
+    assert mlm.wordpiece(str(path), lowercase=False).encode("Paris").tokens[1:-1] == ["Paris"]
+    assert mlm.wordpiece(str(path)).encode("Paris").tokens[1:-1] == ["paris"]
+
+
+def test_fewer_examples_than_documents_spread_over_the_corpus(setup):
+    tokenizer, _, _ = setup
+    source = mlm.PairSource(TEXTS[:10], tokenizer, num_examples=5)
+    assert [source[i]["doc"] for i in range(5)] == [0, 2, 4, 6, 8]
+    source = mlm.PairSource(TEXTS[:4], tokenizer, num_examples=10)
+    assert [source[i]["doc"] for i in range(10)] == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]

@@ -3,10 +3,17 @@
 * Documents are split into sentences. As in BERT's data generation, an example starts at
   a random sentence `s` of its document and gathers the following sentences until the
   sequence is full; segment A is the first 1..k-1 of those k sentences (the cut drawn at
-  random) and segment B is the rest (label 0, "is next") or, with probability 1/2, a run
-  of sentences from a random point of another document (label 1, "random"). Several
-  sentences per segment give NSP far more evidence than one sentence each. Pairs are
-  truncated longest-first to fit `max_length` with `[CLS] A [SEP] B [SEP]`.
+  random) and segment B is the rest (label 0, "is next") or, with probability 1/2, text
+  of another document (label 1, "random"). Several sentences per segment give NSP far
+  more evidence than one sentence each. Where a document gives one sentence, A and B are
+  its two parts (cut at a random token). Pairs are truncated longest-first to fit
+  `max_length` with `[CLS] A [SEP] B [SEP]`.
+* A random B is drawn the way a B that follows is: the rest of another document after a
+  random cut, or, where the B that follows fills the sequence, as many tokens of another
+  document from a random sentence on. So neither the length, nor where B starts or ends,
+  tells the label (a B that follows stops at its document's end; BERT's random B, filled
+  to the sequence's length, let the length alone predict 58% of held-out labels of the
+  embedded corpus).
 * WordPiece with a fast tokenizer (`tokenizers`): loaded from a `vocab.txt`, or trained
   on the training documents.
 * Masking: 15% of the non-special tokens (at most `max_predictions`) are chosen; of those
@@ -56,19 +63,52 @@ def _tokenizers() -> Any:
     return tokenizers
 
 
-def wordpiece(vocab_file: str | None, texts: Iterable[str] | None = None, vocab_size: int = 8000):
-    """A lower-casing BERT WordPiece tokenizer from `vocab_file`, or trained on `texts`
-    (`train_vocabulary`: the same texts give the same vocabulary in every run)."""
+def wordpiece(
+    vocab_file: str | None,
+    texts: Iterable[str] | None = None,
+    vocab_size: int = 8000,
+    lowercase: bool = True,
+):
+    """A BERT WordPiece tokenizer from `vocab_file`, or trained on `texts` (`train_vocabulary`:
+    the same texts give the same vocabulary in every run; lower-cased).
+
+    `lowercase`: whether text is lower-cased and stripped of accents first, as the vocabulary
+    was made (False for a cased model's `vocab.txt`). Special tokens written in a text
+    (`"[SEP]"`) are encoded as text. A vocabulary without BERT's special tokens is a
+    `DataError`."""
     BertWordPieceTokenizer = _tokenizers().BertWordPieceTokenizer  # noqa: N806
 
     if vocab_file:
         if not os.path.exists(vocab_file):
             raise DataError(f"vocabulary file {vocab_file} does not exist (config key vocab_file)")
-        return BertWordPieceTokenizer(vocab_file, lowercase=True)
-    if texts is None:
+        with open(vocab_file, encoding="utf-8") as f:
+            _check_special_tokens((line.rstrip("\n") for line in f), vocab_file)
+        tokenizer = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+    elif texts is None:
         raise ValueError("give a vocab_file or texts to train the vocabulary on")
-    vocab = train_vocabulary(texts, vocab_size)
-    return BertWordPieceTokenizer({token: i for i, token in enumerate(vocab)}, lowercase=True)
+    else:
+        vocab = train_vocabulary(texts, vocab_size)
+        tokenizer = BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)
+    # "[SEP]" written in a text is text, not the separator the pair's layout depends on.
+    tokenizer._tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def _check_special_tokens(tokens: Iterable[str], where: str) -> None:
+    """A `DataError` naming the special tokens (`SPECIAL_TOKENS`) a vocabulary lacks."""
+    have = set(tokens)
+    missing = [t for t in SPECIAL_TOKENS if t not in have]
+    if missing:
+        raise DataError(
+            f"{where} has no {', '.join(missing)}: BERT's vocab.txt needs the special tokens "
+            f"{', '.join(SPECIAL_TOKENS)}, one per line, at any ids"
+        )
+
+
+def special_ids(tokenizer: Any) -> tuple[int, int, int, int]:
+    """The ids of `[PAD]`, `[CLS]`, `[SEP]` and `[MASK]`."""
+    _check_special_tokens(tokenizer.get_vocab(), "the vocabulary")
+    return tuple(tokenizer.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]"))
 
 
 _PREFIX = "##"  # marks a piece that continues a word
@@ -167,6 +207,10 @@ def train_vocabulary(
     return vocab
 
 
+def _joined(sentences: Sequence[np.ndarray]) -> list[int]:
+    return [int(t) for sentence in sentences for t in sentence]
+
+
 def _sentences_until(
     doc: list[np.ndarray], start: int, tokens: int, at_least: int = 1
 ) -> list[np.ndarray]:
@@ -184,9 +228,10 @@ class PairSource:
     """Random-access source of pretraining examples over a corpus of documents.
 
     Example `i` starts in document `i mod len(texts)`: an epoch visits every document once
-    and the starting sentence is drawn per example. Documents are split into sentences and
+    and the starting sentence is drawn per example. Fewer examples than documents are
+    spread evenly over the corpus. Documents are split into sentences and
     tokenised on demand (cached), so a corpus as large as Wikipedia is never tokenised up
-    front. A document of one sentence always gets a random segment B.
+    front.
 
     Args:
       texts: random-access sequence of document texts (a list, or a TFDS source wrapped
@@ -221,14 +266,18 @@ class PairSource:
         return self.num_examples
 
     def __getitem__(self, index: int) -> dict[str, int]:
-        return {"index": int(index), "doc": int(index) % len(self.texts)}
+        documents = len(self.texts)
+        if self.num_examples < documents:  # spread over the corpus, not its first documents
+            return {"index": int(index), "doc": int(index) * documents // self.num_examples}
+        return {"index": int(index), "doc": int(index) % documents}
 
 
 class MaskedPairs:
     """The per-example transform: pair, truncate, assemble, mask.
 
     Use `train(record, rng)` with Grain's per-example rng, and `eval(record, rng)` for a
-    fixed evaluation set (its rng comes from the example's index and the seed).
+    fixed evaluation set (its rng comes from the example's index and `seed`; the task keeps
+    that seed fixed, so runs of any seed are scored on the same pairs).
     """
 
     def __init__(
@@ -248,11 +297,10 @@ class MaskedPairs:
         self.mask_rate = mask_rate
         self.seed = seed
         self.vocab_size = tokenizer.get_vocab_size()
-        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-        self.pad, self.cls, self.sep, self.mask = (
-            ids[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")
-        )
-        self.first_regular = max(ids.values()) + 1
+        self.pad, self.cls, self.sep, self.mask = special_ids(tokenizer)
+        # Random replacements: any token but the special ones, wherever the vocabulary has them.
+        special = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        self.regular = np.setdiff1d(np.arange(self.vocab_size), special).astype(np.int32)
 
     def train(self, record: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         return self._example(record, rng)
@@ -260,23 +308,43 @@ class MaskedPairs:
     def eval(self, record: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:  # noqa: ARG002
         return self._example(record, np.random.default_rng([self.seed, record["index"]]))
 
+    def _split(
+        self, doc: list[np.ndarray], rng: np.random.Generator, within_sentence: bool = False
+    ) -> tuple[list[int], list[int], bool]:
+        """Segment A from a random point of `doc`, the text that follows it up to the
+        sequence's length (empty where nothing does), and whether A ends inside a sentence:
+        where a document cannot give two sentences (or `within_sentence`), A and what
+        follows are the two parts of one sentence."""
+        budget = self.max_length - 3
+        start = int(rng.integers(max(len(doc) - 1, 1)))
+        chunk = _sentences_until(doc, start, budget, at_least=2)
+        if len(chunk) > 1 and not within_sentence:  # A: the first sentences, then the rest
+            cut = int(rng.integers(1, len(chunk)))
+            return _joined(chunk[:cut]), _joined(chunk[cut:]), False
+        sentence = chunk[0].tolist()
+        cut = int(rng.integers(1, len(sentence))) if len(sentence) > 1 else 1
+        return sentence[:cut], sentence[cut:], True
+
     def _example(self, record: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         budget = self.max_length - 3
-        doc = self.source.document(record["doc"])
-        start = int(rng.integers(max(len(doc) - 1, 1)))
-        chunk = _sentences_until(doc, start, budget, at_least=2)  # A and B, if it can
-        cut = int(rng.integers(1, len(chunk))) if len(chunk) > 1 else 1
-        a = [t for sentence in chunk[:cut] for t in sentence]
-        if len(chunk) > 1 and rng.random() < 0.5:
-            b, nsp = [t for sentence in chunk[cut:] for t in sentence], 0
+        a, following, within = self._split(self.source.document(record["doc"]), rng)
+        if following and rng.random() < 0.5:
+            b, nsp = following, 0
         else:
             n = len(self.source.texts)
             other = int(rng.integers(n - 1))
             other += other >= record["doc"]  # any document but this one
+            # B is drawn as the B that follows is: where it starts and ends, and so its
+            # length, would otherwise tell the label.
             other_doc = self.source.document(other)
-            start = int(rng.integers(len(other_doc)))
-            rest = _sentences_until(other_doc, start, max(budget - len(a), 1))
-            b, nsp = [t for sentence in rest for t in sentence], 1
+            if len(a) + len(following) > budget:  # one that follows would be cut short
+                start = int(rng.integers(len(other_doc)))
+                run = _joined(_sentences_until(other_doc, start, len(following)))
+                b = run[: len(following)]
+            else:
+                other_a, other_following, _ = self._split(other_doc, rng, within)
+                b = other_following or other_a
+            nsp = 1
         while len(a) + len(b) > budget:  # truncate the longer segment, from the end
             (a if len(a) >= len(b) else b).pop()
         tokens = [self.cls, *a, self.sep, *b, self.sep]
@@ -292,7 +360,7 @@ class MaskedPairs:
         input_ids[:n] = tokens
         originals = input_ids[chosen].copy()
         roll = rng.random(count)
-        random_ids = rng.integers(self.first_regular, self.vocab_size, size=count)
+        random_ids = self.regular[rng.integers(len(self.regular), size=count)]
         input_ids[chosen] = np.where(
             roll < 0.8, self.mask, np.where(roll < 0.9, random_ids, originals)
         )

@@ -65,9 +65,23 @@ def _pretrained_bert_params(workdir: str) -> Any:
     return params["bert"]
 
 
-def _keep_source(workdir: str, source: str, bert_config: bert.BertConfig, vocab_file: str) -> None:
-    """Copies what a resumed run needs of `source` into the workdir: the vocabulary and the
-    architecture (its parameters are in the run's own checkpoints by then)."""
+def _lowercase(source: str) -> bool:
+    """Whether `source`'s vocabulary is for lower-cased text: a Hugging Face directory's
+    `tokenizer_config.json` says (`do_lower_case`, True where it says nothing, as in
+    `transformers`); a pretraining workdir's vocabulary is."""
+    path = os.path.join(source, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return True
+    with open(path, encoding="utf-8") as f:
+        return bool(json.load(f).get("do_lower_case", True))
+
+
+def _keep_source(
+    workdir: str, source: str, bert_config: bert.BertConfig, vocab_file: str, lowercase: bool
+) -> None:
+    """Copies what a resumed run needs of `source` into the workdir: the vocabulary, how text
+    is cased for it, and the architecture (its parameters are in the run's own checkpoints
+    by then)."""
     with open(vocab_file, encoding="utf-8") as f:
         write_text_atomically(os.path.join(workdir, bert_pretraining.VOCAB_FILE), f.read())
     # The layer layout too: the run's checkpoints hold its parameters in it.
@@ -75,6 +89,7 @@ def _keep_source(workdir: str, source: str, bert_config: bert.BertConfig, vocab_
         "init_from": source,
         "bert": bert_config.to_hf_dict(),
         "scan_layers": bert_config.scan_layers,
+        "lowercase": lowercase,
     }
     write_text_atomically(os.path.join(workdir, INIT_RECORD), json.dumps(record, indent=2))
 
@@ -102,7 +117,10 @@ def model_and_tokenizer(
             kept = json.load(f)
         runtime.setdefault("scan_layers", kept.get("scan_layers", False))
         bert_config = bert.BertConfig.from_hf_dict(kept["bert"], **runtime)
-        tokenizer = mlm.wordpiece(os.path.join(workdir, bert_pretraining.VOCAB_FILE))
+        tokenizer = mlm.wordpiece(
+            os.path.join(workdir, bert_pretraining.VOCAB_FILE),
+            lowercase=kept.get("lowercase", True),
+        )
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
     if not source:
         tokenizer = bert_pretraining.tokenizer_for(config, workdir, train_texts)
@@ -110,7 +128,8 @@ def model_and_tokenizer(
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
     _check_source(source)
     vocab_file = os.path.join(source, bert_pretraining.VOCAB_FILE)
-    tokenizer = mlm.wordpiece(vocab_file)
+    lowercase = _lowercase(source)
+    tokenizer = mlm.wordpiece(vocab_file, lowercase=lowercase)
     if _is_hf_directory(source):
         model, variables, _ = bert.from_pretrained(
             source,
@@ -134,7 +153,7 @@ def model_and_tokenizer(
         bert_config = dataclasses.replace(bert_config, **runtime)
         model = bert.BertForSequenceClassification(bert_config, num_labels=num_classes)
         encoder = bert.layer_layout(pretrained, bert_config.scan_layers)
-    _keep_source(workdir, source, bert_config, vocab_file)
+    _keep_source(workdir, source, bert_config, vocab_file, lowercase)
 
     def init_params(params: Any) -> Any:
         ours = jax.tree.map(np.shape, params["bert"])

@@ -78,7 +78,6 @@ def masked_pairs(
         tokenizer,
         max_length=config.max_length,
         max_predictions=config.max_predictions,
-        seed=config.seed,
     )
 
 
