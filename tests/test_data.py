@@ -378,3 +378,28 @@ def test_normalize_on_device():
     out = images.normalize_on_device(rgb, [0.5, 0.0, 1.0], [0.5, 1.0, 0.25], jnp.bfloat16)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32)[0, 0, 0], [1.0, 1.0, 0.0])
+
+
+def test_a_label_outside_the_classes_is_a_clear_error():
+    """A test split without labels (-1, as GLUE's and ImageNet's have) trained or evaluated
+    on gave a meaningless loss and accuracy with no error."""
+    import ml_collections
+
+    from jaxmodels.errors import DataError
+    from train.tasks import make_iterators
+
+    config = ml_collections.ConfigDict(
+        dict(dataset="toy", train_split="train", eval_split="test", batch_size=4, seed=0)
+    )
+    config.update(eval_batch_size=4, data_threads=1, prefetch=1)
+    source = _records(8)
+    train, evaluate = make_iterators(config, 0, 1, source, _identity, source, _identity, 8)
+    assert next(train())["label"].shape == (4,) and next(evaluate())["label"].shape == (4,)
+    train, evaluate = make_iterators(config, 0, 1, source, _identity, source, _identity, 7)
+    message = r"dataset 'toy', split 'train', has label 7, outside \[0, 7\): a split without"
+    batches = train()
+    with pytest.raises(DataError, match=message):
+        for _ in range(2):  # an epoch
+            next(batches)
+    with pytest.raises(DataError, match="split 'test', has label 7"):
+        list(evaluate())

@@ -16,7 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from jaxmodels.errors import ConfigError
+from jaxmodels.errors import ConfigError, DataError
 from jaxmodels.training import EvalFn, LossFn
 
 TASKS = (
@@ -112,6 +112,21 @@ def make_module(namespace: Any, spec: Any, **fixed: Any) -> nn.Module:
     return factory(**spec, **fixed)
 
 
+def _labelled(
+    record: Any, rng: Any, *, preprocess: Any, num_classes: int, dataset: str, split: str
+) -> dict[str, Any]:
+    example = preprocess(record, rng)
+    label = int(example["label"])
+    if not 0 <= label < num_classes:
+        raise DataError(
+            f"a record of dataset {dataset!r}, split {split!r}, has label {label}, outside "
+            f"[0, {num_classes}): a split without labels (test splits often have -1) cannot be "
+            "trained or evaluated on; give a labelled split (config keys train_split, "
+            "eval_split)"
+        )
+    return example
+
+
 def make_iterators(
     config: Any,
     process_index: int,
@@ -120,9 +135,24 @@ def make_iterators(
     train_preprocess: Any,
     eval_source: Any = None,
     eval_preprocess: Any = None,
+    num_classes: int | None = None,
 ) -> tuple[Callable[[], Any], Callable[[], Iterator[dict[str, Any]]] | None]:
-    """The (train, eval) iterator factories of `train.data.pipeline` for a config."""
+    """The (train, eval) iterator factories of `train.data.pipeline` for a config.
+
+    `num_classes`: the examples' `label` is checked to lie in [0, num_classes) (a
+    `DataError` where not: the loss of a label past the logits means nothing).
+    """
     from train.data import pipeline
+
+    if num_classes is not None:
+        check = functools.partial(_labelled, num_classes=num_classes, dataset=config.dataset)
+        train_preprocess = functools.partial(
+            check, preprocess=train_preprocess, split=config.train_split
+        )
+        if eval_preprocess is not None:
+            eval_preprocess = functools.partial(
+                check, preprocess=eval_preprocess, split=config.eval_split
+            )
 
     common = dict(
         process_index=process_index, process_count=process_count, num_threads=config.data_threads

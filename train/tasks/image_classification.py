@@ -47,7 +47,14 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         inputs=lambda batch: (transform(batch["image"]),),
     )
     train_iterator, eval_iterator = make_iterators(
-        config, process_index, process_count, train_source, train_pre, eval_source, eval_pre
+        config,
+        process_index,
+        process_count,
+        train_source,
+        train_pre,
+        eval_source,
+        eval_pre,
+        num_classes=num_classes,
     )
     info = {
         "dataset": config.dataset,

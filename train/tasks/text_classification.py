@@ -77,7 +77,14 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         model, label_smoothing=config.label_smoothing, inputs=inputs
     )
     train_iterator, eval_iterator = make_iterators(
-        config, process_index, process_count, train_source, preprocess, eval_source, preprocess
+        config,
+        process_index,
+        process_count,
+        train_source,
+        preprocess,
+        eval_source,
+        preprocess,
+        num_classes=num_classes,
     )
     info = {
         "dataset": config.dataset,
