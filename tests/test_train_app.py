@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -314,6 +315,13 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
     _assert_clean_failure(proc, "--workdir is empty")
     proc = run_app(DIGITS_SMOKE, str(tmp_path / "c"), "--config.optimzer.name=sgd")
     _assert_clean_failure(proc, "unknown config key 'optimzer'", 'Did you mean "optimizer"')
+    # A misspelt last key came wrapped in an AttributeError: its message was escaped reprs.
+    proc = run_app(DIGITS_SMOKE, str(tmp_path / "d"), "--config.total_stepz=5")
+    _assert_clean_failure(
+        proc, "unknown config key 'total_stepz'\nDid you mean \"total_steps\" instead"
+    )
+    proc = run_app(DIGITS_SMOKE, str(tmp_path / "e"), "--config.model.foo=5")
+    _assert_clean_failure(proc, "bad --config override: unknown config key 'model.foo'\n")
     assert not os.listdir(tmp_path)
 
 
@@ -497,6 +505,49 @@ def test_sigterm_while_setting_up_exits_at_once_without_saving(tmp_path, monkeyp
     assert reached == []  # the setup stopped there
     assert not os.path.exists(tmp_path / "checkpoints")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+
+
+def test_the_application_ends_its_process_on_a_sigterm_while_setting_up(tmp_path):
+    """Raising from the signal handler midway through JAX's compilation could crash the
+    interpreter as it shut down (a segmentation fault, status 139, in some runs); the
+    application, which owns its process, ends it instead: status 0, nothing saved."""
+    script = f"""
+import os, signal
+from tests.test_train_app import load_config
+from train import tasks, trainer
+
+build = tasks.build
+def preempted_build(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return build(*args)
+tasks.build = preempted_build
+trainer.train_and_evaluate(
+    load_config("cnn_digits.py", "smoke"), {str(tmp_path)!r}, exit_on_early_sigterm=True
+)
+print("returned")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=app_env(devices=1),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SIGTERM before the first step" in done.stdout and "returned" not in done.stdout
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_a_workdir_of_another_run_is_named_as_such(tmp_path):
+    """Was: "past total_steps=10; raise total_steps to continue", and after that a
+    checkpoint structure mismatch."""
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 2
+    train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"holds the checkpoints of another run \(task "):
+        train_and_evaluate(load_config("lstm_text.py", "smoke"), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
 def test_an_evaluation_cut_off_by_sigterm_runs_on_resuming(tmp_path, monkeypatch):

@@ -48,13 +48,27 @@ def main(argv: list[str]) -> int:
     from train.trainer import train_and_evaluate
 
     try:
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir, exit_on_early_sigterm=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if jax.process_index() == 0 and result:
         print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
     return 0
+
+
+def _unknown_key(error: KeyError, argv: list[str]) -> str:
+    """The message for an override of a key the config lacks: ml_collections' message (the
+    key's repr, maybe with a "Did you mean" line) with the override's whole dotted name."""
+    text = str(error.args[0]) if error.args else str(error)
+    key, _, hint = text.partition("\n")
+    key = key.strip("'\"")
+    for arg in argv:
+        path = arg.removeprefix("--config.").partition("=")[0]
+        if arg.startswith("--config.") and path.split(".")[-1] == key:
+            key = path
+            break
+    return "\n".join(filter(None, [f"bad --config override: unknown config key '{key}'", hint]))
 
 
 def _user_error_in(error: BaseException) -> Exception | None:
@@ -83,11 +97,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         cause = _user_error_in(e)
         message = str(cause) if cause is not None else str(e)
-    except KeyError as e:  # its str() is the repr of the message
-        message = f"bad --config override: unknown config key {e.args[0] if e.args else e}"
+    except KeyError as e:
+        message = _unknown_key(e, argv)
     except (AttributeError, TypeError, ValueError) as e:
         cause = _user_error_in(e)  # e.g. an unknown variant, from the config file itself
-        message = str(cause) if cause is not None else f"bad --config override: {e}"
+        if cause is not None:
+            message = str(cause)
+        elif isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
+            message = _unknown_key(e.args[0], argv)  # a misspelt last key comes wrapped
+        else:
+            message = f"bad --config override: {e}"
     print(
         f"error: {message}\nUsage: python -m train --config=configs/X.py --workdir=DIR "
         "[--config.KEY=VALUE ...]",

@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -249,9 +250,15 @@ class _Preemption:
     the state) makes nothing to save, and a preempted machine's grace period may not outlast
     it. Several processes keep the default action until then (one process returning while
     another waits in a collective would leave that one hanging). Afterwards it is a flag.
+
+    `exit_process`: stop by ending the process (status 0) rather than by raising. An
+    exception raised from the handler surfaces wherever Python runs next, e.g. midway
+    through JAX's compilation, and the interpreter could then crash as it shut down; the
+    application, which owns its process, has nothing to close before the first step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exit_process: bool = False) -> None:
+        self.exit_process = exit_process
         self.requested = False
         self.immediate = True
         self._old: Any = None
@@ -273,6 +280,11 @@ class _Preemption:
 
     def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self.requested = True
+        if self.immediate and self.exit_process:
+            if jax.process_index() == 0:
+                print(_SETUP_STOPPED, flush=True)
+            sys.stderr.flush()
+            os._exit(0)
         if self.immediate:
             raise _Preempted
 
@@ -295,6 +307,25 @@ class _Preemption:
         return bool(np.any(flags))
 
 
+def _check_same_run(config: ml_collections.ConfigDict, workdir: str, ckpt: Any) -> None:
+    """A ConfigError where the workdir's checkpoints come from a run of another task or
+    model (its `config.json` says): resuming them could only fail, less clearly."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    ours = {"task": config.task, "model": dict(config.model).get("name")}
+    theirs = {"task": saved.get("task"), "model": (saved.get("model") or {}).get("name")}
+    if ours != theirs:
+        ckpt.close()
+        raise ConfigError(
+            f"--workdir {workdir} holds the checkpoints of another run (task {theirs['task']!r},"
+            f" model {theirs['model']!r}; this config: task {ours['task']!r}, model "
+            f"{ours['model']!r}); use another --workdir"
+        )
+
+
 def evaluate(task: tasks.Task, eval_step: Any, state: Any, mesh: Any) -> dict[str, float]:
     """One pass over the eval split; returns `eval/<metric>` means."""
     assert task.eval_iterator is not None
@@ -310,12 +341,16 @@ def evaluate(task: tasks.Task, eval_step: Any, state: Any, mesh: Any) -> dict[st
     return {f"eval/{k}": v / max(counts.get(f"{k}_count", count), 1.0) for k, v in totals.items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, exit_on_early_sigterm: bool = False
+) -> dict[str, float]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
     Returns the last evaluation's metrics (or the last train metrics without an eval set).
+    A SIGTERM before the first step returns {} at once (nothing to save); with
+    `exit_on_early_sigterm` (the application's own process) it ends the process, status 0.
     """
-    with _Preemption() as preempt:
+    with _Preemption(exit_on_early_sigterm) as preempt:
         try:
             validate_config(config)
             workdir = prepare_workdir(workdir)
@@ -351,6 +386,8 @@ def _train(
     train_iter = task.train_iterator()
     start, eval_pending = 0, False
     latest = ckpt.latest_step()
+    if latest is not None:
+        _check_same_run(config, workdir, ckpt)
     if latest is not None and latest > config.total_steps:
         ckpt.close()
         raise ConfigError(
