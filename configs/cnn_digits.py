@@ -1,10 +1,10 @@
 """The article's CNN on the embedded handwritten digits (the README's main job).
 
 Runs offline anywhere: the digits ship with scikit-learn and become a TFDS dataset on
-first use. Reaches ~98% test accuracy in well under a minute on a 2-core CPU.
+first use. Reaches ~99% test accuracy in about a minute on a 2-core CPU.
 
   python -m train --config=configs/cnn_digits.py --workdir=runs/cnn_digits
-  python -m train --config=configs/cnn_digits.py:smoke --workdir=/tmp/smoke   # a few steps
+  python -m train --config=configs/cnn_digits.py:smoke --workdir=runs/cnn_digits_smoke   # a few steps
 """
 
 from train.defaults import base_config, check_variant

@@ -9,7 +9,7 @@ Remat and scan-over-layers are `model` keys (`remat_policy`, `scan_layers`); the
 keys set the temperature / top-k of `train.tasks.language_model.sample`.
 
   python -m train --config=configs/transformer_lm.py --workdir=runs/lm
-  python -m train --config=configs/transformer_lm.py:smoke --workdir=/tmp/smoke
+  python -m train --config=configs/transformer_lm.py:smoke --workdir=runs/transformer_lm_smoke
 """
 
 from train.defaults import base_config, check_variant

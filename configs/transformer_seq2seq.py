@@ -1,17 +1,17 @@
 """A small encoder-decoder Transformer on an embedded toy translation task: reverse a random
 sequence of symbols (vocabulary 32 incl. PAD/BOS/EOS, lengths 4..16), generated per index,
 offline. Teacher forcing; eval loss, token accuracy and greedy-decoded sequence accuracy.
-Learns in a minute or two on a CPU: eval token accuracy ~0.95 after 400 steps, sequence
-accuracy ~0.998 after 800.
+Learns in a minute or two on a CPU: eval token accuracy ~0.97 after 400 steps; after 800,
+token accuracy ~0.998 and greedy-decoded sequence accuracy ~0.98.
 
 Variants: `sort` (output the sequence sorted), `wmt` (WMT'14 German to English from TFDS,
-byte-level tokens; must be prepared: `tfds build wmt14_translate/de-en`, training never
+byte-level tokens; must be prepared: `tfds build wmt14_translate/de-en --file_format=array_record`, training never
 downloads), `smoke` (a few steps). Remat and scan-over-layers are `model` keys.
 
   python -m train --config=configs/transformer_seq2seq.py --workdir=runs/reverse
   python -m train --config=configs/transformer_seq2seq.py:sort --workdir=runs/sort
   python -m train --config=configs/transformer_seq2seq.py:wmt --workdir=runs/wmt14
-  python -m train --config=configs/transformer_seq2seq.py:smoke --workdir=/tmp/smoke
+  python -m train --config=configs/transformer_seq2seq.py:smoke --workdir=runs/transformer_seq2seq_smoke
 """
 
 from train.defaults import base_config, check_variant
