@@ -3,13 +3,14 @@
 tokens (vocabulary 259), non-overlapping windows of 128 bytes. Next-token loss; eval
 loss (nats per byte; perplexity = exp(eval/loss)), bits per byte and next-byte accuracy.
 Eval loss falls from ~5.6 (uniform over 259) to ~2.6 nats/byte after 200 steps and ~2.47
-after 600 (next-byte accuracy ~0.29): a couple of minutes on a busy 2-core CPU.
+after 600 (next-byte accuracy ~0.29): a few minutes on a 2-core CPU.
 
 Remat and scan-over-layers are `model` keys (`remat_policy`, `scan_layers`); the `sample_*`
 keys set the temperature / top-k of `train.tasks.language_model.sample`.
 
   python -m train --config=configs/transformer_lm.py --workdir=runs/lm
   python -m train --config=configs/transformer_lm.py:smoke --workdir=runs/transformer_lm_smoke
+  python -m train.tasks.language_model runs/lm "The " "Return" --tokens 64   # samples
 """
 
 from train.defaults import base_config, check_variant

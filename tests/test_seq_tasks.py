@@ -87,7 +87,7 @@ def test_reversal_learns(tmp_path):
     assert result["eval/sequence_accuracy"] <= result["eval/token_accuracy"]
 
 
-def test_language_model_lowers_eval_loss_and_samples(tmp_path):
+def test_language_model_lowers_eval_loss_and_samples(tmp_path, capsys):
     config = load_config("transformer_lm.py")
     config.max_length = 64
     config.model.embed_dim = 64
@@ -106,6 +106,13 @@ def test_language_model_lowers_eval_loss_and_samples(tmp_path):
     assert evals[-1] < evals[0], evals
     out = language_model.sample(config, str(tmp_path), ["The ", "Return"], max_new_tokens=8)
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    # The run's own config by default, and from a shell.
+    assert language_model.sample(None, str(tmp_path), ["The ", "Return"], 8) == out
+    assert language_model.main([str(tmp_path), "The ", "Return", "--tokens", "8"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-2:]
+    assert printed == [repr("The " + out[0]), repr("Return" + out[1])]
+    assert language_model.main([str(tmp_path / "nowhere")]) == 2
+    assert "is " + str(tmp_path / "nowhere") + " a run's workdir?" in capsys.readouterr().err
 
 
 def test_language_model_prompts_start_with_eos_like_documents(monkeypatch):

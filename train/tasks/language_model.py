@@ -15,8 +15,11 @@ from the config keys `sample_temperature`, `sample_top_k`).
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -118,8 +121,25 @@ def prompt_tokens(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.ndar
     return tokens, lengths
 
 
+def run_config(workdir: str) -> Any:
+    """The config a run in `workdir` was started with (its `config.json`)."""
+    import ml_collections
+
+    from jaxmodels.errors import ConfigError
+
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} ({e}): is {workdir} a run's workdir?") from e
+
+
 def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 0) -> list[str]:
     """Continues each prompt with the model of the latest checkpoint in `workdir`.
+
+    `config`: the run's config; None reads it from the workdir (`run_config`). From a shell:
+    `python -m train.tasks.language_model WORKDIR "prompt" ... [--tokens N]`.
 
     Each prompt is fed after an EOS, the document separator of the training stream (see
     `prompt_tokens`), so an empty prompt samples the start of a document. Sampling uses
@@ -131,6 +151,8 @@ def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 
     Returns:
         The continuations (text after the prompt; stops at EOS).
     """
+    if config is None:
+        config = run_config(workdir)
     model = make_model(config)
     params = checkpoint.load_params(os.path.join(workdir, "checkpoints"))
     prompt, lengths = prompt_tokens(prompts, model.max_len)
@@ -148,3 +170,36 @@ def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 
         greedy=greedy,
     )
     return [sequences.decode_bytes(row) for row in np.asarray(out)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Samples continuations of prompts from a trained workdir (the run's own config)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train.tasks.language_model",
+        description="Continue prompts with the language model trained in WORKDIR.",
+    )
+    parser.add_argument("workdir")
+    parser.add_argument("prompts", nargs="*", default=[""], help="default: one empty prompt")
+    parser.add_argument("--tokens", type=int, default=0, help="new bytes (config: sample_tokens)")
+    parser.add_argument("--temperature", type=float, help="0: greedy (config: sample_temperature)")
+    parser.add_argument("--top-k", type=int, help="0: all tokens (config: sample_top_k)")
+    args = parser.parse_args(argv)
+    from jaxmodels.errors import UserError
+
+    try:
+        config = run_config(args.workdir)
+        if args.temperature is not None:
+            config.sample_temperature = args.temperature
+        if args.top_k is not None:
+            config.sample_top_k = args.top_k
+        outs = sample(config, args.workdir, args.prompts or [""], args.tokens)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for prompt, out in zip(args.prompts or [""], outs, strict=True):
+        print(repr(prompt + out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
