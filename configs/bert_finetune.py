@@ -24,8 +24,8 @@ def get_config(variant: str | None = None):
     c.max_length = 128
     c.vocab_size = 8_000  # only when training from scratch without a vocabulary
     # Other `model` keys are BertConfig fields of how the model runs (the architecture comes
-    # from init_from when given): remat_policy, scan_layers, implementation (see
-    # configs/bert_pretrain.py).
+    # from init_from when given, how that run ran does not; None: the BertConfig default):
+    # remat_policy, scan_layers, implementation (see configs/bert_pretrain.py).
     c.model = {
         "name": "BertForSequenceClassification",
         "preset": "tiny",

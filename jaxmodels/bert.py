@@ -22,8 +22,9 @@ row: the usual case) or a Hugging Face style `attention_mask` <int>[batch, lengt
 token). A concrete (not traced) `attention_mask` that is a prefix mask is turned into
 lengths, which lets attention use its fast sequence-length path (cuDNN on GPU); any other
 mask, or any mask under `jit` (its values cannot be inspected while tracing), is applied as
-a general key mask, which gives the same numbers. Inside a jitted train step, pass
-`lengths` for the fast path.
+a general key mask, which gives the same numbers, except with `implementation="pallas"`,
+whose kernels take padding as lengths only: there such a mask is a ValueError. Inside a
+jitted train step, pass `lengths` for the fast path.
 
 The MLM head runs only on the masked positions: `BertForPreTraining` gathers the
 `masked_positions` <int>[batch, P] of each example before the transform and the vocabulary
@@ -63,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import losses
-from jaxmodels.attention import MultiHeadAttention
+from jaxmodels.attention import IMPLEMENTATIONS, MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
 from jaxmodels.layers import (
     Dense,
@@ -158,7 +159,7 @@ RUNTIME_FIELDS = (
     "attention_dropout",
 )
 
-_ARCH_FIELDS = (
+_SIZE_FIELDS = (
     "vocab_size",
     "hidden_size",
     "num_layers",
@@ -166,9 +167,8 @@ _ARCH_FIELDS = (
     "intermediate_size",
     "max_position_embeddings",
     "type_vocab_size",
-    "layer_norm_eps",
-    "hidden_act",
 )
+_ARCH_FIELDS = (*_SIZE_FIELDS, "layer_norm_eps", "hidden_act")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +192,10 @@ class BertConfig:
       initializer_range: standard deviation of the normal initialisers.
       dtype: computation dtype (e.g. jnp.bfloat16); logits and losses are float32.
       param_dtype: parameter storage dtype.
-      implementation: attention implementation passed to `MultiHeadAttention`
-        (None: cuDNN on GPU with bfloat16 when attention dropout is off, else XLA;
-        "pallas": fused kernels that also do the attention dropout, see
-        `jaxmodels.pallas_attention`).
+      implementation: attention implementation passed to `MultiHeadAttention`, one of
+        None, "xla", "cudnn", "pallas" (None: cuDNN on GPU with bfloat16 when attention
+        dropout is off, else XLA; "pallas": fused kernels that also do the attention
+        dropout, see `jaxmodels.pallas_attention`).
       remat_policy: rematerialisation of each layer in the backward pass, one of
         `REMAT_POLICIES` or None (none).
       scan_layers: run the layers as one `nn.scan` (parameters stacked under
@@ -223,6 +223,9 @@ class BertConfig:
     scan_layers: bool = False
 
     def __post_init__(self) -> None:
+        for name in _SIZE_FIELDS:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads "
@@ -237,9 +240,11 @@ class BertConfig:
                 f"remat_policy {self.remat_policy!r} is unknown; use None or one of "
                 f"{sorted(REMAT_POLICIES)}"
             )
-        for name in ("vocab_size", "num_layers", "intermediate_size", "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ConfigError(
+                f"implementation {self.implementation!r} is unknown; use one of "
+                f"{list(IMPLEMENTATIONS)}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -622,6 +627,12 @@ def _padding(
             raise ValueError(
                 f"lengths has shape {jnp.shape(lengths)}; expected one length per sequence, "
                 f"<int>[{batch}]"
+            )
+        lengths = jnp.asarray(lengths)
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(
+                f"lengths has dtype {lengths.dtype}; expected integers <int>[{batch}] (counts "
+                "of real tokens)"
             )
         if _is_concrete(lengths) and batch:
             values = np.asarray(lengths)
@@ -1142,11 +1153,36 @@ def _init_params(model: nn.Module, key: jax.Array) -> dict[str, Any]:
     return nn.meta.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32)))["params"]
 
 
+def _check_tied_decoder(
+    hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray], config_path: str, weights_path: str
+) -> None:
+    """Refuses a checkpoint whose masked-LM decoder is not the word-embedding table."""
+    decoder = tensors.get("cls.predictions.decoder.weight")
+    embeddings = tensors.get("bert.embeddings.word_embeddings.weight")
+    if hf.get("tie_word_embeddings", True) is False:
+        why = f"{config_path} says tie_word_embeddings=false"
+    elif (
+        decoder is not None
+        and embeddings is not None
+        and not np.array_equal(np.asarray(decoder), np.asarray(embeddings))
+    ):
+        why = f"cls.predictions.decoder.weight in {weights_path} differs from the word embeddings"
+    else:
+        return
+    raise CheckpointError(
+        f"the checkpoint's masked-LM decoder is not tied to its word embeddings ({why}), but "
+        "BertForPreTraining here ties them (its decoder is the word-embedding table), so its "
+        "MLM logits would not be the checkpoint's. Load the encoder only, with "
+        "model_cls=BertModel or BertForSequenceClassification, which do not use the decoder"
+    )
+
+
 def from_pretrained(
     directory: str | os.PathLike[str],
     model_cls: type[nn.Module] = BertForPreTraining,
     *,
     num_labels: int | None = None,
+    add_pooling_layer: bool | None = None,
     init_missing: bool = False,
     rng: jax.Array | None = None,
     **overrides: Any,
@@ -1158,11 +1194,19 @@ def from_pretrained(
     be named with or without the `bert.` prefix, LayerNorms as `weight/bias` or the old
     `gamma/beta`; extra tensors (e.g. another model's heads) are ignored.
 
+    The masked-LM decoder here is the word-embedding table (tied, as in BERT): a
+    `BertForPreTraining` is not loaded from a checkpoint whose decoder is a matrix of its
+    own (`tie_word_embeddings: false`, or a `cls.predictions.decoder.weight` that differs
+    from the word embeddings); its encoder loads into the other model classes.
+
     Args:
       directory: the checkpoint directory (what `save_pretrained` wrote).
       model_cls: `BertModel`, `BertForPreTraining` or `BertForSequenceClassification`.
       num_labels: classes of `BertForSequenceClassification` (default: from
         `config.json`'s `id2label`, else 2).
+      add_pooling_layer: `BertModel` only: build and load the [CLS] pooler (default:
+        whether the checkpoint has its weights, `pooler.dense.*`; Hugging Face
+        `BertForMaskedLM` checkpoints have none).
       init_missing: initialise tensors the checkpoint lacks (e.g. a new classifier on a
         pretrained encoder) randomly, with a warning naming them, instead of failing.
       rng: PRNG key for `init_missing` (default PRNGKey(0)).
@@ -1178,7 +1222,8 @@ def from_pretrained(
 
     Raises:
       CheckpointError: a missing directory or file, an unsupported or contradicted config,
-        tensors missing (named) or of the wrong shape (named, ours vs the checkpoint's).
+        tensors missing (named) or of the wrong shape (named, ours vs the checkpoint's), a
+        `BertForPreTraining` from a checkpoint with an untied MLM decoder.
 
     Example::
 
@@ -1214,23 +1259,34 @@ def from_pretrained(
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"bad override for {config_path}: {e}") from e
 
-    if model_cls is BertForSequenceClassification:
-        if num_labels is None:
-            num_labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
-        model: nn.Module = BertForSequenceClassification(config, num_labels)
-    elif model_cls in (BertModel, BertForPreTraining):
-        model = model_cls(config)
-    else:
+    if model_cls not in (BertModel, BertForPreTraining, BertForSequenceClassification):
         raise TypeError(f"model_cls must be one of {_MODEL_CLASSES}, got {model_cls}")
+    if add_pooling_layer is not None and model_cls is not BertModel:
+        raise ValueError(
+            f"add_pooling_layer is an option of BertModel; {model_cls.__name__} always has "
+            "the pooler"
+        )
 
-    # Tensors are matched layer by layer (`layer_i`); a scan_layers model gets them stacked.
-    unrolled = model.clone(config=dataclasses.replace(config, scan_layers=False))
     tensors, weights_path = _read_weights(directory)
     bare = not any(k.startswith("bert.") for k in tensors)  # a `BertModel` checkpoint
     if bare:
         tensors = {
             k if k.startswith(_HEAD_PREFIXES) else f"bert.{k}": v for k, v in tensors.items()
         }
+    if model_cls is BertForSequenceClassification:
+        if num_labels is None:
+            num_labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+        model: nn.Module = BertForSequenceClassification(config, num_labels)
+    elif model_cls is BertModel:
+        if add_pooling_layer is None:
+            add_pooling_layer = "bert.pooler.dense.weight" in tensors
+        model = BertModel(config, add_pooling_layer=add_pooling_layer)
+    else:
+        _check_tied_decoder(hf, tensors, config_path, weights_path)
+        model = BertForPreTraining(config)
+
+    # Tensors are matched layer by layer (`layer_i`); a scan_layers model gets them stacked.
+    unrolled = model.clone(config=dataclasses.replace(config, scan_layers=False))
     expected = jax.eval_shape(functools.partial(_init_params, unrolled), jax.random.PRNGKey(0))
     params: dict[str, Any] = {}
     missing: list[tuple[str, tuple[str, ...]]] = []
@@ -1266,7 +1322,8 @@ def from_pretrained(
         raise CheckpointError(
             f"{weights_path} lacks {len(missing)} tensor(s) that {type(model).__name__} needs: "
             f"{names}{more}. Load a checkpoint with these weights, choose a model_cls it "
-            "contains (e.g. BertModel for an encoder-only checkpoint), or pass "
+            "contains (e.g. BertModel for an encoder-only checkpoint, with "
+            "add_pooling_layer=False for one without the pooler), or pass "
             "init_missing=True to initialise them randomly"
         )
     if missing:

@@ -106,6 +106,15 @@ def test_default_config_is_base_and_presets_override():
         bert.BertConfig(hidden_act="mish")
 
 
+def test_bad_sizes_and_implementation_are_config_errors():
+    for field in ("num_heads", "hidden_size", "type_vocab_size"):
+        with pytest.raises(ConfigError, match=rf"{field} must be >= 1, got 0"):
+            bert.BertConfig(**{field: 0})
+    with pytest.raises(ConfigError, match=r"implementation 'flash' is unknown; use one of"):
+        bert.BertConfig(implementation="flash")
+    assert bert.BertConfig(implementation="xla").implementation == "xla"
+
+
 def test_hf_dict_round_trip():
     c = bert.BertConfig.preset("mini", vocab_size=1000, hidden_dropout=0.2)
     hf = c.to_hf_dict()
@@ -460,6 +469,29 @@ def test_bad_ids_masks_and_positions():
         head.apply(head_vars, jnp.array([[1, 2]]), masked_positions=jnp.array([[2]]))
 
 
+def test_float_lengths_are_an_error():
+    model = bert.BertModel(SMALL)
+    ids = jnp.ones((2, 4), jnp.int32)
+    variables = _init(model, ids)
+    with pytest.raises(ValueError, match="lengths has dtype float32; expected integers"):
+        model.apply(variables, ids, lengths=jnp.array([4.0, 2.5]))
+    with pytest.raises(ValueError, match="lengths has dtype float32; expected integers"):
+        jax.jit(lambda v, n: model.apply(v, ids, lengths=n))(variables, jnp.array([4.0, 2.5]))
+    seq, _ = model.apply(variables, ids, lengths=[4, 2])  # Python ints are integers
+    assert seq.shape == (2, 4, 64)
+
+
+def test_pallas_takes_padding_as_lengths_only():
+    """A mask traced under jit is a general key mask, which the pallas kernels refuse."""
+    config = dataclasses.replace(SMALL, implementation="pallas")
+    model = bert.BertModel(config)
+    ids = jnp.ones((2, 16), jnp.int32)
+    variables = _init(model, ids)
+    mask = (jnp.arange(16) < jnp.array([[16], [9]])).astype(jnp.int32)
+    with pytest.raises(ValueError, match="implementation='pallas' takes padding as kv_lengths"):
+        jax.jit(lambda v, m: model.apply(v, ids, m))(variables, mask)
+
+
 # ------------------------------------------------------------------------------ training
 
 
@@ -646,6 +678,62 @@ def test_classifier_on_a_pretraining_checkpoint(saved):
     )
 
 
+def _set_tie(directory, tie):
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**hf, "tie_word_embeddings": tie}, f)
+
+
+def test_untied_decoder_is_refused(saved):
+    """The MLM decoder here is the word embeddings: a checkpoint with a decoder of its own
+    does not load into BertForPreTraining (its logits would differ); its encoder loads."""
+    _, variables, directory = saved
+    _set_tie(directory, False)
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=false\), but Bert"):
+        bert.from_pretrained(directory)
+    _set_tie(directory, True)
+    word = "bert.embeddings.word_embeddings.weight"
+    decoder = "cls.predictions.decoder.weight"
+    _rewrite(directory, lambda t: t.update({decoder: t[word].copy()}))  # tied, stored twice
+    bert.from_pretrained(directory)
+    _rewrite(directory, lambda t: t.update({decoder: t[word] + 1}))
+    with pytest.raises(CheckpointError, match=rf"{decoder} in \S+ differs from the word emb"):
+        bert.from_pretrained(directory)
+    _, loaded, _ = bert.from_pretrained(directory, bert.BertModel)
+    jax.tree.map(np.testing.assert_array_equal, loaded["params"], variables["params"]["bert"])
+    with pytest.warns(UserWarning, match="classifier.weight"):
+        _, loaded, _ = bert.from_pretrained(
+            directory, bert.BertForSequenceClassification, init_missing=True
+        )
+    jax.tree.map(
+        np.testing.assert_array_equal, loaded["params"]["bert"], variables["params"]["bert"]
+    )
+
+
+def test_bert_model_without_pooler_round_trip(saved, tmp_path):
+    """BertModel's pooler is loaded when the checkpoint has it (add_pooling_layer default)."""
+    _, variables, directory = saved
+    encoder = {k: v for k, v in variables["params"]["bert"].items() if k != "pooler"}
+    model = bert.BertModel(SMALL, add_pooling_layer=False)
+    bert.save_pretrained(model, {"params": encoder}, tmp_path / "no_pooler")
+    loaded, loaded_vars, _ = bert.from_pretrained(tmp_path / "no_pooler", bert.BertModel)
+    assert not loaded.add_pooling_layer
+    jax.tree.map(np.testing.assert_array_equal, loaded_vars["params"], encoder)
+    ids = jnp.ones((1, 4), jnp.int32)
+    assert loaded.apply(loaded_vars, ids)[1] is None
+    with pytest.raises(CheckpointError, match="lacks 2 tensor.*pooler.dense.weight"):
+        bert.from_pretrained(tmp_path / "no_pooler", bert.BertModel, add_pooling_layer=True)
+    full, full_vars, _ = bert.from_pretrained(directory, bert.BertModel)
+    assert full.add_pooling_layer and "pooler" in full_vars["params"]
+    bare, bare_vars, _ = bert.from_pretrained(directory, bert.BertModel, add_pooling_layer=False)
+    assert not bare.add_pooling_layer
+    jax.tree.map(np.testing.assert_array_equal, bare_vars["params"], encoder)
+    with pytest.raises(ValueError, match="add_pooling_layer is an option of BertModel"):
+        bert.from_pretrained(directory, add_pooling_layer=False)
+
+
 # ------------------------------------------------------- parity with transformers
 
 
@@ -741,6 +829,32 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     real = mask.astype(bool)
     assert np.abs(np.asarray(mlm) - ref.prediction_logits.numpy())[real].max() < TOL
     assert np.abs(np.asarray(nsp) - ref.seq_relationship_logits.numpy()).max() < TOL
+
+
+@pytest.mark.reference
+def test_untied_and_pooler_less_hugging_face_checkpoints(tmp_path):
+    """BertForPreTraining with tie_word_embeddings=False is refused, its encoder loads; a
+    BertForMaskedLM (no pooler) loads as a BertModel without the pooler."""
+    torch, hf = _hf_model(tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path / "untied")
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=false"):
+        bert.from_pretrained(tmp_path / "untied")
+    ids, mask, types = _batch()
+    real = mask.astype(bool)
+    ref = _hf_outputs(torch, hf.bert, ids, mask, types)
+    model, variables, _ = bert.from_pretrained(tmp_path / "untied", bert.BertModel)
+    seq, pooled = model.apply(variables, ids, mask, types)
+    assert np.abs(np.asarray(seq) - ref.last_hidden_state.numpy())[real].max() < TOL
+    assert np.abs(np.asarray(pooled) - ref.pooler_output.numpy()).max() < TOL
+
+    torch, hf = _hf_model("BertForMaskedLM")
+    hf.save_pretrained(tmp_path / "mlm")
+    model, variables, _ = bert.from_pretrained(tmp_path / "mlm", bert.BertModel)
+    assert not model.add_pooling_layer
+    ref = _hf_outputs(torch, hf.bert, ids, mask, types)
+    seq, pooled = model.apply(variables, ids, mask, types)
+    assert pooled is None
+    assert np.abs(np.asarray(seq) - ref.last_hidden_state.numpy())[real].max() < TOL
 
 
 # ------------------------------------------------- a real pretrained checkpoint (offline)

@@ -3,6 +3,8 @@ library, and from a Hugging Face directory."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -10,18 +12,21 @@ pytest.importorskip("tokenizers", reason="needs the text extra (tokenizers)")
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from jaxmodels import bert  # noqa: E402
 from tests.test_train_app import load_config  # noqa: E402
 from train import logs  # noqa: E402
-from train.tasks import bert_finetune  # noqa: E402
+from train.tasks import bert_finetune, bert_pretraining  # noqa: E402
 from train.trainer import train_and_evaluate  # noqa: E402
 
 
-def _finetune(tmp_path, name, **overrides):
+def _finetune(tmp_path, name, model=None, **overrides):
     config = load_config("bert_finetune.py", "smoke")
     for k, v in overrides.items():
         setattr(config, k, v)
+    for k, v in (model or {}).items():
+        setattr(config.model, k, v)
     result = train_and_evaluate(config, str(tmp_path / name))
     assert np.isfinite(result["eval/loss"]) and 0 <= result["eval/accuracy"] <= 1
     return config, result
@@ -36,13 +41,42 @@ def test_from_scratch(tmp_path):
     "pre_scan,ft_scan", [(False, True), (True, False)], ids=["unrolled->scan", "scan->unrolled"]
 )
 def test_from_a_pretraining_workdir(tmp_path, pre_scan, ft_scan):
-    """The architecture comes from the pretraining run, how it runs (here the layer layout)
-    from the fine-tuning config: the checkpoint's layers are converted."""
+    """The architecture comes from the pretraining run, how it runs from the fine-tuning
+    config (None: the default, not what pretraining ran with), except the layer layout
+    (None: the pretraining run's; another is converted). A resumed run runs as it did."""
     pre = load_config("bert_pretrain.py", "smoke")
     pre.model.scan_layers = pre_scan
+    pre.model.remat_policy = "full"
     train_and_evaluate(pre, str(tmp_path / "pre"))
-    config, _ = _finetune(tmp_path, "ft", init_from=str(tmp_path / "pre"))
+    # As a run on a GPU records it: an implementation this machine has not.
+    pre_json = json.loads((tmp_path / "pre" / "config.json").read_text())
+    pre_json["model"]["implementation"] = "cudnn"
+    (tmp_path / "pre" / "config.json").write_text(json.dumps(pre_json))
+    # A new run takes none of how the pretraining ran but its layer layout.
+    config = load_config("bert_finetune.py", "smoke")
+    config.init_from = str(tmp_path / "pre")
+    (tmp_path / "ft1").mkdir()
+    model, _, _ = bert_finetune.model_and_tokenizer(config, str(tmp_path / "ft1"), 10, [])
+    c = model.config
+    assert (c.remat_policy, c.implementation, c.scan_layers) == (None, None, pre_scan)
+    assert c.to_hf_dict() == bert_pretraining.model_config(pre, c.vocab_size).to_hf_dict()
+    config, _ = _finetune(
+        tmp_path,
+        "ft",
+        model={"remat_policy": "dots", "implementation": "xla"},
+        init_from=str(tmp_path / "pre"),
+    )
     assert logs.read_metrics(str(tmp_path / "ft"))
+    # Resuming, the run keeps how it ran unless the config now says otherwise.
+    config.model.remat_policy = config.model.implementation = None
+    resumed, _, _ = bert_finetune.model_and_tokenizer(config, str(tmp_path / "ft"), 10, [])
+    c = resumed.config
+    assert (c.remat_policy, c.implementation, c.scan_layers) == ("dots", "xla", pre_scan)
+    assert c.param_dtype == jnp.float32
+    config.model.remat_policy = "full"
+    resumed, _, _ = bert_finetune.model_and_tokenizer(config, str(tmp_path / "ft"), 10, [])
+    assert resumed.config.remat_policy == "full"
+    config.model.remat_policy = None
     # The encoder it starts from is exactly the pretrained one.
     config.model.scan_layers = ft_scan
     (tmp_path / "ft2").mkdir()
@@ -82,6 +116,78 @@ def test_from_a_hugging_face_directory(tmp_path):
     transformers.BertForPreTraining(hf_config).save_pretrained(str(hf))
     (hf / "vocab.txt").write_text(vocab)
     _finetune(tmp_path, "ft", init_from=str(hf))
+
+
+def test_a_pretraining_vocab_file_is_kept_in_the_workdir(tmp_path):
+    """Fine-tuning from a pretraining workdir reads its vocab.txt, also when the run was
+    given config.vocab_file; a workdir keeps the vocabulary it started with."""
+    from jaxmodels.errors import ConfigError
+
+    special = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n"
+    (tmp_path / "mine.txt").write_text(special + "the\nof\n")
+    (tmp_path / "other.txt").write_text(special + "of\nthe\n")
+    config = load_config("bert_pretrain.py", "smoke")
+    config.vocab_file = str(tmp_path / "mine.txt")
+    workdir = tmp_path / "pre"
+    workdir.mkdir()
+    tokenizer = bert_pretraining.tokenizer_for(config, str(workdir), [])
+    assert (workdir / "vocab.txt").read_text() == (tmp_path / "mine.txt").read_text()
+    assert tokenizer.token_to_id("of") == 6
+    assert bert_pretraining.tokenizer_for(config, str(workdir), []).token_to_id("of") == 6
+    config.vocab_file = str(tmp_path / "other.txt")
+    with pytest.raises(ConfigError, match=r"vocab_file=\S*other.txt is not the vocabulary"):
+        bert_pretraining.tokenizer_for(config, str(workdir), [])
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(
+    "hf_class,extra",
+    [
+        ("BertForSequenceClassification", {"num_labels": 2}),
+        ("BertForMaskedLM", {}),
+        ("BertForPreTraining", {"tie_word_embeddings": False}),
+    ],
+    ids=["2-label-classifier", "masked-lm-no-pooler", "untied-decoder"],
+)
+def test_from_a_hugging_face_encoder_whatever_its_heads(tmp_path, hf_class, extra):
+    """Only the encoder of a Hugging Face directory is used: another classifier (of another
+    number of labels) or an untied decoder does not matter, a missing pooler starts new."""
+    transformers = pytest.importorskip("transformers", reason="needs the reference extra")
+    words = [f"w{i}" for i in range(40)]
+    vocab = "".join(f"{t}\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
+    hf = tmp_path / "hf"
+    hf_config = transformers.BertConfig(
+        vocab_size=45,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **extra,
+    )
+    getattr(transformers, hf_class)(hf_config).save_pretrained(str(hf))
+    (hf / "vocab.txt").write_text(vocab)
+    config = load_config("bert_finetune.py", "smoke")
+    config.init_from = str(hf)
+    (tmp_path / "ft").mkdir()
+    model, tokenizer, init_params = bert_finetune.model_and_tokenizer(
+        config, str(tmp_path / "ft"), 10, []
+    )
+    assert model.num_labels == 10 and tokenizer.get_vocab_size() == 45
+    variables = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32)))
+    fresh = jax.device_get(variables["params"])
+    if hf_class == "BertForMaskedLM":
+        with pytest.warns(UserWarning, match="has no pooler"):
+            started = init_params(fresh)
+        jax.tree.map(
+            np.testing.assert_array_equal, started["bert"]["pooler"], fresh["bert"]["pooler"]
+        )
+    else:
+        started = init_params(fresh)
+    _, encoder, _ = bert.from_pretrained(str(hf), bert.BertModel)
+    for name, tree in encoder["params"].items():
+        jax.tree.map(np.testing.assert_array_equal, started["bert"][name], tree)
+    assert started["classifier"]["kernel"].shape == (32, 10)
 
 
 def test_bad_init_from_is_a_clear_error(tmp_path):

@@ -11,9 +11,9 @@ vocabulary trained on the training texts (saved as `workdir/vocab.txt`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -76,22 +76,56 @@ def _lowercase(source: str) -> bool:
         return bool(json.load(f).get("do_lower_case", True))
 
 
+# The `BertConfig` fields of how the fine-tuning run runs, which its config decides (None:
+# the `BertConfig` default, except `scan_layers`: the source's layout). The source gives the
+# rest: the architecture, its dropout rates and initialiser range.
+_RUN_FIELDS = ("dtype", "param_dtype", "implementation", "remat_policy", "scan_layers")
+
+
+def _runtime(config: Any) -> dict[str, Any]:
+    """The run-time `BertConfig` fields that `config` sets (`bert.RUNTIME_FIELDS`; None in
+    `config.model` sets nothing), dtypes as numpy dtypes."""
+    runtime = {
+        k: v for k, v in dict(config.model).items() if k in bert.RUNTIME_FIELDS and v is not None
+    }
+    runtime["dtype"] = jnp.dtype(config.dtype)
+    if "param_dtype" in runtime:
+        runtime["param_dtype"] = jnp.dtype(runtime["param_dtype"])
+    return runtime
+
+
 def _keep_source(
     workdir: str, source: str, bert_config: bert.BertConfig, vocab_file: str, lowercase: bool
 ) -> None:
     """Copies what a resumed run needs of `source` into the workdir: the vocabulary, how text
-    is cased for it, and the architecture (its parameters are in the run's own checkpoints
-    by then)."""
+    is cased for it, the architecture (its parameters are in the run's own checkpoints by
+    then) and how the model ran (the layer layout of those checkpoints among it)."""
     with open(vocab_file, encoding="utf-8") as f:
         write_text_atomically(os.path.join(workdir, bert_pretraining.VOCAB_FILE), f.read())
-    # The layer layout too: the run's checkpoints hold its parameters in it.
+    runtime = {k: getattr(bert_config, k) for k in _RUN_FIELDS}
+    for k in ("dtype", "param_dtype"):
+        runtime[k] = jnp.dtype(runtime[k]).name
     record = {
         "init_from": source,
         "bert": bert_config.to_hf_dict(),
-        "scan_layers": bert_config.scan_layers,
+        "runtime": runtime,
         "lowercase": lowercase,
     }
     write_text_atomically(os.path.join(workdir, INIT_RECORD), json.dumps(record, indent=2))
+
+
+def _pretraining_architecture(source: str, vocab_size: int) -> tuple[dict[str, Any], bool]:
+    """(the architecture as a Hugging Face config dict, scan_layers) of a pretraining
+    workdir's model."""
+    with open(os.path.join(source, "config.json")) as f:
+        pretrain_config = ml_collections.ConfigDict(json.load(f))
+    if pretrain_config.get("task") != "bert_pretraining":
+        raise DataError(
+            f"init_from={source} is a workdir of task {pretrain_config.get('task')!r}, "
+            "not bert_pretraining (configs/bert_pretrain.py)"
+        )
+    pretrained = bert_pretraining.model_config(pretrain_config, vocab_size)
+    return pretrained.to_hf_dict(), pretrained.scan_layers
 
 
 def model_and_tokenizer(
@@ -99,24 +133,28 @@ def model_and_tokenizer(
 ) -> tuple[Any, Any, Any]:
     """(model, tokenizer, init_params or None) for fine-tuning.
 
+    From `init_from`, the model takes the architecture (with its dropout rates and
+    initialiser range); how it runs (dtype, param_dtype, implementation, remat_policy) comes
+    from this config, None there meaning the `BertConfig` default, never what the source
+    ran with; scan_layers None keeps the source's layer layout. An encoder without the
+    pooler (e.g. a Hugging Face `BertForMaskedLM`) gets a new one, as the classifier does.
+
     A run that resumes from its own checkpoints reads its vocabulary and architecture from
-    the workdir (copied there at its start), not from `init_from`, which may be gone.
+    the workdir (copied there at its start), not from `init_from`, which may be gone, and
+    runs as it did, except where this config now sets a field.
     """
-    dtype = jnp.dtype(config.dtype)
     source = config.init_from
-    # The architecture comes from the source; how it runs (remat, scan_layers, dropout)
-    # from this config.
-    runtime = {
-        k: v for k, v in dict(config.model).items() if k in bert.RUNTIME_FIELDS and v is not None
-    }
-    runtime["dtype"] = dtype
+    runtime = _runtime(config)
     record = os.path.join(workdir, INIT_RECORD)
     resuming = checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints"))
     if resuming and os.path.exists(record):  # whatever init_from says now
         with open(record, encoding="utf-8") as f:
             kept = json.load(f)
-        runtime.setdefault("scan_layers", kept.get("scan_layers", False))
-        bert_config = bert.BertConfig.from_hf_dict(kept["bert"], **runtime)
+        ran = dict(kept.get("runtime", {"scan_layers": kept.get("scan_layers", False)}))
+        for k in ("dtype", "param_dtype"):
+            if k in ran:
+                ran[k] = jnp.dtype(ran[k])
+        bert_config = bert.BertConfig.from_hf_dict(kept["bert"], **{**ran, **runtime})
         tokenizer = mlm.wordpiece(
             os.path.join(workdir, bert_pretraining.VOCAB_FILE),
             lowercase=kept.get("lowercase", True),
@@ -131,36 +169,33 @@ def model_and_tokenizer(
     lowercase = _lowercase(source)
     tokenizer = mlm.wordpiece(vocab_file, lowercase=lowercase)
     if _is_hf_directory(source):
-        model, variables, _ = bert.from_pretrained(
-            source,
-            bert.BertForSequenceClassification,
-            num_labels=num_classes,
-            init_missing=True,
-            **runtime,
-        )
-        encoder = variables["params"]["bert"]
-        bert_config = model.config
+        # The encoder only: whatever heads the checkpoint has (another classifier, with
+        # another number of labels; the pretraining heads) are not used.
+        encoder_model, variables, _ = bert.from_pretrained(source, bert.BertModel, **runtime)
+        encoder = variables["params"]
+        bert_config = encoder_model.config
     else:
         pretrained = _pretrained_bert_params(source)
-        with open(os.path.join(source, "config.json")) as f:
-            pretrain_config = ml_collections.ConfigDict(json.load(f))
-        if pretrain_config.get("task") != "bert_pretraining":
-            raise DataError(
-                f"init_from={source} is a workdir of task {pretrain_config.get('task')!r}, "
-                "not bert_pretraining (configs/bert_pretrain.py)"
-            )
-        bert_config = bert_pretraining.model_config(pretrain_config, tokenizer.get_vocab_size())
-        bert_config = dataclasses.replace(bert_config, **runtime)
-        model = bert.BertForSequenceClassification(bert_config, num_labels=num_classes)
+        hf, scan_layers = _pretraining_architecture(source, tokenizer.get_vocab_size())
+        runtime.setdefault("scan_layers", scan_layers)
+        bert_config = bert.BertConfig.from_hf_dict(hf, **runtime)
         encoder = bert.layer_layout(pretrained, bert_config.scan_layers)
+    model = bert.BertForSequenceClassification(bert_config, num_labels=num_classes)
     _keep_source(workdir, source, bert_config, vocab_file, lowercase)
 
     def init_params(params: Any) -> Any:
-        ours = jax.tree.map(np.shape, params["bert"])
+        fresh = params["bert"]
+        if "pooler" not in encoder:
+            warnings.warn(
+                f"init_from={source} has no pooler (pooler.dense.*): it starts from a random "
+                "initialisation, as the classifier does",
+                stacklevel=2,
+            )
+        ours = jax.tree.map(np.shape, {k: fresh[k] for k in encoder if k in fresh})
         theirs = jax.tree.map(np.shape, encoder)
         if ours != theirs:
             raise DataError(f"init_from={source}: its encoder does not fit this model's")
-        return {**params, "bert": encoder}
+        return {**params, "bert": {**fresh, **encoder}}
 
     return model, tokenizer, init_params
 

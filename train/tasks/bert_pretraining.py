@@ -2,9 +2,9 @@
 
 Corpus: the embedded `stdlib_docs` (real English prose shipped with Python) or any TFDS
 text dataset by name (e.g. `wikipedia/20230601.en`, whose `text` is one article per
-record), read lazily. WordPiece vocabulary: `config.vocab_file` if given, else trained on
-the training corpus at the first start and saved as `workdir/vocab.txt` (a resumed run
-loads it, so ids never change under a checkpoint).
+record), read lazily. WordPiece vocabulary: `config.vocab_file` if given (copied to
+`workdir/vocab.txt`), else trained on the training corpus at the first start and saved as
+`workdir/vocab.txt` (a resumed run loads it, so ids never change under a checkpoint).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxmodels import bert, losses
+from jaxmodels.errors import ConfigError
 from train.data import mlm, text
 from train.tasks import Task, make_iterators, write_text_atomically
 
@@ -45,10 +46,27 @@ def corpus(config: Any, split: str) -> Any:
 
 
 def tokenizer_for(config: Any, workdir: str, train_texts: Any) -> Any:
-    """The WordPiece tokenizer: the configured vocab file, the workdir's, or a new one."""
+    """The WordPiece tokenizer: the configured vocab file, the workdir's, or a new one.
+
+    A configured file is copied to `workdir/vocab.txt`, which a fine-tuning run starting
+    from the workdir reads; one that differs from the vocabulary the workdir already holds
+    (its checkpoints' token ids) is a `ConfigError`."""
     saved = os.path.join(workdir, VOCAB_FILE)
     if config.vocab_file:
-        return mlm.wordpiece(config.vocab_file)
+        tokenizer = mlm.wordpiece(config.vocab_file)  # checks the file
+        with open(config.vocab_file, encoding="utf-8") as f:
+            vocab = f.read()
+        if os.path.exists(saved):
+            with open(saved, encoding="utf-8") as f:
+                if f.read() != vocab:
+                    raise ConfigError(
+                        f"config key vocab_file={config.vocab_file} is not the vocabulary "
+                        f"{saved} this workdir was started with; use that file, or another "
+                        "workdir"
+                    )
+        else:
+            write_text_atomically(saved, vocab)
+        return tokenizer
     if os.path.exists(saved):
         return mlm.wordpiece(saved)
     n = min(len(train_texts), _VOCAB_TRAIN_DOCS)
