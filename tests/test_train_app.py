@@ -539,13 +539,13 @@ print("returned")
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_a_workdir_of_another_run_is_named_as_such(tmp_path):
+def test_a_workdir_of_another_task_is_named_as_such(tmp_path):
     """Was: "past total_steps=10; raise total_steps to continue", and after that a
     checkpoint structure mismatch."""
     config = load_config("cnn_digits.py", "smoke")
     config.total_steps = config.checkpoint_every = 2
     train_and_evaluate(config, str(tmp_path))
-    with pytest.raises(ConfigError, match=r"holds the checkpoints of another run \(task "):
+    with pytest.raises(ConfigError, match=r"checkpoints of a run of another task \('image_"):
         train_and_evaluate(load_config("lstm_text.py", "smoke"), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 

@@ -307,22 +307,21 @@ class _Preemption:
         return bool(np.any(flags))
 
 
-def _check_same_run(config: ml_collections.ConfigDict, workdir: str, ckpt: Any) -> None:
-    """A ConfigError where the workdir's checkpoints come from a run of another task or
-    model (its `config.json` says): resuming them could only fail, less clearly."""
+def _check_same_task(config: ml_collections.ConfigDict, workdir: str, ckpt: Any) -> None:
+    """A ConfigError where the workdir's checkpoints come from a run of another task (its
+    `config.json` says): resuming them could only fail, less clearly. (Another model of the
+    same task gets the checkpoint's own comparison, which names the parameters that differ.)
+    """
     try:
         with open(os.path.join(workdir, "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
+            theirs = json.load(f).get("task")
+    except (OSError, ValueError, AttributeError):
         return
-    ours = {"task": config.task, "model": dict(config.model).get("name")}
-    theirs = {"task": saved.get("task"), "model": (saved.get("model") or {}).get("name")}
-    if ours != theirs:
+    if theirs != config.task:
         ckpt.close()
         raise ConfigError(
-            f"--workdir {workdir} holds the checkpoints of another run (task {theirs['task']!r},"
-            f" model {theirs['model']!r}; this config: task {ours['task']!r}, model "
-            f"{ours['model']!r}); use another --workdir"
+            f"--workdir {workdir} holds the checkpoints of a run of another task ({theirs!r}; "
+            f"this config's: {config.task!r}); use another --workdir"
         )
 
 
@@ -387,7 +386,7 @@ def _train(
     start, eval_pending = 0, False
     latest = ckpt.latest_step()
     if latest is not None:
-        _check_same_run(config, workdir, ckpt)
+        _check_same_task(config, workdir, ckpt)
     if latest is not None and latest > config.total_steps:
         ckpt.close()
         raise ConfigError(
