@@ -333,6 +333,9 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
         ("seed", -1, "seed must be >= 0"),
         ("max_length", 0, "max_length must be > 0"),
         ("vocab_size", 1, "vocab_size must be >= 2"),
+        # Was named "warmup_steps=..." with both numbers divided by accumulate_steps.
+        ("optimizer.warmup_steps", 10**6, r"optimizer.warmup_steps=1000000 must be between 0"),
+        ("optimizer.warmup_steps", -1, r"optimizer.warmup_steps=-1 must be between 0 and"),
     ],
 )
 def test_values_that_cannot_run_are_named(key, value, message):

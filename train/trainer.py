@@ -82,6 +82,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config key optimizer.accumulate_steps must be >= 1, got "
             f"{config.optimizer.accumulate_steps}"
         )
+    if not 0 <= int(config.optimizer.warmup_steps) <= int(config.total_steps):
+        raise ConfigError(
+            f"config key optimizer.warmup_steps={config.optimizer.warmup_steps} must be between "
+            f"0 and total_steps={config.total_steps} (both count training steps)"
+        )
     if config.step_rng not in training.STEP_RNG_IMPLS:
         raise ConfigError(
             f"config key step_rng: {config.step_rng!r} is not one of {training.STEP_RNG_IMPLS}"
