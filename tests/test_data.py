@@ -185,6 +185,37 @@ def test_train_iterator_is_deterministic_for_a_seed():
     assert len(np.unique(noise)) == len(noise)
 
 
+def test_train_iterator_prepares_prefetch_batches_ahead():
+    # `prefetch` counts batches: the pipeline must not prepare prefetch x batch-size batches
+    # (an ImageNet run would hold hundreds of GiB of images in host memory).
+    prepared = []
+
+    def counting(record, rng):  # noqa: ARG001
+        prepared.append(1)
+        return record
+
+    it = _train(_records(200), preprocess=counting, global_batch_size=16, prefetch=2)
+    next(it)
+    time.sleep(1.0)  # let the threads fill their buffer
+    assert 16 <= len(prepared) <= (2 + 1) * 16 + 2, len(prepared)
+
+
+def test_train_iterator_state_counts_global_batches():
+    # The saved position is in global batches, so a run may resume on other process counts.
+    source = _records(40)
+    one = _train(source, preprocess=_noisy)
+    _take(one, 3)
+    state = one.get_state()
+    assert state["next_index"] == 3
+    following = next(one)
+    for index in range(2):
+        part = _train(source, preprocess=_noisy, process_index=index, process_count=2)
+        part.set_state(state)
+        got = next(part)
+        for key in got:
+            np.testing.assert_array_equal(got[key], following[key][index * 4 : (index + 1) * 4])
+
+
 def test_train_iterator_state_resumes_exactly():
     source = _records(24)
     it = _train(source, preprocess=_noisy)

@@ -52,7 +52,7 @@ def train_iterator(
     process_count: int = 1,
     num_threads: int = 4,
     prefetch: int = 4,
-) -> grain.DatasetIterator:
+) -> _Steps:
     """This process's part of an endless shuffled stream of global batches.
 
     Args:
@@ -65,7 +65,8 @@ def train_iterator(
       prefetch: batches prepared ahead of the train step.
 
     Returns:
-      A Grain iterator of dicts of `[global_batch_size // process_count, ...]` arrays.
+      An iterator of dicts of `[global_batch_size // process_count, ...]` arrays, with
+      `get_state` and `set_state` (the position in global batches).
     """
     local = _local_batch(global_batch_size, process_count)
     stream = (
@@ -74,9 +75,7 @@ def train_iterator(
     mine = grain.MapDataset.range(0, _ENDLESS).map(
         lambda j: stream[_slice_index(j, local, global_batch_size, process_index)]
     )
-    batched = mine.batch(local, drop_remainder=True)
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * local)
-    return iter(batched.to_iter_dataset(options))
+    return _Steps(_prefetched(mine, local, num_threads, prefetch), local)
 
 
 def eval_batches(
@@ -106,9 +105,43 @@ def eval_batches(
             return padding
         return {**preprocess(source[g], rng), "weight": np.float32(1.0)}
 
-    ds = grain.MapDataset.range(0, steps * local).map(example).batch(local)
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * local)
-    return iter(ds.to_iter_dataset(options))
+    return iter(
+        _prefetched(grain.MapDataset.range(0, steps * local).map(example), local, num_threads, 2)
+    )
+
+
+def _prefetched(
+    examples: grain.MapDataset, local: int, num_threads: int, prefetch: int
+) -> grain.DatasetIterator:
+    """Batches of `local` examples, `num_threads` threads preparing examples (not whole
+    batches) at most `prefetch` batches ahead of the one being read."""
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * local)
+    return iter(examples.to_iter_dataset(options).batch(local, drop_remainder=True))
+
+
+class _Steps:
+    """The train batches, whose state (`get_state`, `set_state`) counts global batches taken,
+    not this process's examples: it stays valid for any number of processes."""
+
+    def __init__(self, batches: grain.DatasetIterator, local: int):
+        self._batches = batches
+        self._local = local
+
+    def __iter__(self) -> _Steps:
+        return self
+
+    def __next__(self) -> Example:
+        return next(self._batches)
+
+    def get_state(self) -> dict[str, Any]:
+        state = dict(self._batches.get_state())
+        state["next_index"] //= self._local
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["next_index"] *= self._local
+        self._batches.set_state(state)
 
 
 class SyntheticImages:
