@@ -193,6 +193,14 @@ def test_wmt_variant_fails_offline_naming_tfds_build(tmp_path):
         train_and_evaluate(config, str(tmp_path / "work"))
 
 
+def test_translation_languages_of_tfds_names():
+    assert sequences.translation_languages("wmt14_translate/de-en") == ("de", "en")
+    assert sequences.translation_languages("wmt14_translate/de-en:1.0.0") == ("de", "en")
+    assert sequences.translation_languages("ted_hrlr_translate/pt_to_en") == ("pt", "en")
+    with pytest.raises(ConfigError, match="cannot tell the languages"):
+        sequences.translation_languages("wmt14_translate")
+
+
 def _uncached_greedy_decode(model, params, batch, steps):
     """The greedy decoding `seq2seq.greedy_decode` had before the KV cache: the whole decoder
     over the target buffer at every step."""

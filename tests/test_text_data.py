@@ -206,6 +206,19 @@ def test_missing_tfds_dataset_is_a_data_error_with_the_build_command(tmp_path):
     assert not any(name.endswith(".array_record") for _, _, f in os.walk(data_dir) for name in f)
 
 
+def test_dataset_prepared_at_another_version_names_that_version(tmp_path):
+    # Prepared by another TFDS, whose default version differs from this one's.
+    from train.data import tfds_local
+
+    prepared = tmp_path / "mnist" / "1.0.0"
+    prepared.mkdir(parents=True)
+    (prepared / "dataset_info.json").write_text("{}")
+    with pytest.raises(
+        DataError, match=r"not prepared .* but at 1\.0\.0 .* dataset='mnist:1\.0\.0'"
+    ):
+        tfds_local.prepared_builder("mnist", str(tmp_path))
+
+
 def test_text_keys():
     assert text.text_key_for("stdlib_docs") == "text"
     assert text.text_key_for("imdb_reviews") == "text"

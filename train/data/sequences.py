@@ -142,7 +142,7 @@ def decode_bytes(ids: Any) -> str:
 
 def translation_languages(name: str) -> tuple[str, str]:
     """(source, target) language codes from a TFDS name like `wmt14_translate/de-en`."""
-    config = name.split("/", 1)[1] if "/" in name else ""
+    config = name.split("/", 1)[1].split(":", 1)[0] if "/" in name else ""
     m = re.fullmatch(r"([a-z]+)(?:-|_to_)([a-z]+)", config)
     if not m:
         raise ConfigError(

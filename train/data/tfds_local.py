@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from typing import Any
 
 from jaxmodels.errors import DataError
@@ -60,11 +61,35 @@ def prepared_builder(name: str, data_dir: str, hint: str = "") -> Any:
             + _how_to_prepare(name, data_dir, hint)
         ) from e
     if not builder.is_prepared():
+        others = _prepared_versions(builder, name)
+        if others:
+            base = name.split(":", 1)[0]
+            raise DataError(
+                f"dataset {name!r} is not prepared in {data_dir} at version "
+                f"{builder.version}, but at {', '.join(others)} (prepared by another TFDS); "
+                f"name the version, e.g. dataset='{base}:{others[-1]}' (config key dataset)"
+            )
         raise DataError(
             f"dataset {name!r} is not prepared in {data_dir}, and training never downloads. "
             + _how_to_prepare(name, data_dir, hint).removeprefix("Training never downloads. ")
         )
     return builder
+
+
+def _prepared_versions(builder: Any, name: str) -> list[str]:
+    """The versions of `name` prepared beside the builder's own (oldest first)."""
+    parent = os.path.dirname(os.path.normpath(str(builder.data_dir)))
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    found = [
+        v
+        for v in entries
+        if re.fullmatch(r"\d+\.\d+\.\d+", v)
+        and os.path.exists(os.path.join(parent, v, "dataset_info.json"))
+    ]
+    return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
 def split_source(builder: Any, name: str, split: str, data_dir: str) -> Any:
