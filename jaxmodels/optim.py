@@ -61,8 +61,16 @@ def make_schedule(
 
 
 def _decay_mask(params: Any) -> Any:
-    """Weight decay applies to matrices and kernels, not to biases and norm scales."""
-    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+    """Weight decay applies to matrices and kernels, not to biases and norm scales: not to
+    1-D parameters, nor to any named `*bias` or `*scale` (an attention projection's bias is
+    [heads, head_dim]; scanned layers stack every bias and scale on a layer axis)."""
+
+    def decayed(path: Any, p: Any) -> bool:
+        last = path[-1] if path else None
+        name = str(getattr(last, "key", getattr(last, "name", "")))
+        return jnp.ndim(p) > 1 and not name.endswith(("bias", "scale"))
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(
@@ -91,7 +99,8 @@ def make_optimizer(
       total_steps: number of optimizer updates (for the decay schedule).
       warmup_steps, schedule, end_factor: see `make_schedule`.
       weight_decay: decoupled weight decay (adamw, lamb, lars) or L2 added to the gradient
-        (sgd, rmsprop, adam); never applied to 1-D parameters (biases, norm scales).
+        (sgd, rmsprop, adam); never applied to biases and norm scales (1-D parameters, and
+        any named `*bias` or `*scale`).
       momentum, nesterov: for sgd, rmsprop and lars.
       b1, b2, eps: for adam, adamw and lamb.
       grad_clip_norm: clip the gradient to this global norm first (None or 0: off).

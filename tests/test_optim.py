@@ -249,6 +249,33 @@ def test_weight_decay_shrinks_kernels_but_not_biases(name):
     assert np.all(np.asarray(p["kernel"]) > 0.0)
 
 
+@pytest.mark.parametrize("name", ["adamw", "lamb", "sgd"])
+def test_weight_decay_spares_biases_and_scales_of_any_rank(name):
+    # An attention projection's bias is [heads, head_dim]; scanned layers stack every bias
+    # and norm scale on a leading layer axis.
+    params = {
+        "query": {"kernel": jnp.full((4, 2, 2), 2.0), "bias": jnp.full((2, 2), 2.0)},
+        "layers": {
+            "norm": {"scale": jnp.full((3, 4), 2.0), "bias": jnp.full((3, 4), 2.0)},
+            "lstm": {
+                "backward_bias": jnp.full((3, 8), 2.0),
+                "input_kernel": jnp.full((3, 4, 8), 2.0),
+            },
+        },
+    }
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = optim.make_optimizer(name, 0.01, total_steps=10, weight_decay=0.1)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    decayed = jax.tree.map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
+    assert decayed == {
+        "query": {"kernel": True, "bias": False},
+        "layers": {
+            "norm": {"scale": False, "bias": False},
+            "lstm": {"backward_bias": False, "input_kernel": True},
+        },
+    }
+
+
 def test_no_weight_decay_leaves_params_unchanged_with_zero_gradient():
     params = {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}
     zeros = jax.tree.map(jnp.zeros_like, params)
