@@ -105,7 +105,9 @@ def make_optimizer(
       b1, b2, eps: for adam, adamw and lamb.
       grad_clip_norm: clip the gradient to this global norm first (None or 0: off).
       accumulate_steps: accumulate gradients over this many micro-steps before an update
-        (`optax.MultiSteps`); the effective batch is `accumulate_steps` times larger.
+        (`optax.MultiSteps`); the effective batch is `accumulate_steps` times larger. The
+        update takes the mean of the micro-steps' gradients, so a loss averaged over a
+        varying count (tokens) weighs each micro-batch equally, not each token.
       mu_dtype: storage dtype of first moments (e.g. bfloat16 to save memory): adam, adamw
         and sgd (its momentum).
     """

@@ -336,6 +336,13 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
         # Was named "warmup_steps=..." with both numbers divided by accumulate_steps.
         ("optimizer.warmup_steps", 10**6, r"optimizer.warmup_steps=1000000 must be between 0"),
         ("optimizer.warmup_steps", -1, r"optimizer.warmup_steps=-1 must be between 0 and"),
+        # Were accumulated and never applied.
+        (
+            "optimizer.accumulate_steps",
+            4,
+            r"total_steps=1350 is not a multiple of optimizer.accumulate_steps=4: the last 2 "
+            r"batches would be accumulated and never applied; use total_steps=1348",
+        ),
     ],
 )
 def test_values_that_cannot_run_are_named(key, value, message):

@@ -82,6 +82,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config key optimizer.accumulate_steps must be >= 1, got "
             f"{config.optimizer.accumulate_steps}"
         )
+    k = int(config.optimizer.accumulate_steps)
+    if int(config.total_steps) % k:
+        raise ConfigError(
+            f"config key total_steps={config.total_steps} is not a multiple of "
+            f"optimizer.accumulate_steps={k}: the last {int(config.total_steps) % k} batches "
+            f"would be accumulated and never applied; use total_steps="
+            f"{int(config.total_steps) // k * k or k}"
+        )
     if not 0 <= int(config.optimizer.warmup_steps) <= int(config.total_steps):
         raise ConfigError(
             f"config key optimizer.warmup_steps={config.optimizer.warmup_steps} must be between "
@@ -318,9 +326,8 @@ def _check_same_task(config: ml_collections.ConfigDict, workdir: str, ckpt: Any)
     same task gets the checkpoint's own comparison, which names the parameters that differ.)
     """
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            theirs = json.load(f).get("task")
-    except (OSError, ValueError, AttributeError):
+        theirs = tasks.run_config(workdir).get("task")
+    except ConfigError:
         return
     if theirs != config.task:
         ckpt.close()
@@ -408,8 +415,9 @@ def _train(
         params = task.init_params(jax.device_get(state.params))
         state = state.replace(params=jax.device_put(params, shardings.params))
     if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        tasks.write_text_atomically(
+            os.path.join(workdir, tasks.CONFIG_FILE), config.to_json_best_effort(indent=2)
+        )
         print(
             f"{'resuming at step ' + str(start) if start else 'starting'}: "
             f"{type(task.model).__name__} ({n_params:,} params), "
