@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -59,6 +60,27 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         raise ConfigError(f"unknown task {config.task!r} (config key task); choose one of {TASKS}")
     module = importlib.import_module(f"train.tasks.{config.task}")
     return module.build(config, process_index, process_count, workdir)
+
+
+CONFIG_FILE = "config.json"
+
+
+def run_config(workdir: str) -> Any:
+    """The config a run in `workdir` was started with (the `config.json` the trainer
+    writes there); a `ConfigError` where there is none to read."""
+    import ml_collections
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} ({e}): is {workdir} a run's workdir?") from e
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"{path} does not hold a config (a JSON object): is {workdir} a run's workdir?"
+        )
+    return ml_collections.ConfigDict(values)
 
 
 def write_atomically(path: str, write: Callable[[str], None]) -> None:

@@ -18,13 +18,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from jaxmodels import bert, checkpoint
 from jaxmodels.errors import DataError
 from train.data import mlm, text
-from train.tasks import bert_pretraining, write_text_atomically
+from train.tasks import bert_pretraining, run_config, write_text_atomically
 
 INIT_RECORD = "init_from.json"  # the architecture fine-tuning started from, for resuming
 
@@ -117,8 +116,7 @@ def _keep_source(
 def _pretraining_architecture(source: str, vocab_size: int) -> tuple[dict[str, Any], bool]:
     """(the architecture as a Hugging Face config dict, scan_layers) of a pretraining
     workdir's model."""
-    with open(os.path.join(source, "config.json")) as f:
-        pretrain_config = ml_collections.ConfigDict(json.load(f))
+    pretrain_config = run_config(source)
     if pretrain_config.get("task") != "bert_pretraining":
         raise DataError(
             f"init_from={source} is a workdir of task {pretrain_config.get('task')!r}, "

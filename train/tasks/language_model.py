@@ -16,7 +16,6 @@ from the config keys `sample_temperature`, `sample_top_k`).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 
 from jaxmodels import checkpoint, losses, transformer
 from train.data import sequences, text
-from train.tasks import Task, make_iterators, make_module
+from train.tasks import Task, make_iterators, make_module, run_config
 
 
 def corpus(config: Any, split: str) -> np.ndarray:
@@ -121,20 +120,6 @@ def prompt_tokens(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.ndar
     return tokens, lengths
 
 
-def run_config(workdir: str) -> Any:
-    """The config a run in `workdir` was started with (its `config.json`)."""
-    import ml_collections
-
-    from jaxmodels.errors import ConfigError
-
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path} ({e}): is {workdir} a run's workdir?") from e
-
-
 def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 0) -> list[str]:
     """Continues each prompt with the model of the latest checkpoint in `workdir`.
 
@@ -192,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             config.sample_temperature = args.temperature
         if args.top_k is not None:
             config.sample_top_k = args.top_k
-        outs = sample(config, args.workdir, args.prompts or [""], args.tokens)
+        outs = sample(config, args.workdir, args.prompts, args.tokens)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for prompt, out in zip(args.prompts or [""], outs, strict=True):
+    for prompt, out in zip(args.prompts, outs, strict=True):
         print(repr(prompt + out))
     return 0
 
