@@ -145,6 +145,7 @@ _HF_KEYS = {
     "layer_norm_eps": "layer_norm_eps",
     "hidden_act": "hidden_act",
     "initializer_range": "initializer_range",
+    "classifier_dropout": "classifier_dropout",
 }
 # Fields that define the function and the parameter shapes (not run-time choices).
 # BertConfig fields that change how the model runs, not its parameters: a checkpoint can be
@@ -157,7 +158,9 @@ RUNTIME_FIELDS = (
     "scan_layers",
     "hidden_dropout",
     "attention_dropout",
+    "classifier_dropout",
 )
+_DROPOUT_FIELDS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
 
 _SIZE_FIELDS = (
     "vocab_size",
@@ -183,9 +186,10 @@ class BertConfig:
       intermediate_size: width of the feed-forward layer (4H in every published size).
       max_position_embeddings: rows of the learned position table: the longest sequence.
       type_vocab_size: token types (segments A / B).
-      hidden_dropout: dropout on embeddings, attention and feed-forward outputs, pooler
-        output of the classifier.
+      hidden_dropout: dropout on embeddings, attention and feed-forward outputs.
       attention_dropout: dropout on the attention probabilities.
+      classifier_dropout: dropout on the pooled output `BertForSequenceClassification`
+        classifies; None: hidden_dropout (as Hugging Face's `classifier_dropout`).
       layer_norm_eps: LayerNorm epsilon.
       hidden_act: feed-forward and MLM-transform activation, one of `ACTIVATIONS`
         ("gelu" is the exact erf form, Hugging Face's "gelu").
@@ -216,6 +220,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     initializer_range: float = 0.02
+    classifier_dropout: float | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
@@ -231,6 +236,10 @@ class BertConfig:
                 f"hidden_size {self.hidden_size} is not divisible by num_heads "
                 f"{self.num_heads}; choose num_heads dividing hidden_size"
             )
+        for name in _DROPOUT_FIELDS:
+            rate = getattr(self, name)
+            if rate is not None and not 0 <= rate < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {rate}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}"
@@ -864,7 +873,9 @@ class BertForSequenceClassification(nn.Module):
         _, pooled = BertModel(self.config, name="bert")(
             input_ids, attention_mask, token_type_ids, train, lengths=lengths
         )
-        pooled = Dropout(self.config.hidden_dropout)(pooled, deterministic=not train)
+        c = self.config
+        rate = c.hidden_dropout if c.classifier_dropout is None else c.classifier_dropout
+        pooled = Dropout(rate)(pooled, deterministic=not train)
         logits = _dense(self.config, self.num_labels, ("embed", "classes"), "classifier")(pooled)
         return logits.astype(jnp.float32)
 

@@ -124,6 +124,30 @@ def test_hf_dict_round_trip():
         bert.BertConfig.from_hf_dict({**hf, "position_embedding_type": "relative_key"})
     with pytest.raises(ConfigError, match="roberta"):
         bert.BertConfig.from_hf_dict({**hf, "model_type": "roberta"})
+    assert hf["classifier_dropout"] is None
+    assert bert.BertConfig.from_hf_dict({**hf, "classifier_dropout": 0.3}).classifier_dropout == 0.3
+    with pytest.raises(ConfigError, match=r"classifier_dropout must be in \[0, 1\), got 1.5"):
+        bert.BertConfig.from_hf_dict({**hf, "classifier_dropout": 1.5})
+
+
+def test_classifier_dropout_is_its_own_rate():
+    # Hugging Face's classifier_dropout: the rate on the pooled output (None: hidden_dropout).
+    ids = jnp.arange(2 * 8).reshape(2, 8) % 100
+    rngs = {"dropout": jax.random.PRNGKey(1)}
+
+    def logits(hidden, classifier, train):
+        c = dataclasses.replace(
+            SMALL, hidden_dropout=hidden, attention_dropout=0.0, classifier_dropout=classifier
+        )
+        model = bert.BertForSequenceClassification(c, num_labels=3)
+        variables = model.init(jax.random.PRNGKey(0), ids)
+        return model.apply(variables, ids, train=train, rngs=rngs)
+
+    evaluated = logits(0.0, None, False)
+    np.testing.assert_allclose(logits(0.0, None, True), evaluated, atol=1e-6)
+    assert not np.allclose(logits(0.0, 0.5, True), evaluated, atol=1e-3)
+    # With hidden_dropout on, the classifier's own rate still decides its input's dropout.
+    assert not np.allclose(logits(0.5, 0.0, True), logits(0.5, None, True), atol=1e-3)
 
 
 @pytest.mark.reference
