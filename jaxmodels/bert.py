@@ -771,7 +771,11 @@ class BertMLMHead(nn.Module):
         """x: <dtype>[batch, P, embed]. Returns <float32>[batch, P, vocab]."""
         c = self.config
         x = _dense(c, c.hidden_size, ("embed", "mlp"), "dense", ACTIVATIONS[c.hidden_act])(x)
-        x = _layer_norm(c, "norm")(x)
+        # Pinned to the residual stream's layout before the tied decoder: left to XLA's
+        # partitioner on a data x fsdp x tensor mesh (fsdp_tp rules), the two matmuls came
+        # back with rows of different batch shards swapped, so every gradient below the head
+        # was wrong while the summed loss was right.
+        x = _constrain(_layer_norm(c, "norm")(x))
         bias = self.param(
             "bias",
             nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),

@@ -227,6 +227,68 @@ def test_sharded_forward_equals_single_device():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_sharded_pretraining_gradients_equal_single_device():
+    """Were wrong below the MLM head on a (2, 2, 2) mesh under fsdp_tp (rows of different
+    batch shards swapped between the head's two matmuls), the summed loss right."""
+    from jaxmodels import optim, sharding, training
+
+    c = bert.BertConfig.preset(
+        "tiny",
+        vocab_size=1000,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=64,
+        num_layers=1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    model = bert.BertForPreTraining(c)
+    b, length, p = 8, 16, 4
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(0, 1000, (b, length)).astype(np.int32),
+        "token_type_ids": rng.integers(0, 2, (b, length)).astype(np.int32),
+        "masked_positions": rng.integers(0, length, (b, p)).astype(np.int32),
+        "masked_ids": rng.integers(0, 1000, (b, p)).astype(np.int32),
+        "nsp_label": rng.integers(0, 2, (b,)).astype(np.int32),
+    }
+    example = [jnp.zeros((1, length), jnp.int32), None, jnp.zeros((1, length), jnp.int32)]
+    example.append(jnp.zeros((1, p), jnp.int32))
+
+    def loss(params, x):
+        mlm, nsp = model.apply(
+            {"params": params}, x["input_ids"], None, x["token_type_ids"], x["masked_positions"]
+        )
+        weights = jnp.ones(x["masked_ids"].shape)
+        return bert.pretraining_loss(mlm, x["masked_ids"], weights, nsp, x["nsp_label"])[0]
+
+    def gradients(mesh, rules):
+        tx = optim.make_optimizer("sgd", 0.1, total_steps=10)
+        state, shardings = training.create_train_state(
+            model, tx, example, jax.random.PRNGKey(0), mesh, rules
+        )
+        step = jax.jit(
+            jax.value_and_grad(loss),
+            in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
+            out_shardings=(None, shardings.params),
+        )
+        with training.mesh_context(mesh, rules):
+            return jax.device_get(step(state.params, batch))
+
+    one = gradients(
+        sharding.make_mesh(data=1, devices=jax.devices()[:1]), sharding.logical_rules("data")
+    )
+    eight = gradients(
+        sharding.make_mesh(data=2, fsdp=2, tensor=2), sharding.logical_rules("fsdp_tp")
+    )
+    np.testing.assert_allclose(eight[0], one[0], rtol=1e-6)
+    expected = jax.tree_util.tree_leaves_with_path(one[1])
+    for (path, a), g in zip(expected, jax.tree.leaves(eight[1]), strict=True):
+        np.testing.assert_allclose(
+            g, a, atol=1e-5 * float(np.abs(a).max()) + 1e-7, err_msg=jax.tree_util.keystr(path)
+        )
+
+
 def test_sharded_scan_layers_forward_equals_single_device():
     """scan_layers under the fsdp_tp rules: the stacked `layers` axis stays whole, the
     per-layer axes are sharded as unrolled; same outputs as the unrolled model."""
