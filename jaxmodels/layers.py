@@ -637,5 +637,10 @@ class Embed(nn.Embed):
             for v in range(self.num_embeddings):
                 rows = jnp.where(ids == v, table[v], rows)
         else:
+            # The whole table (all-gathered where sharded, as FSDP does every kernel) before
+            # the lookup: with the table split on embed over `fsdp`, XLA looked up the split
+            # rows and then all-gathered the [batch, length, embed] activations and the
+            # global batch's gradient of them instead.
+            table = nn.with_logical_constraint(table, (None, None))
             rows = jnp.take(table, inputs, axis=0)
         return rows.astype(dtype)

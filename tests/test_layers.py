@@ -79,6 +79,52 @@ def test_lookups_under_jit_keep_logical_names_and_reject_floats():
         embed.apply(variables, jnp.ones((1, 2)))
 
 
+def test_sharded_lookup_gathers_the_table_not_the_activations():
+    # Was: with the table split on embed over fsdp, the rows were looked up split, then the
+    # [batch, length, embed] activations, and in the backward pass the global batch's
+    # gradient of them, all-gathered onto every device.
+    import re
+
+    from jaxmodels import training
+
+    batch, length, vocab, features = 16, 32, 512, 64
+    embed = Embed(
+        vocab,
+        features,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), ("vocab", "embed")
+        ),
+    )
+    mesh, rules = sharding.make_mesh(data=2, fsdp=4), sharding.logical_rules("fsdp")
+    ids = jnp.zeros((batch, length), jnp.int32)
+    abstract = jax.eval_shape(lambda: embed.init(jax.random.key(0), ids))
+    shardings = sharding.state_shardings(abstract, mesh, rules)
+    variables = jax.device_put(nn.meta.unbox(embed.init(jax.random.key(0), ids)), shardings)
+    ids = jax.device_put(
+        jnp.asarray(np.random.default_rng(0).integers(0, vocab, (batch, length))),
+        sharding.batch_sharding(mesh, 2),
+    )
+    weights = jnp.linspace(-1.0, 1.0, features)
+
+    def loss(v, i):
+        rows = nn.with_logical_constraint(embed.apply(v, i), ("batch", "length", "embed"))
+        return jnp.sum(jnp.sin(rows) * weights)
+
+    with training.mesh_context(mesh, rules):
+        step = jax.jit(jax.value_and_grad(loss))
+        hlo = step.lower(variables, ids).compile().as_text()
+        value, grads = step(variables, ids)
+    gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)
+    assert gathered, "the table is sharded: something must be gathered"
+    assert gathered == [f"{vocab},{features}"], gathered  # the table, nothing else
+    local = jax.tree.map(np.asarray, nn.meta.unbox(embed.init(jax.random.key(0), ids)))
+    expected_value, expected_grads = jax.value_and_grad(loss)(local, np.asarray(ids))
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, expected_grads
+    )
+
+
 def test_ids_past_the_table_give_nan_rows():
     for rows in (2, 50):
         embed = Embed(rows, 4)
