@@ -68,9 +68,29 @@ def logical_rules(name: str) -> tuple[tuple[str, Any], ...]:
     if name not in RULES:
         raise ConfigError(
             f"unknown sharding rules {name!r}; choose one of {sorted(RULES)} "
-            "(config key sharding.rules)"
+            "(config key sharding_rules)"
         )
     return RULES[name]
+
+
+def check_rules_use_mesh(mesh: Mesh, name: str) -> None:
+    """A `ConfigError` where a mesh axis of more than one device is named by no rule of the
+    rule set `name`: every device along it would hold the same batch rows and parameters,
+    and compute the same thing."""
+    used = {
+        axis for _, axes in RULES[name] for axis in ((axes,) if isinstance(axes, str) else axes)
+    }
+    for axis in MESH_AXES:
+        if mesh.shape[axis] > 1 and axis not in used:
+            wanted = sorted(
+                n for n, rules in RULES.items() if any(axis in str(a) for _, a in rules)
+            )
+            raise ConfigError(
+                f"mesh.{axis}={mesh.shape[axis]} with sharding_rules={name!r}, which use no "
+                f"{axis!r} axis: each example would be computed on {mesh.shape[axis]} devices "
+                f"alike; use sharding_rules {' or '.join(map(repr, wanted))}, or move those "
+                "devices to mesh.data"
+            )
 
 
 def make_mesh(

@@ -214,9 +214,22 @@ def test_mesh_errors_name_the_problem():
         sharding.make_mesh(data=-1, fsdp=-1)
     with pytest.raises(ConfigError, match="do not divide"):
         sharding.make_mesh(data=-1, fsdp=3)
-    with pytest.raises(ConfigError, match="unknown sharding rules"):
+    with pytest.raises(
+        ConfigError, match=r"unknown sharding rules .* \(config key sharding_rules\)"
+    ):
         sharding.logical_rules("zero3")
     assert dict(sharding.make_mesh(data=-1, fsdp=2).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    # Was: a tensor axis no rule names, every example computed on its devices alike.
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    for name in ("data", "fsdp"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"mesh.tensor=2 with sharding_rules='{name}', which use no 'tensor' axis: "
+            r"each example would be computed on 2 devices alike; use sharding_rules 'fsdp_tp'",
+        ):
+            sharding.check_rules_use_mesh(mesh, name)
+    sharding.check_rules_use_mesh(mesh, "fsdp_tp")
+    sharding.check_rules_use_mesh(sharding.make_mesh(data=2, fsdp=4), "data")
 
 
 def test_first_non_finite_names_the_leaf():

@@ -380,6 +380,7 @@ def _train(
     lead = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = sharding.logical_rules(config.sharding_rules)
+    sharding.check_rules_use_mesh(mesh, config.sharding_rules)
     _check_batch(config, mesh)
 
     # Each process loads its part of every batch: usually one part per process; processes
