@@ -11,8 +11,10 @@ devices is decided here, and only here, by a named rule set chosen from the conf
 | `fsdp_tp` | data, fsdp        | fsdp, and tensor over heads / mlp / vocab     |
 
 The mesh always has the three axes `('data', 'fsdp', 'tensor')`; a rule set that names an
-axis of size 1 costs nothing. A dimension that the mesh axis does not divide is left
-replicated rather than failing (e.g. a 10-way classifier on 8 devices).
+axis of size 1 costs nothing, and an axis of several devices that it never names would
+only repeat the same work on them (`check_rules_use_mesh`). A dimension that the mesh axis
+does not divide is left replicated rather than failing (e.g. a 10-way classifier on 8
+devices; the 259 tokens of the byte-level models' vocabulary stay whole under `tensor`).
 
 Example:
   >>> import jax
