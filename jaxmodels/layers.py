@@ -641,6 +641,8 @@ class Embed(nn.Embed):
             # the lookup: with the table split on embed over `fsdp`, XLA looked up the split
             # rows and then all-gathered the [batch, length, embed] activations and the
             # global batch's gradient of them instead.
-            table = nn.with_logical_constraint(table, (None, None))
+            # (Traced only: an eager call's table is on one device already.)
+            if isinstance(table, jax.core.Tracer):
+                table = nn.with_logical_constraint(table, (None, None))
             rows = jnp.take(table, inputs, axis=0)
         return rows.astype(dtype)

@@ -123,6 +123,10 @@ def test_sharded_lookup_gathers_the_table_not_the_activations():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, expected_grads
     )
+    # An eager call inside the mesh context, on a table on one device, still looks up.
+    with training.mesh_context(mesh, rules):
+        out = embed.apply(local, np.asarray(ids))
+    np.testing.assert_array_equal(out, local["params"]["embedding"][np.asarray(ids)])
 
 
 def test_ids_past_the_table_give_nan_rows():
