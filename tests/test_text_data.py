@@ -224,6 +224,8 @@ def test_text_keys():
     assert text.text_key_for("imdb_reviews") == "text"
     assert text.text_key_for("ag_news_subset") == "description"
     assert text.text_key_for("ag_news_subset", "title") == "title"
+    assert text.text_key_for("ag_news_subset:1.0.0") == "description"  # was "text"
+    assert text.text_key_for("glue/sst2:2.0.0") == "sentence"
 
 
 # ---------------------------------------------------------------------------------------

@@ -149,7 +149,8 @@ def text_key_for(name: str, text_key: str | None = None) -> str:
     """The feature holding the text in dataset `name` (`text_key` if given)."""
     if text_key:
         return text_key
-    return _TEXT_KEYS.get(name, _TEXT_KEYS.get(name.split("/")[0], "text"))
+    base = name.split(":", 1)[0]  # "glue/sst2:2.0.0" -> "glue/sst2"
+    return _TEXT_KEYS.get(base, _TEXT_KEYS.get(base.split("/")[0], "text"))
 
 
 def _builder(name: str, data_dir: str | None) -> Any:
