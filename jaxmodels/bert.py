@@ -1226,7 +1226,8 @@ def from_pretrained(
         pretrained encoder) randomly, with a warning naming them, instead of failing.
       rng: PRNG key for `init_missing` (default PRNGKey(0)).
       **overrides: run-time `BertConfig` fields (`RUNTIME_FIELDS`: dtype, param_dtype,
-        implementation, remat_policy, scan_layers, hidden_dropout, attention_dropout). An
+        implementation, remat_policy, scan_layers, hidden_dropout, attention_dropout,
+        classifier_dropout). An
         architecture field is accepted only if it equals the checkpoint's.
 
     Returns:

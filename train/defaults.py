@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_temperature = 0.8  # language_model `sample`: 0 = greedy
     c.sample_top_k = 0  # language_model `sample`: sample among the k likeliest (0 = all)
     c.data_threads = 4
-    c.prefetch = 4  # batches prepared ahead
+    c.prefetch = 4  # batches prepared ahead (at least data_threads: a thread makes a batch)
 
     # Model.
     c.model = ml_collections.ConfigDict({"name": "SeedCNN"})

@@ -80,7 +80,10 @@ def run_config(workdir: str) -> Any:
         raise ConfigError(
             f"{path} does not hold a config (a JSON object): is {workdir} a run's workdir?"
         )
-    return ml_collections.ConfigDict(values)
+    try:
+        return ml_collections.ConfigDict(values)
+    except (TypeError, ValueError) as e:  # e.g. a key with a dot, edited in by hand
+        raise ConfigError(f"{path} does not hold a config ({e})") from e
 
 
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
