@@ -323,6 +323,15 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
     proc = run_app(DIGITS_SMOKE, str(tmp_path / "e"), "--config.model.foo=5")
     _assert_clean_failure(proc, "bad --config override: unknown config key 'model.foo'\n")
     assert not os.listdir(tmp_path)
+    # Were: absl's traceback, status 1.
+    broken = tmp_path.parent / f"{tmp_path.name}_broken.py"
+    broken.write_text("def get_config(:\n    pass\n")
+    proc = run_app(str(broken), str(tmp_path / "f"))
+    _assert_clean_failure(proc, f"cannot load the --config file: {broken}:1: SyntaxError")
+    broken.write_text("import no_such_module\n")
+    proc = run_app(str(broken), str(tmp_path / "g"))
+    _assert_clean_failure(proc, "cannot load the --config file: ModuleNotFoundError")
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -555,9 +564,69 @@ def test_a_workdir_of_another_task_is_named_as_such(tmp_path):
     config = load_config("cnn_digits.py", "smoke")
     config.total_steps = config.checkpoint_every = 2
     train_and_evaluate(config, str(tmp_path))
+    before = sorted(os.listdir(tmp_path))
     with pytest.raises(ConfigError, match=r"checkpoints of a run of another task \('image_"):
         train_and_evaluate(load_config("lstm_text.py", "smoke"), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    assert sorted(os.listdir(tmp_path)) == before  # refused before writing anything there
+
+
+def test_resuming_with_a_changed_config(tmp_path):
+    """Were: another seed, dataset or batch size resumed silently (the data position counts
+    batches of the old stream), another optimizer layout failed as an unreadable checkpoint
+    that should be deleted, and config.json was overwritten with no trace of the change."""
+    from train.trainer import CHANGES_FILE
+
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 2
+    train_and_evaluate(config, str(tmp_path))
+    saved = (tmp_path / "config.json").read_text()
+    refused = [
+        ("seed", 1, r"config key seed: the run in --workdir .* started with 0, this config has 1"),
+        ("batch_size", 64, r"config key batch_size: .* started with 32, .* --config.batch_size=32"),
+        ("optimizer.grad_clip_norm", 1.0, r"optimizer.grad_clip_norm 0.0 -> 1.0\): the checkpo"),
+        ("optimizer.name", "sgd", r"another layout .*\(optimizer.name 'adam' -> 'sgd'"),
+    ]
+    for key, value, message in refused:
+        changed = load_config("cnn_digits.py", "smoke")
+        changed.total_steps = changed.checkpoint_every = 4
+        node, name = (changed.optimizer, key.split(".")[1]) if "." in key else (changed, key)
+        setattr(node, name, value)
+        with pytest.raises(ConfigError, match=message):
+            train_and_evaluate(changed, str(tmp_path))
+        assert (tmp_path / "config.json").read_text() == saved
+        assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    assert not (tmp_path / CHANGES_FILE).exists()
+    # What a resumed run may change is recorded, with the step it took effect.
+    config.total_steps, config.optimizer.learning_rate = 4, 0.01
+    train_and_evaluate(config, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / CHANGES_FILE).read_text().splitlines()]
+    assert rows == [
+        {
+            "step": 2,
+            "changes": {"optimizer.learning_rate": [0.001, 0.01], "total_steps": [2, 4]},
+        }
+    ]
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 4
+
+
+def test_a_workdir_in_use_is_refused(tmp_path):
+    """Was: a second run on a workdir resumed from the first one's checkpoints while it still
+    saved, and one of them crashed in Orbax."""
+    from train.trainer import workdir_lock
+
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 2
+    in_use = rf"in use by another run \(process {os.getpid()}\)"
+    with workdir_lock(str(tmp_path)), pytest.raises(UserError, match=in_use):
+        train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+    train_and_evaluate(config, str(tmp_path))  # released
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    # The run's files are readable as the umask allows (were owner-only, from mkstemp).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "config.json").st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_an_evaluation_cut_off_by_sigterm_runs_on_resuming(tmp_path, monkeypatch):

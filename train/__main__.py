@@ -94,6 +94,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     except OSError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         message = f"cannot load the --config file: {lines[-1] if lines else e}"
+    except (SyntaxError, ImportError, NameError) as e:  # the config file's own code
+        what = (
+            f"{e.filename}:{e.lineno}: SyntaxError: {e.msg}" if isinstance(e, SyntaxError) else ""
+        )
+        message = f"cannot load the --config file: {what or f'{type(e).__name__}: {e}'}"
     except flags.Error as e:
         cause = _user_error_in(e)
         message = str(cause) if cause is not None else str(e)

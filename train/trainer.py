@@ -145,6 +145,42 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds `workdir/.lock` (process 0) for the block: a second run started on the same
+    workdir is a `UserError` instead of two runs saving over each other's checkpoints. A
+    filesystem without locks (some network ones) runs unlocked."""
+    import fcntl
+
+    if jax.process_index() != 0:
+        yield
+        return
+    with open(os.path.join(workdir, LOCK_FILE), "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise UserError(
+                f"--workdir {workdir} is in use by another run (process {holder}); let it "
+                "finish or stop it, or use another --workdir"
+            ) from None
+        except OSError:  # no locks here
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def compilation_cache(setting: str, workdir: str) -> Iterator[str | None]:
     """JAX's persistent compilation cache at `setting` (see `compilation_cache_dir` in
@@ -320,21 +356,80 @@ class _Preemption:
         return bool(np.any(flags))
 
 
-def _check_same_task(config: ml_collections.ConfigDict, workdir: str, ckpt: Any) -> None:
-    """A ConfigError where the workdir's checkpoints come from a run of another task (its
-    `config.json` says): resuming them could only fail, less clearly. (Another model of the
-    same task gets the checkpoint's own comparison, which names the parameters that differ.)
-    """
+# Keys a resumed run keeps: they decide which examples come next (the data position is
+# saved in batches of this stream) and where the parameters started.
+CHANGES_FILE = "config_changes.jsonl"
+_RUN_IDENTITY = ("dataset", "train_split", "seed", "batch_size")
+_OPTIMIZER_PROBE = {"kernel": np.zeros((2, 2), np.float32), "bias": np.zeros((2,), np.float32)}
+
+
+def _json_items(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{dotted key: value} of a config, `model` too, values as its JSON has them."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = node
+
+    walk("", json.loads(config.to_json_best_effort()))
+    return out
+
+
+def _optimizer_layout(config: ml_collections.ConfigDict) -> Any:
     try:
-        theirs = tasks.run_config(workdir).get("task")
+        return jax.tree.structure(_make_optimizer(config).init(_OPTIMIZER_PROBE))
+    except Exception:  # noqa: BLE001 - a record this version cannot build: nothing to compare
+        return None
+
+
+def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
+    """What `config` changes of the run whose checkpoints `workdir` holds (its `config.json`
+    says how it started): {dotted key: (then, now)}; {} for a new run.
+
+    Raises:
+      ConfigError: for a change the checkpoints cannot follow: another task; another
+        dataset, train split, seed or batch size (the saved data position counts batches
+        of that stream); an optimizer whose state is laid out otherwise (another optimizer,
+        clipping or accumulation switched on or off).
+    """
+    if not checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints")):
+        return {}
+    try:
+        theirs = tasks.run_config(workdir)
     except ConfigError:
-        return
-    if theirs != config.task:
-        ckpt.close()
+        return {}  # no record to compare with: the checkpoints' own checks still apply
+    if theirs.get("task") != config.task:
         raise ConfigError(
-            f"--workdir {workdir} holds the checkpoints of a run of another task ({theirs!r}; "
-            f"this config's: {config.task!r}); use another --workdir"
+            f"--workdir {workdir} holds the checkpoints of a run of another task "
+            f"({theirs.get('task')!r}; this config's: {config.task!r}); use another --workdir"
         )
+    then, now = _json_items(theirs), _json_items(config)
+    changes = {k: (then.get(k), now.get(k)) for k in sorted(set(then) | set(now))}
+    changes = {k: v for k, v in changes.items() if v[0] != v[1]}
+    for key in _RUN_IDENTITY:
+        if key in changes and key in then:
+            raise ConfigError(
+                f"config key {key}: the run in --workdir {workdir} started with "
+                f"{then[key]!r}, this config has {now.get(key)!r}; a resumed run keeps its "
+                f"data stream and starting point: pass --config.{key}={then[key]} or use "
+                "another --workdir"
+            )
+    before, after = _optimizer_layout(theirs), _optimizer_layout(config)
+    if before is not None and after is not None and before != after:
+        named = ", ".join(
+            f"optimizer.{k.split('.', 1)[1]} {a!r} -> {b!r}"
+            for k, (a, b) in changes.items()
+            if k.startswith("optimizer.")
+        )
+        raise ConfigError(
+            f"the run in --workdir {workdir} has an optimizer state of another layout than "
+            f"this config's ({named or 'the optimizer'}): the checkpoints cannot be resumed "
+            "with it; restore those keys, or use another --workdir"
+        )
+    return changes
 
 
 def evaluate(task: tasks.Task, eval_step: Any, state: Any, mesh: Any) -> dict[str, float]:
@@ -365,7 +460,10 @@ def train_and_evaluate(
         try:
             validate_config(config)
             workdir = prepare_workdir(workdir)
-            with compilation_cache(config.compilation_cache_dir, workdir) as cache_dir:
+            with (
+                workdir_lock(workdir),
+                compilation_cache(config.compilation_cache_dir, workdir) as cache_dir,
+            ):
                 return _train(config, workdir, cache_dir, preempt)
         except _Preempted:
             if jax.process_index() == 0:
@@ -382,6 +480,7 @@ def _train(
     rules = sharding.logical_rules(config.sharding_rules)
     sharding.check_rules_use_mesh(mesh, config.sharding_rules)
     _check_batch(config, mesh)
+    changes = resume_changes(config, workdir)
 
     # Each process loads its part of every batch: usually one part per process; processes
     # that differ only along `tensor` hold the same rows and load the same part.
@@ -398,8 +497,6 @@ def _train(
     train_iter = task.train_iterator()
     start, eval_pending = 0, False
     latest = ckpt.latest_step()
-    if latest is not None:
-        _check_same_task(config, workdir, ckpt)
     if latest is not None and latest > config.total_steps:
         ckpt.close()
         raise ConfigError(
@@ -416,6 +513,13 @@ def _train(
         params = task.init_params(jax.device_get(state.params))
         state = state.replace(params=jax.device_put(params, shardings.params))
     if lead:
+        if changes and start:
+            # config.json becomes this config; what it changed, and from which step, is kept.
+            record = {"step": start, "changes": {k: list(v) for k, v in changes.items()}}
+            with open(os.path.join(workdir, CHANGES_FILE), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            print(f"resuming with a changed config (kept in {CHANGES_FILE}): {listed}")
         tasks.write_text_atomically(
             os.path.join(workdir, tasks.CONFIG_FILE), config.to_json_best_effort(indent=2)
         )
@@ -489,7 +593,9 @@ def _train(
             else "Stopped before any checkpoint."
         )
         raise NonFiniteError(
-            f"{what}. {where} Lower the learning rate, add grad_clip_norm, or check the data."
+            f"{what}. {where} Lower the learning rate (a resumed run takes the new one) or "
+            "check the data; gradient clipping (optimizer.grad_clip_norm) changes the "
+            "optimizer's state, so it needs a run started with it (another --workdir)."
         )
 
     def save(step: int, eval_pending: bool) -> None:

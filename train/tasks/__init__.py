@@ -92,6 +92,9 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
     filesystem) that write the same file at once each rename their own, whole copy."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it, not mkstemp's owner-only 0600
     try:
         write(tmp)
         os.replace(tmp, path)
