@@ -380,7 +380,7 @@ def _json_items(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _optimizer_layout(config: ml_collections.ConfigDict) -> Any:
     try:
-        return jax.tree.structure(_make_optimizer(config).init(_OPTIMIZER_PROBE))
+        return jax.tree.structure(jax.eval_shape(_make_optimizer(config).init, _OPTIMIZER_PROBE))
     except Exception:  # noqa: BLE001 - a record this version cannot build: nothing to compare
         return None
 
