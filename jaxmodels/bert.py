@@ -874,13 +874,13 @@ class BertForSequenceClassification(nn.Module):
         lengths: Array | None = None,
     ) -> Array:
         """Arguments as `BertModel`. Returns logits <float32>[batch, num_labels]."""
-        _, pooled = BertModel(self.config, name="bert")(
+        c = self.config
+        _, pooled = BertModel(c, name="bert")(
             input_ids, attention_mask, token_type_ids, train, lengths=lengths
         )
-        c = self.config
         rate = c.hidden_dropout if c.classifier_dropout is None else c.classifier_dropout
         pooled = Dropout(rate)(pooled, deterministic=not train)
-        logits = _dense(self.config, self.num_labels, ("embed", "classes"), "classifier")(pooled)
+        logits = _dense(c, self.num_labels, ("embed", "classes"), "classifier")(pooled)
         return logits.astype(jnp.float32)
 
 

@@ -201,6 +201,28 @@ def make_optimizer(
     return tx
 
 
+def _is_injected(node: Any) -> bool:
+    return hasattr(node, "hyperparams") and hasattr(node, "count")
+
+
+def with_schedule(opt_state: Any, schedule: optax.Schedule) -> Any:
+    """`opt_state` whose stored learning rate is `schedule`'s at the state's update count.
+
+    The rate each update applies is always recomputed from the count; the stored one is
+    what `current_learning_rate` reads (for logging). A run resumed with another schedule
+    calls this so that its first logged rate is the new schedule's, not the old one's.
+    """
+
+    def refresh(node: Any) -> Any:
+        if not _is_injected(node):
+            return node
+        rate = node.hyperparams["learning_rate"]
+        new = jnp.asarray(schedule(node.count), rate.dtype)
+        return node._replace(hyperparams={**node.hyperparams, "learning_rate": new})
+
+    return jax.tree.map(refresh, opt_state, is_leaf=_is_injected)
+
+
 def current_learning_rate(opt_state: Any) -> jax.Array:
     """The learning rate the next update will use, read from an optimizer's state."""
     for _, value in optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate"):

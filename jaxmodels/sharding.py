@@ -75,18 +75,21 @@ def logical_rules(name: str) -> tuple[tuple[str, Any], ...]:
     return RULES[name]
 
 
+def _mesh_axes(name: str) -> set[str]:
+    """The mesh axes that the rule set `name` names."""
+    return {
+        axis for _, axes in RULES[name] for axis in ((axes,) if isinstance(axes, str) else axes)
+    }
+
+
 def check_rules_use_mesh(mesh: Mesh, name: str) -> None:
     """A `ConfigError` where a mesh axis of more than one device is named by no rule of the
     rule set `name`: every device along it would hold the same batch rows and parameters,
     and compute the same thing."""
-    used = {
-        axis for _, axes in RULES[name] for axis in ((axes,) if isinstance(axes, str) else axes)
-    }
+    used = _mesh_axes(name)
     for axis in MESH_AXES:
         if mesh.shape[axis] > 1 and axis not in used:
-            wanted = sorted(
-                n for n, rules in RULES.items() if any(axis in str(a) for _, a in rules)
-            )
+            wanted = sorted(n for n in RULES if axis in _mesh_axes(n))
             raise ConfigError(
                 f"mesh.{axis}={mesh.shape[axis]} with sharding_rules={name!r}, which use no "
                 f"{axis!r} axis: each example would be computed on {mesh.shape[axis]} devices "

@@ -202,6 +202,24 @@ def test_current_learning_rate_is_the_one_the_next_update_uses(wrap):
     np.testing.assert_allclose(logged, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("wrap", [{}, {"grad_clip_norm": 1.0, "accumulate_steps": 2}])
+def test_with_schedule_sets_the_stored_rate_from_the_update_count(wrap):
+    """A resumed run with another schedule stores (and logs) the new schedule's rate; the
+    rest of the state, and its layout, are unchanged."""
+    old = optim.make_optimizer("adamw", 1.0, total_steps=10, schedule="linear", **wrap)
+    params = {"w": jnp.ones((3,))}
+    state = old.init(params)
+    for _ in range(3 * wrap.get("accumulate_steps", 1)):
+        _, state = old.update({"w": jnp.ones((3,))}, state, params)
+    new = optim.make_schedule(0.5, total_steps=20, schedule="cosine")
+    refreshed = optim.with_schedule(state, new)
+    np.testing.assert_allclose(float(optim.current_learning_rate(refreshed)), float(new(3)))
+    assert float(optim.current_learning_rate(state)) == pytest.approx(0.7)
+    assert jax.tree.structure(refreshed) == jax.tree.structure(state)
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), refreshed, state)
+    assert sum(jax.tree.leaves(changed)) == 1
+
+
 def test_current_learning_rate_at_init_and_missing():
     tx = optim.make_optimizer("adamw", 1e-3, total_steps=100, schedule="constant")
     state = tx.init({"w": jnp.ones((2, 2))})

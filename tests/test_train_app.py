@@ -579,6 +579,7 @@ def test_resuming_with_a_changed_config(tmp_path):
 
     config = load_config("cnn_digits.py", "smoke")
     config.total_steps = config.checkpoint_every = 2
+    config.log_every = 1
     train_and_evaluate(config, str(tmp_path))
     saved = (tmp_path / "config.json").read_text()
     refused = [
@@ -608,6 +609,12 @@ def test_resuming_with_a_changed_config(tmp_path):
         }
     ]
     assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 4
+    # The logged rate is the one each step applied (was: the old one on the first step after
+    # resuming, which the checkpoint's optimizer state held).
+    rates = [
+        r["train/learning_rate"] for r in logs.read_metrics(str(tmp_path)) if "train/loss" in r
+    ]
+    np.testing.assert_allclose(rates, [0.001, 0.001, 0.01, 0.01], rtol=1e-6)
 
 
 def test_a_workdir_in_use_is_refused(tmp_path):

@@ -35,11 +35,12 @@ from train.defaults import base_config
 from train.logs import MetricWriter
 
 
-def _flat(c: Any, prefix: str = "") -> dict[str, Any]:
+def _flat(c: Any, prefix: str = "", *, into_model: bool = False) -> dict[str, Any]:
+    """{dotted key: value} of a config; `model` (free-form) is one value unless `into_model`."""
     out = {}
     for k, v in c.items():
-        if isinstance(v, ml_collections.ConfigDict | dict) and k != "model":
-            out.update(_flat(v, f"{prefix}{k}."))
+        if isinstance(v, ml_collections.ConfigDict | dict) and (into_model or k != "model"):
+            out.update(_flat(v, f"{prefix}{k}.", into_model=into_model))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -207,18 +208,26 @@ def compilation_cache(setting: str, workdir: str) -> Iterator[str | None]:
         point_at(previous)
 
 
-def _make_optimizer(config: Any) -> Any:
-    """The optimizer of `config`. `total_steps` and `optimizer.warmup_steps` count training
-    steps (batches); with `accumulate_steps` k the schedule advances once per update, every
-    k steps, so both are divided by k here."""
+def _schedule_args(config: Any) -> dict[str, Any]:
+    """`total_steps` and `optimizer.warmup_steps` count training steps (batches); with
+    `accumulate_steps` k the schedule advances once per update, every k steps, so both are
+    divided by k here."""
     o = config.optimizer
-    return optim.make_optimizer(
-        o.name,
-        o.learning_rate,
+    return dict(
+        learning_rate=o.learning_rate,
         total_steps=config.total_steps // o.accumulate_steps,
         warmup_steps=o.warmup_steps // o.accumulate_steps,
         schedule=o.schedule,
         end_factor=o.end_factor,
+    )
+
+
+def _make_optimizer(config: Any) -> Any:
+    """The optimizer of `config`, its schedule as `_schedule_args` says."""
+    o = config.optimizer
+    return optim.make_optimizer(
+        o.name,
+        **_schedule_args(config),
         weight_decay=o.weight_decay,
         momentum=o.momentum,
         nesterov=o.nesterov,
@@ -356,26 +365,16 @@ class _Preemption:
         return bool(np.any(flags))
 
 
+CHANGES_FILE = "config_changes.jsonl"
 # Keys a resumed run keeps: they decide which examples come next (the data position is
 # saved in batches of this stream) and where the parameters started.
-CHANGES_FILE = "config_changes.jsonl"
 _RUN_IDENTITY = ("dataset", "train_split", "seed", "batch_size")
 _OPTIMIZER_PROBE = {"kernel": np.zeros((2, 2), np.float32), "bias": np.zeros((2,), np.float32)}
 
 
 def _json_items(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """{dotted key: value} of a config, `model` too, values as its JSON has them."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            out[prefix[:-1]] = node
-
-    walk("", json.loads(config.to_json_best_effort()))
-    return out
+    return _flat(json.loads(config.to_json_best_effort()), into_model=True)
 
 
 def _optimizer_layout(config: ml_collections.ConfigDict) -> Any:
@@ -512,6 +511,12 @@ def _train(
     elif task.init_params is not None:  # e.g. fine-tuning: the pretrained weights
         params = task.init_params(jax.device_get(state.params))
         state = state.replace(params=jax.device_put(params, shardings.params))
+    # The stored learning rate (the one logged) is this config's schedule's at the state's
+    # count: a run resumed with another schedule logged the old one's first. A small program,
+    # run on every start so that a resumed run finds it in the compilation cache.
+    schedule = optim.make_schedule(**_schedule_args(config))
+    refresh = functools.partial(optim.with_schedule, schedule=schedule)
+    state = state.replace(opt_state=jax.jit(refresh, donate_argnums=0)(state.opt_state))
     if lead:
         if changes and start:
             # config.json becomes this config; what it changed, and from which step, is kept.

@@ -61,7 +61,7 @@ def prepared_builder(name: str, data_dir: str, hint: str = "") -> Any:
             + _how_to_prepare(name, data_dir, hint)
         ) from e
     if not builder.is_prepared():
-        others = _prepared_versions(builder, name)
+        others = _prepared_versions(builder)
         if others:
             base = name.split(":", 1)[0]
             raise DataError(
@@ -76,8 +76,8 @@ def prepared_builder(name: str, data_dir: str, hint: str = "") -> Any:
     return builder
 
 
-def _prepared_versions(builder: Any, name: str) -> list[str]:
-    """The versions of `name` prepared beside the builder's own (oldest first)."""
+def _prepared_versions(builder: Any) -> list[str]:
+    """The versions of the builder's dataset prepared beside its own (oldest first)."""
     parent = os.path.dirname(os.path.normpath(str(builder.data_dir)))
     try:
         entries = os.listdir(parent)

@@ -86,15 +86,22 @@ def run_config(workdir: str) -> Any:
         raise ConfigError(f"{path} does not hold a config ({e})") from e
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)  # the only way to read it; done once, before any loader thread runs
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
     """`write(tmp)` to a temporary file beside `path`, then renames it to `path`: readers
     see the old file or the whole new one, and processes (on any host sharing the
     filesystem) that write the same file at once each rename their own, whole copy."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it, not mkstemp's owner-only 0600
+    os.chmod(tmp, _FILE_MODE)  # as open() would make it, not mkstemp's owner-only 0600
     try:
         write(tmp)
         os.replace(tmp, path)
