@@ -2,7 +2,7 @@
 
 `make_optimizer` returns one `optax.GradientTransformation`:
 
-    clip by global norm -> optimizer(learning_rate=schedule) [-> MultiSteps accumulation]
+    [accumulation ->] clip by global norm -> optimizer(learning_rate=schedule)
 
 The learning rate is an injected hyperparameter, so the value in force lives in the
 optimizer state and `current_learning_rate(opt_state)` reads it for logging.
@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,9 +105,10 @@ def make_optimizer(
       b1, b2, eps: for adam, adamw and lamb.
       grad_clip_norm: clip the gradient to this global norm first (None or 0: off).
       accumulate_steps: accumulate gradients over this many micro-steps before an update
-        (`optax.MultiSteps`); the effective batch is `accumulate_steps` times larger. The
-        update takes the mean of the micro-steps' gradients, so a loss averaged over a
-        varying count (tokens) weighs each micro-batch equally, not each token.
+        (`accumulate`); the effective batch is `accumulate_steps` times larger. Each
+        micro-step's `update` may take `loss_weight=` (what its loss is a mean over, e.g.
+        tokens): the update then applies the weighted mean, exactly the gradient of the
+        loss over all micro-batches' tokens together; without it they weigh equally.
       mu_dtype: storage dtype of first moments (e.g. bfloat16 to save memory): adam, adamw
         and sgd (its momentum).
     """
@@ -197,8 +198,56 @@ def make_optimizer(
     if grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
     if accumulate_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulate_steps)
-    return tx
+        return accumulate(tx, accumulate_steps)
+    return optax.with_extra_args_support(tx)
+
+
+class AccumulationState(NamedTuple):
+    mini_step: jax.Array  # micro-steps accumulated since the last update
+    weight: jax.Array  # their summed loss weights
+    grads: Any  # their gradients, each times its weight, summed
+    inner: Any
+
+
+def accumulate(inner: optax.GradientTransformation, every: int) -> optax.GradientTransformation:
+    """`inner` applied once every `every` calls, to the weighted mean of their gradients.
+
+    `update(grads, state, params, loss_weight=w)`: `w` (default 1) is what the micro-batch's
+    loss is a mean over (e.g. its token count), so that the mean of the gradients weighted
+    by it is the gradient of the loss over all micro-batches at once. The calls in between
+    return zero updates. (`optax.MultiSteps` weighs every micro-batch equally.)
+    """
+
+    def init(params: Any) -> AccumulationState:
+        return AccumulationState(
+            mini_step=jnp.zeros([], jnp.int32),
+            weight=jnp.zeros([], jnp.float32),
+            grads=jax.tree.map(jnp.zeros_like, params),
+            inner=inner.init(params),
+        )
+
+    def update(
+        grads: Any, state: AccumulationState, params: Any = None, **extra: Any
+    ) -> tuple[Any, AccumulationState]:
+        w = jnp.asarray(extra.get("loss_weight", 1.0), jnp.float32)
+        summed = jax.tree.map(lambda a, g: (a + w * g).astype(a.dtype), state.grads, grads)
+        weight = state.weight + w
+        zeros = jax.tree.map(jnp.zeros_like, summed)
+
+        def apply() -> tuple[Any, AccumulationState]:
+            total = jnp.where(weight > 0, weight, 1.0)  # no weight at all: nothing summed
+            mean = jax.tree.map(lambda a: (a / total).astype(a.dtype), summed)
+            updates, inner_state = inner.update(mean, state.inner, params)
+            return updates, AccumulationState(
+                jnp.zeros_like(state.mini_step), jnp.zeros_like(weight), zeros, inner_state
+            )
+
+        def wait() -> tuple[Any, AccumulationState]:
+            return zeros, AccumulationState(state.mini_step + 1, weight, summed, state.inner)
+
+        return jax.lax.cond(state.mini_step + 1 >= every, apply, wait)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _is_injected(node: Any) -> bool:

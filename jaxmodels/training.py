@@ -41,7 +41,10 @@ from jaxmodels import losses, optim, sharding
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
-# loss_fn(params, model_state, batch, rng) -> (loss, (new_model_state, metrics))
+# loss_fn(params, model_state, batch, rng) -> (loss, (new_model_state, metrics)). Where the
+# loss is a mean over a count that varies between batches (tokens), metrics may hold it as
+# "loss_weight" (not logged): accumulated micro-batches are then weighted by it, as if they
+# were one batch (`optim.accumulate`).
 LossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, tuple[Any, Metrics]]]
 # eval_fn(params, model_state, batch) -> metrics as sums over the batch (incl. "count")
 EvalFn = Callable[[Any, Any, Batch], Metrics]
@@ -217,7 +220,9 @@ def train_step(
     (loss, (model_state, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params
     )
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    extra = {"loss_weight": metrics.pop("loss_weight")} if "loss_weight" in metrics else {}
+    tx = optax.with_extra_args_support(state.tx)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         **metrics,

@@ -252,6 +252,34 @@ def test_gradient_accumulation_equals_one_step_with_mean_gradient():
     assert not np.allclose(accumulated["w"], params["w"])
 
 
+def test_accumulation_weighs_micro_batches_by_their_loss_weight():
+    """Was the plain mean (`optax.MultiSteps`): a micro-batch of 1 token weighed as much as
+    one of 3. Adam with clipping, so the weighted mean must be exact before both."""
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    g1, g2 = {"w": jnp.array([0.3, -1.0, 2.0])}, {"w": jnp.array([-0.7, 0.4, 1.0])}
+    kw = {"total_steps": 10, "grad_clip_norm": 0.5}
+    acc = optim.make_optimizer("adam", 0.1, accumulate_steps=2, **kw)
+    state = acc.init(params)
+    first, state = acc.update(g1, state, params, loss_weight=3.0)
+    jax.tree.map(lambda u: np.testing.assert_array_equal(u, 0.0), first)
+    updates, state = acc.update(g2, state, params, loss_weight=1.0)
+
+    one = optim.make_optimizer("adam", 0.1, **kw)
+    weighted = jax.tree.map(lambda a, b: (3 * a + b) / 4, g1, g2)
+    expected, _ = one.update(weighted, one.init(params), params)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+    equal, _ = one.update(jax.tree.map(lambda a, b: (a + b) / 2, g1, g2), one.init(params))
+    assert not np.allclose(updates["w"], equal["w"], rtol=1e-3)
+    # The accumulator starts again from nothing.
+    assert int(state.mini_step) == 0 and float(state.weight) == 0.0
+    np.testing.assert_array_equal(state.grads["w"], 0.0)
+    # No weight at all (micro-batches without a token): a zero gradient, not NaN.
+    state = acc.init(params)
+    for _ in range(2):
+        updates, state = acc.update(g1, state, params, loss_weight=0.0)
+    assert np.all(np.isfinite(updates["w"]))
+
+
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop", "lamb", "lars"])
 def test_weight_decay_shrinks_kernels_but_not_biases(name):
     params = {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}

@@ -104,6 +104,44 @@ def test_batchnorm_statistics_are_global_over_the_sharded_batch():
     assert not np.allclose(one_shard, local)
 
 
+def test_accumulated_micro_batches_equal_one_batch_of_their_tokens():
+    """A token-mean loss over padded sequences, with `loss_weight`: two accumulated halves
+    of a batch (7 and 2 real tokens) update as the whole batch does in one step (was: each
+    half weighed alike)."""
+
+    def loss_fn(params, model_state, batch, rng):
+        del rng
+        err = (batch["x"] * params["w"] - batch["y"]) ** 2 * batch["mask"]
+        count = jnp.sum(batch["mask"])
+        return jnp.sum(err) / jnp.maximum(count, 1.0), (model_state, {"loss_weight": count})
+
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], np.float32)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(4, 4)), "y": rng.normal(size=(4, 4)), "mask": mask}
+    batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
+    halves = [jax.tree.map(lambda a, i=i: a[2 * i : 2 * i + 2], batch) for i in range(2)]
+
+    def run(accumulate, batches):
+        tx = optim.make_optimizer("sgd", 0.5, total_steps=10, accumulate_steps=accumulate)
+        params = {"w": jnp.ones((4,))}
+        state = training.TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            model_state={},
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(0),
+            tx=tx,
+        )
+        for b in batches:
+            state, metrics = training.train_step(state, b, loss_fn)
+            assert "loss_weight" not in metrics
+        return state.params["w"]
+
+    one = run(1, [batch])
+    np.testing.assert_allclose(run(2, halves), one, rtol=1e-6)
+    assert not np.allclose(one, 1.0)
+
+
 def test_gradient_accumulation_runs_sharded():
     _, losses, state = _run({"data": 8}, "data", steps=4, accumulate=2)
     assert int(state.step) == 4

@@ -79,10 +79,12 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
     def loss_fn(params: Any, model_state: Any, batch: Any, rng: Any) -> Any:
         logits = apply(params, batch, True, {"dropout": rng})
         w = token_weights(batch)
-        loss_sum, tokens = losses.cross_entropy(logits, batch["tgt_out"], w, config.label_smoothing)
-        tokens = jnp.maximum(tokens, 1.0)
+        loss_sum, count = losses.cross_entropy(logits, batch["tgt_out"], w, config.label_smoothing)
+        tokens = jnp.maximum(count, 1.0)
         accuracy = losses.correct(logits, batch["tgt_out"], w) / tokens
-        return loss_sum / tokens, (model_state, {"token_accuracy": accuracy})
+        # Target lengths vary: accumulated micro-batches weigh by their tokens.
+        metrics = {"token_accuracy": accuracy, "loss_weight": count}
+        return loss_sum / tokens, (model_state, metrics)
 
     def eval_fn(params: Any, model_state: Any, batch: Any) -> Any:  # noqa: ARG001
         logits = apply(params, batch, False)
