@@ -208,7 +208,10 @@ def test_cli_writes_rows(tmp_path):
         "2",
         "--json",
         str(out),
+        "--plot",
+        str(tmp_path / "rows.png"),
     )
+    assert (tmp_path / "rows.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib
     data = json.loads(out.read_text())
     assert data["metadata"]["suite"] == "cpu"
     assert data["metadata"]["command"].startswith("python -m benchmarks --suite cpu")

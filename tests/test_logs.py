@@ -1,7 +1,13 @@
-"""The metrics file: rows past a resumed run's checkpoint and lines cut short by a killed run."""
+"""The metrics file: rows past a resumed run's checkpoint and lines cut short by a killed run;
+the curves drawn from it."""
 
 import json
+import subprocess
+import sys
 
+import pytest
+
+from tests.helpers import ROOT
 from train import logs
 
 
@@ -35,3 +41,36 @@ def test_has_eval_looks_for_evaluation_metrics_at_that_step(tmp_path):
     assert writer.has_eval(20) and not writer.has_eval(10) and not writer.has_eval(30)
     assert not logs.MetricWriter(str(tmp_path), enabled=False).has_eval(20)
     writer.close()
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_metrics_draws_train_and_eval_series_of_each_metric(tmp_path):
+    rows = [
+        {"step": 10, "train/loss": 2.0, "train/accuracy": 0.2, "train/steps_per_sec": 5.0},
+        {"step": 20, "train/loss": "nan", "eval/loss": 1.5, "eval/accuracy": 0.4},
+        {"step": 30, "train/loss": 1.0, "train/learning_rate": 1e-3},
+    ]
+    _write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
+    out = tmp_path / "curves.png"
+    assert logs.plot_metrics(str(tmp_path), str(out)) == ["accuracy", "learning_rate", "loss"]
+    assert out.read_bytes()[:8] == PNG
+    assert logs.plot_metrics(str(tmp_path), str(out), ["loss"]) == ["loss"]
+    with pytest.raises(ValueError, match=r"no metric 'bleu' in .*; it has accuracy, learning"):
+        logs.plot_metrics(str(tmp_path), str(out), ["bleu"])
+    with pytest.raises(FileNotFoundError, match="is .*other a run's workdir"):
+        logs.plot_metrics(str(tmp_path / "other"), str(out))
+
+
+def test_plot_command_line(tmp_path):
+    _write(tmp_path, '{"step": 10, "train/loss": 2.0}\n{"step": 20, "train/loss": 1.0}\n')
+    out = tmp_path / "curves.png"
+    cmd = [sys.executable, "-m", "train.logs", f"--workdir={tmp_path}", f"--plot={out}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}: loss" in done.stdout and out.read_bytes()[:8] == PNG
+    bad = subprocess.run(
+        [*cmd, "--metrics", "acc"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert bad.returncode == 2 and "error: no metric 'acc'" in bad.stderr

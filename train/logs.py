@@ -1,14 +1,20 @@
 """Metrics to `workdir/metrics.jsonl` (always) and TensorBoard (with the extra installed).
 
 One JSON object per line: `{"step": 100, "train/loss": 0.31, ...}`. Only process 0 writes.
+
+The curves of a run, drawn from that file (matplotlib: the `plot` extra):
+
+    python -m train.logs --workdir=DIR --plot=curves.png [--metrics loss accuracy]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 
@@ -89,3 +95,94 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The rows of `workdir/metrics.jsonl`."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+MATPLOTLIB_MISSING = (
+    'plotting needs matplotlib, which is not installed: pip install -e ".[plot]" '
+    "(or read metrics.jsonl as it is)"
+)
+_NOT_DRAWN = {"steps_per_sec"}  # a speed, not a curve of the model
+
+
+def plot_metrics(workdir: str, path: str, metrics: Sequence[str] | None = None) -> list[str]:
+    """Draws the run's curves into the image `path`: one panel per metric name, its
+    `train/` and `eval/` series together (non-finite values left out). Returns the
+    metric names drawn.
+
+    Args:
+      metrics: names without the prefix, e.g. ["loss", "accuracy"]; None: all but speed.
+
+    Raises:
+      FileNotFoundError: `workdir` has no metrics.jsonl.
+      ValueError: a requested metric is in no row, or there is nothing to draw.
+    """
+    file = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} does not exist: is {workdir} a run's workdir?")
+    with open(file) as f:
+        rows = [row for _, row in _parsed(f)]
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            split, _, name = key.partition("/")
+            if not name or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            series.setdefault(name, {}).setdefault(split, []).append((row["step"], value))
+    if metrics is None:
+        names = sorted(n for n in series if n not in _NOT_DRAWN)
+    else:
+        missing = [m for m in metrics if m not in series]
+        if missing:
+            raise ValueError(
+                f"no metric {', '.join(map(repr, missing))} in {file}; it has "
+                f"{', '.join(sorted(series)) or 'none'}"
+            )
+        names = list(metrics)
+    if not names:
+        raise ValueError(f"{file} holds no metrics to draw yet")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(MATPLOTLIB_MISSING) from None
+    cols = min(len(names), 3)
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for split, points in sorted(series[name].items()):
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="." if len(points) < 30 else None, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    fig.suptitle(os.path.basename(os.path.normpath(workdir)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.logs", description="Draws a run's curves from its metrics.jsonl."
+    )
+    parser.add_argument("--workdir", required=True, help="the run's --workdir")
+    parser.add_argument("--plot", required=True, metavar="FILE.png", help="the image to write")
+    parser.add_argument("--metrics", nargs="+", help="names without train/ or eval/ (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        names = plot_metrics(args.workdir, args.plot, args.metrics)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.plot}: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
