@@ -30,7 +30,7 @@ Columns of the table (and keys of the ``--json`` rows):
   in device memory if nothing stayed in cache: an upper bound of its memory traffic, and the
   number to bring down for memory-bound steps; the scratch workspace a cuBLAS or cuDNN call
   returns is not counted. Loops count each iteration's kernels, and a conditional (e.g.
-  `optax.MultiSteps` applying the update every k-th step under gradient accumulation) its
+  `optim.accumulate` applying the update every k-th step under gradient accumulation) its
   largest branch's (each column separately: an upper bound of a step's);
   ``transposing GB``: the part of it in kernels (other than matmuls) that transpose, i.e.
   write an array in another dimension order than they read it. Splitting attention heads
@@ -304,7 +304,7 @@ def analyze_hlo(hlo: str, top: int = 0) -> dict[str, Any]:
     """Kernel count, matmul kernels, custom calls, kernel I/O bytes and matmul FLOPs of one
     execution of an optimized HLO module (see the module docstring): the entry computation's
     kernels, and those of loops (`while`, counted as many times as their known trip count),
-    calls and conditionals within it. A conditional (`lax.cond`, e.g. `optax.MultiSteps`
+    calls and conditionals within it. A conditional (`lax.cond`, e.g. `optim.accumulate`
     applying the optimizer's update every k-th step) runs one branch; each number counts
     its largest branch's, so that with conditionals the numbers are upper bounds of a step's.
     With `top`, the `top` source operations with the most kernel I/O as (name, bytes,

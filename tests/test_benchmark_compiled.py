@@ -180,7 +180,7 @@ def test_transposing_io_is_that_of_the_kernels_that_transpose_but_matmuls():
 
 
 def test_a_conditional_counts_its_largest_branch():
-    """(As `optax.MultiSteps` applying the optimizer's update under a `lax.cond`.)"""
+    """(As `optim.accumulate` applying the optimizer's update under a `lax.cond`.)"""
 
     def f(p, a, b):
         return jax.lax.cond(p, lambda: a @ b, lambda: (a @ b) * 2)
