@@ -617,6 +617,19 @@ def test_resuming_with_a_changed_config(tmp_path):
     np.testing.assert_allclose(rates, [0.001, 0.001, 0.01, 0.01], rtol=1e-6)
 
 
+def test_a_changed_model_on_resuming_names_the_keys_it_changed(tmp_path):
+    """Was: only the checkpoint's shape mismatches, with no word of which key caused them."""
+    config = load_config("lstm_text.py", "smoke")
+    config.total_steps = config.checkpoint_every = 2
+    train_and_evaluate(config, str(tmp_path))
+    saved = (tmp_path / "config.json").read_text()
+    config.total_steps, config.model.hidden_size = 4, 32
+    with pytest.raises(CheckpointError, match=r"(?s)shape mismatch.*started with: model.hidden"):
+        train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
 def test_a_workdir_in_use_is_refused(tmp_path):
     """Was: a second run on a workdir resumed from the first one's checkpoints while it still
     saved, and one of them crashed in Orbax."""

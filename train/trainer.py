@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from jaxmodels import checkpoint, optim, sharding, training
-from jaxmodels.errors import ConfigError, NonFiniteError, UserError
+from jaxmodels.errors import CheckpointError, ConfigError, NonFiniteError, UserError
 from train import tasks
 from train.defaults import base_config
 from train.logs import MetricWriter
@@ -384,6 +384,10 @@ def _optimizer_layout(config: ml_collections.ConfigDict) -> Any:
         return None
 
 
+def _described(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+
+
 def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
     """What `config` changes of the run whose checkpoints `workdir` holds (its `config.json`
     says how it started): {dotted key: (then, now)}; {} for a new run.
@@ -418,11 +422,7 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
             )
     before, after = _optimizer_layout(theirs), _optimizer_layout(config)
     if before is not None and after is not None and before != after:
-        named = ", ".join(
-            f"optimizer.{k.split('.', 1)[1]} {a!r} -> {b!r}"
-            for k, (a, b) in changes.items()
-            if k.startswith("optimizer.")
-        )
+        named = _described({k: v for k, v in changes.items() if k.startswith("optimizer.")})
         raise ConfigError(
             f"the run in --workdir {workdir} has an optimizer state of another layout than "
             f"this config's ({named or 'the optimizer'}): the checkpoints cannot be resumed "
@@ -503,7 +503,16 @@ def _train(
             f"{config.total_steps}; raise total_steps to continue, or use another --workdir"
         )
     if latest is not None:
-        state, data_state = ckpt.restore(state)
+        try:
+            state, data_state = ckpt.restore(state)
+        except CheckpointError as e:
+            ckpt.close()
+            if not changes:
+                raise
+            raise CheckpointError(
+                f"{e}\nThis config differs from the one in {tasks.CONFIG_FILE} that the run "
+                f"started with: {_described(changes)}"
+            ) from e
         train_iter.set_state(data_state["iterator"])
         start = int(state.step)
         # Saved before its step's evaluation ran (or was preempted): run it on resuming.
@@ -523,8 +532,7 @@ def _train(
             record = {"step": start, "changes": {k: list(v) for k, v in changes.items()}}
             with open(os.path.join(workdir, CHANGES_FILE), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-            print(f"resuming with a changed config (kept in {CHANGES_FILE}): {listed}")
+            print(f"resuming with a changed config (kept in {CHANGES_FILE}): {_described(changes)}")
         tasks.write_text_atomically(
             os.path.join(workdir, tasks.CONFIG_FILE), config.to_json_best_effort(indent=2)
         )
