@@ -2,6 +2,7 @@
 the curves drawn from it."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -35,11 +36,14 @@ def test_drop_after_ends_a_last_row_without_newline(tmp_path):
     writer.close()
 
 
-def test_has_eval_looks_for_evaluation_metrics_at_that_step(tmp_path):
-    _write(tmp_path, '{"step": 10, "train/loss": 1.0}\n{"step": 20, "eval/loss": 2.0}\n{"ste')
+def test_eval_metrics_are_the_evaluation_row_of_that_step(tmp_path):
+    rows = '{"step": 10, "train/loss": 1.0}\n{"step": 20, "eval/loss": "nan", "eval/acc": 0.5}\n'
+    _write(tmp_path, rows + '{"ste')
     writer = logs.MetricWriter(str(tmp_path), enabled=True)
-    assert writer.has_eval(20) and not writer.has_eval(10) and not writer.has_eval(30)
-    assert not logs.MetricWriter(str(tmp_path), enabled=False).has_eval(20)
+    found = writer.eval_metrics(20)
+    assert found["eval/acc"] == 0.5 and math.isnan(found["eval/loss"]) and len(found) == 2
+    assert writer.eval_metrics(10) is None and writer.eval_metrics(30) is None
+    assert logs.MetricWriter(str(tmp_path), enabled=False).eval_metrics(20) is None
     writer.close()
 
 

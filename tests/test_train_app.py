@@ -178,6 +178,14 @@ def test_two_processes_with_sharded_parameters_save_while_training(tmp_path):
         "configs/cnn_digits.py:smoke", workdir, *overrides, "--config.sharding_rules=fsdp"
     )
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
+    # Extended: process 0 finds step 12's evaluation in its log, and both take it.
+    overrides[0] = "--config.total_steps=16"
+    lead, _ = _two_processes(
+        "configs/cnn_digits.py:smoke", workdir, *overrides, "--config.sharding_rules=fsdp"
+    )
+    assert "step 12: " in lead and "(logged before the restart" in lead
+    evals = [r["step"] for r in logs.read_metrics(workdir) if "eval/loss" in r]
+    assert evals == [6, 12, 16]
 
 
 def test_tensor_parallelism_across_processes_equals_one_process(tmp_path):
@@ -670,8 +678,23 @@ def test_an_evaluation_cut_off_by_sigterm_runs_on_resuming(tmp_path, monkeypatch
     train_and_evaluate(config, str(tmp_path))  # resumed
     evals = [r["step"] for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r]
     assert evals == [10, 20]
-    train_and_evaluate(config, str(tmp_path))  # finished: evaluates again, logs nothing new
+    last = [r for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r][-1]
+    # Its last checkpoint was saved before the evaluation at 20, which it logged: extended,
+    # the run takes those metrics, and evaluates only at the new steps (was: evaluated the
+    # same state again).
+    calls = []
+    evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
+    config.total_steps = 30
+    assert train_and_evaluate(config, str(tmp_path))["eval/loss"] != last["eval/loss"]
+    assert len(calls) == 1
+    evals.append(30)
     assert [r["step"] for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r] == evals
+    # Finished, and run again: the last metrics, from the log.
+    assert train_and_evaluate(config, str(tmp_path)) == {
+        k: v for k, v in logs.read_metrics(str(tmp_path))[-1].items() if k.startswith("eval/")
+    }
+    assert len(calls) == 1
 
 
 def test_a_run_killed_outright_resumes_without_second_rows(tmp_path):

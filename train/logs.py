@@ -64,15 +64,17 @@ class MetricWriter:
 
             write_text_atomically(self.path, "".join(kept))
 
-    def has_eval(self, step: int) -> bool:
-        """Whether the file has evaluation metrics for `step` (False where not writing)."""
+    def eval_metrics(self, step: int) -> dict[str, float] | None:
+        """The evaluation metrics the file holds for `step`, if any (None where not
+        writing)."""
         if not self.enabled or not os.path.exists(self.path):
-            return False
+            return None
         with open(self.path) as f:
-            return any(
-                row.get("step") == step and any(k.startswith("eval/") for k in row)
-                for _, row in _parsed(f)
-            )
+            for _, row in _parsed(f):
+                found = {k: float(v) for k, v in row.items() if k.startswith("eval/")}
+                if row.get("step") == step and found:
+                    return found
+        return None
 
     def close(self) -> None:
         if self._tb is not None:

@@ -431,6 +431,20 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     return changes
 
 
+def _from_lead(value: Any) -> Any:
+    """Process 0's `value` (JSON-able) on every process (a collective when there are
+    several)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    padded = np.zeros(size, np.uint8)
+    padded[: min(size, data.size)] = data[:size]
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))))
+
+
 def evaluate(task: tasks.Task, eval_step: Any, state: Any, mesh: Any) -> dict[str, float]:
     """One pass over the eval split; returns `eval/<metric>` means."""
     assert task.eval_iterator is not None
@@ -588,15 +602,16 @@ def _train(
                 loss=f"{mean['train/loss']:.4f}", steps_s=f"{mean['train/steps_per_sec']:.1f}"
             )
 
-    def run_eval(step: int, resumed: bool = False) -> None:
+    def run_eval(step: int) -> None:
         nonlocal result
         result = evaluate(task, eval_step, state, mesh)
-        # On resuming, the row may be there already (a run stopped after writing it).
-        if not (resumed and writer.has_eval(step)):
-            writer.write(step, result)
+        writer.write(step, result)
+        show(step, result)
+
+    def show(step: int, metrics: dict[str, float], note: str = "") -> None:
         if lead:
-            text = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
-            (bar.write if bar is not None else print)(f"step {step}: {text}")
+            text = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            (bar.write if bar is not None else print)(f"step {step}: {text}{note}")
 
     def stop(what: str) -> None:
         kept = ckpt.latest_step()
@@ -631,7 +646,15 @@ def _train(
                 print(_SETUP_STOPPED, flush=True)
             return result
         if eval_pending and task.eval_iterator is not None:
-            run_eval(start, resumed=True)
+            # The checkpoint was saved before its step's evaluation, which the run may have
+            # logged before it stopped (e.g. a finished run, extended): those are the metrics
+            # of this very state, so they are not computed again.
+            logged = _from_lead(writer.eval_metrics(start) if lead else None)
+            if logged is None:
+                run_eval(start)
+            else:
+                result = logged
+                show(start, result, f" (logged before the restart, in {writer.path})")
         step = start
         while step < config.total_steps:
             batch = _global_batch(next(train_iter), mesh)
