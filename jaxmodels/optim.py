@@ -230,24 +230,56 @@ def accumulate(inner: optax.GradientTransformation, every: int) -> optax.Gradien
         grads: Any, state: AccumulationState, params: Any = None, **extra: Any
     ) -> tuple[Any, AccumulationState]:
         w = jnp.asarray(extra.get("loss_weight", 1.0), jnp.float32)
+        if w.shape:
+            raise ValueError(f"loss_weight must be a scalar, got shape {w.shape}")
         summed = jax.tree.map(lambda a, g: (a + w * g).astype(a.dtype), state.grads, grads)
         weight = state.weight + w
-        zeros = jax.tree.map(jnp.zeros_like, summed)
 
         def apply() -> tuple[Any, AccumulationState]:
             total = jnp.where(weight > 0, weight, 1.0)  # no weight at all: nothing summed
             mean = jax.tree.map(lambda a: (a / total).astype(a.dtype), summed)
             updates, inner_state = inner.update(mean, state.inner, params)
             return updates, AccumulationState(
-                jnp.zeros_like(state.mini_step), jnp.zeros_like(weight), zeros, inner_state
+                jnp.zeros_like(state.mini_step),
+                jnp.zeros_like(weight),
+                jax.tree.map(jnp.zeros_like, summed),
+                inner_state,
             )
 
         def wait() -> tuple[Any, AccumulationState]:
+            # Updates as the inner optimizer's are (e.g. float32 for bfloat16 parameters).
+            shapes = jax.eval_shape(inner.update, grads, state.inner, params)[0]
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             return zeros, AccumulationState(state.mini_step + 1, weight, summed, state.inner)
 
         return jax.lax.cond(state.mini_step + 1 >= every, apply, wait)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def as_multisteps(state: AccumulationState) -> optax.MultiStepsState:
+    """`state`'s leaves in the layout of `optax.MultiSteps`' state, which earlier versions
+    of `make_optimizer` accumulated with: a restore target for their checkpoints (then
+    `from_multisteps`). Works on `jax.ShapeDtypeStruct` leaves too."""
+    return optax.MultiStepsState(
+        mini_step=state.mini_step,
+        gradient_step=state.mini_step,
+        inner_opt_state=state.inner,
+        acc_grads=state.grads,
+        skip_state=(),
+    )
+
+
+def from_multisteps(old: optax.MultiStepsState) -> AccumulationState:
+    """An `optax.MultiSteps` state as `accumulate`'s: its running mean of `mini_step`
+    equally weighted gradients becomes their sum, of weight `mini_step`."""
+    n = old.mini_step
+    return AccumulationState(
+        mini_step=n,
+        weight=n.astype(jnp.float32),
+        grads=jax.tree.map(lambda a: (a * n).astype(a.dtype), old.acc_grads),
+        inner=old.inner_opt_state,
+    )
 
 
 def _is_injected(node: Any) -> bool:

@@ -280,6 +280,46 @@ def test_accumulation_weighs_micro_batches_by_their_loss_weight():
     assert np.all(np.isfinite(updates["w"]))
 
 
+@pytest.mark.parametrize("name", ["adam", "sgd", "lamb"])
+def test_accumulation_with_bfloat16_parameters(name):
+    """Was a `lax.cond` TypeError: the steps between updates returned bfloat16 zeros where
+    the update (the float32 learning rate times it) is float32."""
+    params = {"w": jnp.ones((4,), jnp.bfloat16), "b": jnp.ones((2,), jnp.float32)}
+    grads = {"w": jnp.full((4,), 0.5, jnp.bfloat16), "b": jnp.full((2,), 0.5, jnp.float32)}
+    acc = optim.make_optimizer(name, 0.1, total_steps=10, accumulate_steps=2)
+    state = acc.init(params)
+    first, state = jax.jit(acc.update)(grads, state, params)
+    second, state = jax.jit(acc.update)(grads, state, params)
+    one = optim.make_optimizer(name, 0.1, total_steps=10)
+    expected, _ = one.update(grads, one.init(params), params)
+    for k in params:
+        assert first[k].dtype == second[k].dtype == expected[k].dtype
+        np.testing.assert_array_equal(first[k], 0)
+        np.testing.assert_allclose(second[k], expected[k], rtol=1e-2)
+
+
+def test_a_multisteps_state_continues_as_the_accumulation_state():
+    """Checkpoints of earlier versions hold `optax.MultiSteps`' state (a running mean):
+    converted mid-accumulation, the update is the one accumulation throughout gives."""
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    g1, g2 = {"w": jnp.array([0.3, -1.0, 2.0])}, {"w": jnp.array([-0.7, 0.4, 1.0])}
+    inner = optim.make_optimizer("adam", 0.1, total_steps=10)
+    legacy = optax.MultiSteps(inner, every_k_schedule=3)
+    _, old = legacy.update(g1, legacy.init(params), params)
+    _, old = legacy.update(g2, old, params)
+    acc = optim.make_optimizer("adam", 0.1, total_steps=10, accumulate_steps=3)
+    new = acc.init(params)
+    layout = jax.tree.structure(optim.as_multisteps(new))
+    assert jax.tree.structure(old) == layout
+    _, new = acc.update(g1, new, params)
+    _, new = acc.update(g2, new, params)
+    converted = optim.from_multisteps(old)
+    assert jax.tree.structure(converted) == jax.tree.structure(new)
+    expected, _ = acc.update(g1, new, params)
+    updates, _ = acc.update(g1, converted, params)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop", "lamb", "lars"])
 def test_weight_decay_shrinks_kernels_but_not_biases(name):
     params = {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}

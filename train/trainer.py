@@ -431,6 +431,24 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     return changes
 
 
+def _restore(ckpt: checkpoint.Checkpointer, state: Any) -> tuple[Any, dict[str, Any]]:
+    """`ckpt.restore(state)`; a checkpoint of a run that accumulated gradients with an
+    earlier version (`optax.MultiSteps`' state) is restored in that layout and converted."""
+    try:
+        return ckpt.restore(state)
+    except CheckpointError:
+        if not isinstance(state.opt_state, optim.AccumulationState):
+            raise
+        legacy = state.replace(opt_state=optim.as_multisteps(state.opt_state))
+        try:
+            old, data_state = ckpt.restore(legacy)
+        except CheckpointError:
+            pass
+        else:
+            return old.replace(opt_state=optim.from_multisteps(old.opt_state)), data_state
+        raise
+
+
 def _from_lead(value: Any) -> Any:
     """Process 0's `value` (JSON-able) on every process (a collective when there are
     several)."""
@@ -518,7 +536,7 @@ def _train(
         )
     if latest is not None:
         try:
-            state, data_state = ckpt.restore(state)
+            state, data_state = _restore(ckpt, state)
         except CheckpointError as e:
             ckpt.close()
             if not changes:
