@@ -128,6 +128,9 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
             nsp_logits,
             batch["nsp_label"],
         )
+        # No loss_weight: the loss is the sum of two means over different counts (masked
+        # tokens, pairs), so accumulated micro-batches weigh alike. Their masked-token
+        # counts differ only where sequences are shorter than max_length (15% of each).
         return total, (model_state, metrics)
 
     def eval_fn(params: Any, model_state: Any, batch: Any) -> Any:  # noqa: ARG001
