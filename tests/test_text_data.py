@@ -82,6 +82,37 @@ def test_texts_are_chunks_of_english_and_splits_are_disjoint(train_split, test_s
     assert {"the", "a", "of", "to", "is"} <= set(words)
 
 
+def _word_ngrams(t, n=4):
+    words = t.lower().split()
+    return {tuple(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def test_no_test_text_has_a_near_copy_in_train(train_split, test_split):
+    """Was: 70 of 793 test texts overlapped a train text by half or more of their word
+    4-grams (e.g. json.dump's and json.dumps's docstrings, split between the two)."""
+    train = [_word_ngrams(t) for t in train_split[0]]
+    holders = {}
+    for i, grams in enumerate(train):
+        for g in grams:
+            holders.setdefault(g, []).append(i)
+    worst = 0.0
+    for t in test_split[0]:
+        grams = _word_ngrams(t)
+        for i in {i for g in grams for i in holders.get(g, ())}:
+            worst = max(worst, len(grams & train[i]) / len(grams | train[i]))
+    assert worst < 0.5, worst
+
+
+def test_near_duplicates_are_grouped():
+    from train.data import stdlib_docs
+
+    a = "Return the sum of the squares of the items of the iterable x."
+    docs = [[a], ["Frobnicate every widget in the list, slowly."], [a.replace("sum", "mean")]]
+    docs.append(["one chunk of its own words here now", a.replace("x.", "y.")])
+    groups = stdlib_docs._near_duplicate_groups(docs)
+    assert groups[0] == groups[2] == groups[3] != groups[1]
+
+
 def test_known_docstrings_get_their_area(train_split, test_split):
     texts = train_split[0] + test_split[0]
     labels = np.concatenate([train_split[1], test_split[1]])

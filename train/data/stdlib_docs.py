@@ -92,6 +92,9 @@ MIN_WORDS = 8
 MAX_WORDS = 120
 _SPLIT_SEED = 20_26
 _TEST_PERCENT = 20
+_SHINGLE = 4  # words per n-gram when comparing texts
+_NEAR = 0.5  # Jaccard overlap of n-gram sets from which two texts are near-duplicates
+_COMMON = 100  # n-grams in more chunks than this are not used to find candidates
 # ---------------------------------------------------------------------------------------
 # Collecting the docstrings.
 
@@ -160,6 +163,45 @@ def _is_test(qualname: str) -> bool:
     return zlib.crc32(f"{_SPLIT_SEED}:{qualname}".encode()) % 100 < _TEST_PERCENT
 
 
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    words = text.lower().split()
+    n = min(_SHINGLE, len(words))
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def _near_duplicate_groups(docs: list[list[str]]) -> list[int]:
+    """For docs given as their chunks: a group id per doc, where docs with a pair of chunks
+    whose word 4-gram sets overlap by at least `_NEAR` (Jaccard) share a group (and so do
+    their near-duplicates, transitively): e.g. `json.dump` and `json.dumps`, or a method
+    and its override that says the same. A group goes to one split."""
+    parent = list(range(len(docs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    chunks = [(d, _shingles(c)) for d, doc in enumerate(docs) for c in doc]
+    postings: dict[tuple[str, ...], list[int]] = {}
+    for c, (_, grams) in enumerate(chunks):
+        for g in grams:
+            postings.setdefault(g, []).append(c)
+    for c, (d, grams) in enumerate(chunks):
+        candidates = {
+            other
+            for g in grams
+            if len(postings[g]) <= _COMMON  # a stock phrase finds no one's copy
+            for other in postings[g]
+            if other > c
+        }
+        for other in candidates:
+            theirs = chunks[other][1]
+            if len(grams & theirs) >= _NEAR * len(grams | theirs):
+                parent[root(chunks[other][0])] = root(d)
+    return [root(d) for d in range(len(docs))]
+
+
 def stdlib_examples() -> dict[str, list[tuple[str, str, int]]]:
     """All examples as {"train"|"test": [(key, text, label), ...]}, deterministically."""
     found: dict[str, tuple[str, set[int]]] = {}  # docstring -> (first qualname, labels)
@@ -172,11 +214,18 @@ def stdlib_examples() -> dict[str, list[tuple[str, str, int]]]:
                         if doc and len(doc.split()) >= MIN_WORDS:
                             found.setdefault(doc, (qualname, set()))[1].add(label)
     splits: dict[str, list[tuple[str, str, int]]] = {"train": [], "test": []}
+    kept = [
+        (doc, qualname, labels)
+        for doc, (qualname, labels) in sorted(found.items(), key=lambda item: item[1][0])
+        if len(labels) == 1  # else the same text documents several areas
+    ]
+    groups = _near_duplicate_groups([_chunks(doc) for doc, _, _ in kept])
+    first: dict[int, str] = {}  # group -> the first qualname in it, which decides its split
+    for group, (_, qualname, _) in zip(groups, kept, strict=True):
+        first.setdefault(group, qualname)
     seen: set[str] = set()
-    for doc, (qualname, labels) in sorted(found.items(), key=lambda item: item[1][0]):
-        if len(labels) != 1:
-            continue  # the same text documents several areas
-        split = splits["test" if _is_test(qualname) else "train"]
+    for group, (doc, qualname, labels) in zip(groups, kept, strict=True):
+        split = splits["test" if _is_test(first[group]) else "train"]
         for i, chunk in enumerate(_chunks(doc)):
             if chunk not in seen:
                 seen.add(chunk)

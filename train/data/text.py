@@ -35,7 +35,9 @@ collapsed, and one longer than 120 words is cut into near-equal chunks of at mos
 words. Each chunk is one example, `{"text": str, "label": int}`. About 4,000 examples
 (their number depends a little on the Python version); the classes are not balanced.
 Whole docstrings go to `train` or `test` (a fixed hash of where they were found, ~80/20),
-so no docstring is split across the two.
+so no docstring is split across the two, and near-duplicates go together (docstrings with
+a chunk whose word 4-grams overlap another's by half or more, e.g. those of `json.dump`
+and `json.dumps`, or of the `os.spawn*` family): no test text has a near copy in `train`.
 
 The dataset is registered with TFDS as `stdlib_docs` and written as array_record on
 first use (about a second), then read like any TFDS dataset with `as_data_source`.
@@ -110,8 +112,11 @@ def collect_examples() -> dict[str, list[tuple[str, str, int]]]:
 class StdlibDocs(tfds.core.GeneratorBasedBuilder):
     """Docstrings of the Python standard library, labelled by the area they document."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Near-duplicate docstrings go to the same split.",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
