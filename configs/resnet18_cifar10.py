@@ -18,7 +18,9 @@ def get_config(variant: str | None = None):
     c.model = {"name": "ResNet18", "small_images": True}
     c.dtype = "bfloat16"
     c.batch_size = 512
-    c.total_steps = 200 * 50_000 // 512
+    # 200 epochs, evaluated every 10 (rounded to whole evaluations: one at the end, not a
+    # second one a few steps after the last)
+    c.total_steps = 20 * (10 * 50_000 // 512)
     c.optimizer.name = "sgd"
     c.optimizer.learning_rate = 0.4
     c.optimizer.momentum = 0.9
