@@ -720,10 +720,16 @@ def test_an_evaluation_cut_off_by_sigterm_runs_on_resuming(tmp_path, monkeypatch
     evals.append(30)
     assert [r["step"] for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r] == evals
     # Finished, and run again: the last metrics, from the log.
-    assert train_and_evaluate(config, str(tmp_path)) == {
+    logged = {
         k: v for k, v in logs.read_metrics(str(tmp_path))[-1].items() if k.startswith("eval/")
     }
+    assert train_and_evaluate(config, str(tmp_path)) == logged
     assert len(calls) == 1
+    # With another setting that changes what an evaluation gives: computed, the row kept.
+    config.dtype = "bfloat16"
+    assert train_and_evaluate(config, str(tmp_path))["eval/loss"] != logged["eval/loss"]
+    assert len(calls) == 2
+    assert [r["step"] for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r] == evals
 
 
 def test_a_run_killed_outright_resumes_without_second_rows(tmp_path):

@@ -384,6 +384,29 @@ def _optimizer_layout(config: ml_collections.ConfigDict) -> Any:
         return None
 
 
+# Keys whose change leaves a step's logged evaluation as this config would compute it: how
+# the run goes on, not what or how it evaluates.
+_EVAL_NEUTRAL = {
+    "total_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "progress_bar",
+    "profile_steps",
+    "profile_skip_steps",
+    "compilation_cache_dir",
+    "data_threads",
+    "prefetch",
+    "step_rng",
+    "sharding_rules",
+}
+
+
+def _keeps_evaluation(key: str) -> bool:
+    return key in _EVAL_NEUTRAL or key.startswith(("optimizer.", "mesh.", "sample_"))
+
+
 def _described(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
@@ -623,7 +646,8 @@ def _train(
     def run_eval(step: int) -> None:
         nonlocal result
         result = evaluate(task, eval_step, state, mesh)
-        writer.write(step, result)
+        if writer.eval_metrics(step) is None:  # (logged with other eval settings: kept)
+            writer.write(step, result)
         show(step, result)
 
     def show(step: int, metrics: dict[str, float], note: str = "") -> None:
@@ -667,7 +691,8 @@ def _train(
             # The checkpoint was saved before its step's evaluation, which the run may have
             # logged before it stopped (e.g. a finished run, extended): those are the metrics
             # of this very state, so they are not computed again.
-            logged = _from_lead(writer.eval_metrics(start) if lead else None)
+            keeps = all(_keeps_evaluation(k) for k in changes)
+            logged = _from_lead(writer.eval_metrics(start) if lead and keeps else None)
             if logged is None:
                 run_eval(start)
             else:
