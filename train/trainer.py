@@ -643,10 +643,11 @@ def _train(
                 loss=f"{mean['train/loss']:.4f}", steps_s=f"{mean['train/steps_per_sec']:.1f}"
             )
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, resumed: bool = False) -> None:
         nonlocal result
         result = evaluate(task, eval_step, state, mesh)
-        if writer.eval_metrics(step) is None:  # (logged with other eval settings: kept)
+        # On resuming, a row logged with other settings may be there: it is kept.
+        if not (resumed and writer.eval_metrics(step) is not None):
             writer.write(step, result)
         show(step, result)
 
@@ -694,7 +695,7 @@ def _train(
             keeps = all(_keeps_evaluation(k) for k in changes)
             logged = _from_lead(writer.eval_metrics(start) if lead and keeps else None)
             if logged is None:
-                run_eval(start)
+                run_eval(start, resumed=True)
             else:
                 result = logged
                 show(start, result, f" (logged before the restart, in {writer.path})")
