@@ -3,8 +3,15 @@
 Default: the embedded `stdlib_docs` (10 classes), starting from a pretraining workdir of
 this library (`--config.init_from=runs/bert_tiny`, see configs/bert_pretrain.py) or a
 Hugging Face BERT directory (config.json + model.safetensors + vocab.txt); without
-`init_from` the same model trains from scratch (the baseline). `:sst2` reads TFDS
-`glue/sst2` by name (prepared locally; training never downloads).
+`init_from` the same model trains from scratch (the baseline). Sequences of 128 tokens:
+from `configs/bert_pretrain.py`'s tiny run (trained at 64) positions 64-127 start as
+initialised, and fine-tuning trains them.
+
+`:sst2` reads TFDS `glue/sst2` by name (prepared locally; training never downloads) with
+the published recipe for BERT-base (Devlin et al.: AdamW 2e-5, eps 1e-6, weight decay
+0.01, 10% warmup then linear decay, clipping at 1.0, batch 32, 128 tokens, 3 epochs), for
+a Hugging Face BERT-base in `init_from`; a model as small as BERT-tiny wants a higher
+rate (e.g. `--config.optimizer.learning_rate=1e-4`).
 
   python -m train --config=configs/bert_pretrain.py --workdir=runs/bert_tiny
   python -m train --config=configs/bert_finetune.py --workdir=runs/bert_ft \
@@ -46,10 +53,13 @@ def get_config(variant: str | None = None):
     if variant == "sst2":
         c.dataset = "glue/sst2"
         c.eval_split = "validation"
-        c.max_length = 64
-        c.total_steps = 3 * 67_349 // 32
-        c.eval_every = 1_000
-        c.checkpoint_every = 1_000
+        epoch = 67_349 // 32
+        c.total_steps = 3 * epoch
+        c.eval_every = c.checkpoint_every = epoch
+        c.optimizer.learning_rate = 2e-5
+        c.optimizer.eps = 1e-6
+        c.optimizer.warmup_steps = c.total_steps // 10
+        c.optimizer.grad_clip_norm = 1.0
     elif variant == "smoke":
         c.max_length = 32
         c.vocab_size = 1_000

@@ -1,5 +1,6 @@
 """ResNet-18 (CIFAR stem: 3x3 conv, no max-pool) on CIFAR-10: SGD + Nesterov momentum,
-cosine schedule with warmup, weight decay 5e-4, pad-crop-flip augmentation, 200 epochs.
+cosine schedule with warmup, weight decay 5e-4 (not on biases and BatchNorm, as every
+config here), pad-crop-flip augmentation, 200 epochs.
 
   tfds build cifar10 --file_format=array_record      # once, where there is network
   python -m train --config=configs/resnet18_cifar10.py --workdir=runs/resnet18_cifar10

@@ -44,6 +44,23 @@ def test_every_config_parses_and_validates(path, variant):
     assert config.total_steps > 0
 
 
+def test_the_imagenet_recipe_follows_an_overridden_batch_size(tmp_path):
+    """Was: --config.batch_size=256 kept the rate of batch 1024 (0.4) and its step counts
+    (22.5 epochs); the rate is 0.1 x batch/256 and the run 90 epochs at any batch size."""
+    config = load_config("resnet50_imagenet.py")
+    config.batch_size = 256
+    assert config.optimizer.learning_rate == pytest.approx(0.1)
+    assert config.total_steps == 90 * (1_281_167 // 256)
+    assert config.optimizer.warmup_steps == config.eval_every * 5 == 5 * (1_281_167 // 256)
+    config.total_steps = 100  # a derived value can still be set on its own
+    assert config.total_steps == 100 and config.eval_every == 1_281_167 // 256
+    # From the command line (the smoke variant: synthetic images, 2 steps).
+    run = run_app("configs/resnet50_imagenet.py:smoke", str(tmp_path), "--config.batch_size=16")
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["optimizer"]["learning_rate"] == pytest.approx(0.1 * 16 / 256)
+
+
 @pytest.mark.parametrize("name", ["cnn_mnist.py", "resnet18_cifar10.py", "resnet50_imagenet.py"])
 def test_smoke_variants_train(name, tmp_path):
     config = load_config(name, "smoke")
