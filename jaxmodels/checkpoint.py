@@ -206,12 +206,14 @@ class Checkpointer:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
         path = os.path.join(self.directory, str(step), "state")
         try:
-            checkpointer = ocp.StandardCheckpointer()
-            tree = checkpointer.metadata(path).item_metadata.tree
-            if "params" not in tree:
+            # Through the manager, which reads the step's own metadata too (Orbax warns of
+            # a missing metadata file when the state folder is read on its own).
+            tree = self._manager.item_metadata(step)["state"]
+            if tree is None or "params" not in tree:
                 raise CheckpointError(f"checkpoint {path} holds no model parameters")
             target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
-            return checkpointer.restore(path, target)["params"]
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            return self._manager.restore(step, args=args)["state"]["params"]
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - report any read failure with the path

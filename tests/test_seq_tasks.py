@@ -4,6 +4,8 @@ both tasks learn, sampling works, and an unprepared WMT fails with a clear messa
 
 from __future__ import annotations
 
+import ast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,12 @@ def test_language_model_lowers_eval_loss_and_samples(tmp_path, capsys):
     assert language_model.main([str(tmp_path), "The ", "Return", "--tokens", "8"]) == 0
     printed = capsys.readouterr().out.splitlines()[-2:]
     assert printed == [repr("The " + out[0]), repr("Return" + out[1])]
+    assert "note:" not in capsys.readouterr().err
+    # More than the model's 64 positions hold: cut, and said so (was silent).
+    assert language_model.main([str(tmp_path), "The ", "--tokens", "100"]) == 0
+    captured = capsys.readouterr()
+    assert "note: 60 new tokens, not 100: the model's max_length (64)" in captured.err
+    assert len(ast.literal_eval(captured.out.splitlines()[-1])) <= 4 + 60
     assert language_model.main([str(tmp_path / "nowhere")]) == 2
     assert "is " + str(tmp_path / "nowhere") + " a run's workdir?" in capsys.readouterr().err
 

@@ -321,6 +321,18 @@ def test_profile_steps_trace_the_chosen_steps(tmp_path):
     assert "PjitFunction(train_step)" in names
     steps = sorted({dict(e.stats).get("step_num") for e in events if e.name == "train"})
     assert steps == [2, 3], steps  # numbered from 1, as in the message and the logs
+    # A window past the run's end is said so (was: no trace, and no word).
+    done = run_app(
+        DIGITS_SMOKE,
+        str(tmp_path / "late"),
+        "--config.total_steps=5",
+        "--config.profile_steps=2",
+        "--config.profile_skip_steps=10",
+        devices=1,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "profile's steps 11-12 (profile_skip_steps=10 after step 0) reach past" in done.stdout
+    assert "no trace is taken; lower profile_skip_steps" in done.stdout
 
 
 def test_unknown_override_key_fails_cleanly(tmp_path):
@@ -363,6 +375,9 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
     ("key", "value", "message"),
     [
         ("optimizer.accumulate_steps", 0, "optimizer.accumulate_steps must be >= 1"),
+        # Were "unknown optimizer 'adamm'", with no word of the config key.
+        ("optimizer.name", "adamm", "optimizer.name: 'adamm' is not one of adam, adamw,"),
+        ("optimizer.schedule", "cosin", "optimizer.schedule: .* \\(did you mean 'cosine'\\?\\)"),
         ("dtype", "int32", "not a floating-point dtype"),
         ("seed", -1, "seed must be >= 0"),
         ("max_length", 0, "max_length must be > 0"),

@@ -312,3 +312,17 @@ def test_step_rng_other_generators_drive_dropout_deterministically(impl):
     assert a != threefry, "another generator draws other masks"
     with pytest.raises(ValueError, match="unknown step rng"):
         training.compile_train_step(loss_fn, None, mesh, rules, "mersenne")
+
+
+def test_the_readme_library_example_runs():
+    """The README's "Using the library" block, run as written (it had used a batch it never
+    defined)."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Using the library") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert np.isfinite(float(scope["metrics"]["loss"]))
+    assert float(scope["sums"]["count"]) == 64

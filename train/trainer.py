@@ -78,6 +78,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config key vocab_size must be >= 2 (padding and unknown words), got "
             f"{config.vocab_size}"
         )
+    for key, allowed in (("name", optim.OPTIMIZERS), ("schedule", optim.SCHEDULES)):
+        if config.optimizer[key] not in allowed:
+            close = difflib.get_close_matches(str(config.optimizer[key]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"config key optimizer.{key}: {config.optimizer[key]!r} is not one of "
+                f"{', '.join(allowed)}{hint}"
+            )
     if int(config.optimizer.accumulate_steps) < 1:
         raise ConfigError(
             f"config key optimizer.accumulate_steps must be >= 1, got "
@@ -683,6 +691,15 @@ def _train(
     trace = _StepTrace(
         os.path.join(workdir, "profile"), start + config.profile_skip_steps, config.profile_steps
     )
+    if lead and config.profile_steps and trace.stop_at > config.total_steps:
+        print(
+            f"note: the profile's steps {trace.first + 1}-{trace.stop_at} (profile_skip_steps="
+            f"{config.profile_skip_steps} after step {start}) reach past total_steps="
+            f"{config.total_steps}: "
+            + ("no trace is taken" if trace.first >= config.total_steps else "it is cut short")
+            + "; lower profile_skip_steps",
+            flush=True,
+        )
     try:
         if preempt.agreed():  # during the restore or the setup after it
             if lead:

@@ -141,7 +141,14 @@ def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 
     model = make_model(config)
     params = checkpoint.load_params(os.path.join(workdir, "checkpoints"))
     prompt, lengths = prompt_tokens(prompts, model.max_len)
-    new = min(max_new_tokens or config.sample_tokens, model.max_len - prompt.shape[1] + 1)
+    wanted = max_new_tokens or config.sample_tokens
+    new = min(wanted, model.max_len - prompt.shape[1] + 1)
+    if new < wanted:
+        print(
+            f"note: {new} new tokens, not {wanted}: the model's max_length ({model.max_len}) "
+            f"holds the longest prompt ({prompt.shape[1]} with its EOS) and them",
+            file=sys.stderr,
+        )
     greedy = config.sample_temperature <= 0
     out = transformer.generate(
         model,
