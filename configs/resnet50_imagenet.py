@@ -29,18 +29,22 @@ def get_config(variant: str | None = None):
     c.model = {"name": "ResNet50"}
     c.dtype = "bfloat16"
     c.label_smoothing = 0.1
-    # References: what is derived from the batch size follows an override of it.
+    # References: what is derived from the batch size follows an override of it. Each key
+    # gets a reference of its own (setting a key that shares one would set them all).
     c.batch_size = FieldReference(1024)
-    steps_per_epoch = _TRAIN_IMAGES // c.get_ref("batch_size")
-    c.total_steps = 90 * steps_per_epoch
+
+    def epochs(n: int) -> FieldReference:
+        return n * (_TRAIN_IMAGES // c.get_ref("batch_size"))
+
+    c.total_steps = epochs(90)
     c.optimizer.name = "sgd"
     c.optimizer.learning_rate = c.get_ref("batch_size").to_float() * (0.1 / 256)
     c.optimizer.nesterov = True
     c.optimizer.weight_decay = 1e-4
     c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 5 * steps_per_epoch
-    c.eval_every = steps_per_epoch
-    c.checkpoint_every = steps_per_epoch
+    c.optimizer.warmup_steps = epochs(5)
+    c.eval_every = epochs(1)
+    c.checkpoint_every = epochs(1)
     c.data_threads = 32
     c.log_every = 100
     if variant == "smoke":  # a narrow ResNet-50 on small synthetic images

@@ -44,6 +44,18 @@ def test_eval_metrics_are_the_evaluation_row_of_that_step(tmp_path):
     assert found["eval/acc"] == 0.5 and math.isnan(found["eval/loss"]) and len(found) == 2
     assert writer.eval_metrics(10) is None and writer.eval_metrics(30) is None
     assert logs.MetricWriter(str(tmp_path), enabled=False).eval_metrics(20) is None
+    # Replaced: the train metrics of that step stay, its old evaluation goes.
+    _write(
+        tmp_path, '{"step": 20, "train/loss": 1.0, "eval/loss": 3.0}\n{"step": 30, "eval/a": 1}\n'
+    )
+    writer.replace_eval(30, {"eval/a": 0.25})
+    writer.replace_eval(20, {"eval/loss": 2.0})
+    assert logs.read_metrics(str(tmp_path)) == [
+        {"step": 20, "train/loss": 1.0},
+        {"step": 30, "eval/a": 0.25},
+        {"step": 20, "eval/loss": 2.0},
+    ]
+    assert writer.eval_metrics(20) == {"eval/loss": 2.0}
     writer.close()
 
 
@@ -52,6 +64,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_plot_metrics_draws_train_and_eval_series_of_each_metric(tmp_path):
     rows = [
+        {"train/loss": 9.0},  # no step: left out
         {"step": 10, "train/loss": 2.0, "train/accuracy": 0.2, "train/steps_per_sec": 5.0},
         {"step": 20, "train/loss": "nan", "eval/loss": 1.5, "eval/accuracy": 0.4},
         {"step": 30, "train/loss": 1.0, "train/learning_rate": 1e-3},

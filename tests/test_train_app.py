@@ -52,8 +52,16 @@ def test_the_imagenet_recipe_follows_an_overridden_batch_size(tmp_path):
     assert config.optimizer.learning_rate == pytest.approx(0.1)
     assert config.total_steps == 90 * (1_281_167 // 256)
     assert config.optimizer.warmup_steps == config.eval_every * 5 == 5 * (1_281_167 // 256)
-    config.total_steps = 100  # a derived value can still be set on its own
-    assert config.total_steps == 100 and config.eval_every == 1_281_167 // 256
+    # A derived value can still be set on its own (was: eval_every=500 set them all, and the
+    # run became 45,000 steps).
+    config.eval_every = 500
+    assert (config.total_steps, config.optimizer.warmup_steps, config.checkpoint_every) == (
+        90 * 5004,
+        5 * 5004,
+        5004,
+    )
+    config.total_steps = 100
+    assert config.total_steps == 100 and config.checkpoint_every == 5004
     # From the command line (the smoke variant: synthetic images, 2 steps).
     run = run_app("configs/resnet50_imagenet.py:smoke", str(tmp_path), "--config.batch_size=16")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -757,11 +765,15 @@ def test_an_evaluation_cut_off_by_sigterm_runs_on_resuming(tmp_path, monkeypatch
     }
     assert train_and_evaluate(config, str(tmp_path)) == logged
     assert len(calls) == 1
-    # With another setting that changes what an evaluation gives: computed, the row kept.
+    # With another setting that changes what an evaluation gives: computed, and it replaces
+    # the row; run again, the run takes the new one (was: the first one, of float32).
     config.dtype = "bfloat16"
-    assert train_and_evaluate(config, str(tmp_path))["eval/loss"] != logged["eval/loss"]
+    bf16 = train_and_evaluate(config, str(tmp_path))
+    assert bf16["eval/loss"] != logged["eval/loss"]
     assert len(calls) == 2
     assert [r["step"] for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r] == evals
+    assert train_and_evaluate(config, str(tmp_path)) == bf16
+    assert len(calls) == 2
 
 
 def test_a_run_killed_outright_resumes_without_second_rows(tmp_path):

@@ -71,10 +71,30 @@ class MetricWriter:
             return None
         with open(self.path) as f:
             for _, row in _parsed(f):
-                found = {k: float(v) for k, v in row.items() if k.startswith("eval/")}
-                if row.get("step") == step and found:
-                    return found
+                if row.get("step") == step:
+                    found = {k: float(v) for k, v in row.items() if k.startswith("eval/")}
+                    if found:
+                        return found
         return None
+
+    def replace_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        """Writes `metrics` as `step`'s evaluation in place of the one the file holds (one
+        of another config, e.g. another dtype): a later resume then reads these."""
+        if not self.enabled or not os.path.exists(self.path):
+            return self.write(step, metrics)
+        with open(self.path) as f:
+            kept = []
+            for line, row in _parsed(f):
+                if row.get("step") == step and any(k.startswith("eval/") for k in row):
+                    rest = {k: v for k, v in row.items() if not k.startswith("eval/")}
+                    if set(rest) == {"step"}:
+                        continue
+                    line = json.dumps(rest) + "\n"
+                kept.append(line if line.endswith("\n") else line + "\n")
+        from train.tasks import write_text_atomically
+
+        write_text_atomically(self.path, "".join(kept))
+        self.write(step, metrics)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -125,6 +145,8 @@ def plot_metrics(workdir: str, path: str, metrics: Sequence[str] | None = None) 
         rows = [row for _, row in _parsed(f)]
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for row in rows:
+        if not isinstance(row.get("step"), int):
+            continue
         for key, value in row.items():
             split, _, name = key.partition("/")
             if not name or not isinstance(value, int | float) or not math.isfinite(value):
@@ -143,15 +165,13 @@ def plot_metrics(workdir: str, path: str, metrics: Sequence[str] | None = None) 
     if not names:
         raise ValueError(f"{file} holds no metrics to draw yet")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the process's backend is left alone
     except ImportError:
         raise ImportError(MATPLOTLIB_MISSING) from None
     cols = min(len(names), 3)
     nrows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
         for split, points in sorted(series[name].items()):
             steps, values = zip(*points, strict=True)
@@ -165,7 +185,6 @@ def plot_metrics(workdir: str, path: str, metrics: Sequence[str] | None = None) 
     fig.suptitle(os.path.basename(os.path.normpath(workdir)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return names
 
 

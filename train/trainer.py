@@ -480,6 +480,15 @@ def _restore(ckpt: checkpoint.Checkpointer, state: Any) -> tuple[Any, dict[str, 
         raise
 
 
+def _logged_eval(writer: MetricWriter, step: int) -> dict[str, float] | None:
+    """`writer.eval_metrics(step)`, None where the file cannot be read as written (the
+    other processes wait for this one's answer)."""
+    try:
+        return writer.eval_metrics(step)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def _from_lead(value: Any) -> Any:
     """Process 0's `value` (JSON-able) on every process (a collective when there are
     several)."""
@@ -654,8 +663,10 @@ def _train(
     def run_eval(step: int, resumed: bool = False) -> None:
         nonlocal result
         result = evaluate(task, eval_step, state, mesh)
-        # On resuming, a row logged with other settings may be there: it is kept.
-        if not (resumed and writer.eval_metrics(step) is not None):
+        # On resuming, a row logged with other settings may be there: this one replaces it.
+        if resumed:
+            writer.replace_eval(step, result)
+        else:
             writer.write(step, result)
         show(step, result)
 
@@ -710,7 +721,7 @@ def _train(
             # logged before it stopped (e.g. a finished run, extended): those are the metrics
             # of this very state, so they are not computed again.
             keeps = all(_keeps_evaluation(k) for k in changes)
-            logged = _from_lead(writer.eval_metrics(start) if lead and keeps else None)
+            logged = _from_lead(_logged_eval(writer, start) if lead and keeps else None)
             if logged is None:
                 run_eval(start, resumed=True)
             else:

@@ -87,7 +87,7 @@ def run_config(workdir: str) -> Any:
 
 
 def _file_mode() -> int:
-    umask = os.umask(0)  # the only way to read it; done once, before any loader thread runs
+    umask = os.umask(0)  # the only way to read it; done once, when this module is imported
     os.umask(umask)
     return 0o666 & ~umask
 
