@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 
@@ -46,23 +46,32 @@ class MetricWriter:
                 self._tb.add_scalar(k, float(v), step)
             self._tb.flush()
 
-    def drop_after(self, step: int) -> None:
-        """Removes the rows past `step` (and lines cut short), where a run resumes from its
-        checkpoint at `step`: a run killed outright (no SIGTERM) had logged steps it will now
-        run again, which would otherwise get a second row each."""
+    def _rewrite(self, edit: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        """Rewrites the file (atomically, only if anything changes) with each row as `edit`
+        returns it: None drops it, the same row keeps its line. Lines cut short by a killed
+        run are dropped."""
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
             lines = f.readlines()
-        kept = [
-            line if line.endswith("\n") else line + "\n"
-            for line, row in _parsed(lines)
-            if row.get("step", 0) <= step
-        ]
+        kept = []
+        for line, row in _parsed(lines):
+            new = edit(row)
+            if new is None:
+                continue
+            if new is not row:
+                line = json.dumps(new) + "\n"
+            kept.append(line if line.endswith("\n") else line + "\n")
         if kept != lines:
             from train.tasks import write_text_atomically
 
             write_text_atomically(self.path, "".join(kept))
+
+    def drop_after(self, step: int) -> None:
+        """Removes the rows past `step` (and lines cut short), where a run resumes from its
+        checkpoint at `step`: a run killed outright (no SIGTERM) had logged steps it will now
+        run again, which would otherwise get a second row each."""
+        self._rewrite(lambda row: row if row.get("step", 0) <= step else None)
 
     def eval_metrics(self, step: int) -> dict[str, float] | None:
         """The evaluation metrics the file holds for `step`, if any (None where not
@@ -80,20 +89,14 @@ class MetricWriter:
     def replace_eval(self, step: int, metrics: dict[str, Any]) -> None:
         """Writes `metrics` as `step`'s evaluation in place of the one the file holds (one
         of another config, e.g. another dtype): a later resume then reads these."""
-        if not self.enabled or not os.path.exists(self.path):
-            return self.write(step, metrics)
-        with open(self.path) as f:
-            kept = []
-            for line, row in _parsed(f):
-                if row.get("step") == step and any(k.startswith("eval/") for k in row):
-                    rest = {k: v for k, v in row.items() if not k.startswith("eval/")}
-                    if set(rest) == {"step"}:
-                        continue
-                    line = json.dumps(rest) + "\n"
-                kept.append(line if line.endswith("\n") else line + "\n")
-        from train.tasks import write_text_atomically
 
-        write_text_atomically(self.path, "".join(kept))
+        def without_eval(row: dict[str, Any]) -> dict[str, Any] | None:
+            if row.get("step") != step or not any(k.startswith("eval/") for k in row):
+                return row
+            rest = {k: v for k, v in row.items() if not k.startswith("eval/")}
+            return None if set(rest) == {"step"} else rest
+
+        self._rewrite(without_eval)
         self.write(step, metrics)
 
     def close(self) -> None:

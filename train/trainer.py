@@ -498,9 +498,8 @@ def _from_lead(value: Any) -> Any:
 
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
-    padded = np.zeros(size, np.uint8)
-    padded[: min(size, data.size)] = data[:size]
-    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))))
+    sent = multihost_utils.broadcast_one_to_all(np.resize(data, size))  # process 0's bytes
+    return json.loads(bytes(np.asarray(sent)))
 
 
 def evaluate(task: tasks.Task, eval_step: Any, state: Any, mesh: Any) -> dict[str, float]:
