@@ -2,7 +2,8 @@
 
 import sys
 
-from benchmarks.cli import main
+from benchmarks import errors
+from benchmarks.cli import PROG, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run(main, PROG))

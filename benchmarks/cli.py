@@ -16,16 +16,18 @@ import tempfile
 import threading
 from typing import Any
 
-from benchmarks import report, specs, timing
+from benchmarks import errors, report, specs, timing
+from benchmarks.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROG = "python -m benchmarks"
 
 
 def _parser() -> argparse.ArgumentParser:
     import benchmarks
 
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog=PROG,
         description=benchmarks.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -148,13 +150,14 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             continue
+        measure.check_split(w, len(devices))
         for impl in workloads.impls(w):
             known.add(impl or "default")
             if not args.impls or (impl or "default") in args.impls:
                 jobs.append((w.name, impl))
     unknown = sorted(set(args.impls or ()) - known)
     if unknown:
-        raise SystemExit(
+        raise UsageError(
             f"--impls {' '.join(unknown)}: no such implementation of these workloads here; "
             f"choose from {sorted(known)}"
         )
@@ -176,7 +179,7 @@ def model_overrides(settings: list[str]) -> dict[str, Any]:
     for setting in settings:
         key, sep, text = setting.partition("=")
         if not sep or not key.isidentifier():
-            raise SystemExit(f"--set {setting!r}: expected KEY=VALUE, e.g. scan_layers=True")
+            raise UsageError(f"--set {setting!r}: expected KEY=VALUE, e.g. scan_layers=True")
         try:
             out[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -200,11 +203,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--warmup", args.warmup, 0),
     ):
         if value is not None and value < least:
-            raise SystemExit(f"{flag} must be >= {least}, got {value}")
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise SystemExit(f"--peak-tflops must be > 0 (TFLOP/s), got {args.peak_tflops}")
+        raise UsageError(f"--peak-tflops must be > 0 (TFLOP/s), got {args.peak_tflops}")
     if args.devices != "all" and not (args.devices.isdecimal() and int(args.devices) >= 1):
-        raise SystemExit(f'--devices takes a count (>= 1) or "all", got {args.devices!r}')
+        raise UsageError(f'--devices takes a count (>= 1) or "all", got {args.devices!r}')
 
 
 def _run_here(
@@ -262,13 +265,15 @@ def _child(
     echo: bool = False,
     xla_flags: str | None = None,
     new_group: bool = True,
+    refuses: bool = False,
 ) -> tuple[Any, str | None]:
     """Runs `python -m <cmd...> --json TMP`; returns (parsed JSON, None) or (None, error).
 
     The child's output is kept for the error message, and echoed to stderr if `echo`.
     `xla_flags` are appended to the child's XLA_FLAGS. With `new_group` the child runs in
     a process group of its own, all of which a timeout kills (the peer process's Keras
-    children included, which therefore stay in its group: `new_group=False`).
+    children included, which therefore stay in its group: `new_group=False`). With
+    `refuses`, a child that refused its command line raises its `UsageError` here.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
@@ -306,8 +311,10 @@ def _child(
             return None, f"timed out after {timeout:.0f} s"
         finally:
             reader.join(timeout=10)
+        tail = [ln.strip() for ln in lines if ln.strip()]
+        if refuses and proc.returncode == errors.USAGE_STATUS and tail:
+            raise UsageError(errors.message(tail[-1], PROG))
         if proc.returncode != 0 or not os.path.exists(out):
-            tail = [ln.strip() for ln in lines if ln.strip()]
             return None, (tail[-1] if tail else f"exit status {proc.returncode}")[:300]
         with open(out) as f:
             return json.load(f), None
@@ -342,7 +349,7 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
     probe_cmd += ["--only", *args.only] if args.only else []
     probe_cmd += ["--batch", str(args.batch)] if args.batch else []
     probe_cmd += ["--impls", *args.impls] if args.impls else []
-    info, error = _child(probe_cmd, args.timeout, xla_flags=args.xla_flags)
+    info, error = _child(probe_cmd, args.timeout, xla_flags=args.xla_flags, refuses=True)
     if info is None:
         raise SystemExit(f"the JAX probe process failed: {error}")
     by_name = {w.name: w for w in specs.suite(info["suite"], None, args.batch)}
@@ -398,26 +405,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return _worker(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit(report.MATPLOTLIB_MISSING)
+        raise UsageError(report.MATPLOTLIB_MISSING)
     for suite in specs.SUITES:  # fail on a misspelt --only or a bad --batch before starting
         specs.suite(suite, args.only, args.batch)
     if model_overrides(args.set) and not args.only:
-        raise SystemExit(
+        raise UsageError(
             "--set changes a setting of one model family: name its workloads with --only"
         )
     if args.peers and args.devices != "1":
-        raise SystemExit(
+        raise UsageError(
             "--peers runs on one device, so their ratios compare one device with one: "
             "use --devices 1 (the default) with --peers"
         )
     if args.set and args.peers:
-        raise SystemExit(
+        raise UsageError(
             "--set changes our model but not the peers': compare with --peers in a run "
             "without --set"
         )
     _check_numbers(args)
     if args.xla_flags and args.in_process:
-        raise SystemExit(
+        raise UsageError(
             "--xla-flags takes effect when XLA starts, in each workload's own process: "
             "drop --in-process"
         )

@@ -67,6 +67,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from benchmarks.errors import UsageError, run
+
+PROG = "python -m benchmarks.compiled"
+
 # Device descriptions for XLA (its GpuTargetConfig, text format) of the targets: SM count,
 # clock, bandwidth and caches from the published specifications, memory as CUDA reports it.
 _DEVICE_INFO = {
@@ -136,7 +140,7 @@ def _plugin_versions() -> tuple[tuple[int, int], tuple[int, int]]:
     """((CUDA major, minor), (cuDNN major, minor)) of the installed jax CUDA plugin."""
     major = cuda_plugin()
     if major is None:
-        raise SystemExit(
+        raise UsageError(
             "compiling for an NVIDIA GPU without one needs jax's CUDA plugin, which is not "
             'installed: pip install "jax[cuda13]" (or "jax[cuda12]")'
         )
@@ -416,7 +420,7 @@ def _source_name(op_name: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.compiled",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -597,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     known = {"default"} | {i for names in available.values() for i in names if i}
     unknown = sorted(set(args.impls) - known)
     if unknown:
-        raise SystemExit(f"--impls {unknown}: none of these workloads has it; use {sorted(known)}")
+        raise UsageError(f"--impls {unknown}: none of these workloads has it; use {sorted(known)}")
     rows = []
     for w in suite:
         for impl in args.impls:
@@ -627,4 +631,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, PROG))

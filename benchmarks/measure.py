@@ -16,10 +16,11 @@ import jax
 import numpy as np
 
 from benchmarks import flops, profile, timing, workloads
+from benchmarks.errors import UsageError
 from benchmarks.specs import Workload
 from jaxmodels import optim, sharding, training
 
-__all__ = ["device_label", "devices_for", "measure"]
+__all__ = ["check_split", "device_label", "devices_for", "measure"]
 
 
 def devices_for(spec: str) -> list[Any]:
@@ -27,8 +28,17 @@ def devices_for(spec: str) -> list[Any]:
     available = jax.devices()
     n = len(available) if spec == "all" else int(spec)
     if not 1 <= n <= len(available):
-        raise SystemExit(f"--devices {spec}: this machine has {len(available)} device(s)")
+        raise UsageError(f"--devices {spec}: this machine has {len(available)} device(s)")
     return available[:n]
+
+
+def check_split(w: Workload, parallel: int) -> None:
+    """`w`'s batch must split evenly over `parallel` devices."""
+    if w.batch % parallel:
+        raise UsageError(
+            f"{w.name}: batch {w.batch} is not divisible by the {parallel} devices; "
+            "use --devices 1 or a device count that divides it"
+        )
 
 
 def device_label(devices: list[Any]) -> str:
@@ -69,11 +79,7 @@ def measure(
         note=note,
     )
     parallel = len(devices)
-    if w.batch % parallel:
-        raise SystemExit(
-            f"{w.name}: batch {w.batch} is not divisible by the {parallel} devices; "
-            "use --devices 1 or a device count that divides it"
-        )
+    check_split(w, parallel)
     inputs = built.model_inputs()
     forward = flops.forward_flops(
         built.flops_model, *[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]

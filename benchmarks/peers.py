@@ -68,9 +68,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import specs, timing
+from benchmarks import errors, specs, timing
 
 __all__ = ["main", "measure_keras", "run_keras_peers", "run_peers"]
+
+PROG = "python -m benchmarks.peers"
 
 TORCHVISION_MISSING = "torchvision is not installed"
 NO_CPU_COMPILE = "torch.compile peers run on GPU only (compile time dominates tiny CPU sizes)"
@@ -693,7 +695,7 @@ def _flops_arg(text: str) -> tuple[str, float]:
 def main(argv: list[str] | None = None) -> int:
     """Command line of the peer process; writes its rows as JSON."""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.peers",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -754,4 +756,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run(main, PROG))

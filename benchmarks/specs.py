@@ -54,6 +54,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from benchmarks.errors import UsageError
+
 __all__ = [
     "BACKWARD_FACTOR",
     "BERT_PRESETS",
@@ -259,18 +261,18 @@ def suite(name: str, only: list[str] | None = None, batch: int | None = None) ->
     """The workloads of suite `name`, optionally only those named in `only` (in suite order),
     with global batch size `batch` instead of their own if given."""
     if name not in SUITES:
-        raise SystemExit(f"unknown suite {name!r}; choose one of {sorted(SUITES)}")
+        raise UsageError(f"unknown suite {name!r}; choose one of {sorted(SUITES)}")
     workloads = list(SUITES[name])
     if only:
         known = {w.name for w in workloads}
         unknown = [n for n in only if n not in known]
         if unknown:
-            raise SystemExit(
+            raise UsageError(
                 f"unknown workload(s) {unknown} for --only; choose from {sorted(known)}"
             )
         workloads = [w for w in workloads if w.name in only]
     if batch is not None:
         if batch < 1:
-            raise SystemExit(f"--batch must be >= 1, got {batch}")
+            raise UsageError(f"--batch must be >= 1, got {batch}")
         workloads = [dataclasses.replace(w, batch=batch) for w in workloads]
     return workloads

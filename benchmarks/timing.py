@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks import specs
+from benchmarks.errors import UsageError
 
 __all__ = [
     "ROW_KEYS",
@@ -78,7 +79,7 @@ class Timing:
 def check_protocol(steps: int, windows: int, warmup: int) -> None:
     """K steps per window, R windows and the warm-up steps must make a timing."""
     if steps < 1 or windows < 1 or warmup < 0:
-        raise SystemExit(
+        raise UsageError(
             f"need --steps >= 1, --windows >= 1 and --warmup >= 0; got {steps}, {windows}, {warmup}"
         )
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import flops, report, specs, timing
+from benchmarks.errors import UsageError
 from jaxmodels import cnn, rnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -309,7 +310,7 @@ def test_xla_flags_reach_the_workload_process(tmp_path):
         text=True,
         timeout=60,
     )
-    assert proc.returncode != 0 and "drop --in-process" in proc.stderr
+    assert proc.returncode == 2 and "drop --in-process" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -349,6 +350,44 @@ def test_a_failed_workload_makes_the_exit_status_1(monkeypatch, capsys):
     ok = dict(failed, status="ok", step_ms=1.0, items_per_s=1.0)
     monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [ok]))
     assert cli.main(["--suite", "cpu", "--only", "mnist_cnn"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--only", "mnist_cnnn"], "unknown workload(s) ['mnist_cnnn'] for --only"),
+        (["--only", "mnist_cnn", "--steps", "0"], "--steps must be >= 1, got 0"),
+        # refused in the probe process, which knows the machine: a refusal all the same
+        (["--only", "mnist_cnn", "--impls", "palas"], "--impls palas: no such implementation"),
+        (["--only", "mnist_cnn", "--devices", "2"], "--devices 2: this machine has 1 device(s)"),
+    ],
+)
+def test_a_command_line_that_cannot_run_exits_2(flags, message):
+    """Was status 1, as for a failed workload, so a script could not tell a command line to
+    fix from a measurement that failed; a refusal in the probe process read "the JAX probe
+    process failed"."""
+    args = ["benchmarks", "--suite", "cpu", "--steps", "1", "--windows", "1", *flags]
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"python -m benchmarks: error: {message}" in proc.stderr
+    assert "probe process failed" not in proc.stderr
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused_at_once():
+    """Was found in each workload's own process, one failed row after another."""
+    from benchmarks import cli
+
+    args = cli._parser().parse_args(["--suite", "cpu", "--only", "mnist_cnn", "--batch", "3"])
+    args.devices = "2"  # this test process has 8 simulated devices
+    with pytest.raises(UsageError, match="batch 3 is not divisible by the 2 devices"):
+        cli._probe(args)
 
 
 def test_mfu_is_over_every_device_the_batch_is_split_over():
