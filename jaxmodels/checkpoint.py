@@ -222,15 +222,21 @@ class Checkpointer:
             ) from e
 
 
-def has_checkpoint(directory: str | os.PathLike) -> bool:
-    """Whether `directory` holds a complete checkpoint (it is not created if missing)."""
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The step of the latest complete checkpoint in `directory`, None if there is none
+    (the directory is not created if missing)."""
     if not os.path.isdir(directory):
-        return False
+        return None
     ckpt = Checkpointer(directory, async_save=False)
     try:
-        return ckpt.latest_step() is not None
+        return ckpt.latest_step()
     finally:
         ckpt.close()
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a complete checkpoint (it is not created if missing)."""
+    return latest_step(directory) is not None
 
 
 def load_params(directory: str | os.PathLike, step: int | None = None) -> Any:

@@ -136,6 +136,9 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     saved = int(out.split("SIGTERM: saved step ")[1].split(";")[0])
     assert 20 <= saved < total
     assert os.path.isdir(os.path.join(broken, "checkpoints", str(saved)))
+    # was "final: ..." (the last metrics of a run that had not finished)
+    assert f"last metrics (stopped at step {saved} of {total}; the same" in out
+    assert "final:" not in out and "final:" in done.stdout
 
     resumed = run_app("configs/cnn_digits.py", broken, *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

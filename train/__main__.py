@@ -10,6 +10,7 @@ or `--distributed` to let `jax.distributed.initialize()` detect the cluster (SLU
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    from jaxmodels import checkpoint
     from jaxmodels.errors import UserError
 
     logging.set_verbosity(logging.WARNING)  # Orbax/TFDS are chatty at INFO
@@ -52,8 +54,18 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    if jax.process_index() == 0 and result:
-        print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
+    if not result:
+        return 0
+    # Where the run stands: a run stopped by SIGTERM has its last metrics, not final ones.
+    latest = checkpoint.latest_step(os.path.join(FLAGS.workdir, "checkpoints"))
+    total = FLAGS.config.total_steps
+    label = (
+        "final"
+        if latest is None or latest >= total
+        else f"last metrics (stopped at step {latest} of {total}; the same command resumes)"
+    )
+    if jax.process_index() == 0:
+        print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
     return 0
 
 
