@@ -3,6 +3,7 @@ several processes equal one, and bad input fails with a clear message."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -666,6 +667,48 @@ def test_resuming_with_a_changed_config(tmp_path):
         r["train/learning_rate"] for r in logs.read_metrics(str(tmp_path)) if "train/loss" in r
     ]
     np.testing.assert_allclose(rates, [0.001, 0.001, 0.01, 0.01], rtol=1e-6)
+
+
+def test_resuming_on_another_version_of_the_data_is_refused(tmp_path, monkeypatch):
+    """Was: a dataset prepared or installed at another version since the run started was
+    read on resuming without a word, from a saved position that counts batches of the old
+    data, and the logged evaluation of the old data was taken as this state's."""
+    from train import tasks, trainer
+
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 2
+    train_and_evaluate(config, str(tmp_path))
+    saved = (tmp_path / "config.json").read_text()
+    build = tasks.build
+
+    def newer(*args):
+        task = build(*args)
+        assert task.datasets == ("sklearn_digits/1.0.0",)  # what the checkpoint records
+        return dataclasses.replace(task, datasets=("sklearn_digits/1.1.0",))
+
+    monkeypatch.setattr(tasks, "build", newer)
+    config.total_steps = 4
+    message = (
+        r"trained on sklearn_digits/1\.0\.0, and this run would read sklearn_digits/1\.1\.0.*"
+        r"dataset='sklearn_digits:1\.0\.0'"
+    )
+    with pytest.raises(DataError, match=message):
+        train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    # Naming the run's version (as the message says) is no change of dataset: the
+    # checkpoints' record decides; another dataset still is one.
+    config.dataset = "sklearn_digits:1.0.0"
+    assert trainer.resume_changes(config, str(tmp_path))["dataset"] == (
+        "sklearn_digits",
+        "sklearn_digits:1.0.0",
+    )
+    config.dataset = "mnist:3.0.1"
+    with pytest.raises(ConfigError, match="config key dataset"):
+        trainer.resume_changes(config, str(tmp_path))
+    monkeypatch.setattr(tasks, "build", build)
+    config.dataset = "sklearn_digits"
+    assert train_and_evaluate(config, str(tmp_path))  # the same data resumes
 
 
 def test_a_changed_model_on_resuming_names_the_keys_it_changed(tmp_path):

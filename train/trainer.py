@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from jaxmodels import checkpoint, optim, sharding, training
-from jaxmodels.errors import CheckpointError, ConfigError, NonFiniteError, UserError
+from jaxmodels.errors import CheckpointError, ConfigError, DataError, NonFiniteError, UserError
 from train import tasks
 from train.defaults import base_config
 from train.logs import MetricWriter
@@ -385,6 +385,11 @@ def _json_items(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return _flat(json.loads(config.to_json_best_effort()), into_model=True)
 
 
+def _unversioned(dataset: Any) -> Any:
+    """A dataset name without the version it may name ("mnist:3.0.1" -> "mnist")."""
+    return dataset.partition(":")[0] if isinstance(dataset, str) else dataset
+
+
 def _optimizer_layout(config: ml_collections.ConfigDict) -> Any:
     try:
         return jax.tree.structure(jax.eval_shape(_make_optimizer(config).init, _OPTIMIZER_PROBE))
@@ -444,6 +449,8 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     changes = {k: (then.get(k), now.get(k)) for k in sorted(set(then) | set(now))}
     changes = {k: v for k, v in changes.items() if v[0] != v[1]}
     for key in _RUN_IDENTITY:
+        if key == "dataset" and _unversioned(then.get(key)) == _unversioned(now.get(key)):
+            continue  # the version named or not: the checkpoints' record of it decides
         if key in changes and key in then:
             raise ConfigError(
                 f"config key {key}: the run in --workdir {workdir} started with "
@@ -478,6 +485,31 @@ def _restore(ckpt: checkpoint.Checkpointer, state: Any) -> tuple[Any, dict[str, 
         else:
             return old.replace(opt_state=optim.from_multisteps(old.opt_state)), data_state
         raise
+
+
+def _check_datasets(
+    data_state: dict[str, Any], task: tasks.Task, ckpt: checkpoint.Checkpointer
+) -> None:
+    """The data a checkpoint was trained on (its TFDS datasets' versions; checkpoints of
+    earlier versions of this library do not say) must be the data this run reads: the
+    saved position counts batches of that data, the logged evaluations were of it."""
+    saved = data_state.get("datasets")
+    if saved is None or list(saved) == list(task.datasets):
+        return
+    ckpt.close()
+    raise DataError(
+        f"the checkpoints in {ckpt.directory} were trained on "
+        f"{', '.join(saved) or 'generated data'}, and this run would read "
+        f"{', '.join(task.datasets) or 'generated data'}: another version, prepared or "
+        "installed since. Resume where the run's version is prepared (naming it, e.g. "
+        f"dataset='{_pinned(saved[0]) if saved else 'NAME:VERSION'}'), or use another --workdir"
+    )
+
+
+def _pinned(full_name: str) -> str:
+    """TFDS's "name/config/1.2.0" as a dataset name that pins it: "name/config:1.2.0"."""
+    base, _, version = full_name.rpartition("/")
+    return f"{base}:{version}"
 
 
 def _logged_eval(writer: MetricWriter, step: int) -> dict[str, float] | None:
@@ -584,6 +616,7 @@ def _train(
                 f"{e}\nThis config differs from the one in {tasks.CONFIG_FILE} that the run "
                 f"started with: {_described(changes)}"
             ) from e
+        _check_datasets(data_state, task, ckpt)
         train_iter.set_state(data_state["iterator"])
         start = int(state.step)
         # Saved before its step's evaluation ran (or was preempted): run it on resuming.
@@ -696,7 +729,12 @@ def _train(
         )
         if bad:
             stop(f"the state after step {step} is not finite (first: {bad}); not saved")
-        ckpt.save(step, state, {"iterator": train_iter.get_state(), "eval_pending": eval_pending})
+        data_state = {
+            "iterator": train_iter.get_state(),
+            "eval_pending": eval_pending,
+            "datasets": list(task.datasets),
+        }
+        ckpt.save(step, state, data_state)
 
     trace = _StepTrace(
         os.path.join(workdir, "profile"), start + config.profile_skip_steps, config.profile_steps

@@ -3,9 +3,12 @@ datasets by name. Nothing here downloads; what is missing is an error saying how
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fcntl
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from jaxmodels.errors import DataError
@@ -92,12 +95,31 @@ def _prepared_versions(builder: Any) -> list[str]:
     return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
+_OPENED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("_OPENED", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[set[str]]:
+    """Collects, in the set it gives, what `split_source` opens in the block: each
+    dataset's TFDS full name (name, config and version: "stdlib_docs/1.1.0")."""
+    opened: set[str] = set()
+    token = _OPENED.set(opened)
+    try:
+        yield opened
+    finally:
+        _OPENED.reset(token)
+
+
 def split_source(builder: Any, name: str, split: str, data_dir: str) -> Any:
     """A random-access (array_record) source of `split`; a clear error if unreadable."""
     try:
-        return builder.as_data_source(split=split)
+        source = builder.as_data_source(split=split)
     except Exception as e:  # noqa: BLE001
         raise DataError(
             f"cannot read split {split!r} of {name!r} in {data_dir}: {e}. Datasets must be "
             "prepared as array_record (tfds build --file_format=array_record)."
         ) from e
+    opened = _OPENED.get()
+    if opened is not None:
+        opened.add(builder.info.full_name)
+    return source

@@ -19,6 +19,7 @@ import flax.linen as nn
 
 from jaxmodels.errors import ConfigError, DataError
 from jaxmodels.training import EvalFn, LossFn
+from train.data import tfds_local
 
 TASKS = (
     "image_classification",
@@ -43,6 +44,8 @@ class Task:
       info: facts for the log (dataset sizes, classes).
       init_params: for a fresh run (no checkpoint yet), maps the initialised params to
         the starting ones, e.g. a pretrained encoder put in place; None: keep them.
+      datasets: the TFDS datasets the task reads, by full name and version (e.g.
+        "stdlib_docs/1.1.0"), sorted; () for generated data. `build` fills it in.
     """
 
     model: nn.Module
@@ -53,13 +56,16 @@ class Task:
     eval_iterator: Callable[[], Iterator[dict[str, Any]]] | None
     info: dict[str, Any]
     init_params: Callable[[Any], Any] | None = None
+    datasets: tuple[str, ...] = ()
 
 
 def build(config: Any, process_index: int, process_count: int, workdir: str) -> Task:
     if config.task not in TASKS:
         raise ConfigError(f"unknown task {config.task!r} (config key task); choose one of {TASKS}")
     module = importlib.import_module(f"train.tasks.{config.task}")
-    return module.build(config, process_index, process_count, workdir)
+    with tfds_local.recording() as opened:
+        task = module.build(config, process_index, process_count, workdir)
+    return dataclasses.replace(task, datasets=tuple(sorted(opened)))
 
 
 CONFIG_FILE = "config.json"
