@@ -494,6 +494,13 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
     config.data_dir = str(tmp_path / "empty")
     with pytest.raises(DataError, match=r"(?s)not prepared.*never downloads.*tfds build mnist"):
         train_and_evaluate(config, str(tmp_path / "run"))
+    # The workdir this start made held only its lock (was left behind); one that was there
+    # stays.
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError):
+        train_and_evaluate(config, str(tmp_path / "mine"))
+    assert os.listdir(tmp_path / "mine") == [".lock"]
 
 
 def test_missing_dataset_fails_cleanly_from_the_command_line(tmp_path):

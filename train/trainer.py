@@ -17,6 +17,7 @@ import difflib
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -188,6 +189,19 @@ def workdir_lock(workdir: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_if_unused(workdir: str) -> None:
+    """Removes a workdir this start created and failed in before writing anything of the
+    run (process 0): the lock and a compilation cache alone are not worth keeping."""
+    if jax.process_index() != 0:
+        return
+    try:
+        if not set(os.listdir(workdir)) <= {LOCK_FILE, "compilation_cache"}:
+            return
+        shutil.rmtree(workdir)
+    except OSError:
+        pass  # what cannot be removed stays: it holds nothing of the run either
 
 
 @contextlib.contextmanager
@@ -561,12 +575,18 @@ def train_and_evaluate(
     with _Preemption(exit_on_early_sigterm) as preempt:
         try:
             validate_config(config)
+            new = not os.path.exists(os.path.abspath(workdir))
             workdir = prepare_workdir(workdir)
-            with (
-                workdir_lock(workdir),
-                compilation_cache(config.compilation_cache_dir, workdir) as cache_dir,
-            ):
-                return _train(config, workdir, cache_dir, preempt)
+            try:
+                with (
+                    workdir_lock(workdir),
+                    compilation_cache(config.compilation_cache_dir, workdir) as cache_dir,
+                ):
+                    return _train(config, workdir, cache_dir, preempt)
+            except UserError:
+                if new:
+                    _remove_if_unused(workdir)
+                raise
         except _Preempted:
             if jax.process_index() == 0:
                 print(_SETUP_STOPPED, flush=True)
