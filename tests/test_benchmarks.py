@@ -37,7 +37,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = 120, status: int = 0) -> subprocess.CompletedProcess:
+    """`python -m ARGS`, which must exit with `status`."""
     proc = subprocess.run(
         [sys.executable, "-m", *args],
         cwd=ROOT,
@@ -46,7 +47,9 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == status, (
+        f"{args}: status {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    )
     return proc
 
 
@@ -302,15 +305,8 @@ def test_xla_flags_reach_the_workload_process(tmp_path):
     [row] = json.loads(out.read_text())["rows"]
     assert row["status"] == "ok" and f"XLA_FLAGS --xla_dump_to={dump}" in row["note"]
     assert any(name.endswith("after_optimizations.txt") for name in os.listdir(dump))
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", *args, "--in-process", "--xla-flags=--x=1"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "drop --in-process" in proc.stderr
+    proc = _run("benchmarks", *args, "--in-process", "--xla-flags=--x=1", status=2)
+    assert "drop --in-process" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -366,16 +362,8 @@ def test_a_command_line_that_cannot_run_exits_2(flags, message):
     """Was status 1, as for a failed workload, so a script could not tell a command line to
     fix from a measurement that failed; a refusal in the probe process read "the JAX probe
     process failed"."""
-    args = ["benchmarks", "--suite", "cpu", "--steps", "1", "--windows", "1", *flags]
-    proc = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    args = ["--suite", "cpu", "--steps", "1", "--windows", "1", *flags]
+    proc = _run("benchmarks", *args, status=2)
     assert f"python -m benchmarks: error: {message}" in proc.stderr
     assert "probe process failed" not in proc.stderr
 
