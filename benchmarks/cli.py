@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -151,9 +153,18 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
             )
             continue
         measure.check_split(w, len(devices))
-        for impl in workloads.impls(w):
+        unknown = sorted(set(model_overrides(args.set)) - set(workloads.settings(w)))
+        if unknown:
+            raise UsageError(
+                f"--set {' '.join(unknown)}: {w.name} has no such model setting; "
+                f"choose from {workloads.settings(w)}"
+            )
+        # "default": each workload's first implementation (as in benchmarks.compiled).
+        known.add("default")
+        for n, impl in enumerate(workloads.impls(w)):
             known.add(impl or "default")
-            if not args.impls or (impl or "default") in args.impls:
+            chosen = (impl or "default") in args.impls if args.impls else True
+            if chosen or (n == 0 and "default" in (args.impls or ())):
                 jobs.append((w.name, impl))
     unknown = sorted(set(args.impls or ()) - known)
     if unknown:
@@ -188,11 +199,7 @@ def model_overrides(settings: list[str]) -> dict[str, Any]:
 
 
 def _timing_args(args: argparse.Namespace, suite: str) -> tuple[int, int, int]:
-    defaults = specs.DEFAULT_TIMING[suite]
-    return tuple(
-        defaults[name] if getattr(args, name) is None else getattr(args, name)
-        for name in ("steps", "windows", "warmup")
-    )
+    return timing.protocol(suite, args.steps, args.windows, args.warmup)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -208,6 +215,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--peak-tflops must be > 0 (TFLOP/s), got {args.peak_tflops}")
     if args.devices != "all" and not (args.devices.isdecimal() and int(args.devices) >= 1):
         raise UsageError(f'--devices takes a count (>= 1) or "all", got {args.devices!r}')
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 (seconds per process), got {args.timeout}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise UsageError(f"{flag} {path}: there is no folder {folder}; create it first")
+        if folder and not os.access(folder, os.W_OK):
+            raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
 
 
 def _run_here(
@@ -222,19 +237,31 @@ def _run_here(
     rows = []
     for i, (name, impl) in enumerate(jobs):
         _log(f"[{i + 1}/{len(jobs)}] {name} {workloads.impl_label(impl)} ...")
-        with timing.without_compilation_cache():
-            row = measure.measure(
-                by_name[name],
-                impl,
-                devices,
-                steps,
-                windows,
-                warmup,
-                args.peak_tflops,
-                report_memory=i == 0,
-                step_rng=args.step_rng,
-                profile_dir=args.profile and os.path.abspath(args.profile),
-                model_overrides=model_overrides(args.set),
+        try:
+            with timing.without_compilation_cache():
+                row = measure.measure(
+                    by_name[name],
+                    impl,
+                    devices,
+                    steps,
+                    windows,
+                    warmup,
+                    args.peak_tflops,
+                    report_memory=i == 0,
+                    step_rng=args.step_rng,
+                    profile_dir=args.profile and os.path.abspath(args.profile),
+                    model_overrides=model_overrides(args.set),
+                )
+        except Exception as e:
+            if not args.in_process:
+                raise  # a workload process: its exit status and last line tell the suite
+            # As a workload process's failure: its row, and the other workloads go on.
+            error = (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
+            _log(f"    failed: {error}")
+            label = workloads.impl_label(impl)
+            device = measure.device_label(devices)
+            row = timing.empty_row(
+                by_name[name], label, "jax", device=device, status="failed", note=error
             )
         if i > 0 and args.in_process and timing.peak_memory_bytes(devices) is not None:
             row["note"] = "; ".join(
@@ -349,7 +376,11 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
     probe_cmd += ["--only", *args.only] if args.only else []
     probe_cmd += ["--batch", str(args.batch)] if args.batch else []
     probe_cmd += ["--impls", *args.impls] if args.impls else []
+    for setting in args.set:
+        probe_cmd += ["--set", setting]
     info, error = _child(probe_cmd, args.timeout, xla_flags=args.xla_flags, refuses=True)
+    if info is None and args.xla_flags and "XLA_FLAGS" in (error or ""):
+        raise UsageError(f"--xla-flags {args.xla_flags}: XLA refused them: {error}")
     if info is None:
         raise SystemExit(f"the JAX probe process failed: {error}")
     by_name = {w.name: w for w in specs.suite(info["suite"], None, args.batch)}
@@ -398,6 +429,15 @@ def _run_peers(
     if result is None:
         return [], f"peer process failed: {error}"
     return result, None
+
+
+def _peer_versions() -> dict[str, str]:
+    """The versions of the peers' packages installed here (the peer process's Python)."""
+    found = {}
+    for package in ("torch", "torchvision", "transformers", "keras"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[package] = importlib.metadata.version(package)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         "model_overrides": model_overrides(args.set),
         "batch_override": args.batch,
         "xla_flags": args.xla_flags,
+        "peers": args.peers,
+        "peer_error": peer_error,
+        "peer_versions": _peer_versions() if args.peers else None,
     }
     print(
         f"# {metadata['date']}  suite {info['suite']}  {info['device']}  jax {info['jax_version']}"

@@ -87,7 +87,9 @@ def measure(
 
     mesh = sharding.make_mesh(data=-1, devices=devices)
     rules = sharding.logical_rules("data")
-    tx = optim.make_optimizer(w.optimizer, w.learning_rate, total_steps=1_000_000)
+    tx = optim.make_optimizer(
+        w.optimizer, w.learning_rate, total_steps=1_000_000, weight_decay=w.weight_decay
+    )
     state, shardings = training.create_train_state(
         built.model, tx, inputs, jax.random.key(0), mesh, rules
     )

@@ -23,9 +23,9 @@ Peers (each an optimizer step in the timing: zero_grad, forward, loss, backward,
   LSTM (no bfloat16 instructions) ``nn.LSTM`` runs outside autocast, in float32 (noted).
 * ``bert_*``: ``transformers.BertForPreTraining`` with the same sizes (`specs.BERT_PRESETS`,
   random init, ``attn_implementation="sdpa"``, dropout 0.1), bfloat16 autocast, AdamW; eager
-  and ``torch.compile`` (GPU only). The same batch shapes: full-length sequences (an all-ones
-  attention mask), masked-LM labels -100 except at the masked positions, NSP labels; the loss
-  is the model's own (MLM + NSP). Its MLM head runs on every position (the PyTorch
+  and ``torch.compile`` (GPU only). The same batch shapes: full-length sequences (no
+  attention mask, as ours), masked-LM labels -100 except at the masked positions, NSP labels;
+  the loss is the model's own (MLM + NSP). Its MLM head runs on every position (the PyTorch
   reference gathers nothing), so it does more arithmetic than ours; TFLOP/s and MFU still
   use our count (head on the masked positions only), as for every peer.
 * ``transformer_lm``: ``transformers.GPT2LMHeadModel`` with the same sizes (pre-LayerNorm,
@@ -162,7 +162,7 @@ def _optimizer(w: specs.Workload, params: Any) -> Any:
     if w.optimizer == "adam":
         return torch.optim.Adam(params, lr=w.learning_rate)
     if w.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=w.learning_rate)
+        return torch.optim.AdamW(params, lr=w.learning_rate, weight_decay=w.weight_decay)
     raise ValueError(f"{w.name}: no peer optimizer for {w.optimizer!r}")
 
 
@@ -545,7 +545,7 @@ def _keras_optimizer(w: specs.Workload) -> Any:
     if w.optimizer == "adam":
         return keras.optimizers.Adam(w.learning_rate)
     if w.optimizer == "adamw":
-        return keras.optimizers.AdamW(w.learning_rate)
+        return keras.optimizers.AdamW(w.learning_rate, weight_decay=w.weight_decay)
     raise ValueError(f"{w.name}: no Keras optimizer for {w.optimizer!r}")
 
 
@@ -725,13 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", required=True, metavar="FILE")
     args = parser.parse_args(argv)
-    defaults = specs.DEFAULT_TIMING[args.suite]
     workloads = specs.suite(args.suite, args.only, args.batch)
-    timed = (
-        args.steps or defaults["steps"],
-        args.windows or defaults["windows"],
-        defaults["warmup"] if args.warmup is None else args.warmup,
-    )
+    timed = timing.protocol(args.suite, args.steps, args.windows, args.warmup)
     flops = dict(args.flops)
     if args.keras:
         if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != "jax":

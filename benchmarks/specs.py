@@ -110,7 +110,8 @@ class Workload:
       model: keyword arguments of the family's model. BERT (``bert``): ``preset`` (a name of
         `BERT_PRESETS`) and ``max_predictions``, P, the masked-LM slots per sequence (see the
         module docstring); ``transformer_lm``: the fields of `jaxmodels.transformer.DecoderOnlyLM`.
-      optimizer, learning_rate: for `jaxmodels.optim.make_optimizer` (and the peers' twin).
+      optimizer, learning_rate: for `jaxmodels.optim.make_optimizer` (and the peers' twin);
+        the weight decay is `weight_decay`'s.
     """
 
     name: str
@@ -121,6 +122,14 @@ class Workload:
     model: dict[str, Any]
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+
+    @property
+    def weight_decay(self) -> float:
+        """Decoupled weight decay: BERT's and GPT-2's 0.01 with adamw, else none. Given to
+        ours and to every peer, whose defaults differ (PyTorch's AdamW 0.01, Keras's 0.004);
+        ours spares biases and norm scales as the recipes do, the peers decay every
+        parameter: the same arithmetic but for those few vectors."""
+        return 0.01 if self.optimizer == "adamw" else 0.0
 
     @property
     def seq_len(self) -> int | None:

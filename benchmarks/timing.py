@@ -76,6 +76,18 @@ class Timing:
     window_s: list[float]
 
 
+def protocol(
+    suite: str, steps: int | None, windows: int | None, warmup: int | None
+) -> tuple[int, int, int]:
+    """(K steps per window, R windows, warm-up steps): those given, the suite's defaults
+    (`specs.DEFAULT_TIMING`) for those not; checked."""
+    given = {"steps": steps, "windows": windows, "warmup": warmup}
+    defaults = specs.DEFAULT_TIMING[suite]
+    timed = tuple(defaults[k] if v is None else v for k, v in given.items())
+    check_protocol(*timed)
+    return timed
+
+
 def check_protocol(steps: int, windows: int, warmup: int) -> None:
     """K steps per window, R windows and the warm-up steps must make a timing."""
     if steps < 1 or windows < 1 or warmup < 0:

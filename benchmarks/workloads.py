@@ -30,6 +30,7 @@ __all__ = [
     "NOT_BUILT",
     "Built",
     "impls",
+    "settings",
 ]
 
 NOT_BUILT = "no JAX builder for this family yet (benchmarks.workloads.BUILDERS)"
@@ -255,7 +256,7 @@ def build_bert(w: Workload, impl: str) -> Built:
     flops_model = BertPretrainingBench(dataclasses.replace(config, implementation="xla"))
     note = f"MLM on {real} of {seq} tokens ({slots} slots)"
     if impl == "no_attn_dropout":
-        note += "; attention-probability dropout 0 (fused attention kernel)"
+        note += "; attention-probability dropout 0 (cuDNN's fused attention on a GPU)"
     elif impl == "pallas":
         note += "; attention with dropout in fused Pallas kernels"
     return Built(model, batch, inputs, loss_fn, eval_fn, flops_model, w.precision, note)
@@ -309,6 +310,23 @@ BUILDERS: dict[str, Builder] = {
     "bert": build_bert,
     "transformer_lm": build_transformer_lm,
 }
+
+# What `--set` changes per family: the model's constructor arguments (BERT: `BertConfig`'s
+# fields, and the workload's own two keys), less those the builders set themselves.
+_SETTINGS_OF = {
+    "cnn": cnn.SeedCNN,
+    "resnet": cnn.ResNet,
+    "lstm": rnn.LSTMClassifier,
+    "bert": bert.BertConfig,
+    "transformer_lm": transformer.DecoderOnlyLM,
+}
+_SET_BY_BUILDERS = {"parent", "name", "dtype", "backend"}
+
+
+def settings(w: Workload) -> list[str]:
+    """The model settings `--set` may change in workload `w`."""
+    fields = {f.name for f in dataclasses.fields(_SETTINGS_OF[w.family]) if f.init}
+    return sorted(fields - _SET_BY_BUILDERS | set(w.model))
 
 
 def _lstm_impls(w: Workload, nvidia: bool) -> list[str]:

@@ -318,6 +318,10 @@ def test_xla_flags_reach_the_workload_process(tmp_path):
         (["--peak-tflops", "0"], "--peak-tflops must be > 0"),
         (["--devices", "foo"], "--devices takes a count"),
         (["--devices", "2", "--peers"], "--peers runs on one device"),  # ratios of 2 to 1
+        (["--timeout", "0"], "--timeout must be > 0"),  # was: "probe timed out after 0 s"
+        # were: a traceback after every workload had been measured
+        (["--json", "/nonexistent/rows.json"], "--json /nonexistent/rows.json: there is no fo"),
+        (["--plot", "/nonexistent/rows.png"], "--plot /nonexistent/rows.png: there is no fo"),
     ],
 )
 def test_bad_numbers_fail_before_anything_runs(flags, message, monkeypatch):
@@ -356,6 +360,9 @@ def test_a_failed_workload_makes_the_exit_status_1(monkeypatch, capsys):
         # refused in the probe process, which knows the machine: a refusal all the same
         (["--only", "mnist_cnn", "--impls", "palas"], "--impls palas: no such implementation"),
         (["--only", "mnist_cnn", "--devices", "2"], "--devices 2: this machine has 1 device(s)"),
+        # were failed workloads, found in each workload's process
+        (["--only", "mnist_cnn", "--set", "foo=1"], "--set foo: mnist_cnn has no such model"),
+        (["--only", "mnist_cnn", "--xla-flags=--xla_bogus=1"], "--xla-flags --xla_bogus=1: XLA"),
     ],
 )
 def test_a_command_line_that_cannot_run_exits_2(flags, message):
@@ -376,6 +383,97 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused_at_once():
     args.devices = "2"  # this test process has 8 simulated devices
     with pytest.raises(UsageError, match="batch 3 is not divisible by the 2 devices"):
         cli._probe(args)
+
+
+def test_in_process_a_failed_workload_is_its_row_and_the_others_go_on(monkeypatch, tmp_path):
+    """Was: the exception ended the run, the other rows and the JSON file lost."""
+    from benchmarks import cli, measure
+
+    def fake(w, impl, devices, *args, **kwargs):
+        if w.name == "mnist_cnn":
+            raise RuntimeError("boom\nsecond line")
+        return dict(timing.empty_row(w, "jax", "jax"), step_ms=1.0, items_per_s=1.0)
+
+    monkeypatch.setattr(measure, "measure", fake)
+    out = tmp_path / "rows.json"
+    argv = ["--suite", "cpu", "--only", "mnist_cnn", "lstm_article", "--impls", "default"]
+    assert cli.main([*argv, "--in-process", "--json", str(out)]) == 1
+    rows = {r["workload"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["mnist_cnn"]["status"] == "failed"
+    assert rows["mnist_cnn"]["note"] == "RuntimeError: boom"
+    assert rows["lstm_article"]["status"] == "ok" and rows["lstm_article"]["impl"] == "jax"
+
+
+def test_impls_default_is_each_workloads_first_implementation():
+    """Was: the LSTMs (implementations scan, flax_rnn, ...) were left out without a word."""
+    from benchmarks import cli
+
+    args = cli._parser().parse_args(["--suite", "cpu", "--impls", "default"])
+    jobs = cli._probe(args)["jobs"]
+    assert ("lstm_article", "scan") in jobs and ("mnist_cnn", "") in jobs
+    assert ("lstm_article", "flax_rnn") not in jobs
+
+
+def test_every_workloads_settings_hold_its_own_and_the_documented_ones():
+    from benchmarks import workloads
+
+    for w in specs.SUITES["gpu"]:
+        names = workloads.settings(w)
+        assert set(w.model) <= set(names) and "dtype" not in names, w.name
+    (bert_base,) = specs.suite("gpu", ["bert_base"])
+    assert {"scan_layers", "remat_policy", "hidden_dropout"} <= set(workloads.settings(bert_base))
+
+
+def test_the_json_says_the_peer_process_failed(monkeypatch, tmp_path):
+    """Was: only a line under the table; the file read as a run without --peers."""
+    from benchmarks import cli
+
+    info = cli._probe(cli._parser().parse_args(["--suite", "cpu", "--only", "mnist_cnn"]))
+    w = specs.suite("cpu", ["mnist_cnn"], None)[0]
+    ok = dict(timing.empty_row(w, "jax", "jax"), step_ms=1.0, items_per_s=1.0)
+    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [ok]))
+    monkeypatch.setattr(cli, "_run_peers", lambda *a: ([], "peer process failed: boom"))
+    out = tmp_path / "rows.json"
+    assert cli.main(["--suite", "cpu", "--only", "mnist_cnn", "--peers", "--json", str(out)]) == 1
+    metadata = json.loads(out.read_text())["metadata"]
+    assert metadata["peers"] is True
+    assert metadata["peer_error"] == "peer process failed: boom"
+    if importlib.util.find_spec("torch") is not None:
+        assert "torch" in metadata["peer_versions"]
+
+
+def test_adamw_decays_alike_in_ours_and_the_peers(monkeypatch):
+    """Was: ours 0, PyTorch's default 0.01, Keras's 0.004."""
+    from benchmarks import measure
+    from jaxmodels import optim
+
+    (w,) = specs.suite("cpu", ["bert_base"])
+    assert w.optimizer == "adamw" and w.weight_decay == 0.01
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(optim, "make_optimizer", spy)
+    with pytest.raises(RuntimeError, match="stop here"):
+        measure.measure(w, "", jax.devices()[:1], 1, 1, 0)
+    assert seen["weight_decay"] == 0.01
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        from benchmarks import peers
+
+        param = torch.nn.Parameter(torch.zeros(2))
+        assert peers._optimizer(w, [param]).defaults["weight_decay"] == 0.01
+
+
+def test_the_peer_process_refuses_zero_steps(tmp_path):
+    """Was: zero taken for "the default"."""
+    from benchmarks import peers
+
+    with pytest.raises(UsageError, match="need --steps >= 1"):
+        peers.main(["--suite", "cpu", "--steps", "0", "--json", str(tmp_path / "p.json")])
 
 
 def test_mfu_is_over_every_device_the_batch_is_split_over():
