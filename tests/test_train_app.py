@@ -676,6 +676,20 @@ def test_resuming_with_a_changed_config(tmp_path):
     np.testing.assert_allclose(rates, [0.001, 0.001, 0.01, 0.01], rtol=1e-6)
 
 
+def test_another_accumulation_count_on_resuming_is_refused(tmp_path):
+    """Was accepted: the saved update count (of 2-step updates) was read on a schedule of
+    4-step updates, which had ended: learning rate 0 from then on."""
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 4
+    config.optimizer.accumulate_steps = 2
+    train_and_evaluate(config, str(tmp_path))
+    config.total_steps, config.optimizer.accumulate_steps = 8, 4
+    message = r"optimizer.accumulate_steps: .* started with 2, this config has 4; .* counts upd"
+    with pytest.raises(ConfigError, match=message):
+        train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
 def test_resuming_on_another_version_of_the_data_is_refused(tmp_path, monkeypatch):
     """Was: a dataset prepared or installed at another version since the run started was
     read on resuming without a word, from a saved position that counts batches of the old

@@ -446,7 +446,8 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       ConfigError: for a change the checkpoints cannot follow: another task; another
         dataset, train split, seed or batch size (the saved data position counts batches
         of that stream); an optimizer whose state is laid out otherwise (another optimizer,
-        clipping or accumulation switched on or off).
+        clipping or accumulation switched on or off) or counts otherwise (another
+        accumulate_steps).
     """
     if not checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints")):
         return {}
@@ -479,6 +480,14 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
             f"the run in --workdir {workdir} has an optimizer state of another layout than "
             f"this config's ({named or 'the optimizer'}): the checkpoints cannot be resumed "
             "with it; restore those keys, or use another --workdir"
+        )
+    key = "optimizer.accumulate_steps"
+    if key in changes and then.get(key) is not None:
+        raise ConfigError(
+            f"config key {key}: the run in --workdir {workdir} started with {then[key]}, this "
+            f"config has {now.get(key)}; its optimizer state counts updates of {then[key]} "
+            f"steps (the schedule's position, Adam's bias correction): pass "
+            f"--config.{key}={then[key]} or use another --workdir"
         )
     return changes
 
