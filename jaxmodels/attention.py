@@ -5,7 +5,8 @@ the BTNH layout of `jax.nn.dot_product_attention` (batch, length, heads, head_di
 three ways to hide keys, which combine:
 
 * `kv_lengths` <int>[batch]: padding; keys at positions >= length get zero weight.
-* `mask`: any boolean array broadcastable to [batch, heads, q_len, kv_len], True = attend.
+* `mask`: a boolean array broadcastable to [batch, heads, q_len, kv_len], True = attend
+  (not 3-D, which reads as [heads, ...] where [batch, ...] is usually meant).
 * `causal`: query i sees keys j <= i (+ kv_len - q_len when the queries are the last
   q_len positions of a longer key sequence, as in a KV cache).
 
@@ -83,13 +84,35 @@ def combine_masks(*masks: Array | None) -> Array | None:
     return out
 
 
-def _to_4d(x: Array) -> Array:
+def _to_4d(x: Array, name: str, full: tuple[int, int, int, int]) -> Array:
+    """`x` (`mask` or `bias`) as a 4-D array broadcastable to `full`, [batch, heads, q_len,
+    kv_len]; a 3-D one is refused, as [batch, q, kv] would be read as [heads, q, kv]."""
     x = jnp.asarray(x)
-    if x.ndim > 4:
+    if x.ndim == 3:
         raise ValueError(
-            f"mask/bias must broadcast to [batch, heads, q_len, kv_len]; got shape {x.shape}"
+            f"{name} has shape {x.shape}: a 3-D {name} reads as [heads, q_len, kv_len], "
+            f"which is rarely what is meant; give [batch, 1, q_len, kv_len] ({name}[:, None]) "
+            f"or [1, heads, q_len, kv_len]"
+        )
+    trailing = zip(x.shape[::-1], full[::-1], strict=False)  # as numpy broadcasts
+    if x.ndim > 4 or any(d not in (1, f) for d, f in trailing):
+        raise ValueError(
+            f"{name} has shape {x.shape}, which does not broadcast to [batch, heads, q_len, "
+            f"kv_len] = {list(full)}"
         )
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _as_mask(mask: Array) -> Array:
+    """A boolean mask; a floating-point one (an additive mask, 0 / -inf?) is refused: cast
+    to bool it would attend to exactly what it hides."""
+    mask = jnp.asarray(mask)
+    if jnp.issubdtype(mask.dtype, jnp.floating):
+        raise ValueError(
+            f"mask has dtype {mask.dtype}: a mask is boolean (or 0/1 integers), True = attend; "
+            "an additive mask (0 to attend, a large negative number to hide) goes in `bias`"
+        )
+    return mask.astype(bool)
 
 
 def _causal_mask(q_len: int, kv_len: int) -> Array:
@@ -340,8 +363,9 @@ def dot_product_attention(
             ordinary multi-head attention, fewer for grouped-query attention).
         value: <dtype>[batch, kv_len, kv_heads, head_dim].
         bias: optional additive logits bias, broadcastable to [batch, heads, q_len, kv_len].
-        mask: optional <bool> array broadcastable to [batch, heads, q_len, kv_len];
-            True = attend.
+        mask: optional <bool> (or 0/1 integer) array broadcastable to [batch, heads,
+            q_len, kv_len], not 3-D; True = attend. A float mask (additive) is refused:
+            that is a `bias`.
         kv_lengths: optional <int>[batch] number of real keys per sequence; keys at
             positions >= length get zero weight (right padding).
         causal: query i attends to keys j <= i + (kv_len - q_len), i.e. the queries are
@@ -389,10 +413,11 @@ def dot_product_attention(
                 f"<int>[{batch}]"
             )
         kv_lengths = kv_lengths.astype(jnp.int32)
+    full = (batch, query.shape[2], q_len, kv_len)
     if mask is not None:
-        mask = _to_4d(jnp.asarray(mask, bool))
+        mask = _to_4d(_as_mask(mask), "mask", full)
     if bias is not None:
-        bias = _to_4d(bias)
+        bias = _to_4d(bias, "bias", full)
     use_dropout = dropout_rate > 0.0 and not deterministic
     if use_dropout and dropout_rng is None and dropout_keep is None:
         raise ValueError(

@@ -356,7 +356,7 @@ def max_pool(
     elementwise pass. Forward- and reverse-mode differentiation both work.
 
     Args:
-      inputs: <float>[batch dims..., spatial dims..., features].
+      inputs: <float or int>[batch dims..., spatial dims..., features].
       window_shape: the window's size in each spatial dimension.
       strides: the step between windows (default 1 in each dimension).
       padding: "SAME", "VALID", or (low, high) per spatial dimension; padded elements
@@ -407,15 +407,22 @@ def _window_views(
     return views
 
 
+def _lowest(dtype: Any) -> Any:
+    """The padding that never wins a maximum: -inf, or an integer type's least value."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.iinfo(dtype).min
+    return False if dtype == jnp.bool_ else -jnp.inf
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, window, steps, pads):
-    return functools.reduce(jnp.maximum, _window_views(x, window, steps, pads, -jnp.inf))
+    return functools.reduce(jnp.maximum, _window_views(x, window, steps, pads, _lowest(x.dtype)))
 
 
 @_max_pool.defjvp
 def _max_pool_jvp(window, steps, pads, primals, tangents):
     (x,), (dx,) = primals, tangents
-    views = _window_views(x, window, steps, pads, -jnp.inf)
+    views = _window_views(x, window, steps, pads, _lowest(x.dtype))
     y = functools.reduce(jnp.maximum, views)
     winner = jnp.full(y.shape, len(views), jnp.int8 if len(views) < 127 else jnp.int32)
     for k in reversed(range(len(views))):

@@ -16,6 +16,22 @@ def _weights(labels: jax.Array, weights: jax.Array | None) -> jax.Array:
     return jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
 
 
+def _check_labels(logits: jax.Array, labels: jax.Array, weights: jax.Array | None) -> None:
+    """Labels (and weights) of one class index per row of logits: a [B, 1] label column
+    would broadcast against the class axis into a wrong loss, without an error."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels of shape {labels.shape} for logits of shape {logits.shape}: labels hold "
+            f"one class index per row of logits, shape {logits.shape[:-1]} (e.g. squeeze a "
+            "trailing axis of 1)"
+        )
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(
+            f"weights of shape {weights.shape} for labels of shape {labels.shape}: one "
+            "weight per label"
+        )
+
+
 def cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -26,13 +42,17 @@ def cross_entropy(
 
     Args:
       logits: <float>[..., num_classes].
-      labels: <int>[...].
+      labels: <int>[...], in [0, num_classes) (an index outside picks no logit).
       weights: <float>[...] or None.
       label_smoothing: mass spread uniformly over the classes.
 
     Returns:
       (sum of weighted losses, sum of weights), both float32 scalars; divide for the mean.
+
+    Raises:
+      ValueError: labels (or weights) not of shape `logits.shape[:-1]`.
     """
+    _check_labels(logits, labels, weights)
     logits = logits.astype(jnp.float32)
     w = _weights(labels, weights)
     if label_smoothing:
@@ -52,6 +72,8 @@ def cross_entropy(
 
 
 def correct(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """Weighted number of examples whose arg-max prediction equals the label."""
+    """Weighted number of examples whose arg-max prediction equals the label (labels and
+    weights as `cross_entropy` takes them)."""
+    _check_labels(logits, labels, weights)
     hits = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
     return jnp.sum(hits * _weights(labels, weights))

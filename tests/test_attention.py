@@ -685,3 +685,24 @@ def test_explicit_backward_pass_inside_shard_map_with_replicated_inputs():
         got = jax.jit(jax.grad(sharded, (0, 1, 2, 3)))(q, k, v, bias)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_that_would_be_read_otherwise_are_refused():
+    """Were taken: a float (additive) mask cast to bool attended to exactly what it hid; a
+    [batch, q, kv] mask was read as [heads, q, kv] (per head where per example was meant)."""
+    q = k = v = jnp.ones((2, 3, 2, 4))  # batch 2, 3 positions, 2 heads
+    additive = jnp.where(jnp.arange(3) < 2, 0.0, -1e9)[None, None, None, :]
+    with pytest.raises(ValueError, match="mask has dtype float32: .* goes in `bias`"):
+        attention.dot_product_attention(q, k, v, mask=additive)
+    out = attention.dot_product_attention(q, k, v, bias=additive)  # what was meant
+    keep = attention.dot_product_attention(q, k, v, mask=additive == 0)
+    np.testing.assert_allclose(out, keep, atol=1e-6)
+    per_example = jnp.ones((2, 3, 3), bool)
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 3, 3\): a 3-D mask reads as"):
+        attention.dot_product_attention(q, k, v, mask=per_example)
+    attention.dot_product_attention(q, k, v, mask=per_example[:, None])  # as the error says
+    with pytest.raises(ValueError, match=r"bias has shape \(3, 5\), which does not broadcast"):
+        attention.dot_product_attention(q, k, v, bias=jnp.zeros((3, 5)))
+    # 0/1 integers are a boolean mask
+    ints = attention.dot_product_attention(q, k, v, mask=(additive == 0).astype(jnp.int32))
+    np.testing.assert_allclose(ints, keep)

@@ -639,3 +639,13 @@ def test_batch_norm_inside_shard_map_over_the_mesh_axis_equals_one_batch():
     want = jax.value_and_grad(loss, (0, 2, 3))(x, w, scale, bias)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_])
+def test_max_pool_of_integers_equals_flax(dtype):
+    """Was an OverflowError: the padding was -inf whatever the dtype."""
+    x = (jnp.arange(2 * 5 * 5 * 3) % 17).reshape(2, 5, 5, 3).astype(dtype)
+    for padding in ("SAME", "VALID"):
+        ours = max_pool(x, (2, 2), (2, 2), padding)
+        assert ours.dtype == x.dtype
+        np.testing.assert_array_equal(ours, nn.max_pool(x, (2, 2), (2, 2), padding))

@@ -37,3 +37,14 @@ def test_cross_entropy_equals_optax_and_its_gradient_is_elementwise(dtype):
     )
     np.testing.assert_allclose(total, jnp.sum(smoothed), rtol=1e-5)
     assert count == labels.size
+
+
+def test_labels_and_weights_of_another_shape_are_refused():
+    """A [B, 1] label column broadcast against the class axis into a wrong loss, silently."""
+    logits = jnp.zeros((4, 10))
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 1\) for logits of shape"):
+        losses.cross_entropy(logits, jnp.zeros((4, 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 1\)"):
+        losses.correct(logits, jnp.zeros((4, 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"weights of shape \(4, 1\) for labels of shape \(4,\)"):
+        losses.cross_entropy(logits, jnp.zeros((4,), jnp.int32), jnp.ones((4, 1)))
