@@ -24,7 +24,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxmodels.errors import CheckpointError
+from jaxmodels.errors import CheckpointError, CheckpointMismatchError
+
+
+def _brief(error: BaseException) -> str:
+    """An exception's type and first line, at most 300 characters (TensorStore's messages
+    run to pages)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _key_name(k: Any) -> str:
@@ -120,8 +128,8 @@ class Checkpointer:
             meta = self._manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001 - any failure here means unreadable
             raise CheckpointError(
-                f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). Delete that "
-                "folder to resume from the previous checkpoint, or use a new --workdir."
+                f"checkpoint {path} is unreadable ({_brief(e)}). Delete that folder to "
+                "resume from the previous checkpoint, or use a new --workdir."
             ) from e
         if meta is None:
             raise CheckpointError(
@@ -153,7 +161,21 @@ class Checkpointer:
                     shown = ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
                     lines.append(f"  {title} ({len(items)}): {shown}")
             lines.append("Use the config that wrote it, or a new --workdir to start a fresh run.")
-            raise CheckpointError("\n".join(lines))
+            raise CheckpointMismatchError("\n".join(lines))
+
+    def _step(self, step: int | None) -> int:
+        """`step` (default: the latest) if this directory holds it complete."""
+        steps = self.all_steps()
+        if step is None and steps:
+            step = max(steps)
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        if step not in steps:
+            raise CheckpointError(
+                f"no complete checkpoint of step {step} in {self.directory}; its steps: "
+                f"{sorted(steps)}"
+            )
+        return step
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shapes, dtypes and shardings of `target`.
@@ -170,9 +192,7 @@ class Checkpointer:
         Raises:
           CheckpointError: no checkpoint, a different model, or unreadable files.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        step = self._step(step)
         self._check_compatible(step, target)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
@@ -187,10 +207,22 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - report any read failure with the path
             path = os.path.join(self.directory, str(step))
             raise CheckpointError(
-                f"could not read checkpoint {path} ({type(e).__name__}: {e}). Delete that "
-                "folder to resume from the previous checkpoint, or use a new --workdir."
+                f"could not read checkpoint {path} ({_brief(e)}). Delete that folder to "
+                "resume from the previous checkpoint, or use a new --workdir."
             ) from e
         return restored["state"], dict(restored["data"] or {})
+
+    def restore_data(self, step: int | None = None) -> dict[str, Any]:
+        """Only the data state (the JSON saved beside the train state) of a checkpoint."""
+        step = self._step(step)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
+            )
+        except Exception as e:  # noqa: BLE001 - report any read failure with the path
+            path = os.path.join(self.directory, str(step))
+            raise CheckpointError(f"could not read checkpoint {path} ({_brief(e)})") from e
+        return dict(restored["data"] or {})
 
     def restore_params(self, step: int | None = None) -> Any:
         """Only the model parameters of a checkpoint, as host numpy arrays.
@@ -201,9 +233,7 @@ class Checkpointer:
         Raises:
           CheckpointError: no checkpoint, no parameters in it, or unreadable files.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        step = self._step(step)
         path = os.path.join(self.directory, str(step), "state")
         try:
             # Through the manager, which reads the step's own metadata too (Orbax warns of
@@ -218,7 +248,7 @@ class Checkpointer:
             raise
         except Exception as e:  # noqa: BLE001 - report any read failure with the path
             raise CheckpointError(
-                f"could not read the parameters of checkpoint {path} ({type(e).__name__}: {e})"
+                f"could not read the parameters of checkpoint {path} ({_brief(e)})"
             ) from e
 
 
@@ -240,7 +270,10 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
 
 
 def load_params(directory: str | os.PathLike, step: int | None = None) -> Any:
-    """`Checkpointer(directory).restore_params(step)`, closing the checkpointer after."""
+    """`Checkpointer(directory).restore_params(step)`, closing the checkpointer after (a
+    missing `directory` is an error, not created)."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint folder {os.path.abspath(directory)}")
     ckpt = Checkpointer(directory, async_save=False)
     try:
         return ckpt.restore_params(step)

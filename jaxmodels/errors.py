@@ -21,5 +21,10 @@ class CheckpointError(UserError):
     """A checkpoint is unreadable, partial, or belongs to a different model."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint holds another model's (or optimizer's) state than the one it
+    is restored onto."""
+
+
 class NonFiniteError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss."""

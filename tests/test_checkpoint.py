@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxmodels import checkpoint, cnn, optim, sharding, training
-from jaxmodels.errors import CheckpointError
+from jaxmodels.errors import CheckpointError, CheckpointMismatchError
 
 
 def _state(mesh_kw, rules_name="fsdp", model=None, seed=0):
@@ -84,7 +84,7 @@ def test_different_model_is_named(tmp_path):
     ckpt.save(1, state)
     ckpt.wait()
     other, _ = _state({"data": 8}, "data", model=cnn.SeedCNN(num_classes=5))
-    with pytest.raises(CheckpointError, match=r"(?s)different model.*params/Dense_1/kernel"):
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)different model.*params/Dense_1/ke"):
         ckpt.restore(other)
 
 
@@ -98,15 +98,37 @@ def test_corrupt_checkpoint_is_reported_with_its_path(tmp_path):
         for f in files:
             if f != "_METADATA":
                 os.remove(os.path.join(root, f))
-    with pytest.raises(CheckpointError, match=str(tmp_path / "1")):
+    with pytest.raises(CheckpointError, match=str(tmp_path / "1")) as raised:
         checkpoint.Checkpointer(tmp_path).restore(state)
     assert (tmp_path / "1").exists(), "a failed restore must not delete anything"
+    assert not isinstance(raised.value, CheckpointMismatchError)  # unreadable, not another model
+    assert len(str(raised.value)) < 600  # the cause's first line, not TensorStore's pages
 
 
 def test_no_checkpoint_is_an_error(tmp_path):
     state, _ = _state({"data": 8}, "data")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         checkpoint.Checkpointer(tmp_path).restore(state)
+
+
+def test_a_step_there_is_not_names_those_there_are(tmp_path):
+    """Was: "checkpoint .../7 is unreadable (FileNotFoundError ...). Delete that folder"."""
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    for step in (2, 4):
+        ckpt.save(step, state)
+    ckpt.wait()
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint of step 7 .*: \[2, 4\]"):
+        ckpt.restore(state, step=7)
+    with pytest.raises(CheckpointError, match=r"of step 7 .*: \[2, 4\]"):
+        ckpt.restore_params(step=7)
+    ckpt.close()
+
+
+def test_loading_from_a_missing_folder_does_not_create_it(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+        checkpoint.load_params(tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_restore_params_reads_only_the_parameters(tmp_path, caplog):

@@ -745,6 +745,43 @@ def test_a_changed_model_on_resuming_names_the_keys_it_changed(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
+def test_where_a_run_stopped(tmp_path):
+    """The app's last line says "final" only for a finished run (was: also after a SIGTERM
+    at the last step, before its evaluation)."""
+    from train.trainer import stopped_at
+
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 2
+    assert stopped_at(str(tmp_path), 2) is None  # nothing yet
+    train_and_evaluate(config, str(tmp_path))
+    assert stopped_at(str(tmp_path), 2) is None  # finished
+    assert stopped_at(str(tmp_path), 4) == 2  # extended: it goes on
+    # The last checkpoint is saved before its step's evaluation: a SIGTERM in between
+    # leaves no evaluation logged.
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    kept = [r for r in rows if not any(k.startswith("eval/") for k in r)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert stopped_at(str(tmp_path), 2) == 2
+
+
+def test_an_unreadable_checkpoint_is_not_blamed_on_the_changed_config(tmp_path):
+    """Was: the read error, then "This config differs from the one ... total_steps 2 -> 4",
+    as if extending the run had broken it."""
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 2
+    train_and_evaluate(config, str(tmp_path))
+    for path in glob.glob(
+        str(tmp_path / "checkpoints" / "2" / "state" / "**" / "*"), recursive=True
+    ):
+        if os.path.isfile(path) and not path.endswith("_METADATA"):
+            os.remove(path)
+    config.total_steps = 4
+    with pytest.raises(CheckpointError, match="checkpoint .*2") as raised:
+        train_and_evaluate(config, str(tmp_path))
+    assert "differs" not in str(raised.value)
+
+
 def test_a_run_that_accumulated_with_an_earlier_version_resumes(tmp_path, monkeypatch):
     """Checkpoints of runs that accumulated gradients before micro-batches were weighted
     hold `optax.MultiSteps`' state. One saved mid-accumulation resumes, and the run ends

@@ -10,7 +10,6 @@ or `--distributed` to let `jax.distributed.initialize()` detect the cluster (SLU
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -33,7 +32,6 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
-    from jaxmodels import checkpoint
     from jaxmodels.errors import UserError
 
     logging.set_verbosity(logging.WARNING)  # Orbax/TFDS are chatty at INFO
@@ -47,7 +45,7 @@ def main(argv: list[str]) -> int:
     elif FLAGS.distributed:
         jax.distributed.initialize()
 
-    from train.trainer import train_and_evaluate
+    from train.trainer import stopped_at, train_and_evaluate
 
     try:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir, exit_on_early_sigterm=True)
@@ -56,13 +54,13 @@ def main(argv: list[str]) -> int:
         return 2
     if not result:
         return 0
-    # Where the run stands: a run stopped by SIGTERM has its last metrics, not final ones.
-    latest = checkpoint.latest_step(os.path.join(FLAGS.workdir, "checkpoints"))
+    # A run stopped by SIGTERM has its last metrics, not final ones.
     total = FLAGS.config.total_steps
+    stopped = stopped_at(FLAGS.workdir, total)
     label = (
         "final"
-        if latest is None or latest >= total
-        else f"last metrics (stopped at step {latest} of {total}; the same command resumes)"
+        if stopped is None
+        else f"last metrics (stopped at step {stopped} of {total}; the same command resumes)"
     )
     if jax.process_index() == 0:
         print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))

@@ -76,15 +76,7 @@ class MetricWriter:
     def eval_metrics(self, step: int) -> dict[str, float] | None:
         """The evaluation metrics the file holds for `step`, if any (None where not
         writing)."""
-        if not self.enabled or not os.path.exists(self.path):
-            return None
-        with open(self.path) as f:
-            for _, row in _parsed(f):
-                if row.get("step") == step:
-                    found = {k: float(v) for k, v in row.items() if k.startswith("eval/")}
-                    if found:
-                        return found
-        return None
+        return logged_eval(self.path, step) if self.enabled else None
 
     def replace_eval(self, step: int, metrics: dict[str, Any]) -> None:
         """Writes `metrics` as `step`'s evaluation in place of the one the file holds (one
@@ -114,6 +106,19 @@ def _parsed(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
             continue
         if isinstance(row, dict):
             yield line, row
+
+
+def logged_eval(path: str, step: int) -> dict[str, float] | None:
+    """The evaluation metrics the metrics file `path` holds for `step`, if any."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for _, row in _parsed(f):
+            if row.get("step") == step:
+                found = {k: float(v) for k, v in row.items() if k.startswith("eval/")}
+                if found:
+                    return found
+    return None
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

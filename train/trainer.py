@@ -30,10 +30,17 @@ import ml_collections
 import numpy as np
 
 from jaxmodels import checkpoint, optim, sharding, training
-from jaxmodels.errors import CheckpointError, ConfigError, DataError, NonFiniteError, UserError
+from jaxmodels.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigError,
+    DataError,
+    NonFiniteError,
+    UserError,
+)
 from train import tasks
 from train.defaults import base_config
-from train.logs import MetricWriter
+from train.logs import MetricWriter, logged_eval
 
 
 def _flat(c: Any, prefix: str = "", *, into_model: bool = False) -> dict[str, Any]:
@@ -510,6 +517,25 @@ def _restore(ckpt: checkpoint.Checkpointer, state: Any) -> tuple[Any, dict[str, 
         raise
 
 
+def stopped_at(workdir: str, total_steps: int) -> int | None:
+    """The step a run in `workdir` stopped at short of its end, where the same command goes
+    on: its latest checkpoint is before `total_steps`, or that step's evaluation (which
+    runs after the checkpoint is saved) was not logged (SIGTERM at the last step). None for
+    a finished run, or one with no checkpoint."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    ckpt = checkpoint.Checkpointer(directory, async_save=False)
+    try:
+        latest = ckpt.latest_step()
+        if latest is None or latest >= total_steps and not ckpt.restore_data().get("eval_pending"):
+            return None
+    finally:
+        ckpt.close()
+    logged = logged_eval(os.path.join(workdir, "metrics.jsonl"), latest)
+    return latest if latest < total_steps or logged is None else None
+
+
 def _check_datasets(
     data_state: dict[str, Any], task: tasks.Task, ckpt: checkpoint.Checkpointer
 ) -> None:
@@ -639,8 +665,8 @@ def _train(
             state, data_state = _restore(ckpt, state)
         except CheckpointError as e:
             ckpt.close()
-            if not changes:
-                raise
+            if not changes or not isinstance(e, CheckpointMismatchError):
+                raise  # (a checkpoint that cannot be read: the config is not why)
             raise CheckpointError(
                 f"{e}\nThis config differs from the one in {tasks.CONFIG_FILE} that the run "
                 f"started with: {_described(changes)}"
