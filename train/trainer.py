@@ -149,6 +149,8 @@ def prepare_workdir(workdir: str) -> str:
     if not workdir.strip():
         raise UserError("--workdir is empty; name the directory for the run's checkpoints and logs")
     workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir} is a file; pass a folder (a new one is created)")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
@@ -618,7 +620,7 @@ def train_and_evaluate(
                     compilation_cache(config.compilation_cache_dir, workdir) as cache_dir,
                 ):
                     return _train(config, workdir, cache_dir, preempt)
-            except UserError:
+            except (UserError, _Preempted):
                 if new:
                     _remove_if_unused(workdir)
                 raise
@@ -748,7 +750,7 @@ def _train(
             )
 
     def run_eval(step: int, resumed: bool = False) -> None:
-        nonlocal result
+        nonlocal result, last_time
         result = evaluate(task, eval_step, state, mesh)
         # On resuming, a row logged with other settings may be there: this one replaces it.
         if resumed:
@@ -756,6 +758,7 @@ def _train(
         else:
             writer.write(step, result)
         show(step, result)
+        last_time = time.perf_counter()  # train/steps_per_sec times training steps only
 
     def show(step: int, metrics: dict[str, float], note: str = "") -> None:
         if lead:
