@@ -8,6 +8,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -163,9 +164,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(config: str, workdir: str, *overrides: str) -> list[str]:
-    """Runs `config` as 2 processes x 4 devices (jax.distributed on this machine); their
-    stdouts."""
+def _two_processes(config: str, workdir: str, *overrides: str, status: int = 0) -> list[str]:
+    """Runs `config` as 2 processes x 4 devices (jax.distributed on this machine), which
+    must exit with `status`; their stdouts and stderrs."""
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -191,8 +192,8 @@ def _two_processes(config: str, workdir: str, *overrides: str) -> list[str]:
         for p in procs:
             p.kill()
     for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outs]
+        assert p.returncode == status, err[-3000:]
+    return [out + err for out, err in outs]
 
 
 def test_two_processes_with_sharded_parameters_save_while_training(tmp_path):
@@ -848,6 +849,10 @@ def test_a_workdir_in_use_is_refused(tmp_path):
     with workdir_lock(str(tmp_path)), pytest.raises(UserError, match=in_use):
         train_and_evaluate(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+    # Every process of a run of several is told (was: process 1 failed in Orbax, later).
+    with workdir_lock(str(tmp_path)):
+        outs = _two_processes("configs/cnn_digits.py:smoke", str(tmp_path), status=2)
+    assert all(re.search(in_use, out) for out in outs), outs
     train_and_evaluate(config, str(tmp_path))  # released
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
     # The run's files are readable as the umask allows (were owner-only, from mkstemp).

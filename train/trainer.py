@@ -170,34 +170,40 @@ LOCK_FILE = ".lock"
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
     """Holds `workdir/.lock` (process 0) for the block: a second run started on the same
-    workdir is a `UserError` instead of two runs saving over each other's checkpoints. A
-    filesystem without locks (some network ones) runs unlocked."""
-    import fcntl
-
-    if jax.process_index() != 0:
-        yield
-        return
-    with open(os.path.join(workdir, LOCK_FILE), "a+", encoding="utf-8") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
+    workdir is a `UserError` (on each of its processes: process 0 tells the others) instead
+    of two runs saving over each other's checkpoints. A filesystem without locks (some
+    network ones) runs unlocked."""
+    with contextlib.ExitStack() as held:
+        holder = None
+        if jax.process_index() == 0:
+            f = held.enter_context(open(os.path.join(workdir, LOCK_FILE), "a+", encoding="utf-8"))
+            holder = _lock(f)
+        holder = _from_lead(holder)
+        if holder is not None:
             raise UserError(
                 f"--workdir {workdir} is in use by another run (process {holder}); let it "
                 "finish or stop it, or use another --workdir"
-            ) from None
-        except OSError:  # no locks here
-            yield
-            return
+            )
+        yield  # closing the file releases the lock
+
+
+def _lock(f: Any) -> str | None:
+    """Locks the open file `f` and writes this pid in it; None, or the holder's pid where
+    another process holds it. A filesystem without locks: None, unlocked."""
+    import fcntl
+
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        return f.read().strip() or "?"
+    except OSError:  # no locks here
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return None
 
 
 def _remove_if_unused(workdir: str) -> None:
