@@ -5,6 +5,7 @@ both tasks learn, sampling works, and an unprepared WMT fails with a clear messa
 from __future__ import annotations
 
 import ast
+import json
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,15 @@ def test_language_model_lowers_eval_loss_and_samples(tmp_path, capsys):
     assert len(ast.literal_eval(captured.out.splitlines()[-1])) <= 4 + 60
     assert language_model.main([str(tmp_path / "nowhere")]) == 2
     assert "is " + str(tmp_path / "nowhere") + " a run's workdir?" in capsys.readouterr().err
+    # A run of another task (was: "unknown model 'SeedCNN' (config key model.name)").
+    config = json.loads((tmp_path / "config.json").read_text())
+    other = tmp_path / "images"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(dict(config, task="image_classification")))
+    assert language_model.main([str(other)]) == 2
+    assert "is a run of task 'image_classification', not a language model" in (
+        capsys.readouterr().err
+    )
 
 
 def test_language_model_prompts_start_with_eos_like_documents(monkeypatch):

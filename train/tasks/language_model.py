@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import checkpoint, losses, transformer
+from jaxmodels.errors import ConfigError
 from train.data import sequences, text
 from train.tasks import Task, make_iterators, make_module, run_config
 
@@ -138,6 +139,11 @@ def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 
     """
     if config is None:
         config = run_config(workdir)
+    if config.get("task") != "language_model":
+        raise ConfigError(
+            f"{workdir} is a run of task {config.get('task')!r}, not a language model "
+            "(configs/transformer_lm.py): sampling continues text with one"
+        )
     model = make_model(config)
     params = checkpoint.load_params(os.path.join(workdir, "checkpoints"))
     prompt, lengths = prompt_tokens(prompts, model.max_len)
