@@ -621,6 +621,36 @@ print("returned")
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+def test_a_sigterm_while_the_application_imports_jax_ends_it_with_status_0(tmp_path):
+    """Was: killed by the signal (status -15) in the seconds before the trainer's own
+    handler was in place, importing JAX and the trainer."""
+    script = f"""
+import builtins, os, signal, sys
+from absl import app
+import train.__main__ as application
+
+sys.argv = ["train", "--config=configs/cnn_digits.py:smoke", "--workdir={tmp_path / "run"}"]
+real_import = builtins.__import__
+def importing(name, *args, **kwargs):
+    if name == "jax":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = importing
+app.run(application.main, flags_parser=application.parse_flags)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=app_env(devices=1),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SIGTERM before the first step" in done.stdout
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_workdir_of_another_task_is_named_as_such(tmp_path):
     """Was: "past total_steps=10; raise total_steps to continue", and after that a
     checkpoint structure mismatch."""

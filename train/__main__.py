@@ -10,10 +10,15 @@ or `--distributed` to let `jax.distributed.initialize()` detect the cluster (SLU
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from train import SETUP_STOPPED
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -27,9 +32,19 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process)."
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _stopped_while_starting(signum: int, frame: Any) -> None:  # noqa: ARG001
+    print(SETUP_STOPPED, flush=True)
+    os._exit(0)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not (FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed):
+        # Importing JAX and the trainer takes seconds, before the trainer's own handler is
+        # in place: a SIGTERM then ends the run as one while it sets up does (status 0).
+        # Several processes keep the default action, as the trainer's handler does.
+        signal.signal(signal.SIGTERM, _stopped_while_starting)
     import jax
 
     from jaxmodels.errors import UserError
@@ -52,6 +67,8 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the run's setup is over
     if not result:
         return 0
     # A run stopped by SIGTERM has its last metrics, not final ones.

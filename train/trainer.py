@@ -38,7 +38,7 @@ from jaxmodels.errors import (
     NonFiniteError,
     UserError,
 )
-from train import tasks
+from train import SETUP_STOPPED, tasks
 from train.defaults import base_config
 from train.logs import MetricWriter, logged_eval
 
@@ -334,7 +334,7 @@ class _Preempted(BaseException):
     KeyboardInterrupt), so that no `except Exception` on the way takes it for an error."""
 
 
-_SETUP_STOPPED = "\nSIGTERM before the first step: nothing new to save; exiting."
+_SETUP_STOPPED = SETUP_STOPPED
 
 
 class _Preemption:
