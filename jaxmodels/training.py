@@ -274,17 +274,34 @@ def compile_eval_step(
 
 
 def _in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Any) -> Callable[..., Any]:
-    def wrapped(*args: Any) -> Any:
-        with mesh_context(mesh, rules):
-            return fn(*args)
+    """`fn(state, batch)` in the mesh's context, after checking the batch splits over it."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
 
-    wrapped.lower = lambda *a: _lower(fn, mesh, rules, *a)  # type: ignore[attr-defined]
+    def wrapped(state: Any, batch: Batch) -> Any:
+        _check_split(batch, ways)
+        with mesh_context(mesh, rules):
+            return fn(state, batch)
+
+    def lower(state: Any, batch: Batch) -> Any:
+        _check_split(batch, ways)
+        with mesh_context(mesh, rules):
+            return fn.lower(state, batch)
+
+    wrapped.lower = lower  # type: ignore[attr-defined]
     return wrapped
 
 
-def _lower(fn: Any, mesh: Mesh, rules: Any, *args: Any) -> Any:
-    with mesh_context(mesh, rules):
-        return fn.lower(*args)
+def _check_split(batch: Batch, ways: int) -> None:
+    """A batch's leading axis is split over the mesh's data x fsdp devices (JAX's own error
+    names a shape and a sharding, not the batch size to change)."""
+    for leaf in jax.tree.leaves(batch):
+        shape = getattr(leaf, "shape", ())
+        if shape and shape[0] % ways:
+            raise ValueError(
+                f"a batch of {shape[0]} examples does not split over the mesh's {ways} "
+                "data-parallel devices (data x fsdp): use a batch size that is a multiple "
+                f"of {ways}, or a mesh with fewer data-parallel devices"
+            )
 
 
 def classification_fns(

@@ -326,3 +326,25 @@ def test_the_readme_library_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert np.isfinite(float(scope["metrics"]["loss"]))
     assert float(scope["sums"]["count"]) == 64
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_is_named():
+    """Was JAX's "IndivisibleError ... should evenly divide the shape", with no word of the
+    batch size."""
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    model = cnn.SeedCNN()
+    tx = optim.make_optimizer("sgd", 0.1, total_steps=10)
+    state, shardings = training.create_train_state(
+        model, tx, [jnp.zeros((1, 28, 28, 1))], jax.random.PRNGKey(0), mesh, ()
+    )
+    loss_fn, eval_fn = training.classification_fns(model)
+    batch = {"image": np.zeros((12, 28, 28, 1), np.float32), "label": np.zeros(12, np.int32)}
+    message = "a batch of 12 examples does not split over the mesh's 8 data-parallel devices"
+    for step in (
+        training.compile_train_step(loss_fn, shardings, mesh),
+        training.compile_eval_step(eval_fn, shardings, mesh),
+    ):
+        with pytest.raises(ValueError, match=message):
+            step(state, batch)
+        with pytest.raises(ValueError, match=message):
+            step.lower(state, batch)
