@@ -608,15 +608,7 @@ trainer.train_and_evaluate(
 )
 print("returned")
 """
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=app_env(devices=1),
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _python(script)
     assert "SIGTERM before the first step" in done.stdout and "returned" not in done.stdout
     assert not os.path.exists(tmp_path / "checkpoints")
 
@@ -638,6 +630,13 @@ def importing(name, *args, **kwargs):
 builtins.__import__ = importing
 app.run(application.main, flags_parser=application.parse_flags)
 """
+    done = _python(script)
+    assert "SIGTERM before the first step" in done.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def _python(script: str) -> subprocess.CompletedProcess:
+    """`python -c script` in the repository on one device, which must exit with status 0."""
     done = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -647,8 +646,7 @@ app.run(application.main, flags_parser=application.parse_flags)
         env=app_env(devices=1),
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "SIGTERM before the first step" in done.stdout
-    assert not (tmp_path / "run").exists()
+    return done
 
 
 def test_a_workdir_of_another_task_is_named_as_such(tmp_path):
