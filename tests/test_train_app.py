@@ -3,6 +3,7 @@ several processes equal one, and bad input fails with a clear message."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import importlib.util
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxmodels import checkpoint
 from jaxmodels.errors import CheckpointError, ConfigError, DataError, NonFiniteError, UserError
 from tests.helpers import ROOT, app_env, run_app, saved_params, train_cmd
 from train import logs
@@ -604,13 +606,13 @@ def preempted_build(*args):
     return build(*args)
 tasks.build = preempted_build
 trainer.train_and_evaluate(
-    load_config("cnn_digits.py", "smoke"), {str(tmp_path)!r}, exit_on_early_sigterm=True
+    load_config("cnn_digits.py", "smoke"), {str(tmp_path / "new")!r}, exit_on_early_sigterm=True
 )
 print("returned")
 """
     done = _python(script)
     assert "SIGTERM before the first step" in done.stdout and "returned" not in done.stdout
-    assert not os.path.exists(tmp_path / "checkpoints")
+    assert not os.path.exists(tmp_path / "new")  # made by this start, and nothing in it
 
 
 def test_a_sigterm_while_the_application_imports_jax_ends_it_with_status_0(tmp_path):
@@ -632,7 +634,6 @@ app.run(application.main, flags_parser=application.parse_flags)
 """
     done = _python(script)
     assert "SIGTERM before the first step" in done.stdout
-    assert not (tmp_path / "run").exists()
 
 
 def _python(script: str) -> subprocess.CompletedProcess:
@@ -762,6 +763,12 @@ def test_resuming_on_another_version_of_the_data_is_refused(tmp_path, monkeypatc
     monkeypatch.setattr(tasks, "build", build)
     config.dataset = "sklearn_digits"
     assert train_and_evaluate(config, str(tmp_path))  # the same data resumes
+    # Checkpoints of earlier versions record no datasets: another version named is refused
+    # there, as another dataset is.
+    pinned = {"dataset": ("sklearn_digits", "sklearn_digits:1.0.0")}
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+    with pytest.raises(ConfigError, match="do not record its version, this config has 'sklea"):
+        trainer._check_datasets({}, None, ckpt, pinned)
 
 
 def test_a_changed_model_on_resuming_names_the_keys_it_changed(tmp_path):
@@ -883,6 +890,30 @@ def test_a_workdir_in_use_is_refused(tmp_path):
     assert all(re.search(in_use, out) for out in outs), outs
     train_and_evaluate(config, str(tmp_path))  # released
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    # A start refused as the workdir is in use leaves it be, even one that was not there
+    # when it started (was: removed as holding nothing but the other run's lock).
+    from train import trainer
+
+    prepare = trainer.prepare_workdir
+    with contextlib.ExitStack() as other_run:
+
+        def raced(workdir):
+            made = prepare(workdir)
+            other_run.enter_context(workdir_lock(made))  # the other run locks it first
+            return made
+
+        trainer.prepare_workdir = raced
+        try:
+            with pytest.raises(UserError, match="in use by another run"):
+                train_and_evaluate(config, str(tmp_path / "new"))
+        finally:
+            trainer.prepare_workdir = prepare
+        assert os.listdir(tmp_path / "new") == [".lock"]
+    # A lock file that cannot be opened is named, on every process.
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / ".lock").mkdir()
+    with pytest.raises(UserError, match=r"cannot lock the workdir: .*blocked/\.lock"):
+        train_and_evaluate(config, str(tmp_path / "blocked"))
     # The run's files are readable as the umask allows (were owner-only, from mkstemp).
     umask = os.umask(0)
     os.umask(umask)

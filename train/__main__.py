@@ -73,12 +73,16 @@ def main(argv: list[str]) -> int:
         return 0
     # A run stopped by SIGTERM has its last metrics, not final ones.
     total = FLAGS.config.total_steps
-    stopped = stopped_at(FLAGS.workdir, total)
-    label = (
-        "final"
-        if stopped is None
-        else f"last metrics (stopped at step {stopped} of {total}; the same command resumes)"
-    )
+    try:
+        stopped = stopped_at(FLAGS.workdir, total)
+    except (UserError, OSError, ValueError):  # the run's record cannot be read now
+        label = "last metrics"
+    else:
+        label = (
+            "final"
+            if stopped is None
+            else f"last metrics (stopped at step {stopped} of {total}; the same command resumes)"
+        )
     if jax.process_index() == 0:
         print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
     return 0

@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -174,16 +174,25 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     of two runs saving over each other's checkpoints. A filesystem without locks (some
     network ones) runs unlocked."""
     with contextlib.ExitStack() as held:
-        holder = None
+        refusal = None
         if jax.process_index() == 0:
-            f = held.enter_context(open(os.path.join(workdir, LOCK_FILE), "a+", encoding="utf-8"))
-            holder = _lock(f)
-        holder = _from_lead(holder)
-        if holder is not None:
-            raise UserError(
-                f"--workdir {workdir} is in use by another run (process {holder}); let it "
-                "finish or stop it, or use another --workdir"
-            )
+            path = os.path.join(workdir, LOCK_FILE)
+            try:
+                holder = _lock(held.enter_context(open(path, "a+", encoding="utf-8")))
+            except OSError as e:
+                refusal = (
+                    f"cannot lock the workdir: {path} ({e.strerror or e}); check its "
+                    "permissions, or use another --workdir"
+                )
+            else:
+                if holder is not None:
+                    refusal = (
+                        f"--workdir {workdir} is in use by another run (process {holder}); "
+                        "let it finish or stop it, or use another --workdir"
+                    )
+        refusal = _from_lead(refusal)
+        if refusal is not None:
+            raise UserError(refusal)
         yield  # closing the file releases the lock
 
 
@@ -334,9 +343,6 @@ class _Preempted(BaseException):
     KeyboardInterrupt), so that no `except Exception` on the way takes it for an error."""
 
 
-_SETUP_STOPPED = SETUP_STOPPED
-
-
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks; restores the old handler on exit.
 
@@ -356,6 +362,7 @@ class _Preemption:
         self.exit_process = exit_process
         self.requested = False
         self.immediate = True
+        self.cleanup: Callable[[], None] | None = None  # before the process ends at once
         self._old: Any = None
         self._installed = False
 
@@ -377,7 +384,9 @@ class _Preemption:
         self.requested = True
         if self.immediate and self.exit_process:
             if jax.process_index() == 0:
-                print(_SETUP_STOPPED, flush=True)
+                print(SETUP_STOPPED, flush=True)
+            if self.cleanup is not None:
+                self.cleanup()
             sys.stderr.flush()
             os._exit(0)
         if self.immediate:
@@ -385,6 +394,7 @@ class _Preemption:
 
     def deferred(self) -> None:
         self.immediate = False
+        self.cleanup = None
         self._install()
 
     def __exit__(self, *exc: Any) -> None:
@@ -394,12 +404,16 @@ class _Preemption:
 
     def agreed(self) -> bool:
         """True when any process got SIGTERM (a collective when there are several)."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
+        return _any_process(self.requested)
 
-        flags = multihost_utils.process_allgather(np.array([self.requested]))
-        return bool(np.any(flags))
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
 CHANGES_FILE = "config_changes.jsonl"
@@ -545,21 +559,42 @@ def stopped_at(workdir: str, total_steps: int) -> int | None:
 
 
 def _check_datasets(
-    data_state: dict[str, Any], task: tasks.Task, ckpt: checkpoint.Checkpointer
+    data_state: dict[str, Any],
+    task: tasks.Task,
+    ckpt: checkpoint.Checkpointer,
+    changes: dict[str, tuple[Any, Any]],
 ) -> None:
-    """The data a checkpoint was trained on (its TFDS datasets' versions; checkpoints of
-    earlier versions of this library do not say) must be the data this run reads: the
-    saved position counts batches of that data, the logged evaluations were of it."""
+    """The data a checkpoint was trained on (its TFDS datasets' versions) must be the data
+    this run reads, on every process: the saved position counts batches of that data, the
+    logged evaluations were of it. Checkpoints of earlier versions of this library do not
+    say; for them a dataset named with another version is refused, as any other dataset."""
     saved = data_state.get("datasets")
-    if saved is None or list(saved) == list(task.datasets):
+    if saved is None:
+        if "dataset" in changes:  # another version named (`resume_changes` let it by)
+            then, now = changes["dataset"]
+            ckpt.close()
+            raise ConfigError(
+                f"config key dataset: the run's checkpoints in {ckpt.directory} were trained "
+                f"on {then!r} and do not record its version, this config has {now!r}: pass "
+                f"--config.dataset={then} or use another --workdir"
+            )
+        return
+    differs = list(saved) != list(task.datasets)
+    if not _any_process(differs):
         return
     ckpt.close()
+    reads = ", ".join(task.datasets) or "generated data"
+    other = (
+        f"this run would read {reads}, another version"
+        if differs
+        else "another process of this run reads another version"
+    )
     raise DataError(
         f"the checkpoints in {ckpt.directory} were trained on "
-        f"{', '.join(saved) or 'generated data'}, and this run would read "
-        f"{', '.join(task.datasets) or 'generated data'}: another version, prepared or "
-        "installed since. Resume where the run's version is prepared (naming it, e.g. "
-        f"dataset='{_pinned(saved[0]) if saved else 'NAME:VERSION'}'), or use another --workdir"
+        f"{', '.join(saved) or 'generated data'}, and {other}. Resume where the run's "
+        "version is prepared (naming it, e.g. "
+        f"dataset='{_pinned(saved[0]) if saved else 'NAME:VERSION'}'; an embedded dataset "
+        "comes in this library's version only), or use another --workdir"
     )
 
 
@@ -620,19 +655,21 @@ def train_and_evaluate(
             validate_config(config)
             new = not os.path.exists(os.path.abspath(workdir))
             workdir = prepare_workdir(workdir)
-            try:
-                with (
-                    workdir_lock(workdir),
-                    compilation_cache(config.compilation_cache_dir, workdir) as cache_dir,
-                ):
-                    return _train(config, workdir, cache_dir, preempt)
-            except (UserError, _Preempted):
-                if new:
-                    _remove_if_unused(workdir)
-                raise
+            with workdir_lock(workdir):
+                # A workdir this start made and leaves holding nothing of the run is removed
+                # (while locked, so never another run's).
+                unused = functools.partial(_remove_if_unused, workdir) if new else None
+                preempt.cleanup = unused
+                try:
+                    with compilation_cache(config.compilation_cache_dir, workdir) as cache_dir:
+                        return _train(config, workdir, cache_dir, preempt)
+                except (UserError, _Preempted):
+                    if unused is not None:
+                        unused()
+                    raise
         except _Preempted:
             if jax.process_index() == 0:
-                print(_SETUP_STOPPED, flush=True)
+                print(SETUP_STOPPED, flush=True)
             return {}
 
 
@@ -679,7 +716,7 @@ def _train(
                 f"{e}\nThis config differs from the one in {tasks.CONFIG_FILE} that the run "
                 f"started with: {_described(changes)}"
             ) from e
-        _check_datasets(data_state, task, ckpt)
+        _check_datasets(data_state, task, ckpt, changes)
         train_iter.set_state(data_state["iterator"])
         start = int(state.step)
         # Saved before its step's evaluation ran (or was preempted): run it on resuming.
@@ -815,7 +852,7 @@ def _train(
     try:
         if preempt.agreed():  # during the restore or the setup after it
             if lead:
-                print(_SETUP_STOPPED, flush=True)
+                print(SETUP_STOPPED, flush=True)
             return result
         if eval_pending and task.eval_iterator is not None:
             # The checkpoint was saved before its step's evaluation, which the run may have
