@@ -74,8 +74,9 @@ OUT_AXES = ("batch", "length", "embed")
 
 
 def combine_masks(*masks: Array | None) -> Array | None:
-    """Logical AND of boolean masks (None entries ignored); None when all are None."""
-    masks = [jnp.asarray(m, bool) for m in masks if m is not None]
+    """Logical AND of boolean (or 0/1 integer) masks (None entries ignored); None when all
+    are None. A float mask is refused (see `dot_product_attention`'s `mask`)."""
+    masks = [_as_mask(m) for m in masks if m is not None]
     if not masks:
         return None
     out = masks[0]
@@ -86,13 +87,14 @@ def combine_masks(*masks: Array | None) -> Array | None:
 
 def _to_4d(x: Array, name: str, full: tuple[int, int, int, int]) -> Array:
     """`x` (`mask` or `bias`) as a 4-D array broadcastable to `full`, [batch, heads, q_len,
-    kv_len]; a 3-D one is refused, as [batch, q, kv] would be read as [heads, q, kv]."""
+    kv_len]. A 3-D mask is refused, as [batch, q, kv] would be read as [heads, q, kv]; a
+    3-D bias is [heads, q, kv] (relative positions, ALiBi)."""
     x = jnp.asarray(x)
-    if x.ndim == 3:
+    if x.ndim == 3 and name == "mask":
         raise ValueError(
-            f"{name} has shape {x.shape}: a 3-D {name} reads as [heads, q_len, kv_len], "
-            f"which is rarely what is meant; give [batch, 1, q_len, kv_len] ({name}[:, None]) "
-            f"or [1, heads, q_len, kv_len]"
+            f"mask has shape {x.shape}: a 3-D mask reads as [heads, q_len, kv_len], which "
+            "is rarely what is meant; give [batch, 1, q_len, kv_len] (mask[:, None]) or "
+            "[1, heads, q_len, kv_len] (mask[None])"
         )
     trailing = zip(x.shape[::-1], full[::-1], strict=False)  # as numpy broadcasts
     if x.ndim > 4 or any(d not in (1, f) for d, f in trailing):

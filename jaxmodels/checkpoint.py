@@ -24,15 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxmodels.errors import CheckpointError, CheckpointMismatchError
-
-
-def _brief(error: BaseException) -> str:
-    """An exception's type and first line, at most 300 characters (TensorStore's messages
-    run to pages)."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+from jaxmodels.errors import CheckpointError, CheckpointMismatchError, brief
 
 
 def _key_name(k: Any) -> str:
@@ -128,7 +120,7 @@ class Checkpointer:
             meta = self._manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001 - any failure here means unreadable
             raise CheckpointError(
-                f"checkpoint {path} is unreadable ({_brief(e)}). Delete that folder to "
+                f"checkpoint {path} is unreadable ({brief(e)}). Delete that folder to "
                 "resume from the previous checkpoint, or use a new --workdir."
             ) from e
         if meta is None:
@@ -207,7 +199,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - report any read failure with the path
             path = os.path.join(self.directory, str(step))
             raise CheckpointError(
-                f"could not read checkpoint {path} ({_brief(e)}). Delete that folder to "
+                f"could not read checkpoint {path} ({brief(e)}). Delete that folder to "
                 "resume from the previous checkpoint, or use a new --workdir."
             ) from e
         return restored["state"], dict(restored["data"] or {})
@@ -221,7 +213,7 @@ class Checkpointer:
             )
         except Exception as e:  # noqa: BLE001 - report any read failure with the path
             path = os.path.join(self.directory, str(step))
-            raise CheckpointError(f"could not read checkpoint {path} ({_brief(e)})") from e
+            raise CheckpointError(f"could not read checkpoint {path} ({brief(e)})") from e
         return dict(restored["data"] or {})
 
     def restore_params(self, step: int | None = None) -> Any:
@@ -248,7 +240,7 @@ class Checkpointer:
             raise
         except Exception as e:  # noqa: BLE001 - report any read failure with the path
             raise CheckpointError(
-                f"could not read the parameters of checkpoint {path} ({_brief(e)})"
+                f"could not read the parameters of checkpoint {path} ({brief(e)})"
             ) from e
 
 

@@ -5,6 +5,14 @@ with a non-zero status instead of showing a traceback from deep inside JAX.
 """
 
 
+def brief(error: BaseException) -> str:
+    """An exception's type and first line, at most 300 characters (some libraries'
+    messages, TensorStore's for one, run to pages)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 class UserError(Exception):
     """Bad input from the user; the message names the problem and the fix."""
 

@@ -703,6 +703,9 @@ def test_masks_that_would_be_read_otherwise_are_refused():
     attention.dot_product_attention(q, k, v, mask=per_example[:, None])  # as the error says
     with pytest.raises(ValueError, match=r"bias has shape \(3, 5\), which does not broadcast"):
         attention.dot_product_attention(q, k, v, bias=jnp.zeros((3, 5)))
+    attention.dot_product_attention(q, k, v, bias=jnp.zeros((2, 3, 3)))  # [heads, q, kv]
+    with pytest.raises(ValueError, match="mask has dtype float32"):  # combined masks too
+        attention.combine_masks(additive, None)
     # 0/1 integers are a boolean mask
     ints = attention.dot_product_attention(q, k, v, mask=(additive == 0).astype(jnp.int32))
     np.testing.assert_allclose(ints, keep)
