@@ -230,6 +230,7 @@ def _run_here(
 ) -> list[dict[str, Any]]:
     """Measures `jobs` in this process."""
     from benchmarks import measure, workloads
+    from jaxmodels.errors import brief
 
     by_name = {w.name: w for w in specs.suite(suite, None, args.batch)}
     devices = measure.devices_for(args.devices)
@@ -256,7 +257,7 @@ def _run_here(
             if not args.in_process:
                 raise  # a workload process: its exit status and last line tell the suite
             # As a workload process's failure: its row, and the other workloads go on.
-            error = (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
+            error = brief(e)
             _log(f"    failed: {error}")
             label = workloads.impl_label(impl)
             device = measure.device_label(devices)
@@ -379,7 +380,7 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
     for setting in args.set:
         probe_cmd += ["--set", setting]
     info, error = _child(probe_cmd, args.timeout, xla_flags=args.xla_flags, refuses=True)
-    if info is None and args.xla_flags and "XLA_FLAGS" in (error or ""):
+    if info is None and _refused_flag(args.xla_flags, error):
         raise UsageError(f"--xla-flags {args.xla_flags}: XLA refused them: {error}")
     if info is None:
         raise SystemExit(f"the JAX probe process failed: {error}")
@@ -412,6 +413,14 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
                 row["note"] = "; ".join(filter(None, [row["note"], f"XLA_FLAGS {args.xla_flags}"]))
         rows += result
     return info, rows
+
+
+def _refused_flag(flags: str | None, error: str | None) -> bool:
+    """Whether XLA's start-up `error` refuses one of our `--xla-flags` (not one of the
+    environment's own XLA_FLAGS)."""
+    if not flags or not error or "XLA_FLAGS" not in error:
+        return False
+    return any(flag.split("=")[0] in error for flag in flags.split())
 
 
 def _run_peers(

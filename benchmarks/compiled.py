@@ -493,14 +493,14 @@ def lower_step(w: Any, impl: str, devices: list[Any], overrides: dict[str, Any])
     import jax
 
     from benchmarks import workloads
-    from jaxmodels import optim, sharding, training
+    from jaxmodels import sharding, training
 
     if overrides:
         w = dataclasses.replace(w, model={**w.model, **overrides})
     mesh = sharding.make_mesh(data=-1, devices=devices)
     rules = sharding.logical_rules("data")
     built = workloads.BUILDERS[w.family](w, impl)
-    tx = optim.make_optimizer(w.optimizer, w.learning_rate, total_steps=1_000_000)
+    tx = workloads.optimizer(w)
     inputs = [x[:1] for x in built.model_inputs()]
     state, shardings = training.abstract_train_state(built.model, tx, inputs, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh)

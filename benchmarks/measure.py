@@ -18,7 +18,7 @@ import numpy as np
 from benchmarks import flops, profile, timing, workloads
 from benchmarks.errors import UsageError
 from benchmarks.specs import Workload
-from jaxmodels import optim, sharding, training
+from jaxmodels import sharding, training
 
 __all__ = ["check_split", "device_label", "devices_for", "measure"]
 
@@ -87,9 +87,7 @@ def measure(
 
     mesh = sharding.make_mesh(data=-1, devices=devices)
     rules = sharding.logical_rules("data")
-    tx = optim.make_optimizer(
-        w.optimizer, w.learning_rate, total_steps=1_000_000, weight_decay=w.weight_decay
-    )
+    tx = workloads.optimizer(w)
     state, shardings = training.create_train_state(
         built.model, tx, inputs, jax.random.key(0), mesh, rules
     )

@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks import specs
 from benchmarks.specs import Workload
-from jaxmodels import bert, cnn, losses, rnn, training, transformer
+from jaxmodels import bert, cnn, losses, optim, rnn, training, transformer
 
 __all__ = [
     "BUILDERS",
@@ -30,6 +30,7 @@ __all__ = [
     "NOT_BUILT",
     "Built",
     "impls",
+    "optimizer",
     "settings",
 ]
 
@@ -321,6 +322,14 @@ _SETTINGS_OF = {
     "transformer_lm": transformer.DecoderOnlyLM,
 }
 _SET_BY_BUILDERS = {"parent", "name", "dtype", "backend"}
+
+
+def optimizer(w: Workload) -> Any:
+    """The optimizer of workload `w`'s training step (its name, rate and weight decay; a
+    constant rate: a schedule would only add a scalar)."""
+    return optim.make_optimizer(
+        w.optimizer, w.learning_rate, total_steps=1_000_000, weight_decay=w.weight_decay
+    )
 
 
 def settings(w: Workload) -> list[str]:
