@@ -244,21 +244,15 @@ class Checkpointer:
             ) from e
 
 
-def latest_step(directory: str | os.PathLike) -> int | None:
-    """The step of the latest complete checkpoint in `directory`, None if there is none
-    (the directory is not created if missing)."""
-    if not os.path.isdir(directory):
-        return None
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
-        return ckpt.latest_step()
-    finally:
-        ckpt.close()
-
-
 def has_checkpoint(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds a complete checkpoint (it is not created if missing)."""
-    return latest_step(directory) is not None
+    if not os.path.isdir(directory):
+        return False
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        return ckpt.latest_step() is not None
+    finally:
+        ckpt.close()
 
 
 def load_params(directory: str | os.PathLike, step: int | None = None) -> Any:

@@ -873,7 +873,7 @@ def test_a_run_that_accumulated_with_an_earlier_version_resumes(tmp_path, monkey
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
-def test_a_workdir_in_use_is_refused(tmp_path):
+def test_a_workdir_in_use_is_refused(tmp_path, monkeypatch):
     """Was: a second run on a workdir resumed from the first one's checkpoints while it still
     saved, and one of them crashed in Orbax."""
     from train.trainer import workdir_lock
@@ -902,12 +902,10 @@ def test_a_workdir_in_use_is_refused(tmp_path):
             other_run.enter_context(workdir_lock(made))  # the other run locks it first
             return made
 
-        trainer.prepare_workdir = raced
-        try:
-            with pytest.raises(UserError, match="in use by another run"):
-                train_and_evaluate(config, str(tmp_path / "new"))
-        finally:
-            trainer.prepare_workdir = prepare
+        monkeypatch.setattr(trainer, "prepare_workdir", raced)
+        with pytest.raises(UserError, match="in use by another run"):
+            train_and_evaluate(config, str(tmp_path / "new"))
+        monkeypatch.undo()
         assert os.listdir(tmp_path / "new") == [".lock"]
     # A lock file that cannot be opened is named, on every process.
     (tmp_path / "blocked").mkdir()
