@@ -150,8 +150,8 @@ XLA_TF32_NOTE = "float32 matmuls and convolutions on TF32 tensor cores (XLA's de
 
 def xla_runs_tf32(device: Any) -> bool:
     """Whether XLA computes float32 matmuls and convolutions on `device` (a JAX device) on
-    TF32 tensor cores: an NVIDIA GPU of compute capability 8.0 or newer at JAX's default
-    matmul precision. Such rows are labelled `specs.TF32` (no peak, so no MFU): their
+    TF32 tensor cores: an NVIDIA GPU of compute capability 8.0 or newer, at any default
+    matmul precision but full float32 (`_full_float32`). Such rows are labelled `specs.TF32` (no peak, so no MFU): their
     float32 rate is not the plain FP32 one."""
     import jax
 
@@ -159,8 +159,22 @@ def xla_runs_tf32(device: Any) -> bool:
     if device.platform != "gpu" or not capability:
         return False
     major = int(str(capability).split(".")[0])
-    precision = jax.config.jax_default_matmul_precision
-    return major >= 8 and precision in (None, "default", "bfloat16", "tensorfloat32")
+    return major >= 8 and not _full_float32(jax.config.jax_default_matmul_precision)
+
+
+def _full_float32(precision: Any) -> bool:
+    """Whether JAX's default matmul precision `precision` asks float32 matmuls for float32
+    arithmetic: the level "highest" (also spelled "float32") or the algorithm F32_F32_F32.
+    Every other level ("default", "high", "tensorfloat32", ...) or algorithm
+    runs on tensor cores on these GPUs, so the plain FP32 peak does not apply."""
+    from jax import lax
+
+    if precision is None:
+        return False
+    try:
+        return lax.Precision(precision) == lax.Precision.HIGHEST
+    except ValueError:  # not a level: an algorithm's name
+        return str(precision).upper() == "F32_F32_F32"
 
 
 def xla_precision(precision: str, device: Any) -> tuple[str, str | None]:

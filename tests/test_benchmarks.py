@@ -500,8 +500,14 @@ def test_float32_on_tf32_tensor_cores_is_labelled_so():
     assert timing.xla_runs_tf32(gpu("9.0")) and timing.xla_runs_tf32(gpu("8.0"))
     assert not timing.xla_runs_tf32(gpu("7.0"))
     assert not timing.xla_runs_tf32(jax.devices("cpu")[0])
-    with jax.default_matmul_precision("float32"):
-        assert not timing.xla_runs_tf32(gpu("9.0"))
+    for full in ("float32", "highest", "F32_F32_F32"):
+        with jax.default_matmul_precision(full):
+            assert not timing.xla_runs_tf32(gpu("9.0")), full
+    # "high" is the same level as "tensorfloat32" (TF32 on these GPUs), and an algorithm on
+    # tensor cores is no plain float32 either: no FP32-peak MFU for those.
+    for reduced in ("high", "tensorfloat32", "TF32_TF32_F32", "BF16_BF16_F32_X3"):
+        with jax.default_matmul_precision(reduced):
+            assert timing.xla_runs_tf32(gpu("9.0")), reduced
     assert timing.xla_precision("float32", gpu("9.0")) == (specs.TF32, timing.XLA_TF32_NOTE)
     assert timing.xla_precision("bfloat16", gpu("9.0")) == ("bfloat16", None)
     assert timing.xla_precision("float32", jax.devices("cpu")[0]) == ("float32", None)
