@@ -124,6 +124,41 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT (Ctrl-C) while the suite runs (`_stop_on_signals`). The running
+    workload's process group is killed, the workloads not yet run are left out, and the
+    table and files still get every row measured before."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Any:
+    """SIGTERM and SIGINT raise `Stopped` inside (in the main thread only). The first one
+    does: the handlers are then the defaults again, so a second signal ends the process
+    while it writes what it has."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGTERM, signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in signums}
+
+    def stop(signum: int, frame: Any) -> None:
+        for s in signums:
+            signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+        raise Stopped(signum)
+
+    for s in signums:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inside a JAX process: the probe (what runs here) and the workload runs.
 
@@ -225,11 +260,32 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
 
 
+def _stopped_rows(
+    by_name: dict[str, specs.Workload],
+    jobs: list[tuple[str, str]],
+    device: str,
+    stopped: Stopped,
+) -> list[dict[str, Any]]:
+    """Rows for `jobs` (the first one running) that `stopped` left unmeasured."""
+    return [
+        timing.empty_row(
+            by_name[name],
+            specs.impl_label(impl),
+            "jax",
+            device=device,
+            status="stopped",
+            note=f"{stopped} {'while it ran' if i == 0 else 'before it ran'}",
+        )
+        for i, (name, impl) in enumerate(jobs)
+    ]
+
+
 def _run_here(
     args: argparse.Namespace, suite: str, jobs: list[tuple[str, str]]
-) -> list[dict[str, Any]]:
-    """Measures `jobs` in this process."""
-    from benchmarks import measure, workloads
+) -> tuple[list[dict[str, Any]], Stopped | None]:
+    """Measures `jobs` in this process: their rows, and the `Stopped` that ended them early
+    (with `--in-process`; a workload process is killed by the suite instead)."""
+    from benchmarks import measure
     from jaxmodels.errors import brief
 
     by_name = {w.name: w for w in specs.suite(suite, None, args.batch)}
@@ -237,7 +293,7 @@ def _run_here(
     steps, windows, warmup = _timing_args(args, suite)
     rows = []
     for i, (name, impl) in enumerate(jobs):
-        _log(f"[{i + 1}/{len(jobs)}] {name} {workloads.impl_label(impl)} ...")
+        _log(f"[{i + 1}/{len(jobs)}] {name} {specs.impl_label(impl)} ...")
         try:
             with timing.without_compilation_cache():
                 row = measure.measure(
@@ -253,13 +309,18 @@ def _run_here(
                     profile_dir=args.profile and os.path.abspath(args.profile),
                     model_overrides=model_overrides(args.set),
                 )
+        except Stopped as e:
+            if not args.in_process:
+                raise
+            device = measure.device_label(devices)
+            return rows + _stopped_rows(by_name, jobs[i:], device, e), e
         except Exception as e:
             if not args.in_process:
                 raise  # a workload process: its exit status and last line tell the suite
             # As a workload process's failure: its row, and the other workloads go on.
             error = brief(e)
             _log(f"    failed: {error}")
-            label = workloads.impl_label(impl)
+            label = specs.impl_label(impl)
             device = measure.device_label(devices)
             row = timing.empty_row(
                 by_name[name], label, "jax", device=device, status="failed", note=error
@@ -269,7 +330,7 @@ def _run_here(
                 filter(None, [row["note"], "peak mem: only in a fresh process"])
             )
         rows.append(row)
-    return rows
+    return rows, None
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -277,7 +338,7 @@ def _worker(args: argparse.Namespace) -> int:
     if args.probe:
         result = _probe(args)
     else:
-        result = _run_here(args, args.suite, [(args.only[0], args.impl)])
+        result, _ = _run_here(args, args.suite, [(args.only[0], args.impl)])
     with open(args.json, "w") as f:
         json.dump(result, f)
     return 0
@@ -328,15 +389,23 @@ def _child(
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+
+        def kill() -> None:
             if new_group:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             else:
                 proc.kill()
             proc.wait()
+
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill()
             return None, f"timed out after {timeout:.0f} s"
+        except BaseException:  # `Stopped`: no process of ours goes on holding the device
+            kill()
+            raise
         finally:
             reader.join(timeout=10)
         tail = [ln.strip() for ln in lines if ln.strip()]
@@ -367,10 +436,14 @@ def _common_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _run_suite(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], list[dict[str, Any]], Stopped | None]:
+    """The probe's facts, our rows, and the `Stopped` that ended the run early (rows for the
+    workloads it left unmeasured are among the rows)."""
     if args.in_process:
         info = _probe(args)
-        return info, _run_here(args, info["suite"], [tuple(j) for j in info["jobs"]])
+        return info, *_run_here(args, info["suite"], [tuple(j) for j in info["jobs"]])
 
     probe_cmd = ["benchmarks", "--worker", "--probe", "--devices", args.devices]
     probe_cmd += ["--suite", args.suite] if args.suite else []
@@ -388,11 +461,15 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
     rows = []
     jobs = info["jobs"]
     for i, (name, impl) in enumerate(jobs):
-        label = f"jax {impl}".strip()
+        label = specs.impl_label(impl)
         _log(f"[{i + 1}/{len(jobs)}] {name} {label} ...")
         cmd = ["benchmarks", "--worker", "--suite", info["suite"], "--only", name]
         cmd += ["--impl", impl, *_common_flags(args)]
-        result, error = _child(cmd, args.timeout, xla_flags=args.xla_flags)
+        try:
+            result, error = _child(cmd, args.timeout, xla_flags=args.xla_flags)
+        except Stopped as e:
+            _log(f"    stopped: {e}")
+            return info, rows + _stopped_rows(by_name, jobs[i:], info["device"], e), e
         if result is None:
             _log(f"    failed: {error}")
             result = [
@@ -412,7 +489,7 @@ def _run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
             for row in result:
                 row["note"] = "; ".join(filter(None, [row["note"], f"XLA_FLAGS {args.xla_flags}"]))
         rows += result
-    return info, rows
+    return info, rows, None
 
 
 def _refused_flag(flags: str | None, error: str | None) -> bool:
@@ -479,12 +556,35 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    info, rows = _run_suite(args)
-    rows += info["skipped"]
-    peer_error = None
-    if args.peers:
-        peer_rows, peer_error = _run_peers(args, info["suite"], rows)
-        rows += peer_rows
+    # SIGTERM or Ctrl-C while measuring: the running process group is killed and what was
+    # measured is still reported (a second signal, while reporting, ends the process).
+    try:
+        with _stop_on_signals():
+            info, rows, stopped = _run_suite(args)
+            rows += info["skipped"]
+            peer_error = None
+            if args.peers and stopped is None:
+                try:
+                    peer_rows, peer_error = _run_peers(args, info["suite"], rows)
+                except Stopped as e:
+                    peer_rows, peer_error, stopped = [], f"peer process stopped by {e}", e
+                rows += peer_rows
+    except Stopped as e:  # in the probe: nothing measured, nothing to write
+        _log(f"{PROG}: stopped by {e} before anything was measured")
+        return 128 + e.signum
+    return _report(args, argv, started, info, rows, stopped, peer_error)
+
+
+def _report(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    started: str,
+    info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    stopped: Stopped | None,
+    peer_error: str | None,
+) -> int:
+    """Prints the table, writes the files; `main`'s exit status."""
     order = [w.name for w in specs.SUITES[info["suite"]]]
     rows = report.sort_rows(rows, order)
     report.add_ratios(rows)
@@ -510,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         "peers": args.peers,
         "peer_error": peer_error,
         "peer_versions": _peer_versions() if args.peers else None,
+        "stopped_by": str(stopped) if stopped else None,
     }
     print(
         f"# {metadata['date']}  suite {info['suite']}  {info['device']}  jax {info['jax_version']}"
@@ -522,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(args.json, rows, metadata)
     if args.plot:
         report.plot(args.plot, rows, f"{info['suite']} suite, {info['device']}")
+    if stopped:
+        _log(f"{PROG}: stopped by {stopped}; the rows above are what was measured before")
+        return 128 + stopped.signum  # as the signal's own status, to a shell
     # Status 1 when one of our workloads (or the whole peer process) failed; the table and
     # the files still hold every row.
     failed = [r for r in rows if r.get("status") == "failed" and r.get("framework") == "jax"]

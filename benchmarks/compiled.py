@@ -67,6 +67,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from benchmarks import specs
 from benchmarks.errors import UsageError, run
 
 PROG = "python -m benchmarks.compiled"
@@ -533,7 +534,7 @@ def row(w: Any, impl: str, target: str, overrides: dict[str, Any], top: int) -> 
     memory = compiled.memory_analysis()
     out = {
         "workload": w.name,
-        "impl": f"jax {impl}".strip(),
+        "impl": specs.impl_label(impl),
         "target": target,
         "batch": w.batch,
         "shape": w.shape,
@@ -587,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Compile-only: the host's own backend is the CPU whatever accelerator it has.
     jax.config.update("jax_platforms", "cpu")
-    from benchmarks import cli, specs
+    from benchmarks import cli
 
     _plugin_versions()  # a clear error before building anything
     overrides = cli.model_overrides(args.set)

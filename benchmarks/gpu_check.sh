@@ -17,7 +17,11 @@
 # summary.txt/.json and the gzipped optimised HLO; the raw traces are deleted unless
 # KEEP_TRACES=1 (they can be large). To profile only some groups, give those groups
 # `--profile $OUT/profile-N` instead (the same clean-up applies to any profile under $OUT).
-# TESTS= (empty) skips the tests; PEERS= (empty) skips the peers.
+# TESTS= (empty) skips the tests; PEERS= (empty) skips the peers. BENCH_TIMEOUT (s) bounds
+# each group: at that time the suite is sent SIGTERM, kills the workload process it is
+# running (so nothing of this group holds the GPU when the next starts), and still writes
+# the rows measured so far to suite-N.json (the rest marked stopped). --timeout S in a group
+# bounds each of its workload processes instead, and the group goes on to the next.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -37,7 +41,7 @@ for group in "${GROUPS_[@]}"; do
   profile=()
   [ -n "${PROFILE:-}" ] && profile=(--profile "$OUT/profile-$i")
   # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-3000}" python -m benchmarks --suite gpu ${group:+--only $group} \
+  timeout -k 30 "${BENCH_TIMEOUT:-3000}" python -m benchmarks --suite gpu ${group:+--only $group} \
     $PEERS ${EXTRA:-} ${profile[@]+"${profile[@]}"} --json "$OUT/suite-$i.json" 2>&1 | tee "$OUT/suite-$i.log"
   find "$OUT" -name step.hlo.txt -exec gzip -f {} \;
   [ -n "${KEEP_TRACES:-}" ] || find "$OUT" -depth -type d -name trace -path '*profile*' -exec rm -rf {} \;

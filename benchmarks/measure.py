@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import flops, profile, timing, workloads
+from benchmarks import flops, profile, specs, timing, workloads
 from benchmarks.errors import UsageError
 from benchmarks.specs import Workload
 from jaxmodels import sharding, training
@@ -72,7 +72,7 @@ def measure(
     note = "; ".join(filter(None, [built.note, tf32_note]))
     row = timing.empty_row(
         w,
-        workloads.impl_label(impl),
+        specs.impl_label(impl),
         "jax",
         device=device_label(devices),
         precision=precision,

@@ -52,7 +52,7 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
 
 def _note(row: dict[str, Any]) -> str:
     note = row.get("note") or ""
-    if row.get("status") in ("skipped", "failed"):
+    if row.get("status") in ("skipped", "failed", "stopped"):
         return f"{row['status']}: {note}" if note else row["status"]
     return note
 

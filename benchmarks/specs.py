@@ -65,6 +65,7 @@ __all__ = [
     "TF32",
     "SUITES",
     "Workload",
+    "impl_label",
     "peak_flops",
     "suite",
 ]
@@ -86,6 +87,11 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 # NVIDIA GPUs of compute capability >= 8.0, `timing.xla_runs_tf32`). No peak is listed for
 # it, so their MFU is blank: against the plain FP32 peak it would be far too high.
 TF32 = "float32 (TF32)"
+
+
+def impl_label(impl: str) -> str:
+    """The table's impl column for our rows ("jax", "jax cudnn", ...)."""
+    return f"jax {impl}".strip()
 
 
 def peak_flops(

@@ -151,8 +151,8 @@ XLA_TF32_NOTE = "float32 matmuls and convolutions on TF32 tensor cores (XLA's de
 def xla_runs_tf32(device: Any) -> bool:
     """Whether XLA computes float32 matmuls and convolutions on `device` (a JAX device) on
     TF32 tensor cores: an NVIDIA GPU of compute capability 8.0 or newer, at any default
-    matmul precision but full float32 (`_full_float32`). Such rows are labelled `specs.TF32` (no peak, so no MFU): their
-    float32 rate is not the plain FP32 one."""
+    matmul precision but full float32 (`_full_float32`). Such rows are labelled `specs.TF32`
+    (no peak, so no MFU): their float32 rate is not the plain FP32 one."""
     import jax
 
     capability = getattr(device, "compute_capability", None)

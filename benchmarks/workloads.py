@@ -384,8 +384,3 @@ def impls(w: Workload, nvidia: bool | None = None) -> list[str]:
 
         nvidia = _pallas.on_nvidia_gpu()
     return IMPLS[w.family](w, nvidia)
-
-
-def impl_label(impl: str) -> str:
-    """The table's impl column for our rows."""
-    return f"jax {impl}".strip()

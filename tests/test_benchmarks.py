@@ -344,11 +344,11 @@ def test_a_failed_workload_makes_the_exit_status_1(monkeypatch, capsys):
     info = cli._probe(cli._parser().parse_args(["--suite", "cpu", "--only", "mnist_cnn"]))
     w = specs.suite("cpu", ["mnist_cnn"], None)[0]
     failed = timing.empty_row(w, "jax", "jax", status="failed", note="boom")
-    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [failed]))
+    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [failed], None))
     assert cli.main(["--suite", "cpu", "--only", "mnist_cnn"]) == 1
     assert "failed: boom" in capsys.readouterr().out
     ok = dict(failed, status="ok", step_ms=1.0, items_per_s=1.0)
-    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [ok]))
+    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [ok], None))
     assert cli.main(["--suite", "cpu", "--only", "mnist_cnn"]) == 0
 
 
@@ -373,6 +373,66 @@ def test_a_command_line_that_cannot_run_exits_2(flags, message):
     proc = _run("benchmarks", *args, status=2)
     assert f"python -m benchmarks: error: {message}" in proc.stderr
     assert "probe process failed" not in proc.stderr
+
+
+def _children(pid: int) -> dict[int, list[str]]:
+    """`pid`'s child processes (Linux's /proc): pid -> command line."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline") as f:
+                cmdline = f.read().split("\0")
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if parent == pid:
+            found[int(entry)] = cmdline
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table in /proc")
+def test_sigterm_kills_the_running_workload_and_reports_what_was_measured(tmp_path):
+    """Was: the suite died at once, its workload process (a session of its own) went on
+    running on the device while whatever ran next was measured, and no JSON was written."""
+    import signal
+    import time
+
+    out = tmp_path / "rows.json"
+    argv = ["--suite", "cpu", "--only", "mnist_cnn", "lstm_article", "--impls", "default"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", *argv, "--json", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        workers: list[int] = []
+        deadline = time.monotonic() + 60
+        while not workers and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = [
+                pid
+                for pid, cmdline in _children(proc.pid).items()
+                if "--worker" in cmdline and "--probe" not in cmdline
+            ]
+        assert workers, "no workload process started"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert not os.path.exists(f"/proc/{workers[0]}"), "the workload process was left running"
+    assert "stopped by SIGTERM; the rows above are what was measured before" in stderr
+    data = json.loads(out.read_text())
+    assert data["metadata"]["stopped_by"] == "SIGTERM"
+    rows = {r["workload"]: r for r in data["rows"]}
+    assert rows["mnist_cnn"]["status"] == "stopped"
+    assert rows["mnist_cnn"]["note"] == "SIGTERM while it ran"
+    assert rows["lstm_article"]["note"] == "SIGTERM before it ran"
+    assert "stopped: SIGTERM before it ran" in stdout
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused_at_once():
@@ -431,7 +491,7 @@ def test_the_json_says_the_peer_process_failed(monkeypatch, tmp_path):
     info = cli._probe(cli._parser().parse_args(["--suite", "cpu", "--only", "mnist_cnn"]))
     w = specs.suite("cpu", ["mnist_cnn"], None)[0]
     ok = dict(timing.empty_row(w, "jax", "jax"), step_ms=1.0, items_per_s=1.0)
-    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [ok]))
+    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [ok], None))
     monkeypatch.setattr(cli, "_run_peers", lambda *a: ([], "peer process failed: boom"))
     out = tmp_path / "rows.json"
     assert cli.main(["--suite", "cpu", "--only", "mnist_cnn", "--peers", "--json", str(out)]) == 1
