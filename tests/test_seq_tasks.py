@@ -164,6 +164,34 @@ def test_language_model_prompts_start_with_eos_like_documents(monkeypatch):
     assert calls[-1][2] == 8 - 3 + 1
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # was "the config's default" (0 meant unset): 28 tokens where 0 were asked for
+        ("tokens", 0, r"new tokens \(--tokens, config key sample_tokens\) must be >= 1, got 0"),
+        ("sample_tokens", -3, r"must be >= 1, got -3"),  # was a ValueError traceback
+        (
+            "sample_temperature",
+            -1.0,
+            r"sample_temperature \(--temperature\) must be >= 0",
+        ),  # greedy
+        ("sample_top_k", 1000, r"between 0 \(all tokens\) and the model's vocabulary size 259"),
+    ],
+)
+def test_language_model_sampling_settings_it_cannot_use_are_named(monkeypatch, key, value, message):
+    from jaxmodels import checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_params", lambda directory: pytest.fail("loaded"))
+    config = load_config("transformer_lm.py", "smoke")
+    tokens = None
+    if key == "tokens":
+        tokens = value
+    else:
+        setattr(config, key, value)
+    with pytest.raises(ConfigError, match=message):
+        language_model.sample(config, "unused", ["ab"], max_new_tokens=tokens)
+
+
 def test_language_model_empty_prompt_samples_a_document_start(monkeypatch):
     """Every document starts with 'Q': greedy sampling from an empty prompt gives 'Q' first
     (from BOS, never seen in training, the model predicted noise)."""

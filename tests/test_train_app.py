@@ -112,6 +112,26 @@ def _wait_for_step(workdir: str, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError("run made no progress")
 
 
+def _stopped_at(workdir: str, overrides: list[str], step: int, signum: int) -> tuple[str, str, int]:
+    """Runs cnn_digits in `workdir` and sends `signum` once it logged `step`; the run must
+    save and exit with status 0. Its stdout, stderr and the step it saved."""
+    proc = subprocess.Popen(
+        train_cmd("configs/cnn_digits.py", workdir, *overrides),
+        cwd=ROOT,
+        env=app_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(workdir, step, proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saving = f"{signal.Signals(signum).name}: saved step "
+    assert saving in out, out[-3000:]
+    return out, err, int(out.split(saving)[1].split(";")[0])
+
+
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     total = 400
     overrides = [
@@ -124,20 +144,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     done = run_app("configs/cnn_digits.py", straight, *overrides)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    proc = subprocess.Popen(
-        train_cmd("configs/cnn_digits.py", broken, *overrides),
-        cwd=ROOT,
-        env=app_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for_step(broken, 20, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM: saved step" in out
-    saved = int(out.split("SIGTERM: saved step ")[1].split(";")[0])
+    out, _, saved = _stopped_at(broken, overrides, 20, signal.SIGTERM)
     assert 20 <= saved < total
     assert os.path.isdir(os.path.join(broken, "checkpoints", str(saved)))
     # was "final: ..." (the last metrics of a run that had not finished)
@@ -158,6 +165,18 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     assert after
     for r in after:
         assert r["train/loss"] == ref[r["step"]], r["step"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_with_status_0(tmp_path):
+    """Was: a KeyboardInterrupt traceback, nothing saved since the last checkpoint (or, in
+    some runs, the interrupt lost inside JAX and the run going on)."""
+    workdir = str(tmp_path / "run")
+    overrides = ["--config.total_steps=2000", "--config.log_every=5", "--config.eval_every=0"]
+    out, err, saved = _stopped_at(workdir, overrides, 10, signal.SIGINT)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert 10 <= saved < 2000
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(saved)))
+    assert f"last metrics (stopped at step {saved} of 2000; the same" in out
 
 
 def _free_port() -> int:
@@ -266,6 +285,23 @@ def _assert_clean_failure(proc, *phrases):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     for phrase in phrases:
         assert phrase in proc.stderr, (phrase, proc.stderr[-3000:])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # were JAX's ValueError tracebacks ("coordinator_address should be defined.")
+        (["--num_processes=2", "--process_id=0"], "coordinator_address should be defined"),
+        (["--num_processes=2", "--process_id=2"], "--process_id=2 is not between 0 and"),
+        # was a single-process run
+        (["--num_processes=0"], "--num_processes=0 must be >= 1"),
+    ],
+)
+def test_multi_process_flags_that_cannot_start_are_named(tmp_path, flags, message):
+    proc = run_app(DIGITS_SMOKE, str(tmp_path / "run"), *flags, devices=1)
+    _assert_clean_failure(proc, message)
+    assert proc.returncode == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_resumed_run_compiles_from_the_workdirs_cache(tmp_path):
@@ -394,6 +430,7 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
         ("optimizer.name", "adamm", "optimizer.name: 'adamm' is not one of adam, adamw,"),
         ("optimizer.schedule", "cosin", "optimizer.schedule: .* \\(did you mean 'cosine'\\?\\)"),
         ("dtype", "int32", "not a floating-point dtype"),
+        ("dtype", "float64", r"'float64' computes in float32 unless .* \(JAX_ENABLE_X64=1\)"),
         ("seed", -1, "seed must be >= 0"),
         ("max_length", 0, "max_length must be > 0"),
         ("vocab_size", 1, "vocab_size must be >= 2"),
@@ -506,6 +543,20 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
     assert os.listdir(tmp_path / "mine") == [".lock"]
 
 
+def test_a_split_the_dataset_lacks_is_named_with_those_it_has(tmp_path):
+    """Was TFDS's "Unknown split ... Should be one of [...].." followed by advice to prepare
+    the dataset as array_record, which was not the problem."""
+    config = load_config("cnn_digits.py", "smoke")
+    config.eval_split = "validation"
+    with pytest.raises(DataError, match=r"has no split 'validation' .*\['train', 'test'\]: set"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    config.eval_split, config.train_split = "test", "train[:50%]+validation"
+    with pytest.raises(DataError, match=r"no split 'validation' \(asked for 'train\[:50%\]\+"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    config.train_split = "train[:50%]"  # TFDS's slices still work
+    assert train_and_evaluate(config, str(tmp_path / "run"))
+
+
 def test_missing_dataset_fails_cleanly_from_the_command_line(tmp_path):
     proc = run_app(
         "configs/cnn_mnist.py", str(tmp_path / "run"), f"--config.data_dir={tmp_path}/empty"
@@ -524,13 +575,18 @@ def test_unwritable_workdir_fails_cleanly(tmp_path):
 
 
 def test_checkpoint_from_a_different_model_is_refused_and_kept(tmp_path):
+    """The same model class, sized otherwise (another class is a `ConfigError` before
+    anything is read: `test_resuming_with_a_changed_config`)."""
     config = load_config("cnn_digits.py", "smoke")
+    config.model = {"name": "ResNet18", "small_images": True, "num_filters": 4}
+    config.total_steps = config.checkpoint_every = 2
     train_and_evaluate(config, str(tmp_path))
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     other = load_config("cnn_digits.py", "smoke")
     other.model = {"name": "ResNet18", "small_images": True, "num_filters": 8}
+    other.total_steps = 4
     with pytest.raises(
-        CheckpointError, match=r"(?s)different model.*(missing|not in this model).*params/"
+        CheckpointError, match=r"(?s)different model.*shape mismatch.*params/.*num_filters 4 -> 8"
     ):
         train_and_evaluate(other, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
@@ -571,15 +627,18 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     assert not [s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
 
 
-def test_sigterm_while_setting_up_exits_at_once_without_saving(tmp_path, monkeypatch):
-    """Was: killed by the signal (status 143) until the loop had started."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_setting_up_exits_at_once_without_saving(tmp_path, monkeypatch, signum):
+    """Was: killed by the signal (status 143) until the loop had started; Ctrl-C raised
+    KeyboardInterrupt from wherever Python ran next."""
     from train import tasks
 
     build = tasks.build
     reached = []
+    before = signal.getsignal(signum)
 
     def preempted_build(*args):
-        os.kill(os.getpid(), signal.SIGTERM)  # delivered while the task is being built
+        os.kill(os.getpid(), signum)  # delivered while the task is being built
         reached.append("after the signal")
         return build(*args)
 
@@ -588,7 +647,21 @@ def test_sigterm_while_setting_up_exits_at_once_without_saving(tmp_path, monkeyp
     assert train_and_evaluate(config, str(tmp_path / "new")) == {}
     assert reached == []  # the setup stopped there
     assert not os.path.exists(tmp_path / "new")  # made by this start, and nothing in it
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+    assert signal.getsignal(signum) is before  # the handler is gone again
+
+
+def test_a_second_ctrl_c_does_not_wait_for_the_save():
+    """The first Ctrl-C of a running loop asks for a checkpoint at the next step; a user
+    who will not wait presses it again."""
+    from train.trainer import _Preemption
+
+    with _Preemption() as preempt:
+        preempt.deferred()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preempt.requested and preempt.stopped_by() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_the_application_ends_its_process_on_a_sigterm_while_setting_up(tmp_path):
@@ -615,9 +688,11 @@ print("returned")
     assert not os.path.exists(tmp_path / "new")  # made by this start, and nothing in it
 
 
-def test_a_sigterm_while_the_application_imports_jax_ends_it_with_status_0(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_application_imports_jax_ends_it_with_status_0(tmp_path, signum):
     """Was: killed by the signal (status -15) in the seconds before the trainer's own
-    handler was in place, importing JAX and the trainer."""
+    handler was in place, importing JAX and the trainer; Ctrl-C there gave a traceback, or
+    in some runs a segmentation fault."""
     script = f"""
 import builtins, os, signal, sys
 from absl import app
@@ -627,13 +702,13 @@ sys.argv = ["train", "--config=configs/cnn_digits.py:smoke", "--workdir={tmp_pat
 real_import = builtins.__import__
 def importing(name, *args, **kwargs):
     if name == "jax":
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), {int(signum)})
     return real_import(name, *args, **kwargs)
 builtins.__import__ = importing
 app.run(application.main, flags_parser=application.parse_flags)
 """
     done = _python(script)
-    assert "SIGTERM before the first step" in done.stdout
+    assert f"{signum.name} before the first step" in done.stdout
 
 
 def _python(script: str) -> subprocess.CompletedProcess:
@@ -689,6 +764,19 @@ def test_resuming_with_a_changed_config(tmp_path):
             train_and_evaluate(changed, str(tmp_path))
         assert (tmp_path / "config.json").read_text() == saved
         assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    # Only the keys that change the layout are named (was: every changed optimizer key,
+    # the learning rate too, which may change).
+    changed = load_config("cnn_digits.py", "smoke")
+    changed.optimizer.grad_clip_norm, changed.optimizer.learning_rate = 1.0, 1e-4
+    with pytest.raises(ConfigError, match=r"layout than this config's \(optimizer.grad_clip_no"):
+        train_and_evaluate(changed, str(tmp_path))
+    # Another model is named as such (was: the optimizer's layout, if that differed too,
+    # else a checkpoint that does not fit).
+    changed = load_config("cnn_digits.py", "smoke")
+    changed.model.name, changed.optimizer.name = "ResNet18", "sgd"
+    with pytest.raises(ConfigError, match=r"of another model \('SeedCNN'; this config's: 'Res"):
+        train_and_evaluate(changed, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved
     assert not (tmp_path / CHANGES_FILE).exists()
     # What a resumed run may change is recorded, with the step it took effect.
     config.total_steps, config.optimizer.learning_rate = 4, 0.01

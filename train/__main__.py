@@ -18,7 +18,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import SETUP_STOPPED
+from train import STOP_SIGNALS, setup_stopped
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -33,7 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _stopped_while_starting(signum: int, frame: Any) -> None:  # noqa: ARG001
-    print(SETUP_STOPPED, flush=True)
+    print(setup_stopped(signal.Signals(signum).name), flush=True)
     os._exit(0)
 
 
@@ -42,23 +42,23 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not (FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed):
         # Importing JAX and the trainer takes seconds, before the trainer's own handler is
-        # in place: a SIGTERM then ends the run as one while it sets up does (status 0).
-        # Several processes keep the default action, as the trainer's handler does.
-        signal.signal(signal.SIGTERM, _stopped_while_starting)
+        # in place: a SIGTERM or Ctrl-C then ends the run as one while it sets up does
+        # (status 0). Several processes keep the default actions, as the trainer's handler
+        # does.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _stopped_while_starting)
     import jax
 
     from jaxmodels.errors import UserError
 
     logging.set_verbosity(logging.WARNING)  # Orbax/TFDS are chatty at INFO
 
-    if FLAGS.coordinator_address or FLAGS.num_processes:
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-        )
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
+    multi = FLAGS.coordinator_address or FLAGS.num_processes is not None or FLAGS.distributed
+    if multi:
+        error = _start_processes(jax)
+        if error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return 2
 
     from train.trainer import stopped_at, train_and_evaluate
 
@@ -67,11 +67,12 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the run's setup is over
+    finally:  # the run is over: the default actions again
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not result:
         return 0
-    # A run stopped by SIGTERM has its last metrics, not final ones.
+    # A run stopped by SIGTERM or Ctrl-C has its last metrics, not final ones.
     total = FLAGS.config.total_steps
     try:
         stopped = stopped_at(FLAGS.workdir, total)
@@ -86,6 +87,34 @@ def main(argv: list[str]) -> int:
     if jax.process_index() == 0:
         print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
     return 0
+
+
+_MULTI_PROCESS_USAGE = (
+    "give every process --coordinator_address=HOST:PORT (process 0's), --num_processes=N "
+    "and its own --process_id (0 to N-1), or --distributed alone on a cluster JAX detects "
+    "(SLURM, TPU pods, ...)"
+)
+
+
+def _start_processes(jax: Any) -> str | None:
+    """`jax.distributed.initialize` with the flags; the error to print if it cannot."""
+    n, i = FLAGS.num_processes, FLAGS.process_id
+    if n is not None and n < 1:
+        return f"--num_processes={n} must be >= 1: {_MULTI_PROCESS_USAGE}"
+    if n is not None and i is not None and not 0 <= i < n:
+        return f"--process_id={i} is not between 0 and --num_processes-1={n - 1}"
+    from jaxmodels.errors import brief
+
+    try:
+        if FLAGS.coordinator_address or n:
+            jax.distributed.initialize(
+                coordinator_address=FLAGS.coordinator_address, num_processes=n, process_id=i
+            )
+        else:
+            jax.distributed.initialize()
+    except Exception as e:  # noqa: BLE001 - JAX's own errors: missing or unreachable peers
+        return f"cannot start the multi-process run ({brief(e)}): {_MULTI_PROCESS_USAGE}"
+    return None
 
 
 def _unknown_key(error: KeyError, argv: list[str]) -> str:

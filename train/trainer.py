@@ -7,7 +7,8 @@ from after a non-finite loss).
 
 Resuming is automatic: if `workdir/checkpoints` holds a complete checkpoint, the state and
 the data iterator's position are restored from it, and the run continues as if it had
-never stopped (bitwise on CPU). SIGTERM (preemption) saves a checkpoint, then returns.
+never stopped (bitwise on CPU). SIGTERM (preemption) or Ctrl-C saves a checkpoint, then
+returns.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from jaxmodels.errors import (
     NonFiniteError,
     UserError,
 )
-from train import SETUP_STOPPED, tasks
+from train import STOP_SIGNALS, setup_stopped, tasks
 from train.defaults import base_config
 from train.logs import MetricWriter, logged_eval
 
@@ -122,10 +123,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         dtype = jnp.dtype(config.dtype)
     except TypeError as e:
         raise ConfigError(f"config key dtype: {config.dtype!r} is not a dtype") from e
+    usable = ("float32", "bfloat16", "float16")
+    if dtype.name == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError(
+            "config key dtype: 'float64' computes in float32 unless JAX's 64-bit mode is on "
+            f"(JAX_ENABLE_X64=1); use one of {usable}, or turn that mode on"
+        )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ConfigError(
-            f"config key dtype: {config.dtype!r} is not a floating-point dtype; use float32, "
-            "bfloat16 or float16"
+            f"config key dtype: {config.dtype!r} is not a floating-point dtype; use one of "
+            f"{usable}"
         )
     if len(config.image_mean) != len(config.image_std):
         raise ConfigError("config keys image_mean and image_std must have the same length")
@@ -339,18 +346,21 @@ class _StepTrace:
 
 
 class _Preempted(BaseException):
-    """SIGTERM while a run sets up: nothing new to save. A BaseException (as
+    """SIGTERM or Ctrl-C while a run sets up: nothing new to save. A BaseException (as
     KeyboardInterrupt), so that no `except Exception` on the way takes it for an error."""
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks; restores the old handler on exit.
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks; restores the old
+    handlers on exit.
 
-    Until `deferred()`, a SIGTERM stops a single-process run (`_Preempted`) as soon as
-    Python runs again: setting up (building a vocabulary, preparing a dataset, initialising
-    the state) makes nothing to save, and a preempted machine's grace period may not outlast
-    it. Several processes keep the default action until then (one process returning while
-    another waits in a collective would leave that one hanging). Afterwards it is a flag.
+    Until `deferred()`, either stops a single-process run (`_Preempted`) as soon as Python
+    runs again: setting up (building a vocabulary, preparing a dataset, initialising the
+    state) makes nothing to save, and a preempted machine's grace period may not outlast it.
+    Several processes keep the default actions until then (one process returning while
+    another waits in a collective would leave that one hanging). Afterwards it is a flag:
+    the run saves a checkpoint at its next step and returns. A second Ctrl-C then raises
+    KeyboardInterrupt, for a user who will not wait for the save.
 
     `exit_process`: stop by ending the process (status 0) rather than by raising. An
     exception raised from the handler surfaces wherever Python runs next, e.g. midway
@@ -361,6 +371,7 @@ class _Preemption:
     def __init__(self, exit_process: bool = False) -> None:
         self.exit_process = exit_process
         self.requested = False
+        self.signal_name: str | None = None  # of the first stop signal this process got
         self.immediate = True
         self.cleanup: Callable[[], None] | None = None  # before the process ends at once
         self._old: Any = None
@@ -375,16 +386,21 @@ class _Preemption:
         if self._installed:
             return
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+            old = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         except ValueError:  # not the main thread: no handler
-            self._old = None
+            return
+        if self._old is None:  # the handlers from before this run, to restore on exit
+            self._old = old
+        self._installed = True
 
     def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: do not wait
         self.requested = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
         if self.immediate and self.exit_process:
             if jax.process_index() == 0:
-                print(SETUP_STOPPED, flush=True)
+                print(setup_stopped(self.signal_name), flush=True)
             if self.cleanup is not None:
                 self.cleanup()
             sys.stderr.flush()
@@ -399,12 +415,17 @@ class _Preemption:
 
     def __exit__(self, *exc: Any) -> None:
         if self._installed and self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+            for signum, handler in self._old.items():
+                signal.signal(signum, handler)
         self._installed = False
 
     def agreed(self) -> bool:
-        """True when any process got SIGTERM (a collective when there are several)."""
+        """True when any process got a stop signal (a collective when there are several)."""
         return _any_process(self.requested)
+
+    def stopped_by(self) -> str:
+        """The stop signal's name, as this process knows it."""
+        return self.signal_name or "a stop signal on another process"
 
 
 def _any_process(flag: bool) -> bool:
@@ -463,6 +484,26 @@ def _keeps_evaluation(key: str) -> bool:
     return key in _EVAL_NEUTRAL or key.startswith(("optimizer.", "mesh.", "sample_"))
 
 
+def _relayouts(
+    theirs: ml_collections.ConfigDict, layout: Any, changes: dict[str, tuple[Any, Any]]
+) -> dict[str, tuple[Any, Any]]:
+    """Of the optimizer keys in `changes`, those that alone change the optimizer state's
+    layout of the run `theirs` (`layout`); all of them where no one alone does."""
+    keys = {k: v for k, v in changes.items() if k.startswith("optimizer.")}
+    culprits = {}
+    for key, (_, value) in keys.items():
+        changed = ml_collections.ConfigDict(theirs.to_dict())
+        try:
+            changed.optimizer[key.removeprefix("optimizer.")] = value
+        except (KeyError, TypeError, AttributeError):  # a key that one of them lacks
+            culprits[key] = keys[key]
+            continue
+        alone = _optimizer_layout(changed)
+        if alone is not None and alone != layout:
+            culprits[key] = keys[key]
+    return culprits or keys
+
+
 def _described(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
@@ -492,6 +533,12 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     then, now = _json_items(theirs), _json_items(config)
     changes = {k: (then.get(k), now.get(k)) for k in sorted(set(then) | set(now))}
     changes = {k: v for k, v in changes.items() if v[0] != v[1]}
+    if "model.name" in changes and then.get("model.name") is not None:
+        raise ConfigError(
+            f"--workdir {workdir} holds the checkpoints of another model "
+            f"({then['model.name']!r}; this config's: {now.get('model.name')!r}); use another "
+            "--workdir"
+        )
     for key in _RUN_IDENTITY:
         if key == "dataset" and _unversioned(then.get(key)) == _unversioned(now.get(key)):
             continue  # the version named or not: the checkpoints' record of it decides
@@ -504,7 +551,7 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
             )
     before, after = _optimizer_layout(theirs), _optimizer_layout(config)
     if before is not None and after is not None and before != after:
-        named = _described({k: v for k, v in changes.items() if k.startswith("optimizer.")})
+        named = _described(_relayouts(theirs, before, changes))
         raise ConfigError(
             f"the run in --workdir {workdir} has an optimizer state of another layout than "
             f"this config's ({named or 'the optimizer'}): the checkpoints cannot be resumed "
@@ -647,8 +694,9 @@ def train_and_evaluate(
     """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
     Returns the last evaluation's metrics (or the last train metrics without an eval set).
-    A SIGTERM before the first step returns {} at once (nothing to save); with
+    A SIGTERM or Ctrl-C before the first step returns {} at once (nothing to save); with
     `exit_on_early_sigterm` (the application's own process) it ends the process, status 0.
+    Later, either saves a checkpoint at the next step and returns.
     """
     with _Preemption(exit_on_early_sigterm) as preempt:
         try:
@@ -669,7 +717,7 @@ def train_and_evaluate(
                     raise
         except _Preempted:
             if jax.process_index() == 0:
-                print(SETUP_STOPPED, flush=True)
+                print(setup_stopped(preempt.stopped_by()), flush=True)
             return {}
 
 
@@ -692,7 +740,7 @@ def _train(
         task.model, tx, task.example_inputs, jax.random.PRNGKey(config.seed), mesh, rules
     )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    preempt.deferred()  # from here on, resources to close: the loop's checks see SIGTERM
+    preempt.deferred()  # from here on, resources to close: the loop's checks see a stop signal
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
@@ -852,7 +900,7 @@ def _train(
     try:
         if preempt.agreed():  # during the restore or the setup after it
             if lead:
-                print(SETUP_STOPPED, flush=True)
+                print(setup_stopped(preempt.stopped_by()), flush=True)
             return result
         if eval_pending and task.eval_iterator is not None:
             # The checkpoint was saved before its step's evaluation, which the run may have
@@ -889,7 +937,7 @@ def _train(
                     save(step, do_eval)
                     ckpt.wait()
                     if lead:
-                        print(f"\nSIGTERM: saved step {step}; exiting.", flush=True)
+                        print(f"\n{preempt.stopped_by()}: saved step {step}; exiting.", flush=True)
                     return result
             if do_ckpt:
                 save(step, do_eval)

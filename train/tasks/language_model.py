@@ -121,7 +121,9 @@ def prompt_tokens(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.ndar
     return tokens, lengths
 
 
-def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 0) -> list[str]:
+def sample(
+    config: Any, workdir: str, prompts: list[str], max_new_tokens: int | None = None
+) -> list[str]:
     """Continues each prompt with the model of the latest checkpoint in `workdir`.
 
     `config`: the run's config; None reads it from the workdir (`run_config`). From a shell:
@@ -145,9 +147,10 @@ def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 
             "(configs/transformer_lm.py): sampling continues text with one"
         )
     model = make_model(config)
+    wanted = config.sample_tokens if max_new_tokens is None else max_new_tokens
+    _check_sampling(wanted, config.sample_temperature, config.sample_top_k, model.vocab_size)
     params = checkpoint.load_params(os.path.join(workdir, "checkpoints"))
     prompt, lengths = prompt_tokens(prompts, model.max_len)
-    wanted = max_new_tokens or config.sample_tokens
     new = min(wanted, model.max_len - prompt.shape[1] + 1)
     if new < wanted:
         print(
@@ -170,6 +173,23 @@ def sample(config: Any, workdir: str, prompts: list[str], max_new_tokens: int = 
     return [sequences.decode_bytes(row) for row in np.asarray(out)]
 
 
+def _check_sampling(tokens: int, temperature: float, top_k: int, vocab_size: int) -> None:
+    """A `ConfigError` naming the setting (and its flag) that `sample` cannot use."""
+    if tokens < 1:
+        raise ConfigError(
+            f"new tokens (--tokens, config key sample_tokens) must be >= 1, got {tokens}"
+        )
+    if temperature < 0:
+        raise ConfigError(
+            f"sample_temperature (--temperature) must be >= 0 (0: greedy), got {temperature}"
+        )
+    if not 0 <= top_k <= vocab_size:
+        raise ConfigError(
+            f"sample_top_k (--top-k) must be between 0 (all tokens) and the model's "
+            f"vocabulary size {vocab_size}, got {top_k}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Samples continuations of prompts from a trained workdir (the run's own config)."""
     parser = argparse.ArgumentParser(
@@ -178,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("workdir")
     parser.add_argument("prompts", nargs="*", default=[""], help="default: one empty prompt")
-    parser.add_argument("--tokens", type=int, default=0, help="new bytes (config: sample_tokens)")
+    parser.add_argument("--tokens", type=int, help="new bytes (config: sample_tokens)")
     parser.add_argument("--temperature", type=float, help="0: greedy (config: sample_temperature)")
     parser.add_argument("--top-k", type=int, help="0: all tokens (config: sample_top_k)")
     args = parser.parse_args(argv)
