@@ -131,8 +131,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ConfigError(
-            f"config key dtype: {config.dtype!r} is not a floating-point dtype; use one of "
-            f"{usable}"
+            f"config key dtype: {config.dtype!r} is not a floating-point dtype; use one of {usable}"
         )
     if len(config.image_mean) != len(config.image_std):
         raise ConfigError("config keys image_mean and image_std must have the same length")
