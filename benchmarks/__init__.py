@@ -13,8 +13,8 @@ comes from `jaxmodels.training.create_train_state` on a data-parallel mesh (``--
 device by default, or all), the step from `jaxmodels.training.compile_train_step` (jit, state
 donated). Each workload runs in a fresh process (so peak memory is its own); ``--in-process``
 runs them all in this one. SIGTERM or Ctrl-C stops the run: the running workload's process
-is killed, the table and files get what was measured (rows ``stopped`` for the rest), and the
-exit status is the signal's (143 for SIGTERM, as a shell reports it).
+is killed (with ``--in-process``, the running workload ends first), the table and files get
+what was measured (rows ``stopped`` for the rest), and the process then ends by that signal.
 
 Columns of the table (and keys of the ``--json`` rows):
 

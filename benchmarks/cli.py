@@ -125,38 +125,68 @@ def _log(message: str) -> None:
 
 
 class Stopped(BaseException):
-    """SIGTERM or SIGINT (Ctrl-C) while the suite runs (`_stop_on_signals`). The running
-    workload's process group is killed, the workloads not yet run are left out, and the
-    table and files still get every row measured before."""
+    """SIGTERM or SIGINT (Ctrl-C) while the suite runs (`_STOP`). The running workload's
+    process group is killed, the workloads not yet run are left out, and the table and
+    files still get every row measured before."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Any:
-    """SIGTERM and SIGINT raise `Stopped` inside (in the main thread only). The first one
-    does: the handlers are then the defaults again, so a second signal ends the process
-    while it writes what it has."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signums = (signal.SIGTERM, signal.SIGINT)
-    old = {s: signal.getsignal(s) for s in signums}
+class _StopRequest:
+    """SIGTERM and SIGINT as a request to stop (`handling()`, in the main thread only).
 
-    def stop(signum: int, frame: Any) -> None:
-        for s in signums:
-            signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
-        raise Stopped(signum)
+    `Stopped` is raised only where the suite can act on it: inside `interruptible()` (a
+    wait on a child process, which the waiter then kills) and at `check()`, between
+    workloads. After the first signal, SIGTERM is ignored (`timeout` sends it to the
+    process and again to its group) and SIGINT is Python's own again: a second Ctrl-C
+    does not wait for the report."""
 
-    for s in signums:
-        signal.signal(s, stop)
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._waiting = False
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.signum is None:
+            self.signum = signum
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self._waiting:
+            raise Stopped(signum)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Stopped(self.signum)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Any:
+        self.check()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+    @contextlib.contextmanager
+    def handling(self) -> Any:
+        self.signum = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        # A SIGINT ignored from the start (a background job of a script) stays ignored.
+        signums = [
+            s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN
+        ]
+        old = {s: signal.signal(s, self._handle) for s in signums}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+_STOP = _StopRequest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +295,9 @@ def _stopped_rows(
     jobs: list[tuple[str, str]],
     device: str,
     stopped: Stopped,
+    running: bool,
 ) -> list[dict[str, Any]]:
-    """Rows for `jobs` (the first one running) that `stopped` left unmeasured."""
+    """Rows for `jobs` that `stopped` left unmeasured (the first one `running`)."""
     return [
         timing.empty_row(
             by_name[name],
@@ -274,7 +305,7 @@ def _stopped_rows(
             "jax",
             device=device,
             status="stopped",
-            note=f"{stopped} {'while it ran' if i == 0 else 'before it ran'}",
+            note=f"{stopped} {'while it ran' if running and i == 0 else 'before it ran'}",
         )
         for i, (name, impl) in enumerate(jobs)
     ]
@@ -284,7 +315,8 @@ def _run_here(
     args: argparse.Namespace, suite: str, jobs: list[tuple[str, str]]
 ) -> tuple[list[dict[str, Any]], Stopped | None]:
     """Measures `jobs` in this process: their rows, and the `Stopped` that ended them early
-    (with `--in-process`; a workload process is killed by the suite instead)."""
+    (with `--in-process`, between workloads: a measurement in this process runs to its
+    end; a workload process is killed by the suite instead)."""
     from benchmarks import measure
     from jaxmodels.errors import brief
 
@@ -293,6 +325,11 @@ def _run_here(
     steps, windows, warmup = _timing_args(args, suite)
     rows = []
     for i, (name, impl) in enumerate(jobs):
+        try:
+            _STOP.check()
+        except Stopped as e:
+            device = measure.device_label(devices)
+            return rows + _stopped_rows(by_name, jobs[i:], device, e, running=False), e
         _log(f"[{i + 1}/{len(jobs)}] {name} {specs.impl_label(impl)} ...")
         try:
             with timing.without_compilation_cache():
@@ -309,11 +346,6 @@ def _run_here(
                     profile_dir=args.profile and os.path.abspath(args.profile),
                     model_overrides=model_overrides(args.set),
                 )
-        except Stopped as e:
-            if not args.in_process:
-                raise
-            device = measure.device_label(devices)
-            return rows + _stopped_rows(by_name, jobs[i:], device, e), e
         except Exception as e:
             if not args.in_process:
                 raise  # a workload process: its exit status and last line tell the suite
@@ -399,7 +431,8 @@ def _child(
             proc.wait()
 
         try:
-            proc.wait(timeout=timeout)
+            with _STOP.interruptible():
+                proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill()
             return None, f"timed out after {timeout:.0f} s"
@@ -462,14 +495,18 @@ def _run_suite(
     jobs = info["jobs"]
     for i, (name, impl) in enumerate(jobs):
         label = specs.impl_label(impl)
-        _log(f"[{i + 1}/{len(jobs)}] {name} {label} ...")
         cmd = ["benchmarks", "--worker", "--suite", info["suite"], "--only", name]
         cmd += ["--impl", impl, *_common_flags(args)]
+        started = False
         try:
+            _STOP.check()
+            _log(f"[{i + 1}/{len(jobs)}] {name} {label} ...")
+            started = True
             result, error = _child(cmd, args.timeout, xla_flags=args.xla_flags)
         except Stopped as e:
             _log(f"    stopped: {e}")
-            return info, rows + _stopped_rows(by_name, jobs[i:], info["device"], e), e
+            stopped = _stopped_rows(by_name, jobs[i:], info["device"], e, running=started)
+            return info, rows + stopped, e
         if result is None:
             _log(f"    failed: {error}")
             result = [
@@ -556,23 +593,25 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    # SIGTERM or Ctrl-C while measuring: the running process group is killed and what was
-    # measured is still reported (a second signal, while reporting, ends the process).
-    try:
-        with _stop_on_signals():
+    # SIGTERM or Ctrl-C: the running process group is killed, and what was measured is
+    # still reported (`_StopRequest`).
+    with _STOP.handling():
+        try:
             info, rows, stopped = _run_suite(args)
-            rows += info["skipped"]
-            peer_error = None
-            if args.peers and stopped is None:
-                try:
-                    peer_rows, peer_error = _run_peers(args, info["suite"], rows)
-                except Stopped as e:
-                    peer_rows, peer_error, stopped = [], f"peer process stopped by {e}", e
-                rows += peer_rows
-    except Stopped as e:  # in the probe: nothing measured, nothing to write
-        _log(f"{PROG}: stopped by {e} before anything was measured")
-        return 128 + e.signum
-    return _report(args, argv, started, info, rows, stopped, peer_error)
+        except Stopped as e:  # in the probe: nothing measured, nothing to write
+            _log(f"{PROG}: stopped by {e} before anything was measured")
+            return 128 + e.signum
+        rows += info["skipped"]
+        peer_error = None
+        if args.peers and stopped is None:
+            try:
+                peer_rows, peer_error = _run_peers(args, info["suite"], rows)
+            except Stopped as e:
+                peer_rows, peer_error, stopped = [], f"peer process stopped by {e}", e
+            rows += peer_rows
+        status = _report(args, argv, started, info, rows, stopped, peer_error)
+        # A signal after the last measurement: all was reported, but the run was stopped.
+        return 128 + _STOP.signum if _STOP.signum is not None else status
 
 
 def _report(

@@ -84,7 +84,7 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 
 # The precision of rows whose float32 matmuls run on TF32 tensor cores (cuDNN's RNN, which
 # takes float32 only and allows TF32 by default; XLA's float32 matmuls and convolutions on
-# NVIDIA GPUs of compute capability >= 8.0, `timing.xla_runs_tf32`). No peak is listed for
+# NVIDIA GPUs of compute capability >= 8.0, `timing.xla_float32_arithmetic`). No peak is listed for
 # it, so their MFU is blank: against the plain FP32 peak it would be far too high.
 TF32 = "float32 (TF32)"
 

@@ -36,7 +36,7 @@ __all__ = [
     "time_training",
     "without_compilation_cache",
     "xla_precision",
-    "xla_runs_tf32",
+    "xla_float32_arithmetic",
 ]
 
 # Keys of a row, in table order (see `benchmarks.report` for the column titles).
@@ -148,41 +148,40 @@ class compile_events(contextlib.AbstractContextManager):  # noqa: N801 (used lik
 XLA_TF32_NOTE = "float32 matmuls and convolutions on TF32 tensor cores (XLA's default precision)"
 
 
-def xla_runs_tf32(device: Any) -> bool:
-    """Whether XLA computes float32 matmuls and convolutions on `device` (a JAX device) on
-    TF32 tensor cores: an NVIDIA GPU of compute capability 8.0 or newer, at any default
-    matmul precision but full float32 (`_full_float32`). Such rows are labelled `specs.TF32`
-    (no peak, so no MFU): their float32 rate is not the plain FP32 one."""
+def xla_float32_arithmetic(device: Any) -> str | None:
+    """What XLA computes float32 matmuls and convolutions in on `device` (a JAX device), at
+    JAX's default matmul precision, where that is not float32: "TF32" on an NVIDIA GPU of
+    compute capability 8.0 or newer at the levels "default"/"bfloat16", "high"/
+    "tensorfloat32" or a TF32 algorithm; the algorithm's name for another algorithm on one
+    (e.g. "BF16_BF16_F32_X3"). None for float32 arithmetic ("highest", F32_F32_F32) and on
+    other devices."""
     import jax
-
-    capability = getattr(device, "compute_capability", None)
-    if device.platform != "gpu" or not capability:
-        return False
-    major = int(str(capability).split(".")[0])
-    return major >= 8 and not _full_float32(jax.config.jax_default_matmul_precision)
-
-
-def _full_float32(precision: Any) -> bool:
-    """Whether JAX's default matmul precision `precision` asks float32 matmuls for float32
-    arithmetic: the level "highest" (also spelled "float32") or the algorithm F32_F32_F32.
-    Every other level ("default", "high", "tensorfloat32", ...) or algorithm
-    runs on tensor cores on these GPUs, so the plain FP32 peak does not apply."""
     from jax import lax
 
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or not capability or int(str(capability).split(".")[0]) < 8:
+        return None
+    precision = jax.config.jax_default_matmul_precision
     if precision is None:
-        return False
+        return "TF32"
     try:
-        return lax.Precision(precision) == lax.Precision.HIGHEST
+        level = lax.Precision(precision)
     except ValueError:  # not a level: an algorithm's name
-        return str(precision).upper() == "F32_F32_F32"
+        name = str(precision).upper()
+        return None if name == "F32_F32_F32" else "TF32" if name.startswith("TF32_") else name
+    return None if level == lax.Precision.HIGHEST else "TF32"
 
 
 def xla_precision(precision: str, device: Any) -> tuple[str, str | None]:
     """The precision a row computed in by XLA on `device` is labelled with, and the note that
-    goes with it: float32 on TF32 tensor cores (`xla_runs_tf32`) is `specs.TF32` with
-    `XLA_TF32_NOTE`; any other precision is itself, with no note."""
-    if precision == "float32" and xla_runs_tf32(device):
+    goes with it. Float32 computed otherwise (`xla_float32_arithmetic`) is `specs.TF32` with
+    `XLA_TF32_NOTE`, or "float32 (ALGORITHM)"; none of these has a peak, so no MFU: their
+    rate is not the plain FP32 one. Any other precision is itself, with no note."""
+    arithmetic = xla_float32_arithmetic(device) if precision == "float32" else None
+    if arithmetic == "TF32":
         return specs.TF32, XLA_TF32_NOTE
+    if arithmetic:
+        return f"float32 ({arithmetic})", f"float32 matmuls as {arithmetic} (matmul precision)"
     return precision, None
 
 
