@@ -114,7 +114,8 @@ def _wait_for_step(workdir: str, step: int, proc: subprocess.Popen, timeout: flo
 
 def _stopped_at(workdir: str, overrides: list[str], step: int, signum: int) -> tuple[str, str, int]:
     """Runs cnn_digits in `workdir` and sends `signum` once it logged `step`; the run must
-    save and exit with status 0. Its stdout, stderr and the step it saved."""
+    save and exit with status 0 (SIGTERM) or end by the signal (SIGINT, as a shell expects
+    of a Ctrl-C). Its stdout, stderr and the step it saved."""
     proc = subprocess.Popen(
         train_cmd("configs/cnn_digits.py", workdir, *overrides),
         cwd=ROOT,
@@ -126,7 +127,7 @@ def _stopped_at(workdir: str, overrides: list[str], step: int, signum: int) -> t
     _wait_for_step(workdir, step, proc)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == (-signum if signum == signal.SIGINT else 0), err[-3000:]
     saving = f"{signal.Signals(signum).name}: saved step "
     assert saving in out, out[-3000:]
     return out, err, int(out.split(saving)[1].split(";")[0])
@@ -167,7 +168,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
         assert r["train/loss"] == ref[r["step"]], r["step"]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_with_status_0(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_ends_by_the_signal(tmp_path):
     """Was: a KeyboardInterrupt traceback, nothing saved since the last checkpoint (or, in
     some runs, the interrupt lost inside JAX and the run going on)."""
     workdir = str(tmp_path / "run")
@@ -553,7 +554,8 @@ def test_a_split_the_dataset_lacks_is_named_with_those_it_has(tmp_path):
     config.eval_split, config.train_split = "test", "train[:50%]+validation"
     with pytest.raises(DataError, match=r"no split 'validation' \(asked for 'train\[:50%\]\+"):
         train_and_evaluate(config, str(tmp_path / "run"))
-    config.train_split = "train[:50%]"  # TFDS's slices still work
+    config.train_split = "train[:50%]"  # TFDS's slices still work, and "all"
+    config.eval_split = "all"
     assert train_and_evaluate(config, str(tmp_path / "run"))
 
 
@@ -629,9 +631,11 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_while_setting_up_exits_at_once_without_saving(tmp_path, monkeypatch, signum):
-    """Was: killed by the signal (status 143) until the loop had started; Ctrl-C raised
-    KeyboardInterrupt from wherever Python ran next."""
+    """Was: killed by the signal (status 143) until the loop had started. Ctrl-C raises
+    `Interrupted` (a KeyboardInterrupt, so that a caller's loop stops too), with the same
+    clean-up."""
     from train import tasks
+    from train.trainer import Interrupted
 
     build = tasks.build
     reached = []
@@ -644,10 +648,36 @@ def test_a_stop_signal_while_setting_up_exits_at_once_without_saving(tmp_path, m
 
     monkeypatch.setattr(tasks, "build", preempted_build)
     config = load_config("cnn_digits.py", "smoke")
-    assert train_and_evaluate(config, str(tmp_path / "new")) == {}
+    if signum == signal.SIGINT:
+        with pytest.raises(Interrupted) as info:
+            train_and_evaluate(config, str(tmp_path / "new"))
+        assert info.value.metrics == {}
+    else:
+        assert train_and_evaluate(config, str(tmp_path / "new")) == {}
     assert reached == []  # the setup stopped there
     assert not os.path.exists(tmp_path / "new")  # made by this start, and nothing in it
     assert signal.getsignal(signum) is before  # the handler is gone again
+
+
+def test_ctrl_c_in_the_loop_saves_then_raises_for_a_library_caller(tmp_path, monkeypatch):
+    """A caller's own loop (a sweep, a notebook cell) stops on Ctrl-C as on any
+    KeyboardInterrupt, once the step reached is saved."""
+    from train import trainer
+
+    config = load_config("cnn_digits.py", "smoke")
+    config.log_every = 5
+    write = trainer.MetricWriter.write
+
+    def write_then_interrupt(self, step, metrics):
+        write(self, step, metrics)
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer.MetricWriter, "write", write_then_interrupt)
+    with pytest.raises(trainer.Interrupted) as info:
+        train_and_evaluate(config, str(tmp_path))
+    assert "train/loss" in info.value.metrics
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]  # the step reached
 
 
 def test_a_second_ctrl_c_does_not_wait_for_the_save():
@@ -707,12 +737,13 @@ def importing(name, *args, **kwargs):
 builtins.__import__ = importing
 app.run(application.main, flags_parser=application.parse_flags)
 """
-    done = _python(script)
+    done = _python(script, status=-signum if signum == signal.SIGINT else 0)
     assert f"{signum.name} before the first step" in done.stdout
 
 
-def _python(script: str) -> subprocess.CompletedProcess:
-    """`python -c script` in the repository on one device, which must exit with status 0."""
+def _python(script: str, status: int = 0) -> subprocess.CompletedProcess:
+    """`python -c script` in the repository on one device, which must exit with `status`
+    (-N: ended by signal N)."""
     done = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -721,7 +752,7 @@ def _python(script: str) -> subprocess.CompletedProcess:
         cwd=ROOT,
         env=app_env(devices=1),
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == status, done.stderr[-2000:]
     return done
 
 
@@ -768,7 +799,9 @@ def test_resuming_with_a_changed_config(tmp_path):
     # the learning rate too, which may change).
     changed = load_config("cnn_digits.py", "smoke")
     changed.optimizer.grad_clip_norm, changed.optimizer.learning_rate = 1.0, 1e-4
-    with pytest.raises(ConfigError, match=r"layout than this config's \(optimizer.grad_clip_no"):
+    with pytest.raises(
+        ConfigError, match=r"this config's \(optimizer.grad_clip_norm 0.0 -> 1.0\): "
+    ):
         train_and_evaluate(changed, str(tmp_path))
     # Another model is named as such (was: the optimizer's layout, if that differed too,
     # else a checkpoint that does not fit).

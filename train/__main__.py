@@ -18,7 +18,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import STOP_SIGNALS, setup_stopped
+from train import STOP_SIGNALS, end_by_sigint, setup_stopped
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -34,45 +34,61 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _stopped_while_starting(signum: int, frame: Any) -> None:  # noqa: ARG001
     print(setup_stopped(signal.Signals(signum).name), flush=True)
+    if signum == signal.SIGINT:
+        end_by_sigint()
     os._exit(0)
 
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not (FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed):
+    multi = FLAGS.coordinator_address or FLAGS.num_processes is not None or FLAGS.distributed
+    originals = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    if not multi:
         # Importing JAX and the trainer takes seconds, before the trainer's own handler is
-        # in place: a SIGTERM or Ctrl-C then ends the run as one while it sets up does
-        # (status 0). Several processes keep the default actions, as the trainer's handler
-        # does.
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, _stopped_while_starting)
+        # in place: a SIGTERM or Ctrl-C then ends the run as one while it sets up does.
+        # Several processes keep the default actions, as the trainer's handler does; an
+        # ignored SIGINT (a background job of a script) stays ignored.
+        for signum, handler in originals.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(signum, _stopped_while_starting)
     import jax
 
     from jaxmodels.errors import UserError
 
     logging.set_verbosity(logging.WARNING)  # Orbax/TFDS are chatty at INFO
 
-    multi = FLAGS.coordinator_address or FLAGS.num_processes is not None or FLAGS.distributed
     if multi:
         error = _start_processes(jax)
         if error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             return 2
 
-    from train.trainer import stopped_at, train_and_evaluate
+    from train.trainer import Interrupted, stopped_at, train_and_evaluate
 
+    interrupted = False
     try:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir, exit_on_early_sigterm=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    finally:  # the run is over: the default actions again
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if not result:
-        return 0
-    # A run stopped by SIGTERM or Ctrl-C has its last metrics, not final ones.
+    except Interrupted as e:  # Ctrl-C: saved; the last metrics, then the signal's end
+        result, interrupted = e.metrics, True
+    finally:  # the run is over: the actions from before it again
+        for signum, handler in originals.items():
+            signal.signal(signum, handler)
+    if result:
+        _print_last_metrics(result, jax.process_index() == 0, stopped_at)
+    if interrupted:
+        end_by_sigint()
+    return 0
+
+
+def _print_last_metrics(result: dict[str, float], lead: bool, stopped_at: Any) -> None:
+    """The app's last line: "final: ..." for a finished run; a run stopped by SIGTERM or
+    Ctrl-C has its last metrics, not final ones."""
+    from jaxmodels.errors import UserError
+
     total = FLAGS.config.total_steps
     try:
         stopped = stopped_at(FLAGS.workdir, total)
@@ -84,9 +100,8 @@ def main(argv: list[str]) -> int:
             if stopped is None
             else f"last metrics (stopped at step {stopped} of {total}; the same command resumes)"
         )
-    if jax.process_index() == 0:
+    if lead:
         print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
-    return 0
 
 
 _MULTI_PROCESS_USAGE = (

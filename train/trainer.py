@@ -39,7 +39,7 @@ from jaxmodels.errors import (
     NonFiniteError,
     UserError,
 )
-from train import STOP_SIGNALS, setup_stopped, tasks
+from train import STOP_SIGNALS, end_by_sigint, setup_stopped, tasks
 from train.defaults import base_config
 from train.logs import MetricWriter, logged_eval
 
@@ -345,26 +345,39 @@ class _StepTrace:
 
 
 class _Preempted(BaseException):
-    """SIGTERM or Ctrl-C while a run sets up: nothing new to save. A BaseException (as
+    """SIGTERM while a run sets up: nothing new to save. A BaseException (as
     KeyboardInterrupt), so that no `except Exception` on the way takes it for an error."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped `train_and_evaluate`, after it saved a checkpoint (at the
+    step reached; none while the run set up). A KeyboardInterrupt, so that a caller's own
+    loop (a sweep, a notebook cell) stops as on any Ctrl-C; `metrics` are the last ones,
+    as `train_and_evaluate` returns them ({} before the first step)."""
+
+    def __init__(self, metrics: dict[str, float]):
+        super().__init__("Ctrl-C")
+        self.metrics = metrics
 
 
 class _Preemption:
     """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks; restores the old
     handlers on exit.
 
-    Until `deferred()`, either stops a single-process run (`_Preempted`) as soon as Python
-    runs again: setting up (building a vocabulary, preparing a dataset, initialising the
-    state) makes nothing to save, and a preempted machine's grace period may not outlast it.
-    Several processes keep the default actions until then (one process returning while
-    another waits in a collective would leave that one hanging). Afterwards it is a flag:
-    the run saves a checkpoint at its next step and returns. A second Ctrl-C then raises
-    KeyboardInterrupt, for a user who will not wait for the save.
+    Until `deferred()`, either stops a single-process run as soon as Python runs again
+    (`_Preempted`, `Interrupted`): setting up (building a vocabulary, preparing a dataset,
+    initialising the state) makes nothing to save, and a preempted machine's grace period
+    may not outlast it. Several processes keep the default actions until then (one process
+    returning while another waits in a collective would leave that one hanging). Afterwards
+    it is a flag: the run saves a checkpoint at its next step, then returns (SIGTERM) or
+    raises `Interrupted` (Ctrl-C). A second Ctrl-C raises KeyboardInterrupt at once, for a
+    user who will not wait for the save. A SIGINT ignored from the start (a background job
+    of a script) stays ignored.
 
-    `exit_process`: stop by ending the process (status 0) rather than by raising. An
-    exception raised from the handler surfaces wherever Python runs next, e.g. midway
-    through JAX's compilation, and the interpreter could then crash as it shut down; the
-    application, which owns its process, has nothing to close before the first step.
+    `exit_process`: stop by ending the process (status 0; Ctrl-C: by SIGINT) rather than by
+    raising. An exception raised from the handler surfaces wherever Python runs next, e.g.
+    midway through JAX's compilation, and the interpreter could then crash as it shut down;
+    the application, which owns its process, has nothing to close before the first step.
     """
 
     def __init__(self, exit_process: bool = False) -> None:
@@ -384,8 +397,9 @@ class _Preemption:
     def _install(self) -> None:
         if self._installed:
             return
+        signums = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
         try:
-            old = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+            old = {signum: signal.signal(signum, self._handle) for signum in signums}
         except ValueError:  # not the main thread: no handler
             return
         if self._old is None:  # the handlers from before this run, to restore on exit
@@ -402,10 +416,18 @@ class _Preemption:
                 print(setup_stopped(self.signal_name), flush=True)
             if self.cleanup is not None:
                 self.cleanup()
+            if signum == signal.SIGINT:
+                end_by_sigint()
             sys.stderr.flush()
             os._exit(0)
         if self.immediate:
-            raise _Preempted
+            raise Interrupted({}) if signum == signal.SIGINT else _Preempted
+
+    def end(self, metrics: dict[str, float]) -> dict[str, float]:
+        """`metrics`, to return after the run stopped on a signal; `Interrupted` for Ctrl-C."""
+        if self.signal_name == "SIGINT":
+            raise Interrupted(metrics)
+        return metrics
 
     def deferred(self) -> None:
         self.immediate = False
@@ -512,10 +534,11 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     says how it started): {dotted key: (then, now)}; {} for a new run.
 
     Raises:
-      ConfigError: for a change the checkpoints cannot follow: another task; another
-        dataset, train split, seed or batch size (the saved data position counts batches
-        of that stream); an optimizer whose state is laid out otherwise (another optimizer,
-        clipping or accumulation switched on or off) or counts otherwise (another
+      ConfigError: for a change the checkpoints cannot follow: another task or model
+        (`model.name`); another dataset, train split, seed or batch size (the saved data
+        position counts batches of that stream); an optimizer whose state is laid out
+        otherwise (another optimizer, clipping, weight decay or accumulation switched on or
+        off; the keys that do it are named) or counts otherwise (another
         accumulate_steps).
     """
     if not checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints")):
@@ -693,9 +716,15 @@ def train_and_evaluate(
     """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
     Returns the last evaluation's metrics (or the last train metrics without an eval set).
-    A SIGTERM or Ctrl-C before the first step returns {} at once (nothing to save); with
-    `exit_on_early_sigterm` (the application's own process) it ends the process, status 0.
-    Later, either saves a checkpoint at the next step and returns.
+    A SIGTERM before the first step returns {} at once (nothing to save); later, it saves
+    a checkpoint at the next step and returns. Ctrl-C does the same but raises
+    `Interrupted` (a KeyboardInterrupt holding the metrics) instead of returning. With
+    `exit_on_early_sigterm` (the application's own process), either ends the process before
+    the first step (status 0; Ctrl-C: by SIGINT).
+
+    Raises:
+      Interrupted: Ctrl-C, after saving.
+      UserError: a config, dataset or workdir that cannot be used (nothing saved is lost).
     """
     with _Preemption(exit_on_early_sigterm) as preempt:
         try:
@@ -710,7 +739,7 @@ def train_and_evaluate(
                 try:
                     with compilation_cache(config.compilation_cache_dir, workdir) as cache_dir:
                         return _train(config, workdir, cache_dir, preempt)
-                except (UserError, _Preempted):
+                except (UserError, _Preempted, KeyboardInterrupt):
                     if unused is not None:
                         unused()
                     raise
@@ -900,7 +929,7 @@ def _train(
         if preempt.agreed():  # during the restore or the setup after it
             if lead:
                 print(setup_stopped(preempt.stopped_by()), flush=True)
-            return result
+            return preempt.end(result)
         if eval_pending and task.eval_iterator is not None:
             # The checkpoint was saved before its step's evaluation, which the run may have
             # logged before it stopped (e.g. a finished run, extended): those are the metrics
@@ -937,7 +966,7 @@ def _train(
                     ckpt.wait()
                     if lead:
                         print(f"\n{preempt.stopped_by()}: saved step {step}; exiting.", flush=True)
-                    return result
+                    return preempt.end(result)
             if do_ckpt:
                 save(step, do_eval)
             if do_eval:

@@ -112,17 +112,18 @@ def recording() -> Iterator[set[str]]:
 
 def split_source(builder: Any, name: str, split: str, data_dir: str) -> Any:
     """A random-access (array_record) source of `split`; a clear error if unreadable."""
-    known = list(builder.info.splits.keys())
-    # TFDS's split syntax: "train", "train[:90%]", "train+test[:10]".
-    missing = [n for n in (p.split("[")[0].strip() for p in split.split("+")) if n not in known]
-    if known and missing:
-        raise DataError(
-            f"{name!r} has no split {missing[0]!r} (asked for {split!r}); its splits are "
-            f"{known}: set the config key train_split or eval_split to one of them"
-        )
     try:
         source = builder.as_data_source(split=split)
     except Exception as e:  # noqa: BLE001
+        known = list(builder.info.splits.keys())
+        # TFDS's split syntax: "train", "train[:90%]", "train+test[:10]", "all".
+        names = [part.split("[")[0].strip() for part in split.split("+")]
+        missing = [n for n in names if n not in known and n != "all"]
+        if known and missing:
+            raise DataError(
+                f"{name!r} has no split {missing[0]!r} (asked for {split!r}); its splits are "
+                f"{known}: set the config key train_split or eval_split to one of them"
+            ) from e
         raise DataError(
             f"cannot read split {split!r} of {name!r} in {data_dir}: {str(e).rstrip('.')}. "
             "Datasets must be prepared as array_record (tfds build --file_format=array_record)."
