@@ -146,12 +146,15 @@ class _StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._waiting = False
+        self._handled: set[int] = set()
 
     def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         if self.signum is None:
             self.signum = signum
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if signal.SIGTERM in self._handled:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if signal.SIGINT in self._handled:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
         if self._waiting:
             raise Stopped(signum)
 
@@ -161,9 +164,9 @@ class _StopRequest:
 
     @contextlib.contextmanager
     def interruptible(self) -> Any:
-        self.check()
-        self._waiting = True
+        self._waiting = True  # before the check: a signal in between is not only noted
         try:
+            self.check()
             yield
         finally:
             self._waiting = False
@@ -178,12 +181,14 @@ class _StopRequest:
         signums = [
             s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN
         ]
+        self._handled = set(signums)
         old = {s: signal.signal(s, self._handle) for s in signums}
         try:
             yield
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+            self._handled = set()
 
 
 _STOP = _StopRequest()
@@ -436,9 +441,11 @@ def _child(
         except subprocess.TimeoutExpired:
             kill()
             return None, f"timed out after {timeout:.0f} s"
-        except BaseException:  # `Stopped`: no process of ours goes on holding the device
-            kill()
-            raise
+        except BaseException as e:  # `Stopped`: no process of ours goes on holding the device
+            if not (isinstance(e, Stopped) and proc.poll() is not None):
+                kill()
+                raise
+            # It had ended as the signal came: its result counts; the stop is seen next.
         finally:
             reader.join(timeout=10)
         tail = [ln.strip() for ln in lines if ln.strip()]

@@ -461,6 +461,9 @@ def test_a_stop_signal_is_raised_only_where_the_suite_can_act_on_it():
     try:
         with request.handling():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)  # was: made Ctrl-C Python's own again
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before[signal.SIGINT])
 

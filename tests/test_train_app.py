@@ -186,11 +186,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(config: str, workdir: str, *overrides: str, status: int = 0) -> list[str]:
-    """Runs `config` as 2 processes x 4 devices (jax.distributed on this machine), which
-    must exit with `status`; their stdouts and stderrs."""
+def _start_two(config: str, workdir: str, *overrides: str) -> list[subprocess.Popen]:
+    """Starts `config` as 2 processes x 4 devices (jax.distributed on this machine)."""
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             train_cmd(
                 config,
@@ -208,6 +207,12 @@ def _two_processes(config: str, workdir: str, *overrides: str, status: int = 0) 
         )
         for i in range(2)
     ]
+
+
+def _two_processes(config: str, workdir: str, *overrides: str, status: int = 0) -> list[str]:
+    """Runs `config` as 2 processes x 4 devices, which must exit with `status`; their
+    stdouts and stderrs."""
+    procs = _start_two(config, workdir, *overrides)
     try:
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -659,6 +664,43 @@ def test_a_stop_signal_while_setting_up_exits_at_once_without_saving(tmp_path, m
     assert signal.getsignal(signum) is before  # the handler is gone again
 
 
+def test_ctrl_c_on_one_of_two_processes_ends_both_by_the_signal(tmp_path):
+    """Was: the process that got it died by SIGINT before the distributed service shut down,
+    and the other, which returned, was aborted by that service (status 134)."""
+    workdir = str(tmp_path / "run")
+    overrides = ["--config.total_steps=2000", "--config.log_every=5", "--config.eval_every=0"]
+    procs = _start_two("configs/cnn_digits.py", workdir, *overrides)
+    try:
+        _wait_for_step(workdir, 10, procs[0])
+        procs[1].send_signal(signal.SIGINT)
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [-signal.SIGINT] * 2, outs[0][1][-2000:]
+    saved = int(outs[0][0].split("on another process: saved step ")[1].split(";")[0])
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(saved)))
+
+
+def test_ctrl_c_in_the_last_evaluation_still_raises(tmp_path, monkeypatch):
+    """Was lost: the run, saved and evaluated, returned as a finished one would."""
+    from train import trainer
+
+    config = load_config("cnn_digits.py", "smoke")  # 20 steps, evaluations at 10 and 20
+    evaluate = trainer.evaluate
+
+    def interrupted_evaluate(task, eval_step, state, mesh):
+        if int(jax.device_get(state.step)) == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(task, eval_step, state, mesh)
+
+    monkeypatch.setattr(trainer, "evaluate", interrupted_evaluate)
+    with pytest.raises(trainer.Interrupted) as info:
+        train_and_evaluate(config, str(tmp_path))
+    assert "eval/accuracy" in info.value.metrics
+    assert "20" in os.listdir(tmp_path / "checkpoints")
+
+
 def test_ctrl_c_in_the_loop_saves_then_raises_for_a_library_caller(tmp_path, monkeypatch):
     """A caller's own loop (a sweep, a notebook cell) stops on Ctrl-C as on any
     KeyboardInterrupt, once the step reached is saved."""
@@ -719,7 +761,7 @@ print("returned")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_while_the_application_imports_jax_ends_it_with_status_0(tmp_path, signum):
+def test_a_stop_signal_while_the_application_imports_jax_ends_it_at_once(tmp_path, signum):
     """Was: killed by the signal (status -15) in the seconds before the trainer's own
     handler was in place, importing JAX and the trainer; Ctrl-C there gave a traceback, or
     in some runs a segmentation fault."""

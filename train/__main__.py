@@ -66,6 +66,9 @@ def main(argv: list[str]) -> int:
 
     from train.trainer import Interrupted, stopped_at, train_and_evaluate
 
+    # The trainer's own handlers take over from here, and give back these when it returns.
+    for signum, handler in originals.items():
+        signal.signal(signum, handler)
     interrupted = False
     try:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir, exit_on_early_sigterm=True)
@@ -74,12 +77,11 @@ def main(argv: list[str]) -> int:
         return 2
     except Interrupted as e:  # Ctrl-C: saved; the last metrics, then the signal's end
         result, interrupted = e.metrics, True
-    finally:  # the run is over: the actions from before it again
-        for signum, handler in originals.items():
-            signal.signal(signum, handler)
     if result:
         _print_last_metrics(result, jax.process_index() == 0, stopped_at)
     if interrupted:
+        if jax.process_count() > 1:  # every process is here (`Interrupted` is agreed on)
+            jax.distributed.shutdown()
         end_by_sigint()
     return 0
 

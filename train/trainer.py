@@ -424,8 +424,9 @@ class _Preemption:
             raise Interrupted({}) if signum == signal.SIGINT else _Preempted
 
     def end(self, metrics: dict[str, float]) -> dict[str, float]:
-        """`metrics`, to return after the run stopped on a signal; `Interrupted` for Ctrl-C."""
-        if self.signal_name == "SIGINT":
+        """`metrics`, to return after the run stopped on a signal; `Interrupted` for a Ctrl-C
+        on any process (a collective when there are several: all raise, or none)."""
+        if _any_process(self.signal_name == "SIGINT"):
             raise Interrupted(metrics)
         return metrics
 
@@ -435,6 +436,7 @@ class _Preemption:
         self._install()
 
     def __exit__(self, *exc: Any) -> None:
+        self.immediate = False  # a signal now, as the run ends, raises nothing
         if self._installed and self._old is not None:
             for signum, handler in self._old.items():
                 signal.signal(signum, handler)
@@ -973,6 +975,8 @@ def _train(
                 run_eval(step)
         if start == config.total_steps and task.eval_iterator is not None and not eval_pending:
             result = evaluate(task, eval_step, state, mesh)  # a finished run's last metrics
+        if preempt.agreed():  # a signal in the last evaluation: all saved, but a Ctrl-C stops
+            return preempt.end(result)
     finally:
         trace.close(state)
         if bar is not None:
