@@ -671,7 +671,7 @@ def _report(
         report.plot(args.plot, rows, f"{info['suite']} suite, {info['device']}")
     if stopped:
         _log(f"{PROG}: stopped by {stopped}; the rows above are what was measured before")
-        return 128 + stopped.signum  # as the signal's own status, to a shell
+        return 128 + stopped.signum  # `python -m benchmarks` then ends by that signal
     # Status 1 when one of our workloads (or the whole peer process) failed; the table and
     # the files still hold every row.
     failed = [r for r in rows if r.get("status") == "failed" and r.get("framework") == "jax"]

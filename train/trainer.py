@@ -7,8 +7,8 @@ from after a non-finite loss).
 
 Resuming is automatic: if `workdir/checkpoints` holds a complete checkpoint, the state and
 the data iterator's position are restored from it, and the run continues as if it had
-never stopped (bitwise on CPU). SIGTERM (preemption) or Ctrl-C saves a checkpoint, then
-returns.
+never stopped (bitwise on CPU). SIGTERM (preemption) saves a checkpoint, then returns;
+Ctrl-C saves one, then raises `Interrupted`.
 """
 
 from __future__ import annotations
