@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
             print(f"error: {error}", file=sys.stderr, flush=True)
             return 2
 
-    from train.trainer import Interrupted, stopped_at, train_and_evaluate
+    from train.trainer import Interrupted, train_and_evaluate
 
     # The trainer's own handlers take over from here, and give back these when it returns.
     for signum, handler in originals.items():
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     except Interrupted as e:  # Ctrl-C: saved; the last metrics, then the signal's end
         result, interrupted = e.metrics, True
     if result:
-        _print_last_metrics(result, jax.process_index() == 0, stopped_at)
+        _print_last_metrics(result, jax.process_index() == 0)
     if interrupted:
         if jax.process_count() > 1:  # every process is here (`Interrupted` is agreed on)
             jax.distributed.shutdown()
@@ -86,10 +86,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _print_last_metrics(result: dict[str, float], lead: bool, stopped_at: Any) -> None:
+def _print_last_metrics(result: dict[str, float], lead: bool) -> None:
     """The app's last line: "final: ..." for a finished run; a run stopped by SIGTERM or
     Ctrl-C has its last metrics, not final ones."""
     from jaxmodels.errors import UserError
+    from train.trainer import stopped_at
 
     total = FLAGS.config.total_steps
     try:

@@ -621,12 +621,13 @@ def stopped_at(workdir: str, total_steps: int) -> int | None:
     ckpt = checkpoint.Checkpointer(directory, async_save=False)
     try:
         latest = ckpt.latest_step()
-        if latest is None or latest >= total_steps and not ckpt.restore_data().get("eval_pending"):
+        if latest is None or latest < total_steps:
+            return latest
+        if not ckpt.restore_data().get("eval_pending"):
             return None
     finally:
         ckpt.close()
-    logged = logged_eval(os.path.join(workdir, "metrics.jsonl"), latest)
-    return latest if latest < total_steps or logged is None else None
+    return latest if logged_eval(os.path.join(workdir, "metrics.jsonl"), latest) is None else None
 
 
 def _check_datasets(
