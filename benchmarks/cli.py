@@ -101,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         "--peak-tflops",
         type=float,
         default=None,
-        help="one device's peak TFLOP/s for MFU (default: the table in benchmarks.specs by "
-        "device kind)",
+        help="one device's peak TFLOP/s for MFU of every row but TF32 ones (default: the "
+        "table in benchmarks.specs by device kind)",
     )
     parser.add_argument(
         "--in-process",
@@ -561,10 +561,21 @@ def _run_peers(
     return result, None
 
 
-def _peer_versions() -> dict[str, str]:
-    """The versions of the peers' packages installed here (the peer process's Python)."""
+# What the numbers depend on besides jax and flax: XLA's GPU plugin and the CUDA libraries
+# (pip's; PyTorch's wheels use the same), optax.
+STACK_PACKAGES = (
+    "jaxlib",
+    "optax",
+    *(f"jax-cuda{v}-{part}" for v in (12, 13) for part in ("plugin", "pjrt")),
+    *(f"nvidia-{lib}-cu{v}" for v in (12, 13) for lib in ("cudnn", "cublas", "nccl")),
+)
+PEER_PACKAGES = ("torch", "torchvision", "transformers", "keras")
+
+
+def _versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """The versions of those of `packages` installed here (the Python of every process)."""
     found = {}
-    for package in ("torch", "torchvision", "transformers", "keras"):
+    for package in packages:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[package] = importlib.metadata.version(package)
     return found
@@ -655,12 +666,21 @@ def _report(
         "xla_flags": args.xla_flags,
         "peers": args.peers,
         "peer_error": peer_error,
-        "peer_versions": _peer_versions() if args.peers else None,
+        "peer_versions": _versions(PEER_PACKAGES) if args.peers else None,
+        "stack_versions": _versions(STACK_PACKAGES),
+        # One device's peak FLOP/s (in TFLOP/s, by precision) the MFU column is against.
+        "peak_tflops": (
+            {"given": args.peak_tflops}
+            if args.peak_tflops is not None
+            else {k: v / 1e12 for k, v in specs.PEAK_FLOPS.get(info["device_kind"], {}).items()}
+        ),
         "stopped_by": str(stopped) if stopped else None,
     }
+    peaks = ", ".join(f"{k} {v:g}" for k, v in metadata["peak_tflops"].items())
     print(
         f"# {metadata['date']}  suite {info['suite']}  {info['device']}  jax {info['jax_version']}"
         f"  K={steps} steps x R={windows} windows (median), {warmup} warm-up"
+        + (f"  MFU peak TFLOP/s: {peaks}" if peaks else "")
     )
     print(report.format_table(rows))
     if peer_error:

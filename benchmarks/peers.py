@@ -26,8 +26,12 @@ Peers (each an optimizer step in the timing: zero_grad, forward, loss, backward,
   and ``torch.compile`` (GPU only). The same batch shapes: full-length sequences (no
   attention mask, as ours), masked-LM labels -100 except at the masked positions, NSP labels;
   the loss is the model's own (MLM + NSP). Its MLM head runs on every position (the PyTorch
-  reference gathers nothing), so it does more arithmetic than ours; TFLOP/s and MFU still
-  use our count (head on the masked positions only), as for every peer.
+  reference gathers nothing), so it does more arithmetic than ours (seq 128: about 1.2x);
+  TFLOP/s and MFU still use our count (head on the masked positions only), as for every
+  peer. So there are also rows ``torch eager masked-head`` / ``torch compile masked-head``:
+  the same model's own modules (``model.bert``, ``model.cls``) with the MLM head on the
+  gathered masked positions only, P slots per sequence and the padding slot weighted 0, as
+  ours: the peer that does our work.
 * ``transformer_lm``: ``transformers.GPT2LMHeadModel`` with the same sizes (pre-LayerNorm,
   learned positions, tanh GELU, tied embeddings, no dropout, ``attn_implementation="sdpa"``),
   bfloat16 autocast, AdamW, next-token cross-entropy; eager and ``torch.compile`` (GPU only).
@@ -82,6 +86,9 @@ KERAS_IMPL = "keras jax"
 # Families with a Keras peer (the article's Keras models).
 KERAS_FAMILIES = ("cnn", "lstm")
 BERT_MLM_NOTE = "MLM head on all positions (HF); MFU from our count (masked only)"
+# BERT's other peer: the MLM head on the masked positions only, as ours.
+MASKED_HEAD = "masked-head"
+MASKED_HEAD_NOTE = "BertForPreTraining's modules, MLM head on the masked positions only (as ours)"
 
 
 def _device() -> tuple[Any, str, str]:
@@ -188,12 +195,16 @@ def _peer_impls(w: specs.Workload, device: Any) -> list[tuple[str, str | None]]:
             import transformers  # noqa: F401
         except ImportError:
             return [("torch eager", TRANSFORMERS_MISSING), ("torch compile", TRANSFORMERS_MISSING)]
-        return [("torch eager", None), ("torch compile", compile_skip)]
+        impls = [("torch eager", None), ("torch compile", compile_skip)]
+        if w.family == "bert":
+            impls += [(f"{impl} {MASKED_HEAD}", skip) for impl, skip in impls]
+        return impls
     raise ValueError(f"no peer for family {w.family!r}")
 
 
-def _bert(w: specs.Workload, gen: Any) -> tuple[Any, dict[str, Any]]:
-    """transformers BertForPreTraining of the workload's preset and its batch (kwargs)."""
+def _bert(w: specs.Workload, gen: Any, masked_head: bool = False) -> tuple[Any, dict[str, Any]]:
+    """transformers BertForPreTraining of the workload's preset and its batch (kwargs);
+    `masked_head`: the model as `_masked_head_bert` makes it, and its batch of masked positions."""
     import torch
     import transformers
 
@@ -214,10 +225,22 @@ def _bert(w: specs.Workload, gen: Any) -> tuple[Any, dict[str, Any]]:
     input_ids = torch.randint(0, specs.BERT_VOCAB, (b, t), generator=gen)
     # `real` distinct positions per row, never [CLS] (0); every other label is -100.
     positions = 1 + torch.argsort(torch.rand(b, t - 1, generator=gen), dim=1)[:, :real]
-    mlm_labels = torch.full((b, t), -100, dtype=torch.long)
-    mlm_labels.scatter_(1, positions, torch.randint(0, specs.BERT_VOCAB, (b, real), generator=gen))
+    ids = torch.randint(0, specs.BERT_VOCAB, (b, real), generator=gen)
     token_type_ids = torch.zeros(b, t, dtype=torch.long)
     token_type_ids[:, t // 2 :] = 1
+    next_sentence_label = torch.randint(0, 2, (b,), generator=gen)
+    if masked_head:  # P slots: the real ones, then padding slots at [CLS] of weight 0
+        pad = torch.zeros(b, slots - real, dtype=torch.long)
+        return _masked_head_bert(model), {
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
+            "mlm_positions": torch.cat([positions, pad], dim=1),
+            "mlm_ids": torch.cat([ids, pad], dim=1),
+            "mlm_weights": torch.cat([torch.ones(b, real), pad.float()], dim=1),
+            "next_sentence_label": next_sentence_label,
+        }
+    mlm_labels = torch.full((b, t), -100, dtype=torch.long)
+    mlm_labels.scatter_(1, positions, ids)
     # No attention_mask: every sequence is full length (ours takes none either), and an
     # all-ones mask costs transformers a host read per step (eager) or the flash kernel
     # (torch.compile).
@@ -225,9 +248,44 @@ def _bert(w: specs.Workload, gen: Any) -> tuple[Any, dict[str, Any]]:
         "input_ids": input_ids,
         "token_type_ids": token_type_ids,
         "labels": mlm_labels,
-        "next_sentence_label": torch.randint(0, 2, (b,), generator=gen),
+        "next_sentence_label": next_sentence_label,
     }
     return model, batch
+
+
+def _masked_head_bert(model: Any) -> Any:
+    """`model` (a `BertForPreTraining`) with the MLM head on the masked positions only."""
+    import torch
+    import torch.nn.functional as F
+
+    class MaskedHeadBert(torch.nn.Module):
+        """A `BertForPreTraining`'s own modules with the MLM head on the gathered masked
+        positions only; returns the loss: the weighted mean MLM cross-entropy + NSP's."""
+
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            input_ids: Any,
+            token_type_ids: Any,
+            mlm_positions: Any,
+            mlm_ids: Any,
+            mlm_weights: Any,
+            next_sentence_label: Any,
+        ) -> Any:
+            bert, heads = self.model.bert, self.model.cls
+            sequence, pooled = bert(input_ids, token_type_ids=token_type_ids, return_dict=False)[:2]
+            index = mlm_positions[..., None].expand(-1, -1, sequence.shape[-1])
+            logits = heads.predictions(torch.gather(sequence, 1, index)).float()
+            mlm = F.cross_entropy(logits.flatten(0, 1), mlm_ids.flatten(), reduction="none")
+            weights = mlm_weights.flatten()
+            mlm = (mlm * weights).sum() / weights.sum().clamp(min=1.0)
+            nsp = F.cross_entropy(heads.seq_relationship(pooled).float(), next_sentence_label)
+            return mlm + nsp
+
+    return MaskedHeadBert(model)
 
 
 def _gpt2(w: specs.Workload, gen: Any) -> tuple[Any, dict[str, Any]]:
@@ -262,8 +320,8 @@ def _loss(w: specs.Workload, output: Any, batch: dict[str, Any], labels: Any) ->
     """The training loss of the peer's forward `output` (float32)."""
     import torch.nn.functional as F
 
-    if w.family == "bert":
-        return output.loss.float()  # the model's own MLM + NSP loss
+    if w.family == "bert":  # the model's own MLM + NSP loss, or `_masked_head_bert`'s
+        return output.float() if "mlm_positions" in batch else output.loss.float()
     if w.family == "transformer_lm":
         logits = output.logits[:, :-1].float()
         tokens = batch["input_ids"][:, 1:]
@@ -271,14 +329,17 @@ def _loss(w: specs.Workload, output: Any, batch: dict[str, Any], labels: Any) ->
     return F.cross_entropy(output.float(), labels)
 
 
-def _build(w: specs.Workload, device: Any) -> tuple[Any, list[Any], dict[str, Any], Any]:
+def _build(w: specs.Workload, device: Any, impl: str) -> tuple[Any, list[Any], dict[str, Any], Any]:
     """(model, positional inputs, keyword inputs, labels) on `device`: the workload's
     synthetic batch."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
+    if w.family == "bert":
+        model, batch = _bert(w, gen, masked_head=impl.endswith(MASKED_HEAD))
+    elif w.family == "transformer_lm":
+        model, batch = _gpt2(w, gen)
     if w.family in ("bert", "transformer_lm"):
-        model, batch = (_bert if w.family == "bert" else _gpt2)(w, gen)
         batch = {k: v.to(device) for k, v in batch.items()}
         return model.to(device), [], batch, None
     num_classes = w.model.get("num_classes", 10)
@@ -321,10 +382,10 @@ def measure_peer(
     device, kind, label = _device()
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    model, inputs, kwargs, labels = _build(w, device)
+    model, inputs, kwargs, labels = _build(w, device, impl)
     model.train()
     opt = _optimizer(w, model.parameters())
-    forward = torch.compile(model) if impl == "torch compile" else model
+    forward = torch.compile(model) if impl.startswith("torch compile") else model
     bf16 = w.precision == "bfloat16"
 
     def autocast() -> Any:
@@ -356,16 +417,20 @@ def measure_peer(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     result = timing.time_training(step, sync, steps, windows, warmup)
+    precision = _precision(w)
     if w.family == "lstm":
         lstm_dtype = torch.float32
         if model.lstm_autocast:
             with torch.no_grad(), autocast():  # what autocast made of nn.LSTM here
                 lstm_dtype = model.lstm(model.embed(inputs[0][:1]))[0].dtype
-        notes.append(f"nn.LSTM computes in {str(lstm_dtype).removeprefix('torch.')}")
+        computes = str(lstm_dtype).removeprefix("torch.")
+        notes.append(f"nn.LSTM computes in {computes}")
+        if computes != w.precision:  # cuDNN's RNN under autocast: float16, whatever was asked
+            precision = f"{precision}, LSTM {computes}"
         if impl == "torch compile":
             notes.append("dynamo leaves nn.LSTM eager")
     if w.family == "bert":
-        notes.append(BERT_MLM_NOTE)
+        notes.append(MASKED_HEAD_NOTE if impl.endswith(MASKED_HEAD) else BERT_MLM_NOTE)
     tf32 = not bf16 and w.family == "cnn" and cuda and _cudnn_runs_tf32()
     if tf32:
         notes.append(TORCH_TF32_NOTE)
@@ -373,7 +438,7 @@ def measure_peer(
     # MFU against the peak of the precision the workload computes in (none for TF32).
     row["precision"] = specs.TF32 if tf32 else w.precision
     timing.derive(row, w, result, forward_flops, kind, peak_tflops)
-    row["precision"] = specs.TF32 if tf32 else _precision(w)
+    row["precision"] = specs.TF32 if tf32 else precision
     if cuda:
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row

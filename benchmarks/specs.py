@@ -45,7 +45,8 @@ of compute capability 8.0 and newer; cuDNN's convolutions in PyTorch) are labell
 `TF32` and have no MFU: against the plain FP32 peak it would be far too high.
 
 On a device missing from the table MFU is left blank unless ``--peak-tflops X`` (one
-device's peak) is given; then X is used for every row. Add a device by adding a line to
+device's peak) is given; then X is used for every row but the TF32 ones (or those of
+another float32 matmul algorithm), which keep no MFU. Add a device by adding a line to
 `PEAK_FLOPS`.
 """
 
@@ -97,7 +98,12 @@ def impl_label(impl: str) -> str:
 def peak_flops(
     device_kind: str, precision: str, override_tflops: float | None = None
 ) -> float | None:
-    """Peak FLOP/s of `device_kind` at `precision`; `override_tflops` (TFLOP/s) wins; else None."""
+    """Peak FLOP/s of `device_kind` at `precision`; `override_tflops` (TFLOP/s) wins; else None.
+
+    Float32 rows whose matmuls run in another arithmetic (`TF32`, or an XLA algorithm, as
+    ``float32 (BF16_BF16_F32_X3)``) have no peak, given or listed."""
+    if precision.startswith("float32 ("):
+        return None
     if override_tflops is not None:
         return override_tflops * 1e12
     return PEAK_FLOPS.get(device_kind, {}).get(precision)
@@ -268,7 +274,7 @@ SUITES: dict[str, tuple[Workload, ...]] = {
 # Timing per suite: K steps per window, R windows, untimed warm-up steps after the first.
 DEFAULT_TIMING: dict[str, dict[str, int]] = {
     "gpu": {"steps": 20, "windows": 5, "warmup": 5},
-    "cpu": {"steps": 3, "windows": 3, "warmup": 1},
+    "cpu": {"steps": 3, "windows": 3, "warmup": 10},
 }
 
 

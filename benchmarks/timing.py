@@ -61,10 +61,16 @@ ROW_KEYS = (
     "status",
     "forward_flops",
     "model_flops_per_step",
+    "peak_tflops",
     "window_ms",
     "note",
     "profile",
 )
+
+
+# A row whose slowest window's steps took this many times its fastest's says so: its median
+# may not be the steady step time.
+UNSTEADY = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +279,10 @@ def derive(
     row["window_ms"] = [1e3 * t for t in timing.window_s]
     row["first_step_s"] = timing.first_step_s
     row["items_per_s"] = workload.batch / step_s
+    fastest, slowest = min(timing.window_s), max(timing.window_s)
+    if slowest > UNSTEADY * fastest:  # still warming up, or sharing the device or host
+        unsteady = f"unsteady: windows {1e3 * fastest:.3g}-{1e3 * slowest:.3g} ms (more --warmup?)"
+        row["note"] = "; ".join(filter(None, [row.get("note"), unsteady]))
     if workload.seq_len is not None:
         row["tokens_per_s"] = workload.batch * workload.seq_len / step_s
     if forward_flops:
@@ -283,4 +293,5 @@ def derive(
         peak = specs.peak_flops(device_kind, row["precision"], peak_tflops)
         if peak:
             row["mfu_pct"] = 100.0 * achieved / (peak * devices)
+            row["peak_tflops"] = peak / 1e12  # one device's
     return row

@@ -535,6 +535,29 @@ def test_the_json_says_the_peer_process_failed(monkeypatch, tmp_path):
         assert "torch" in metadata["peer_versions"]
 
 
+def test_the_json_and_the_header_say_which_peak_mfu_is_against(monkeypatch, tmp_path, capsys):
+    """Was: nowhere; a reader of the JSON could not tell 790 (the peers' figures) from the
+    data sheet's 989 TFLOP/s. The JAX stack's versions come with them."""
+    from benchmarks import cli
+
+    info = dict(cli._probe(cli._parser().parse_args(["--suite", "cpu", "--only", "mnist_cnn"])))
+    w = specs.suite("cpu", ["mnist_cnn"], None)[0]
+    result = timing.Timing(first_step_s=1.0, step_s=0.5, window_s=[0.5])
+    row = timing.derive(timing.empty_row(w, "jax", "jax"), w, result, 1e12, "NVIDIA H200")
+    assert row["peak_tflops"] == 67.0 and row["mfu_pct"] == pytest.approx(100 * 6 / 67)  # float32
+    info["device_kind"] = "NVIDIA H200"
+    monkeypatch.setattr(cli, "_run_suite", lambda args: (info, [row], None))
+    out = tmp_path / "rows.json"
+    assert cli.main(["--suite", "cpu", "--only", "mnist_cnn", "--json", str(out)]) == 0
+    metadata = json.loads(out.read_text())["metadata"]
+    assert metadata["peak_tflops"] == {"bfloat16": 790.0, "float32": 67.0}
+    assert "MFU peak TFLOP/s: bfloat16 790, float32 67" in capsys.readouterr().out
+    assert metadata["stack_versions"]["jaxlib"] == jax.__version__
+    args = ["--suite", "cpu", "--only", "mnist_cnn", "--peak-tflops", "2", "--json", str(out)]
+    assert cli.main(args) == 0
+    assert json.loads(out.read_text())["metadata"]["peak_tflops"] == {"given": 2.0}
+
+
 def test_adamw_decays_alike_in_ours_and_the_peers(monkeypatch):
     """Was: ours 0, PyTorch's default 0.01, Keras's 0.004."""
     from benchmarks import measure
@@ -581,6 +604,18 @@ def test_mfu_is_over_every_device_the_batch_is_split_over():
     assert rows[0]["mfu_pct"] == pytest.approx(300.0) and rows[1]["mfu_pct"] == pytest.approx(75.0)
 
 
+def test_rows_whose_windows_differ_much_say_so():
+    """Was: a median of windows still warming up, without a word (PyTorch eager on a CPU
+    takes about ten steps to settle, so a ratio of the default protocol could flip)."""
+    w = specs.suite("cpu", ["mnist_cnn"], None)[0]
+    steady = timing.Timing(first_step_s=1.0, step_s=0.1, window_s=[0.1, 0.12, 0.14])
+    row = timing.derive(timing.empty_row(w, "jax", "jax", note="x"), w, steady, None, "cpu")
+    assert row["note"] == "x"
+    unsteady = timing.Timing(first_step_s=1.0, step_s=0.1, window_s=[0.1, 0.1, 0.4])
+    row = timing.derive(timing.empty_row(w, "jax", "jax", note="x"), w, unsteady, None, "cpu")
+    assert row["note"] == "x; unsteady: windows 100-400 ms (more --warmup?)"
+
+
 def test_float32_on_tf32_tensor_cores_is_labelled_so():
     """XLA's default precision runs float32 matmuls and convolutions on TF32 tensor cores on
     NVIDIA GPUs of compute capability >= 8.0; such rows were labelled float32 and given an
@@ -615,6 +650,11 @@ def test_float32_on_tf32_tensor_cores_is_labelled_so():
     result = timing.Timing(first_step_s=1.0, step_s=0.5, window_s=[0.5])
     timing.derive(row, w, result, 1e12, "NVIDIA H200")
     assert row["tflops"] > 0 and row.get("mfu_pct") is None
+    # A given peak is no TF32 or algorithm peak either (was: an MFU against it).
+    for label in (specs.TF32, "float32 (BF16_BF16_F32_X3)"):
+        assert specs.peak_flops("NVIDIA H200", label, 989.0) is None
+    assert timing.derive(row, w, result, 1e12, "NVIDIA H200", 989.0).get("mfu_pct") is None
+    assert specs.peak_flops("cpu", "float32", 2.0) == specs.peak_flops("?", "bfloat16", 2.0) == 2e12
 
 
 def test_first_steps_never_come_from_the_persistent_compilation_cache(tmp_path):
@@ -692,6 +732,10 @@ def test_peer_process_cpu(tmp_path, monkeypatch):
     assert "nn.LSTM computes in bfloat16" in lstm_note or (
         "nn.LSTM computes in float32" in lstm_note and "no bfloat16 LSTM" in lstm_note
     ), lstm_note
+    # The precision column says so too (was "bfloat16 autocast" for cuDNN's float16 LSTM).
+    lstm_precision = rows[("lstm_article", "torch eager")]["precision"]
+    bf16 = "computes in bfloat16" in lstm_note
+    assert lstm_precision == "bfloat16 autocast" + ("" if bf16 else ", LSTM float32")
     # The Keras peers (Keras 3 on JAX, each in a process of its own): a row per workload.
     for name in ("mnist_cnn", "lstm_article"):
         row = rows[(name, "keras jax")]
@@ -751,6 +795,8 @@ def test_peer_process_transformers_cpu(tmp_path):
         "--json",
         str(out),
     )
+    from benchmarks import peers
+
     rows = {(r["workload"], r["impl"]): r for r in json.loads(out.read_text())}
     for name in ("bert_base", "transformer_lm"):
         row = rows[(name, "torch eager")]
@@ -762,14 +808,47 @@ def test_peer_process_transformers_cpu(tmp_path):
     bert_row = rows[("bert_base", "torch eager")]
     assert bert_row["model_flops_per_step"] == 3 * bert_forward  # our count, not the peer's
     assert "MLM head on all positions" in bert_row["note"]
+    # The peer that does our work: the head on the masked positions only.
+    masked = rows[("bert_base", "torch eager masked-head")]
+    assert masked["status"] == "ok" and masked["note"] == peers.MASKED_HEAD_NOTE, masked
+    assert masked["model_flops_per_step"] == 3 * bert_forward
+    assert rows[("bert_base", "torch compile masked-head")]["status"] == "skipped"
+    assert ("transformer_lm", "torch eager masked-head") not in rows
     # Full-length sequences and no attention mask, as ours (an all-ones mask cost the peer a
     # host read per step, and torch.compile the flash kernel).
     import torch
 
-    from benchmarks import peers
-
     _, batch = peers._bert(w["bert_base"], torch.Generator().manual_seed(0))
     assert "attention_mask" not in batch
+
+
+@pytest.mark.reference
+def test_the_masked_head_bert_peer_computes_the_models_own_loss_and_gradients():
+    """The masked-head peer gathers the masked positions before the MLM head; on the same
+    weights and data its loss and gradients are BertForPreTraining's own (dropout off)."""
+    torch = pytest.importorskip("torch", reason="the peers need PyTorch (reference extra)")
+    pytest.importorskip("transformers", reason="the BERT peers need transformers")
+    from benchmarks import peers
+
+    w = _cpu_workloads()["bert_base"]
+    w = dataclasses.replace(w, model={**w.model, "max_predictions": w.model["max_predictions"] + 2})
+    built = []
+    for masked_head in (False, True):
+        torch.manual_seed(0)
+        model, batch = peers._bert(w, torch.Generator().manual_seed(1), masked_head)
+        model.eval()
+        loss = peers._loss(w, model(**batch), batch, None)
+        loss.backward()
+        built.append((model, batch, loss))
+    (stock, stock_batch, stock_loss), (ours, batch, loss) = built
+    slots = w.model["max_predictions"]
+    assert batch["mlm_positions"].shape == (w.batch, slots)
+    real = int((stock_batch["labels"] != -100).sum(1)[0])
+    assert real < slots and float(batch["mlm_weights"][:, real:].abs().sum()) == 0.0
+    torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-5)
+    grads = dict(ours.model.named_parameters())
+    for name, param in stock.named_parameters():
+        torch.testing.assert_close(grads[name].grad, param.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_next_token_loss_is_the_mean_over_the_first_seq_minus_one_positions():
