@@ -1395,6 +1395,13 @@ def save_pretrained(
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
-    if vocab_file is not None:
-        with open(vocab_file, "rb") as src, open(os.path.join(directory, "vocab.txt"), "wb") as dst:
-            dst.write(src.read())
+    target = os.path.join(directory, "vocab.txt")
+    # Saving back where it was loaded from: the file is already there (opening it for
+    # writing first would empty it).
+    if vocab_file is not None and not (
+        os.path.exists(target) and os.path.samefile(vocab_file, target)
+    ):
+        with open(vocab_file, "rb") as src:
+            vocab = src.read()
+        with open(target, "wb") as dst:
+            dst.write(vocab)

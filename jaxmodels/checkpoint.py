@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -100,7 +101,15 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict[str, Any] | None = None) -> bool:
-        """Starts saving `state` (and `data_state`) as `step`; returns at once if async."""
+        """Starts saving `state` (and `data_state`, plain JSON) as `step`; returns at once if
+        async."""
+        try:  # here, not in the background save, which would lose the whole checkpoint
+            json.dumps(data_state or {}, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"data_state must be plain JSON (dicts, lists, str, int, float, bool, None): "
+                f"{e}; convert NumPy values first, e.g. int(x)"
+            ) from None
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),

@@ -118,6 +118,13 @@ def make_optimizer(
         raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
     if accumulate_steps < 1:
         raise ConfigError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+    for key, value in (("weight_decay", weight_decay), ("momentum", momentum)):
+        if value is not None and value < 0:  # a negative one pushes the weights away
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if grad_clip_norm is not None and grad_clip_norm < 0:  # it would reverse the update
+        raise ConfigError(
+            f"grad_clip_norm must be > 0 (None or 0: no clipping), got {grad_clip_norm}"
+        )
     if mu_dtype is not None and name not in ("adam", "adamw", "sgd"):
         raise ConfigError(
             f"mu_dtype (the first moments' storage dtype) applies to adam, adamw and sgd; "

@@ -551,7 +551,9 @@ class LSTMClassifier(nn.Module):
       bidirectional: biLSTM layers.
       pooling: "last" (each sequence's state after its last valid token; for a biLSTM the
         forward final state and the backward state at the first token), "mean" or "max"
-        over valid steps.
+        over valid steps. Lengths must be >= 1 (checked where they are concrete); under jit
+        an empty sequence (e.g. a padding row of an evaluation batch) pools to zeros with
+        "mean" and "max", so its logits stay finite.
       dropout: between LSTM layers and before the head (training only).
       unroll, backend, dtype, param_dtype: see `LSTM`.
     """
@@ -617,8 +619,9 @@ class LSTMClassifier(nn.Module):
         elif self.pooling == "mean":
             total = jnp.sum(jnp.where(mask, ys.astype(jnp.float32), 0.0), axis=1)
             pooled = total / jnp.maximum(jnp.sum(mask, axis=1), 1)
-        else:
+        else:  # an empty sequence (e.g. padding rows of an evaluation batch) pools to 0
             pooled = jnp.max(jnp.where(mask, ys.astype(jnp.float32), -jnp.inf), axis=1)
+            pooled = jnp.where(jnp.any(mask, axis=1), pooled, 0.0)
         pooled = Dropout(self.dropout)(pooled, deterministic=not train)
         logits = nn.Dense(
             self.num_classes,

@@ -279,6 +279,7 @@ def _in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Any) -> Callable[..., An
 
     def wrapped(state: Any, batch: Batch) -> Any:
         _check_split(batch, ways)
+        _check_not_donated(state)
         with mesh_context(mesh, rules):
             return fn(state, batch)
 
@@ -289,6 +290,20 @@ def _in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Any) -> Callable[..., An
 
     wrapped.lower = lower  # type: ignore[attr-defined]
     return wrapped
+
+
+def _check_not_donated(state: Any) -> None:
+    """A state whose buffers an earlier step took over (donation) is refused by name: JAX's
+    own error says only "Buffer has been deleted or donated", and on several devices the
+    process can crash instead."""
+    for leaf in jax.tree.leaves(state):
+        concrete = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        if concrete and leaf.is_deleted():
+            raise ValueError(
+                "this train state was given to an earlier step, which reused its buffers "
+                "for the state it returned (donation): pass the state the last step "
+                "returned (`state, metrics = step(state, batch)`)"
+            )
 
 
 def _check_split(batch: Batch, ways: int) -> None:

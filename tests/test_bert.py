@@ -917,6 +917,22 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     assert np.abs(np.asarray(nsp) - ref.seq_relationship_logits.numpy()).max() < TOL
 
 
+def test_save_pretrained_keeps_the_vocabulary_it_is_given(tmp_path):
+    """Was: saving back into the directory loaded from emptied its vocab.txt (the copy
+    opened the file for writing before reading it)."""
+    pytest.importorskip("safetensors")
+    model = bert.BertForPreTraining(SMALL)
+    variables = _init(model, jnp.zeros((1, 4), jnp.int32))
+    source = tmp_path / "vocab_source.txt"
+    source.write_text("[PAD]\n[UNK]\nhello\n")
+    bert.save_pretrained(model, variables, tmp_path / "hf", vocab_file=source)
+    vocab = tmp_path / "hf" / "vocab.txt"
+    assert vocab.read_text() == source.read_text()
+    _, loaded, _ = bert.from_pretrained(tmp_path / "hf")
+    bert.save_pretrained(model, loaded, tmp_path / "hf", vocab_file=vocab)  # in place
+    assert vocab.read_text() == source.read_text()
+
+
 @pytest.mark.reference
 def test_untied_and_pooler_less_hugging_face_checkpoints(tmp_path):
     """BertForPreTraining with tie_word_embeddings=False is refused, its encoder loads; a

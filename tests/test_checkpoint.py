@@ -47,6 +47,19 @@ def test_round_trip_with_data_state(tmp_path):
     ckpt.close()
 
 
+def test_a_data_state_that_is_not_json_is_refused_at_save(tmp_path):
+    """Was: `save` returned, the background write failed with some 400 lines of tracebacks
+    that did not name the data state, and the step was lost."""
+    state, _ = _state({"data": 2, "fsdp": 4})
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    with pytest.raises(TypeError, match="data_state must be plain JSON.*int64.*int\\(x\\)"):
+        ckpt.save(7, state, {"iterator": {"next_index": np.int64(7)}})
+    ckpt.save(8, state, {"iterator": {"next_index": 8}})
+    ckpt.wait()
+    assert ckpt.all_steps() == [8]
+    ckpt.close()
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
     state, _ = _state({"data": 2, "fsdp": 4})
     ckpt = checkpoint.Checkpointer(tmp_path)

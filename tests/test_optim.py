@@ -78,11 +78,23 @@ def test_unknown_optimizer_raises_config_error_naming_it():
         optim.make_optimizer("adamax_typo", 1e-3, total_steps=10)
 
 
-@pytest.mark.parametrize("kwargs", [{"learning_rate": 0.0}, {"accumulate_steps": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"learning_rate": 0.0},
+        {"accumulate_steps": 0},
+        # Were accepted: a negative clip norm reversed the update, a negative decay or
+        # momentum pushed the weights away.
+        {"grad_clip_norm": -1.0},
+        {"weight_decay": -0.01},
+        {"momentum": -0.9},
+    ],
+)
 def test_bad_optimizer_arguments_raise(kwargs):
     args = {"learning_rate": 1e-3, **kwargs}
     lr = args.pop("learning_rate")
-    with pytest.raises(ConfigError):
+    name = next(iter(kwargs))
+    with pytest.raises(ConfigError, match=name):
         optim.make_optimizer("sgd", lr, total_steps=10, **args)
 
 

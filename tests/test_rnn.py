@@ -444,6 +444,18 @@ def test_classifier_shapes_and_padding(pooling, bidirectional):
     np.testing.assert_allclose(model.apply(params, other, lengths), logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooling", rnn.POOLINGS)
+def test_an_empty_sequence_under_jit_gives_finite_logits(pooling):
+    """Lengths must be >= 1 where they are concrete; under jit they cannot be checked, and
+    "max" gave NaN logits (the maximum over no steps), so a padding row of weight 0 made an
+    evaluation's weighted loss NaN."""
+    model = rnn.LSTMClassifier(50, 8, 12, 1, 4, pooling=pooling)
+    tokens = np.ones((2, 5), np.int32)
+    params = model.init(jax.random.PRNGKey(0), tokens, np.array([5, 5], np.int32))
+    logits = jax.jit(model.apply)(params, tokens, np.array([5, 0], np.int32))
+    assert np.isfinite(np.asarray(logits)).all(), logits
+
+
 def test_articles_classifier_size():
     model = rnn.LSTMClassifier(10000, 64, 128, 2, 10)
     shapes = jax.eval_shape(

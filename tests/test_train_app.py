@@ -438,6 +438,8 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
         ("dtype", "int32", "not a floating-point dtype"),
         ("dtype", "float64", r"'float64' computes in float32 unless .* \(JAX_ENABLE_X64=1\)"),
         ("seed", -1, "seed must be >= 0"),
+        ("optimizer.grad_clip_norm", -1.0, r"optimizer.grad_clip_norm must be >= 0, got -1.0 \(0"),
+        ("optimizer.weight_decay", -0.1, "optimizer.weight_decay must be >= 0"),
         ("max_length", 0, "max_length must be > 0"),
         ("vocab_size", 1, "vocab_size must be >= 2"),
         # Was named "warmup_steps=..." with both numbers divided by accumulate_steps.

@@ -170,6 +170,24 @@ def test_state_is_created_sharded_and_donated():
     assert new_state.params["Dense_0"]["kernel"].sharding.spec == P("fsdp", None)
 
 
+def test_a_state_already_given_to_a_step_is_refused_by_name():
+    """Was JAX's "Buffer has been deleted or donated" (one device), or a crash of the
+    process (several): an easy slip when a notebook cell runs twice."""
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])  # several: the crash, on old code
+    model = cnn.SeedCNN()
+    tx = optim.make_optimizer("sgd", 0.1, total_steps=10)
+    state, shardings = training.create_train_state(
+        model, tx, [jnp.zeros((1, 28, 28, 1))], jax.random.PRNGKey(0), mesh, ()
+    )
+    loss_fn, _ = training.classification_fns(model)
+    step = training.compile_train_step(loss_fn, shardings, mesh)
+    batch = {"image": np.zeros((2, 28, 28, 1), np.float32), "label": np.zeros(2, np.int32)}
+    new_state, _ = step(state, batch)
+    with pytest.raises(ValueError, match="given to an earlier step.*pass the state the last"):
+        step(state, batch)
+    step(new_state, batch)
+
+
 @pytest.mark.parametrize("key", [jax.random.PRNGKey, jax.random.key], ids=["raw", "typed"])
 def test_abstract_state_matches_the_created_state(key, tmp_path):
     """Its rng leaf was always a typed key, so with the raw keys the application uses it

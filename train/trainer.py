@@ -95,6 +95,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config key optimizer.{key}: {config.optimizer[key]!r} is not one of "
                 f"{', '.join(allowed)}{hint}"
             )
+    for key in ("weight_decay", "momentum", "grad_clip_norm"):
+        if float(config.optimizer[key]) < 0:
+            raise ConfigError(
+                f"config key optimizer.{key} must be >= 0, got {config.optimizer[key]}"
+                + (" (0: no clipping)" if key == "grad_clip_norm" else "")
+            )
     if int(config.optimizer.accumulate_steps) < 1:
         raise ConfigError(
             f"config key optimizer.accumulate_steps must be >= 1, got "
