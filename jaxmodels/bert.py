@@ -899,7 +899,7 @@ def pretraining_loss(
       mlm_weights: <float>[batch, P], 1 for real predictions, 0 for padding slots (None:
         all 1).
       nsp_logits: <float>[batch, 2], or None for an MLM-only objective.
-      nsp_labels: <int>[batch].
+      nsp_labels: <int>[batch]; None exactly when `nsp_logits` is (ValueError otherwise).
 
     Returns:
       (total loss, metrics): metrics has `mlm_loss`, `nsp_loss`, `mlm_accuracy`,
@@ -913,6 +913,11 @@ def pretraining_loss(
       >>> round(float(total), 4), round(float(m["mlm_loss"]), 4)  # ln 5 + ln 2
       (2.3026, 1.6094)
     """
+    if (nsp_logits is None) != (nsp_labels is None):
+        given, missing = ("nsp_logits", "nsp_labels")[:: 1 if nsp_labels is None else -1]
+        raise ValueError(
+            f"{given} without {missing}: pass both for the NSP loss, or neither for MLM only"
+        )
     loss_sum, weight_sum = losses.cross_entropy(mlm_logits, mlm_labels, mlm_weights)
     hits = losses.correct(mlm_logits, mlm_labels, mlm_weights)
     safe = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)

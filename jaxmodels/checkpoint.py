@@ -193,6 +193,18 @@ class Checkpointer:
         Raises:
           CheckpointError: no checkpoint, a different model, or unreadable files.
         """
+        unplaced = [
+            jax.tree_util.keystr(path)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(target)
+            if not hasattr(leaf, "sharding")
+        ]
+        if unplaced:
+            raise TypeError(
+                f"restore places each leaf as the target's is placed, but {unplaced[0]} "
+                f"({len(unplaced)} leaves) has no sharding: give JAX arrays or "
+                "ShapeDtypeStructs with a sharding (e.g. training.abstract_train_state), or "
+                "read the parameters as NumPy arrays with restore_params"
+            )
         step = self._step(step)
         self._check_compatible(step, target)
         abstract = jax.tree.map(

@@ -67,6 +67,13 @@ def _channel_param(init_fn: Callable[..., Any]) -> Callable:
 
 
 def _constrain_batch(x: jnp.ndarray) -> jnp.ndarray:
+    """Images [batch, height, width, channels], split over the batch axis."""
+    if x.ndim != 4:
+        hint = " (grayscale: add a channel axis, x[..., None])" if x.ndim == 3 else ""
+        raise ValueError(
+            f"images of shape {x.shape}: the image models take [batch, height, width, "
+            f"channels] (NHWC){hint}"
+        )
     return nn.with_logical_constraint(x, ("batch", None, None, None))
 
 

@@ -85,6 +85,8 @@ def create_train_state(
     rng: jax.Array,
     mesh: Mesh,
     rules: Any,
+    *,
+    params: Any = None,
 ) -> tuple[TrainState, TrainState]:
     """Initialises parameters and optimizer state directly in their sharded layout.
 
@@ -95,15 +97,61 @@ def create_train_state(
         None for an optional input left out).
       rng: PRNG key for the initialisation.
       mesh, rules: where and how to shard (see `jaxmodels.sharding`).
+      params: start from these parameters instead of random ones (fine-tuning: e.g.
+        `bert.from_pretrained(...)[1]["params"]`, or `Checkpointer.restore_params()`), host
+        or device arrays of the model's tree and shapes, stored in the model's parameter
+        dtype and laid out as the rules say; the optimizer state is initialised for them.
+        The other collections (e.g. `batch_stats`) start as initialised.
 
     Returns:
       (state, shardings): the state, and a `TrainState` of `NamedSharding` with the same
       structure, for `jit` in/out shardings and for restoring checkpoints.
+
+    Raises:
+      ValueError: `params` of another tree or shapes than the model's (the first named).
     """
-    init, _, shardings = _state_init(model, tx, example_inputs, rng, mesh, rules)
+    init, abstract, shardings = _state_init(model, tx, example_inputs, rng, mesh, rules)
     with mesh_context(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)(rng)
+    if params is None:
+        return state, shardings
+    params = _as_model_params(nn.meta.unbox(params), abstract.params)
+
+    def start_from(state: TrainState, given: Any) -> TrainState:
+        given = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), given, abstract.params)
+        return state.replace(params=given, opt_state=tx.init(given))
+
+    with mesh_context(mesh, rules):
+        start = jax.jit(
+            start_from,
+            in_shardings=(shardings, shardings.params),
+            out_shardings=shardings,
+            donate_argnums=0,
+        )
+        state = start(state, params)
     return state, shardings
+
+
+def _as_model_params(given: Any, expected: Any) -> Any:
+    """`given`'s leaves in the tree of `expected` (the model's: plain or frozen dicts alike),
+    if it has the same paths and shapes; else a ValueError names the first difference."""
+    have = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(given)}
+    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    hint = (
+        " (pass variables['params'], not the variables)" if "params" in str(list(have)[:1]) else ""
+    )
+    for key in want:
+        if key not in have:
+            raise ValueError(f"params lack the model's {key}{hint}")
+        if tuple(jnp.shape(have[key])) != want[key].shape:
+            raise ValueError(
+                f"params {key} has shape {tuple(jnp.shape(have[key]))}, the model's "
+                f"{want[key].shape}"
+            )
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ValueError(f"params hold {extra[0]}, which the model does not have{hint}")
+    return jax.tree.unflatten(jax.tree.structure(expected), [have[key] for key in want])
 
 
 def abstract_train_state(
@@ -253,7 +301,7 @@ def compile_train_step(
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
-    return _in_mesh(jitted, mesh, rules)
+    return _in_mesh(jitted, mesh, rules, shardings.tx)
 
 
 def compile_eval_step(
@@ -270,21 +318,35 @@ def compile_eval_step(
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=replicated,
     )
-    return _in_mesh(jitted, mesh, rules)
+    return _in_mesh(jitted, mesh, rules, shardings.tx)
 
 
-def _in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Any) -> Callable[..., Any]:
-    """`fn(state, batch)` in the mesh's context, after checking the batch splits over it."""
+def _in_mesh(
+    fn: Callable[..., Any], mesh: Mesh, rules: Any, tx: optax.GradientTransformation
+) -> Callable[..., Any]:
+    """`fn(state, batch)` in the mesh's context, after checking the batch splits over it
+    and the state is one the step can take."""
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
 
-    def wrapped(state: Any, batch: Batch) -> Any:
+    def check(state: Any, batch: Batch) -> None:
         _check_split(batch, ways)
+        if isinstance(state, TrainState) and state.tx != tx:
+            # jit's own error lists both optimizers' function addresses ("pytree metadata").
+            raise ValueError(
+                "this train state holds another optimizer object than the step was compiled "
+                "with (the optimizer is static, compared by identity; each make_optimizer "
+                "call makes a new one): build the state and the step from the same `tx`, "
+                "or compile the step with this state's shardings"
+            )
+
+    def wrapped(state: Any, batch: Batch) -> Any:
+        check(state, batch)
         _check_not_donated(state)
         with mesh_context(mesh, rules):
             return fn(state, batch)
 
     def lower(state: Any, batch: Batch) -> Any:
-        _check_split(batch, ways)
+        check(state, batch)
         with mesh_context(mesh, rules):
             return fn.lower(state, batch)
 

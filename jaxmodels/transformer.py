@@ -1126,6 +1126,13 @@ def generate(
         ValueError: when the prompt plus all new tokens but the last do not fit in
             `max_len`, or the arguments are inconsistent.
     """
+    if not isinstance(model, DecoderOnlyLM):
+        hint = (
+            "; an EncoderDecoder decodes with greedy_translate"
+            if isinstance(model, EncoderDecoder)
+            else ""
+        )
+        raise TypeError(f"generate samples from a DecoderOnlyLM, got {type(model).__name__}{hint}")
     prompt = jnp.asarray(prompt, jnp.int32)
     _check_tokens(prompt, model.vocab_size, "prompt token")
     batch, prompt_len = prompt.shape

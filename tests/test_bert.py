@@ -595,6 +595,12 @@ def test_pretraining_loss_ignores_padding_slots():
     garbage = logits.at[0, 2].set(1e4).at[1, 1:].set(-1e4)  # only padding slots change
     _, m2 = bert.pretraining_loss(garbage, labels, weights, None, None)
     np.testing.assert_allclose(m2["mlm_loss"], m["mlm_loss"], rtol=1e-6)
+    # Half of the NSP pair (was an AttributeError on None, or NSP left out without a word).
+    nsp = jnp.zeros((2, 2))
+    with pytest.raises(ValueError, match="nsp_logits without nsp_labels: pass both"):
+        bert.pretraining_loss(logits, labels, weights, nsp)
+    with pytest.raises(ValueError, match="nsp_labels without nsp_logits"):
+        bert.pretraining_loss(logits, labels, weights, None, jnp.zeros((2,), jnp.int32))
 
 
 def test_training_steps_lower_the_pretraining_loss():

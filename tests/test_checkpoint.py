@@ -60,6 +60,15 @@ def test_a_data_state_that_is_not_json_is_refused_at_save(tmp_path):
     ckpt.close()
 
 
+def test_a_target_without_shardings_is_named(tmp_path):
+    """Was "AttributeError: 'numpy.ndarray' object has no attribute 'sharding'"."""
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    target = {"w": np.zeros(3, np.float32)}
+    with pytest.raises(TypeError, match=r"\['w'\] \(1 leaves\) has no sharding.*restore_params"):
+        ckpt.restore(target)
+    ckpt.close()
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
     state, _ = _state({"data": 2, "fsdp": 4})
     ckpt = checkpoint.Checkpointer(tmp_path)

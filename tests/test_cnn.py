@@ -57,6 +57,21 @@ def test_seed_cnn_output_shape():
     assert model.apply(variables, x, train=True).shape == (3, 10)
 
 
+def test_images_without_a_channel_axis_are_named():
+    """Was a TypeError about slice limits from inside max pooling (init), or a parameter
+    shape error about "28 channels" (apply)."""
+    model = SeedCNN()
+    variables = model.init(jax.random.key(0), jnp.ones((2, 28, 28, 1)))
+    gray = jnp.ones((2, 28, 28))
+    message = r"images of shape \(2, 28, 28\): .*NHWC.* add a channel axis, x\[\.\.\., None\]"
+    with pytest.raises(ValueError, match=message):
+        model.init(jax.random.key(0), gray)
+    with pytest.raises(ValueError, match=message):
+        model.apply(variables, gray)
+    with pytest.raises(ValueError, match="images of shape"):
+        ResNet18(num_classes=10, small_images=True).init(jax.random.key(0), jnp.ones((2, 8, 8)))
+
+
 def test_seed_cnn_param_count():
     # conv1 3*3*1*32+32, conv2 3*3*32*64+64, dense1 1600*128+128, dense2 128*10+10.
     assert 320 + 18_496 + 204_928 + 1_290 == 225_034

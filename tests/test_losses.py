@@ -48,3 +48,7 @@ def test_labels_and_weights_of_another_shape_are_refused():
         losses.correct(logits, jnp.zeros((4, 1), jnp.int32))
     with pytest.raises(ValueError, match=r"weights of shape \(4, 1\) for labels of shape \(4,\)"):
         losses.cross_entropy(logits, jnp.zeros((4,), jnp.int32), jnp.ones((4, 1)))
+    # Were accepted: the loss truncated float labels, the accuracy compared them as floats.
+    for fn in (losses.cross_entropy, losses.correct):
+        with pytest.raises(TypeError, match="labels of dtype float32: labels are integer"):
+            fn(logits, jnp.array([0.9, 1.2, 0.0, 3.0]))

@@ -170,9 +170,10 @@ def test_state_is_created_sharded_and_donated():
     assert new_state.params["Dense_0"]["kernel"].sharding.spec == P("fsdp", None)
 
 
-def test_a_state_already_given_to_a_step_is_refused_by_name():
-    """Was JAX's "Buffer has been deleted or donated" (one device), or a crash of the
-    process (several): an easy slip when a notebook cell runs twice."""
+def test_a_state_the_step_cannot_take_is_refused_by_name():
+    """A state already given to a step was JAX's "Buffer has been deleted or donated" (one
+    device), or a crash of the process (several): an easy slip when a notebook cell runs
+    twice."""
     mesh = sharding.make_mesh(devices=jax.devices()[:1])  # several: the crash, on old code
     model = cnn.SeedCNN()
     tx = optim.make_optimizer("sgd", 0.1, total_steps=10)
@@ -185,7 +186,48 @@ def test_a_state_already_given_to_a_step_is_refused_by_name():
     new_state, _ = step(state, batch)
     with pytest.raises(ValueError, match="given to an earlier step.*pass the state the last"):
         step(state, batch)
-    step(new_state, batch)
+    new_state, _ = step(new_state, batch)
+    # A state of another, equal-looking optimizer object (was jit's "different pytree
+    # metadata" error, listing both optimizers' function addresses).
+    other = new_state.replace(tx=optim.make_optimizer("sgd", 0.1, total_steps=10))
+    with pytest.raises(ValueError, match="another optimizer object than the step was compiled"):
+        step(other, batch)
+    with pytest.raises(ValueError, match="another optimizer object"):
+        step.lower(other, batch)
+
+
+def test_a_state_starts_from_given_parameters():
+    """Fine-tuning from given weights (was: random ones only, to be replaced by hand in
+    their sharded layout)."""
+    mesh, rules = sharding.make_mesh(data=2, fsdp=4), sharding.logical_rules("fsdp")
+    model = cnn.SeedCNN()
+    tx = optim.make_optimizer("adam", 1e-3, total_steps=10)
+    inputs = [jnp.zeros((1, 28, 28, 1))]
+    pretrained = model.init(jax.random.key(7), *inputs)["params"]
+    host = jax.tree.map(lambda x: np.asarray(x, np.float64), pretrained)  # NumPy, float64
+    state, shardings = training.create_train_state(
+        model, tx, inputs, jax.random.key(0), mesh, rules, params=host
+    )
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(pretrained), strict=True):
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    kernel = state.params["Dense_0"]["kernel"]
+    assert kernel.sharding == shardings.params["Dense_0"]["kernel"]
+    assert kernel.sharding.spec == P("fsdp", None)
+    loss_fn, _ = training.classification_fns(model)
+    step = training.compile_train_step(loss_fn, shardings, mesh, rules)
+    batch = {"image": np.zeros((8, 28, 28, 1), np.float32), "label": np.zeros(8, np.int32)}
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    # Another tree or shape is named.
+    with pytest.raises(ValueError, match=r"pass variables\['params'\], not the variables"):
+        training.create_train_state(
+            model, tx, inputs, jax.random.key(0), mesh, rules, params={"params": pretrained}
+        )
+    wrong = jax.tree.map(lambda x: x, pretrained)
+    wrong["Dense_1"] = {**wrong["Dense_1"], "bias": jnp.zeros(3)}
+    with pytest.raises(ValueError, match=r"params \['Dense_1'\]\['bias'\] has shape \(3,\)"):
+        training.create_train_state(model, tx, inputs, jax.random.key(0), mesh, rules, params=wrong)
 
 
 @pytest.mark.parametrize("key", [jax.random.PRNGKey, jax.random.key], ids=["raw", "typed"])

@@ -396,6 +396,13 @@ def test_generation_arguments_that_cannot_be_meant_are_errors(lm_reference):
         generate(lm, params, prompt[0], **kw)
     with pytest.raises(ValueError, match=r"tokens must be <int>\[batch, length\]"):
         lm.apply({"params": params}, tokens[0])
+    # Was "EncoderDecoder.__init__() got an unexpected keyword argument 'decode'".
+    s2s = EncoderDecoder(vocab_size=11, embed_dim=8, num_heads=2, mlp_dim=16, max_len=8)
+    with pytest.raises(
+        TypeError,
+        match="from a DecoderOnlyLM, got EncoderDecoder; an EncoderDecoder decodes with greedy_tr",
+    ):
+        generate(s2s, params, prompt, **kw)
 
 
 def test_generation_fills_the_position_table(lm_reference):
