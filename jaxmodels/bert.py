@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import losses
+from jaxmodels import layers, losses
 from jaxmodels.attention import IMPLEMENTATIONS, MultiHeadAttention
 from jaxmodels.errors import CheckpointError, ConfigError
 from jaxmodels.layers import (
@@ -122,14 +122,9 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "swish": silu,
 }
 
-# None / "none": keep all activations; "full": recompute each layer; the others save the
-# matmul outputs (all of them, or those without batch dimensions) and recompute the rest.
-REMAT_POLICIES: dict[str, Any] = {
-    "none": None,
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# None / "none": keep all activations; the others: see `layers.REMAT_POLICIES` (the one
+# table of both BERT and the Transformers).
+REMAT_POLICIES = layers.REMAT_POLICIES
 
 # Our field -> the Hugging Face `config.json` key.
 _HF_KEYS = {

@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "REMAT_POLICIES",
     "SELECT_MAX_ROWS",
     "BatchNorm",
     "Dense",
@@ -89,6 +90,23 @@ __all__ = [
 ]
 
 _HALF_WORD = 2**16
+
+# Rematerialisation of each layer of a stack in the backward pass (BERT's and the
+# Transformers'), by name: "none" keeps every activation; "full" (or "nothing_saveable")
+# recomputes each layer from its input; the "dots" policies save the matmul outputs (all
+# of them, or those without batch dimensions) and recompute the rest. Each has JAX's
+# `jax.checkpoint_policies` name and a short one.
+_POLICIES = jax.checkpoint_policies
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "full": None,  # `jax.checkpoint` without a policy saves nothing
+    "nothing_saveable": _POLICIES.nothing_saveable,
+    "everything_saveable": _POLICIES.everything_saveable,
+    "dots": _POLICIES.dots_saveable,
+    "dots_saveable": _POLICIES.dots_saveable,
+    "dots_no_batch": _POLICIES.dots_with_no_batch_dims_saveable,
+    "dots_with_no_batch_dims_saveable": _POLICIES.dots_with_no_batch_dims_saveable,
+}
 
 
 def check_lengths(lengths: Any, batch: int, time: int, name: str = "lengths") -> None:

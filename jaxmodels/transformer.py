@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels import layers
 from jaxmodels.attention import MultiHeadAttention
 from jaxmodels.errors import ConfigError
 from jaxmodels.layers import Dense, Dropout, Embed, add_positions, check_lengths, gelu, silu
@@ -87,14 +88,8 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 # "none": no remat; "full": save nothing, recompute the whole layer; otherwise a policy of
 # `jax.checkpoint_policies` by name.
-REMAT_POLICIES = (
-    "none",
-    "full",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "nothing_saveable",
-    "everything_saveable",
-)
+# By name (see `layers.REMAT_POLICIES`, the one table of both BERT and the Transformers).
+REMAT_POLICIES = layers.REMAT_POLICIES
 
 POSITION_KINDS = ("sinusoidal", "learned")
 
@@ -467,12 +462,10 @@ class _ScannedDecoderBlock(DecoderBlock):
 def _remat_policy(name: str) -> Callable[..., bool] | None:
     if name not in REMAT_POLICIES:
         raise ConfigError(
-            f"unknown remat_policy {name!r}; choose one of {REMAT_POLICIES} "
+            f"unknown remat_policy {name!r}; choose one of {tuple(REMAT_POLICIES)} "
             "('none' disables rematerialisation)"
         )
-    if name == "full":
-        return None  # jax.checkpoint with no policy saves nothing
-    return getattr(jax.checkpoint_policies, name)
+    return REMAT_POLICIES[name]
 
 
 def _stack_layers(
@@ -487,7 +480,7 @@ def _stack_layers(
     """Applies `parent.num_layers` blocks as a loop or one `nn.scan`, with optional remat."""
     scan = parent.scan_layers
     cls = scanned_cls if scan else block_cls
-    if parent.remat_policy != "none":
+    if parent.remat_policy not in (None, "none"):
         # deterministic (the last argument, after self and x) is a Python bool: static.
         cls = nn.remat(
             cls,

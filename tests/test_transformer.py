@@ -266,7 +266,9 @@ def _lm_loss_and_grad(model):
     return jax.jit(jax.value_and_grad(loss))
 
 
-@pytest.mark.parametrize("remat_policy,scan_layers", [("full", False), ("dots_saveable", True)])
+@pytest.mark.parametrize(
+    "remat_policy,scan_layers", [("full", False), ("dots_saveable", True), ("dots", False)]
+)
 def test_lm_switches_give_the_same_loss_and_gradients(
     lm_reference, lm_loss_and_grad, remat_policy, scan_layers
 ):
