@@ -766,6 +766,14 @@ class MultiHeadAttention(nn.Module):
         """Writes the chunk into the cache; returns what to attend to."""
         batch, chunk = key.shape[:2]
         initialized = self.has_variable("cache", "cached_key")
+        if not initialized and not self.is_initializing():
+            # (else this call would run as `init`'s sizing pass: plain attention, position 0)
+            raise ValueError(
+                "decode mode without a KV cache: create it with `init_cache` (or "
+                "`model.clone(decode=True).init(rng, tokens)` on a [batch, total_len] input) "
+                "and pass it as the `cache` collection, mutable: apply({'params': ..., "
+                "'cache': ...}, ..., mutable=['cache'])"
+            )
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((batch,), jnp.int32))

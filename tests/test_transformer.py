@@ -477,6 +477,25 @@ def test_decode_chunk_lengths_outside_the_chunk_are_errors(lm_reference, s2s_ref
             )
 
 
+def test_decode_mode_without_a_cache_is_an_error(lm_reference, s2s_reference):
+    """Was: the call ran as init's cache-sizing pass, logits as if at position 0."""
+    lm, tokens, params, _ = lm_reference
+    message = "decode mode without a KV cache: create it with `init_cache`"
+    with pytest.raises(ValueError, match=message):
+        lm.clone(decode=True).apply({"params": params}, tokens[:, :1], mutable=["cache"])
+    model, s2s_params, src, src_lengths, tgt_in, _ = s2s_reference
+    encoded = model.apply({"params": s2s_params}, src, src_lengths, method=EncoderDecoder.encode)
+    with pytest.raises(ValueError, match=message):
+        model.clone(kv_cache=True).apply(
+            {"params": s2s_params},
+            encoded,
+            src_lengths,
+            tgt_in[:, :1],
+            method=EncoderDecoder.decode,
+            mutable=["cache"],
+        )
+
+
 def test_tied_logits_are_divided_by_sqrt_embed_dim(lm_reference):
     """As the docstring says: untied with the table, transposed, as the output kernel (bias
     zero) gives sqrt(embed_dim) times the tied logits."""
