@@ -22,12 +22,15 @@ Columns of the table (and keys of the ``--json`` rows):
   ``compile s``: the XLA compilation inside it (JAX's compile events; the JSON rows also
   have ``trace_lower_s``, tracing and lowering to MLIR);
 * ``step ms``: after warm-up, R windows of K steps each, each ended by
-  ``jax.block_until_ready``; the median over windows of window time / K;
+  ``jax.block_until_ready``; the median over windows of window time / K (the JSON rows have
+  each window's as ``window_ms``; a row whose slowest window is 1.5x its fastest says
+  "unsteady" in its note);
 * ``items/s`` = batch / step time; ``tokens/s`` = batch x sequence length / step time;
 * ``TFLOP/s`` = model FLOPs per step / step time, where model FLOPs = 3 x the forward FLOPs
   counted from the forward pass's jaxpr (`benchmarks.flops`), the same count for the peers;
 * ``MFU %`` = TFLOP/s / the device's peak at the row's precision (`benchmarks.specs`; blank
-  for an unknown device unless ``--peak-tflops`` is given);
+  for an unknown device unless ``--peak-tflops`` is given, and for TF32 rows); the JSON rows
+  have that peak as ``peak_tflops``, the metadata the peaks of the run;
 * ``peak mem GiB``: ``peak_bytes_in_use`` of the device allocator (blank where the backend
   does not report it, e.g. on CPU);
 * ``ours/peer`` (peer rows): our best items/s for the workload over the peer's.
