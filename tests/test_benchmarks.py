@@ -605,8 +605,8 @@ def test_mfu_is_over_every_device_the_batch_is_split_over():
 
 
 def test_rows_whose_windows_differ_much_say_so():
-    """Was: a median of windows still warming up, without a word (PyTorch eager on a CPU
-    takes about ten steps to settle, so a ratio of the default protocol could flip)."""
+    """Was: a median of windows that differ several times over (a step still warming up,
+    or PyTorch eager on a shared CPU), without a word."""
     w = specs.suite("cpu", ["mnist_cnn"], None)[0]
     steady = timing.Timing(first_step_s=1.0, step_s=0.1, window_s=[0.1, 0.12, 0.14])
     row = timing.derive(timing.empty_row(w, "jax", "jax", note="x"), w, steady, None, "cpu")
