@@ -769,10 +769,10 @@ class MultiHeadAttention(nn.Module):
         if not initialized and not self.is_initializing():
             # (else this call would run as `init`'s sizing pass: plain attention, position 0)
             raise ValueError(
-                "decode mode without a KV cache: create it with `init_cache` (or "
-                "`model.clone(decode=True).init(rng, tokens)` on a [batch, total_len] input) "
-                "and pass it as the `cache` collection, mutable: apply({'params': ..., "
-                "'cache': ...}, ..., mutable=['cache'])"
+                "decode mode without a KV cache: create it with `transformer.init_cache` (or "
+                "`init` of the decoding module, e.g. `lm.clone(decode=True)`, on a [batch, "
+                "total_len] input) and pass it as the `cache` collection, mutable: "
+                "apply({'params': ..., 'cache': ...}, ..., mutable=['cache'])"
             )
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)

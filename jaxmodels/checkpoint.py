@@ -104,11 +104,11 @@ class Checkpointer:
         """Starts saving `state` (and `data_state`, plain JSON) as `step`; returns at once if
         async."""
         try:  # here, not in the background save, which would lose the whole checkpoint
-            json.dumps(data_state or {}, allow_nan=False)
+            json.dumps(data_state or {})
         except (TypeError, ValueError) as e:
             raise TypeError(
                 f"data_state must be plain JSON (dicts, lists, str, int, float, bool, None): "
-                f"{e}; convert NumPy values first, e.g. int(x)"
+                f"{e}; convert NumPy values first, e.g. int(x) or float(x)"
             ) from None
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -192,6 +192,7 @@ class Checkpointer:
 
         Raises:
           CheckpointError: no checkpoint, a different model, or unreadable files.
+          TypeError: a `target` leaf that is not a JAX array or `jax.ShapeDtypeStruct`.
         """
         unplaced = [
             jax.tree_util.keystr(path)
@@ -201,7 +202,7 @@ class Checkpointer:
         if unplaced:
             raise TypeError(
                 f"restore places each leaf as the target's is placed, but {unplaced[0]} "
-                f"({len(unplaced)} leaves) has no sharding: give JAX arrays or "
+                f"({len(unplaced)} leaves) is not placed anywhere: give JAX arrays or "
                 "ShapeDtypeStructs with a sharding (e.g. training.abstract_train_state), or "
                 "read the parameters as NumPy arrays with restore_params"
             )

@@ -30,7 +30,9 @@ def _check_labels(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
             f"weights of shape {weights.shape} for labels of shape {labels.shape}: one "
             "weight per label"
         )
-    if not jnp.issubdtype(labels.dtype, jnp.integer):  # the loss would truncate, accuracy not
+    if not (
+        jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_
+    ):  # the loss would truncate, accuracy not
         raise TypeError(
             f"labels of dtype {labels.dtype}: labels are integer class indices; convert them "
             "(e.g. labels.astype(jnp.int32)), or pass one-hot targets to optax directly"

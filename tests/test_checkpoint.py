@@ -54,9 +54,10 @@ def test_a_data_state_that_is_not_json_is_refused_at_save(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path)
     with pytest.raises(TypeError, match="data_state must be plain JSON.*int64.*int\\(x\\)"):
         ckpt.save(7, state, {"iterator": {"next_index": np.int64(7)}})
-    ckpt.save(8, state, {"iterator": {"next_index": 8}})
+    ckpt.save(8, state, {"iterator": {"next_index": 8}, "best": float("inf")})  # as JSON does
     ckpt.wait()
     assert ckpt.all_steps() == [8]
+    assert ckpt.restore_data() == {"iterator": {"next_index": 8}, "best": float("inf")}
     ckpt.close()
 
 

@@ -52,3 +52,5 @@ def test_labels_and_weights_of_another_shape_are_refused():
     for fn in (losses.cross_entropy, losses.correct):
         with pytest.raises(TypeError, match="labels of dtype float32: labels are integer"):
             fn(logits, jnp.array([0.9, 1.2, 0.0, 3.0]))
+        flags = jnp.array([True, False, True, True])  # classes 1 and 0, as ever
+        np.testing.assert_array_equal(fn(logits, flags), fn(logits, flags.astype(jnp.int32)))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmodels import cnn, optim, sharding, training
@@ -219,6 +220,16 @@ def test_a_state_starts_from_given_parameters():
     batch = {"image": np.zeros((8, 28, 28, 1), np.float32), "label": np.zeros(8, np.int32)}
     state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
+    # Device arrays laid out otherwise (one device; another mesh's layout) are placed too
+    # (were jit's "Sharding passed to jit does not match").
+    for placed in (
+        jax.device_put(pretrained, jax.devices()[0]),
+        jax.device_put(pretrained, NamedSharding(mesh, P())),
+    ):
+        other, _ = training.create_train_state(
+            model, tx, inputs, jax.random.key(0), mesh, rules, params=placed
+        )
+        assert other.params["Dense_0"]["kernel"].sharding.spec == P("fsdp", None)
     # Another tree or shape is named.
     with pytest.raises(ValueError, match=r"pass variables\['params'\], not the variables"):
         training.create_train_state(

@@ -480,7 +480,7 @@ def test_decode_chunk_lengths_outside_the_chunk_are_errors(lm_reference, s2s_ref
 def test_decode_mode_without_a_cache_is_an_error(lm_reference, s2s_reference):
     """Was: the call ran as init's cache-sizing pass, logits as if at position 0."""
     lm, tokens, params, _ = lm_reference
-    message = "decode mode without a KV cache: create it with `init_cache`"
+    message = "decode mode without a KV cache: create it with `transformer.init_cache`"
     with pytest.raises(ValueError, match=message):
         lm.clone(decode=True).apply({"params": params}, tokens[:, :1], mutable=["cache"])
     model, s2s_params, src, src_lengths, tgt_in, _ = s2s_reference
