@@ -87,6 +87,7 @@ def create_train_state(
     rules: Any,
     *,
     params: Any = None,
+    model_state: Any = None,
 ) -> tuple[TrainState, TrainState]:
     """Initialises parameters and optimizer state directly in their sharded layout.
 
@@ -101,58 +102,74 @@ def create_train_state(
         `bert.from_pretrained(...)[1]["params"]`, or `Checkpointer.restore_params()`), host
         or device arrays of the model's tree and shapes, stored in the model's parameter
         dtype and laid out as the rules say; the optimizer state is initialised for them.
-        The other collections (e.g. `batch_stats`) start as initialised.
+      model_state: with `params`, the other collections to start from (e.g. a ResNet's
+        `{"batch_stats": ...}`, its running statistics); None: as initialised.
 
     Returns:
       (state, shardings): the state, and a `TrainState` of `NamedSharding` with the same
       structure, for `jit` in/out shardings and for restoring checkpoints.
 
     Raises:
-      ValueError: `params` of another tree or shapes than the model's (the first named).
+      ValueError: `params` or `model_state` of another tree or shapes than the model's (the
+        first difference named).
     """
     init, abstract, shardings = _state_init(model, tx, example_inputs, rng, mesh, rules)
     with mesh_context(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)(rng)
     if params is None:
+        if model_state is not None:
+            raise ValueError("model_state is given with params (fine-tuning), not alone")
         return state, shardings
-    params = _as_model_params(nn.meta.unbox(params), abstract.params)
+    given = {"params": _as_model_tree(params, abstract.params, "params")}
+    if model_state is not None:
+        given["model_state"] = _as_model_tree(model_state, abstract.model_state, "model_state")
 
-    def start_from(state: TrainState, given: Any) -> TrainState:
-        given = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), given, abstract.params)
-        return state.replace(params=given, opt_state=tx.init(given))
+    def start_from(state: TrainState, given: dict[str, Any]) -> TrainState:
+        given = {
+            k: jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), v, getattr(abstract, k))
+            for k, v in given.items()
+        }
+        return state.replace(**given, opt_state=tx.init(given["params"]))
 
     with mesh_context(mesh, rules):
+        given_shardings = {k: getattr(shardings, k) for k in given}
         start = jax.jit(
             start_from,
-            in_shardings=(shardings, shardings.params),
+            in_shardings=(shardings, given_shardings),
             out_shardings=shardings,
             donate_argnums=0,
         )
         # Placed first: host arrays, or device arrays laid out otherwise (another mesh or
         # rules, one device), which jit would refuse for their sharding.
-        state = start(state, jax.device_put(params, shardings.params))
+        state = start(state, jax.device_put(given, given_shardings))
     return state, shardings
 
 
-def _as_model_params(given: Any, expected: Any) -> Any:
-    """`given`'s leaves in the tree of `expected` (the model's: plain or frozen dicts alike),
-    if it has the same paths and shapes; else a ValueError names the first difference."""
+def _as_model_tree(given: Any, expected: Any, name: str) -> Any:
+    """`given`'s leaves in the tree of `expected` (the model's: plain or frozen dicts alike,
+    boxed or not), if it has the same paths and shapes; else a ValueError names the first
+    difference."""
+    given = nn.meta.unbox(given)
     have = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(given)}
     want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    hint = (
-        " (pass variables['params'], not the variables)" if "params" in str(list(have)[:1]) else ""
-    )
+    hint = ""
+    if any(key.startswith("['params']") for key in have):  # the whole variables
+        hint = (
+            " (pass variables['params'], not the variables)"
+            if name == "params"
+            else " (pass the collections but 'params', e.g. {'batch_stats': ...})"
+        )
     for key in want:
         if key not in have:
-            raise ValueError(f"params lack the model's {key}{hint}")
+            raise ValueError(f"{name} lack the model's {key}{hint}")
         if tuple(jnp.shape(have[key])) != want[key].shape:
             raise ValueError(
-                f"params {key} has shape {tuple(jnp.shape(have[key]))}, the model's "
+                f"{name} {key} has shape {tuple(jnp.shape(have[key]))}, the model's "
                 f"{want[key].shape}"
             )
     extra = sorted(set(have) - set(want))
     if extra:
-        raise ValueError(f"params hold {extra[0]}, which the model does not have{hint}")
+        raise ValueError(f"{name} hold {extra[0]}, which the model does not have{hint}")
     return jax.tree.unflatten(jax.tree.structure(expected), [have[key] for key in want])
 
 

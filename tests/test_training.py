@@ -241,6 +241,42 @@ def test_a_state_starts_from_given_parameters():
         training.create_train_state(model, tx, inputs, jax.random.key(0), mesh, rules, params=wrong)
 
 
+def test_a_batchnorm_state_starts_from_given_statistics_too():
+    """A ResNet's running statistics come with its weights (`model_state`)."""
+    mesh, rules = sharding.make_mesh(data=8), sharding.logical_rules("data")
+    model, inputs = _small_resnet(), [jnp.zeros((1, 8, 8, 3))]
+    tx = optim.make_optimizer("sgd", 0.1, total_steps=10)
+    variables = model.init(jax.random.key(5), *inputs)
+    stats = jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])
+    state, _ = training.create_train_state(
+        model,
+        tx,
+        inputs,
+        jax.random.key(0),
+        mesh,
+        rules,
+        params=variables["params"],
+        model_state={"batch_stats": stats},
+    )
+    for got, want in zip(jax.tree.leaves(state.model_state), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    alone, _ = training.create_train_state(
+        model, tx, inputs, jax.random.key(0), mesh, rules, params=variables["params"]
+    )  # without model_state: the statistics as initialised (means 0, variances 1)
+    initial = jax.tree.leaves(variables["batch_stats"])
+    for got, want in zip(jax.tree.leaves(alone.model_state), initial, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match=r"pass the collections but 'params'"):
+        training.create_train_state(
+            model, tx, inputs, jax.random.key(0), mesh, rules,
+            params=variables["params"], model_state=variables,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="model_state is given with params"):
+        training.create_train_state(
+            model, tx, inputs, jax.random.key(0), mesh, rules, model_state={"batch_stats": stats}
+        )
+
+
 @pytest.mark.parametrize("key", [jax.random.PRNGKey, jax.random.key], ids=["raw", "typed"])
 def test_abstract_state_matches_the_created_state(key, tmp_path):
     """Its rng leaf was always a typed key, so with the raw keys the application uses it
