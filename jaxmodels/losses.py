@@ -30,9 +30,8 @@ def _check_labels(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
             f"weights of shape {weights.shape} for labels of shape {labels.shape}: one "
             "weight per label"
         )
-    if not (
-        jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_
-    ):  # the loss would truncate, accuracy not
+    integers = jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_
+    if not integers:  # float labels: the loss would truncate them, the accuracy not
         raise TypeError(
             f"labels of dtype {labels.dtype}: labels are integer class indices; convert them "
             "(e.g. labels.astype(jnp.int32)), or pass one-hot targets to optax directly"
