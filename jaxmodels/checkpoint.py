@@ -25,14 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxmodels.errors import CheckpointError, CheckpointMismatchError, brief
-
-
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+from jaxmodels.errors import CheckpointError, CheckpointMismatchError, brief, leaves_by_name
 
 
 def _stored_shape(x: Any) -> tuple[int, ...]:
@@ -42,20 +35,6 @@ def _stored_shape(x: Any) -> tuple[int, ...]:
         abstract = jax.ShapeDtypeStruct(x.shape, x.dtype)
         return tuple(jax.eval_shape(jax.random.key_data, abstract).shape)
     return tuple(x.shape)
-
-
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {"/".join(_key_name(k) for k in path): _stored_shape(x) for path, x in leaves}
-
-
-def _as_dict(state: Any) -> Any:
-    """A pytree's nodes as plain dicts (so metadata and targets compare by name)."""
-    flat = jax.tree_util.tree_leaves_with_path(state)
-    out: dict[str, Any] = {}
-    for path, leaf in flat:
-        out["/".join(_key_name(k) for k in path)] = leaf
-    return out
 
 
 class Checkpointer:
@@ -137,8 +116,8 @@ class Checkpointer:
                 f"checkpoint {path} has no readable state metadata (partial write?). Delete "
                 "that folder to resume from the previous checkpoint, or use a new --workdir."
             )
-        theirs = {k: tuple(v.shape) for k, v in _as_dict(meta).items() if hasattr(v, "shape")}
-        ours = _flat_shapes(target)
+        theirs = {k: tuple(v.shape) for k, v in leaves_by_name(meta).items() if hasattr(v, "shape")}
+        ours = {k: _stored_shape(x) for k, x in leaves_by_name(target).items()}
 
         def order(key: str) -> tuple[int, str]:  # parameters first: the informative part
             return (0 if key.startswith("params") else 1, key)
@@ -195,9 +174,7 @@ class Checkpointer:
           TypeError: a `target` leaf that is not a JAX array or `jax.ShapeDtypeStruct`.
         """
         unplaced = [
-            jax.tree_util.keystr(path)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(target)
-            if not hasattr(leaf, "sharding")
+            k for k, leaf in leaves_by_name(target).items() if not hasattr(leaf, "sharding")
         ]
         if unplaced:
             raise TypeError(

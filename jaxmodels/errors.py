@@ -4,6 +4,10 @@ The application catches `UserError` at the top level, prints its message and exi
 with a non-zero status instead of showing a traceback from deep inside JAX.
 """
 
+from typing import Any
+
+import jax
+
 
 def brief(error: BaseException) -> str:
     """An exception's type and first line, at most 300 characters (some libraries'
@@ -11,6 +15,24 @@ def brief(error: BaseException) -> str:
     first = (str(error).strip().splitlines() or [""])[0]
     text = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def leaves_by_name(tree: Any) -> dict[str, Any]:
+    """A pytree's leaves by the one name messages give them: the path's keys joined by
+    "/" (`params/Dense_0/kernel`; sequence indices and dataclass fields alike), as
+    checkpoints spell them on disk. Dicts, frozen dicts and `TrainState`s of the same
+    contents give the same names, so trees of either kind compare by name."""
+    return {
+        "/".join(_key_name(k) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey/FlattenedIndexKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 class UserError(Exception):

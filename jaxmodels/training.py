@@ -38,6 +38,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmodels import losses, optim, sharding
+from jaxmodels.errors import leaves_by_name
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -150,10 +151,10 @@ def _as_model_tree(given: Any, expected: Any, name: str) -> Any:
     boxed or not), if it has the same paths and shapes; else a ValueError names the first
     difference."""
     given = nn.meta.unbox(given)
-    have = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(given)}
-    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    have = leaves_by_name(given)
+    want = leaves_by_name(expected)
     hint = ""
-    if any(key.startswith("['params']") for key in have):  # the whole variables
+    if any(key.startswith("params/") for key in have):  # the whole variables
         hint = (
             " (pass variables['params'], not the variables)"
             if name == "params"
@@ -460,14 +461,15 @@ def _finite_flags(leaves: list[jax.Array]) -> list[jax.Array]:
 
 
 def first_non_finite(tree: Any) -> str | None:
-    """Path of the first leaf holding a NaN or inf (host-side check), or None.
+    """Name of the first leaf holding a NaN or inf (host-side check; `params/Dense_0/kernel`
+    as `errors.leaves_by_name` names it), or None.
 
     One compiled program for the whole tree (not one per leaf): with the tree sharded over
     several processes each program is a collective that every process must run, in the
     same order."""
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    flags = jax.device_get(_finite_flags([x for _, x in leaves]))
-    for (path, _), ok in zip(leaves, flags, strict=True):
+    leaves = leaves_by_name(tree)
+    flags = jax.device_get(_finite_flags(list(leaves.values())))
+    for name, ok in zip(leaves, flags, strict=True):
         if not ok:
-            return jax.tree_util.keystr(path)
+            return name
     return None

@@ -66,7 +66,8 @@ def test_a_target_without_shardings_is_named(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path)
     target = {"w": np.zeros(3, np.float32)}
     with pytest.raises(
-        TypeError, match=r"\['w'\] \(1 leaves\) is not placed anywhere.*restore_params"
+        TypeError,
+        match=r"restore places .* but w \(1 leaves\) is not placed anywhere.*restore_params",
     ):
         ckpt.restore(target)
     ckpt.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,7 +238,7 @@ def test_a_state_starts_from_given_parameters():
         )
     wrong = jax.tree.map(lambda x: x, pretrained)
     wrong["Dense_1"] = {**wrong["Dense_1"], "bias": jnp.zeros(3)}
-    with pytest.raises(ValueError, match=r"params \['Dense_1'\]\['bias'\] has shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"params Dense_1/bias has shape \(3,\)"):
         training.create_train_state(model, tx, inputs, jax.random.key(0), mesh, rules, params=wrong)
 
 
@@ -379,7 +380,7 @@ def test_mesh_errors_name_the_problem():
 
 def test_first_non_finite_names_the_leaf():
     tree = {"a": jnp.ones(3), "b": {"c": jnp.array([1.0, jnp.nan])}}
-    assert training.first_non_finite(tree) == "['b']['c']"
+    assert training.first_non_finite(tree) == "b/c"
     assert training.first_non_finite({"a": jnp.ones(3)}) is None
 
 
@@ -455,3 +456,18 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_named():
             step(state, batch)
         with pytest.raises(ValueError, match=message):
             step.lower(state, batch)
+
+
+def test_leaves_are_named_alike_in_every_message():
+    """One spelling of a leaf's path (`a/b/c`) for checkpoints, given weights and the NaN
+    guard, whatever the tree's node types."""
+    from jaxmodels.errors import leaves_by_name
+
+    plain = {"params": {"Dense_0": {"kernel": 1}}, "rng": [2, 3]}
+    frozen = flax.core.freeze({"params": {"Dense_0": {"kernel": 1}}, "rng": (2, 3)})
+    names = ["params/Dense_0/kernel", "rng/0", "rng/1"]
+    assert list(leaves_by_name(plain)) == list(leaves_by_name(frozen)) == names
+    state = training.TrainState(
+        step=0, params={"w": 1}, model_state={}, opt_state=(), rng=2, tx=None
+    )
+    assert list(leaves_by_name(state)) == ["step", "params/w", "rng"]
