@@ -47,3 +47,18 @@ def test_runs_of_any_seed_are_scored_on_the_same_pairs():
     for a, b in zip(*examples, strict=True):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_vocabulary_left_by_a_start_without_checkpoints_is_made_anew(tmp_path):
+    """A start stopped before its first checkpoint leaves `vocab.txt`; the next start may
+    have another corpus or vocab_size, and was quietly given the old vocabulary."""
+    from train.tasks import bert_pretraining
+
+    config = load_config("bert_pretrain.py", "smoke")
+    stale = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "stale"]
+    (tmp_path / "vocab.txt").write_text("".join(f"{w}\n" for w in stale))
+    texts = [f"Document {i} has words. It has a second sentence {i}." for i in range(8)]
+    tokenizer = bert_pretraining.tokenizer_for(config, str(tmp_path), texts)
+    assert "stale" not in tokenizer.get_vocab()
+    assert "document" in tokenizer.get_vocab()
+    assert "stale" not in (tmp_path / "vocab.txt").read_text().split("\n")

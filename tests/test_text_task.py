@@ -51,6 +51,17 @@ def test_vocabulary_is_saved_and_reused_on_resume(tmp_path):
     assert text.WordTokenizer.load(str(path)).vocab == vocab
 
 
+def test_a_vocabulary_left_by_a_start_without_checkpoints_is_made_anew(tmp_path):
+    """A start stopped before its first checkpoint leaves `tokenizer.json`; the next start,
+    perhaps of another dataset or vocab_size, was quietly given it (most words `<unk>`)."""
+    config = load_config("lstm_text.py", "smoke")
+    text.WordTokenizer.build(["stale words only"], 100).save(str(tmp_path / "tokenizer.json"))
+    config.total_steps = 1
+    train_and_evaluate(config, str(tmp_path))
+    vocab = text.WordTokenizer.load(str(tmp_path / "tokenizer.json")).vocab
+    assert "stale" not in vocab and len(vocab) > 10
+
+
 def test_vocabulary_larger_than_the_model_is_refused(tmp_path):
     config = load_config("lstm_text.py", "smoke")
     train_and_evaluate(config, str(tmp_path))

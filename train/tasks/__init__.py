@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from jaxmodels import checkpoint
 from jaxmodels.errors import ConfigError, DataError
 from jaxmodels.training import EvalFn, LossFn
 from train.data import tfds_local
@@ -69,6 +70,13 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
 
 
 CONFIG_FILE = "config.json"
+
+
+def resuming(workdir: str) -> bool:
+    """Whether `workdir` holds a run's checkpoint: only then do the files a task keeps there
+    (a vocabulary) pin anything; a start that ended before its first checkpoint left files
+    that the next start, whatever its config, makes anew."""
+    return checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints"))
 
 
 def run_config(workdir: str) -> Any:

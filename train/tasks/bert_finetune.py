@@ -23,7 +23,7 @@ import numpy as np
 from jaxmodels import bert, checkpoint
 from jaxmodels.errors import DataError
 from train.data import mlm, text
-from train.tasks import bert_pretraining, run_config, write_text_atomically
+from train.tasks import bert_pretraining, resuming, run_config, write_text_atomically
 
 INIT_RECORD = "init_from.json"  # the architecture fine-tuning started from, for resuming
 
@@ -144,8 +144,7 @@ def model_and_tokenizer(
     source = config.init_from
     runtime = _runtime(config)
     record = os.path.join(workdir, INIT_RECORD)
-    resuming = checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints"))
-    if resuming and os.path.exists(record):  # whatever init_from says now
+    if resuming(workdir) and os.path.exists(record):  # whatever init_from says now
         with open(record, encoding="utf-8") as f:
             kept = json.load(f)
         ran = dict(kept.get("runtime", {"scan_layers": kept.get("scan_layers", False)}))

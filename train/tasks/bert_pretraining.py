@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxmodels import bert, losses
 from jaxmodels.errors import ConfigError
 from train.data import mlm, text
-from train.tasks import Task, make_iterators, write_text_atomically
+from train.tasks import Task, make_iterators, resuming, write_text_atomically
 
 VOCAB_FILE = "vocab.txt"
 _VOCAB_TRAIN_DOCS = 100_000  # documents read to train a vocabulary on a large corpus
@@ -52,11 +52,12 @@ def tokenizer_for(config: Any, workdir: str, train_texts: Any) -> Any:
     from the workdir reads; one that differs from the vocabulary the workdir already holds
     (its checkpoints' token ids) is a `ConfigError`."""
     saved = os.path.join(workdir, VOCAB_FILE)
+    kept = resuming(workdir) and os.path.exists(saved)
     if config.vocab_file:
         tokenizer = mlm.wordpiece(config.vocab_file)  # checks the file
         with open(config.vocab_file, encoding="utf-8") as f:
             vocab = f.read()
-        if os.path.exists(saved):
+        if kept:
             with open(saved, encoding="utf-8") as f:
                 if f.read() != vocab:
                     raise ConfigError(
@@ -67,7 +68,7 @@ def tokenizer_for(config: Any, workdir: str, train_texts: Any) -> Any:
         else:
             write_text_atomically(saved, vocab)
         return tokenizer
-    if os.path.exists(saved):
+    if kept:
         return mlm.wordpiece(saved)
     n = min(len(train_texts), _VOCAB_TRAIN_DOCS)
     vocab = mlm.train_vocabulary((train_texts[i] for i in range(n)), config.vocab_size)

@@ -22,6 +22,7 @@ from train.tasks import (
     class_count,
     make_iterators,
     make_module,
+    resuming,
     write_atomically,
 )
 
@@ -30,7 +31,7 @@ TOKENIZER_FILE = "tokenizer.json"
 
 def _tokenizer(config: Any, workdir: str, train_source: Any, text_key: str) -> Any:
     path = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.exists(path):
+    if resuming(workdir) and os.path.exists(path):
         tokenizer = text.WordTokenizer.load(path)
         if len(tokenizer) > config.vocab_size:
             raise DataError(
