@@ -274,6 +274,14 @@ def test_tokenizer_vocab_order_is_frequency_then_alphabet():
     assert text.WordTokenizer.build(texts, vocab_size=4).vocab == ["<pad>", "<unk>", "a", "b"]
 
 
+def test_words_of_any_script_are_words():
+    """Were runs of ASCII letters only: Russian text was one `<unk>`, `café` was `caf`."""
+    assert text.words("Café naïve Zürich, FUSSBALL") == ["café", "naïve", "zürich", "fussball"]
+    assert text.words("Жизнь прекрасна; l'été 2024") == ["жизнь", "прекрасна", "l'été", "2024"]
+    assert text.words("cafe\u0301") == text.words("caf\u00e9") == ["caf\u00e9"]  # combining
+    assert text.words("snake_case x_1") == ["snake", "case", "x", "1"]
+
+
 def test_tokenizer_encode_pads_truncates_and_counts():
     tok = text.WordTokenizer.build(["one two three four five"], vocab_size=100)
     ids, length = tok.encode("Two THREE zebra", max_length=6)

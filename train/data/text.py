@@ -73,6 +73,7 @@ import json
 import re
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
@@ -230,12 +231,14 @@ def read_texts(source: Any, text_key: str) -> list[str]:
 # Words to ids.
 
 PAD, UNK = 0, 1
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters and digits of any script
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words: runs of ASCII letters and digits, with inner apostrophes."""
-    return _WORD.findall(text.lower())
+    """Lower-cased words: runs of letters and digits (of any script: `café`, `жизнь`), with
+    inner apostrophes; accents written as combining marks are composed first (NFC), so a
+    word is one token however its text spells it."""
+    return _WORD.findall(unicodedata.normalize("NFC", text).lower())
 
 
 class WordTokenizer:
