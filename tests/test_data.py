@@ -118,6 +118,41 @@ def test_open_source_needs_an_image_and_a_class_label(tmp_path):
         images.open_source("images_with_categories", "train", str(tmp_path))
 
 
+def test_images_of_varying_size_need_the_cropping_preset(tmp_path):
+    """Batched as stored (`none`, `cifar`), they failed in Grain's batching (on the first
+    batch holding an odd size) with a message naming neither `augment` nor the images."""
+    import io
+
+    import PIL.Image
+    import tensorflow_datasets as tfds
+
+    from tests.helpers import prepare_local_dataset
+
+    def features():
+        return {
+            "image": tfds.features.Image(shape=(None, None, 1)),
+            "label": tfds.features.ClassLabel(num_classes=2),
+        }
+
+    def png(height):  # encoded already: TFDS encodes arrays with TensorFlow
+        out = io.BytesIO()
+        PIL.Image.fromarray(np.zeros((height, 5), np.uint8)).save(out, "PNG")
+        return out.getvalue()
+
+    def records():
+        return [{"image": png(4 + i), "label": i} for i in range(2)]
+
+    prepare_local_dataset("ImagesOfSizes", features, records, str(tmp_path))
+    for preset in ("none", "cifar"):
+        with pytest.raises(DataError, match=r"varying size .*set --config.augment=inception"):
+            images.open_source("images_of_sizes", "train", str(tmp_path), preset)
+    source, _ = images.open_source("images_of_sizes", "train", str(tmp_path), "inception")
+    assert [
+        images.inception_train(source[i], np.random.default_rng(0), 8)["image"].shape
+        for i in range(2)
+    ] == [(8, 8, 1)] * 2
+
+
 # ---------------------------------------------------------------------------------------
 # Grain pipelines.
 

@@ -49,11 +49,14 @@ def augment_preset(dataset: str, augment: str) -> str:
     return "inception"
 
 
-def open_source(name: str, split: str, data_dir: str | None) -> tuple[Any, int]:
+def open_source(
+    name: str, split: str, data_dir: str | None, preset: str = "inception"
+) -> tuple[Any, int]:
     """A random-access source for `split` of TFDS dataset `name`, and its class count.
 
     Nothing is downloaded: a dataset that is not prepared in `data_dir` is an error that
-    says how to get it.
+    says how to get it. `preset`: the augmentation the images get; all but `inception`
+    batch them at their stored size, which must then be one.
     """
     import tensorflow_datasets as tfds
 
@@ -75,6 +78,13 @@ def open_source(name: str, split: str, data_dir: str | None) -> tuple[Any, int]:
             f"dataset {name!r} has features {sorted(features)}; image classification needs "
             "an image feature 'image' and a class label 'label' (config key dataset: e.g. "
             f"mnist, cifar10, imagenet2012, or the embedded {EMBEDDED!r})"
+        )
+    shape = tuple(features["image"].shape)
+    if preset != "inception" and None in shape[:2]:
+        raise DataError(
+            f"dataset {name!r} has images of varying size (feature shape {shape}), which "
+            f"augment={preset} batches as they are stored: set --config.augment=inception, "
+            "which crops every image to --config.image_size"
         )
     source = tfds_local.split_source(builder, name, split, data_dir)
     return source, int(label.num_classes)

@@ -25,9 +25,11 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
         eval_source = None
     else:
         train_source, num_classes = images.open_source(
-            config.dataset, config.train_split, config.data_dir
+            config.dataset, config.train_split, config.data_dir, augment
         )
-        eval_source, _ = images.open_source(config.dataset, config.eval_split, config.data_dir)
+        eval_source, _ = images.open_source(
+            config.dataset, config.eval_split, config.data_dir, augment
+        )
         num_classes = class_count(config, num_classes)
     sample = train_pre(train_source[0], np.random.default_rng(0))["image"]
     if len(config.image_mean) not in (1, sample.shape[-1]):
