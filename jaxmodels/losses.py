@@ -56,9 +56,15 @@ def cross_entropy(
       (sum of weighted losses, sum of weights), both float32 scalars; divide for the mean.
 
     Raises:
-      ValueError: labels (or weights) not of shape `logits.shape[:-1]`.
+      ValueError: labels (or weights) not of shape `logits.shape[:-1]`; label_smoothing
+        outside [0, 1].
     """
     _check_labels(logits, labels, weights)
+    if isinstance(label_smoothing, int | float) and not 0 <= label_smoothing <= 1:
+        raise ValueError(
+            f"label_smoothing is the share of the target spread over the classes: between 0 "
+            f"and 1, got {label_smoothing}"
+        )
     logits = logits.astype(jnp.float32)
     w = _weights(labels, weights)
     if label_smoothing:

@@ -62,3 +62,22 @@ def test_a_vocabulary_left_by_a_start_without_checkpoints_is_made_anew(tmp_path)
     assert "stale" not in tokenizer.get_vocab()
     assert "document" in tokenizer.get_vocab()
     assert "stale" not in (tmp_path / "vocab.txt").read_text().split("\n")
+
+
+def test_a_masking_cap_under_the_mask_rate_is_noted(capsys):
+    """max_length raised alone (128 with the tiny config's 10 predictions) masked 8% of a
+    full sequence, without a word."""
+    from train.data import mlm
+    from train.tasks import bert_pretraining
+
+    texts = [f"Document {i} has words. It has a second sentence {i}." for i in range(4)]
+    tokenizer = mlm.wordpiece(None, texts, vocab_size=100)
+    config = load_config("bert_pretrain.py", "smoke")
+    for max_length, max_predictions, noted in ((128, 10, True), (128, 19, False), (64, 9, False)):
+        config.max_length, config.max_predictions = max_length, max_predictions
+        bert_pretraining._note_masking_cap(bert_pretraining.masked_pairs(config, texts, tokenizer))
+        err = capsys.readouterr().err
+        assert (
+            "note: max_predictions=10 masks at most 8% of a full sequence's 125 tokens, not "
+            "15%: --config.max_predictions=19 masks 15% at max_length=128" in err
+        ) == noted

@@ -54,3 +54,12 @@ def test_labels_and_weights_of_another_shape_are_refused():
             fn(logits, jnp.array([0.9, 1.2, 0.0, 3.0]))
         flags = jnp.array([True, False, True, True])  # classes 1 and 0, as ever
         np.testing.assert_array_equal(fn(logits, flags), fn(logits, flags.astype(jnp.int32)))
+
+
+def test_label_smoothing_outside_0_1_is_refused():
+    """1.5 gave negative targets and a loss with no error."""
+    logits, labels = jnp.zeros((2, 3)), jnp.array([0, 1])
+    with pytest.raises(ValueError, match="label_smoothing .* between 0 and 1, got 1.5"):
+        losses.cross_entropy(logits, labels, label_smoothing=1.5)
+    total, _ = losses.cross_entropy(logits, labels, label_smoothing=1.0)  # uniform: allowed
+    np.testing.assert_allclose(total, 2 * np.log(3), rtol=1e-6)

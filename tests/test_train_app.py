@@ -442,6 +442,14 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
         ("optimizer.weight_decay", -0.1, "optimizer.weight_decay must be >= 0"),
         ("max_length", 0, "max_length must be > 0"),
         ("vocab_size", 1, "vocab_size must be >= 2"),
+        # Were: BERT trained without its MLM objective (0), a deep numpy error (-1), a PIL
+        # traceback (image_size 0), a NaN loss 10 steps in (std 0), a silent run (1.5).
+        ("max_predictions", 0, "max_predictions must be > 0"),
+        ("image_size", 0, "image_size must be > 0"),
+        ("image_std", (0.0,), r"image_std: \(0.0,\) divides the images; every value must be > 0"),
+        ("label_smoothing", 1.5, r"label_smoothing must be in \[0, 1\) \(0: none\), got 1.5"),
+        # Was "learning_rate must be > 0", naming no config key.
+        ("optimizer.learning_rate", -0.1, "config key optimizer.learning_rate must be > 0"),
         # Was named "warmup_steps=..." with both numbers divided by accumulate_steps.
         ("optimizer.warmup_steps", 10**6, r"optimizer.warmup_steps=1000000 must be between 0"),
         ("optimizer.warmup_steps", -1, r"optimizer.warmup_steps=-1 must be between 0 and"),

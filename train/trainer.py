@@ -68,7 +68,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         close = difflib.get_close_matches(key, known_prefixes, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown config key {key!r}{hint}")
-    for key in ("total_steps", "batch_size", "log_every", "max_length"):
+    for key in (
+        "total_steps",
+        "batch_size",
+        "log_every",
+        "max_length",
+        "max_predictions",
+        "image_size",
+    ):
         if int(config[key]) <= 0:
             raise ConfigError(f"config key {key} must be > 0, got {config[key]}")
     for key in (
@@ -141,6 +148,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if len(config.image_mean) != len(config.image_std):
         raise ConfigError("config keys image_mean and image_std must have the same length")
+    if not all(float(s) > 0 for s in config.image_std):  # NaN too
+        raise ConfigError(
+            f"config key image_std: {tuple(config.image_std)} divides the images; every value "
+            "must be > 0 (e.g. (1.0,) for none)"
+        )
+    if not 0 <= float(config.label_smoothing) < 1:
+        raise ConfigError(
+            f"config key label_smoothing must be in [0, 1) (0: none), got {config.label_smoothing}"
+        )
+    if not float(config.optimizer.learning_rate) > 0:
+        raise ConfigError(
+            f"config key optimizer.learning_rate must be > 0 (the peak rate), got "
+            f"{config.optimizer.learning_rate}"
+        )
 
 
 def _check_batch(config: Any, mesh: Any) -> None:

@@ -291,6 +291,8 @@ class MaskedPairs:
     ):
         if max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {max_length}")
+        if max_predictions < 1:
+            raise ValueError(f"max_predictions must be >= 1, got {max_predictions}")
         self.source = source
         self.max_length = max_length
         self.max_predictions = max_predictions

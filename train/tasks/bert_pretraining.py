@@ -10,6 +10,7 @@ record), read lazily. WordPiece vocabulary: `config.vocab_file` if given (copied
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax.numpy as jnp
@@ -88,6 +89,21 @@ def model_config(config: Any, vocab_size: int) -> bert.BertConfig:
     )
 
 
+def _note_masking_cap(pairs: mlm.MaskedPairs) -> None:
+    """Says where `max_predictions` masks fewer than the mask rate of a full sequence (e.g.
+    after raising max_length alone), which a run would otherwise never show."""
+    tokens = pairs.max_length - 3  # [CLS] A [SEP] B [SEP]
+    wanted = int(round(tokens * pairs.mask_rate))
+    if pairs.max_predictions < wanted:
+        print(
+            f"note: max_predictions={pairs.max_predictions} masks at most "
+            f"{pairs.max_predictions / tokens:.0%} of a full sequence's {tokens} tokens, not "
+            f"{pairs.mask_rate:.0%}: --config.max_predictions={wanted} masks "
+            f"{pairs.mask_rate:.0%} at max_length={pairs.max_length}",
+            file=sys.stderr,
+        )
+
+
 def masked_pairs(
     config: Any, texts: Any, tokenizer: Any, num_examples: int | None = None
 ) -> mlm.MaskedPairs:
@@ -107,6 +123,8 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
     model = bert.BertForPreTraining(model_config(config, tokenizer.get_vocab_size()))
     train_pairs = masked_pairs(config, train_texts, tokenizer)
     eval_pairs = masked_pairs(config, eval_texts, tokenizer, config.eval_examples or None)
+    if process_index == 0:
+        _note_masking_cap(train_pairs)
 
     def apply(params: Any, batch: Any, train: bool, rngs: Any = None) -> Any:
         return model.apply(
