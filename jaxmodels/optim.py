@@ -27,6 +27,10 @@ import optax
 from jaxmodels.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd", "lamb", "lars")
+# What `momentum=None` and `eps=None` mean: each optimizer's usual value (RMSprop's papers,
+# optax, PyTorch and Keras have no momentum; LAMB's paper and optax's lamb use eps 1e-6).
+DEFAULT_MOMENTUM = {"sgd": 0.9, "lars": 0.9, "rmsprop": 0.0}
+DEFAULT_EPS = {"adam": 1e-8, "adamw": 1e-8, "lamb": 1e-6, "rmsprop": 1e-8}
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -82,11 +86,11 @@ def make_optimizer(
     schedule: str = "constant",
     end_factor: float = 0.0,
     weight_decay: float = 0.0,
-    momentum: float = 0.9,
+    momentum: float | None = None,
     nesterov: bool = False,
     b1: float = 0.9,
     b2: float = 0.999,
-    eps: float = 1e-8,
+    eps: float | None = None,
     grad_clip_norm: float | None = None,
     accumulate_steps: int = 1,
     mu_dtype: Any = None,
@@ -101,8 +105,10 @@ def make_optimizer(
       weight_decay: decoupled weight decay (adamw, lamb, lars) or L2 added to the gradient
         (sgd, rmsprop, adam); never applied to biases and norm scales (1-D parameters, and
         any named `*bias` or `*scale`).
-      momentum, nesterov: for sgd, rmsprop and lars.
-      b1, b2, eps: for adam, adamw and lamb.
+      momentum, nesterov: for sgd, rmsprop and lars; momentum None: the optimizer's usual
+        (`DEFAULT_MOMENTUM`: 0.9 for sgd and lars, none for rmsprop).
+      b1, b2: for adam, adamw and lamb; eps: for those and rmsprop, None: the optimizer's
+        usual (`DEFAULT_EPS`: 1e-8, lamb 1e-6).
       grad_clip_norm: clip the gradient to this global norm first (None or 0: off).
       accumulate_steps: accumulate gradients over this many micro-steps before an update
         (`accumulate`); the effective batch is `accumulate_steps` times larger. Each
@@ -118,6 +124,8 @@ def make_optimizer(
         raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
     if accumulate_steps < 1:
         raise ConfigError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+    momentum = DEFAULT_MOMENTUM.get(name) if momentum is None else momentum
+    eps = DEFAULT_EPS.get(name) if eps is None else eps
     for key, value in (("weight_decay", weight_decay), ("momentum", momentum)):
         if value is not None and value < 0:  # a negative one pushes the weights away
             raise ConfigError(f"{key} must be >= 0, got {value}")

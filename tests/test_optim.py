@@ -30,7 +30,7 @@ def _least_squares():
 _LEARNING_RATES = {
     "adam": 0.1,
     "adamw": 0.1,
-    "rmsprop": 0.02,
+    "rmsprop": 0.1,  # no momentum (its usual default)
     "sgd": 0.1,
     "lamb": 0.3,
     "lars": 30.0,
@@ -123,8 +123,8 @@ def test_rmsprop_takes_nesterov_and_sgd_its_accumulator_dtype():
             updates, state = tx.update(grads, state, params)
         return updates["kernel"]
 
-    nesterov = after_two(nesterov=True)
-    assert not np.allclose(nesterov, after_two())
+    nesterov = after_two(momentum=0.9, nesterov=True)
+    assert not np.allclose(nesterov, after_two(momentum=0.9))
     reference = optax.rmsprop(0.01, momentum=0.9, nesterov=True)
     state = reference.init(params)
     for _ in range(2):
@@ -396,3 +396,27 @@ def test_grad_clip_norm_bounds_the_update():
     small = jax.tree.map(lambda g: g / 100, grads)
     updates, _ = tx.update(small, tx.init(params), params)
     jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -g, rtol=1e-6), updates, small)
+
+
+@pytest.mark.parametrize(
+    ("name", "reference"),
+    [
+        # Was RMSprop with momentum 0.9 (the shared default), which no other library's is.
+        ("rmsprop", optax.rmsprop(0.01)),
+        # Was eps 1e-8 (Adam's): LAMB's paper and optax use 1e-6.
+        ("lamb", optax.lamb(0.01)),
+        ("sgd", optax.sgd(0.01, momentum=0.9)),
+        ("adam", optax.adam(0.01)),
+    ],
+)
+def test_defaults_are_each_optimizer_s_usual(name, reference):
+    params, loss = _least_squares()
+    params = {"kernel": params["kernel"] * 1e-3}  # small: LAMB's eps then shows
+    tx = optim.make_optimizer(name, 0.01, total_steps=10)
+    ours, theirs = tx.init(params), reference.init(params)
+    for _ in range(3):
+        grads = jax.tree.map(lambda g: g * 1e-4, jax.grad(loss)(params))
+        mine, ours = tx.update(grads, ours, params)
+        expected, theirs = reference.update(grads, theirs, params)
+        np.testing.assert_allclose(mine["kernel"], expected["kernel"], rtol=1e-5, atol=1e-12)
+        params = optax.apply_updates(params, expected)

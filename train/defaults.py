@@ -4,6 +4,7 @@ and change what they need; a key that is not here is an error at start."""
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def check_variant(variant: str | None, known: tuple[str, ...]) -> None:
@@ -69,11 +70,13 @@ def base_config() -> ml_collections.ConfigDict:
             "warmup_steps": 0,  # training steps (batches), as total_steps
             "end_factor": 0.0,
             "weight_decay": 0.0,
-            "momentum": 0.9,
+            # None: the optimizer's usual (momentum 0.9 for sgd and lars, none for rmsprop;
+            # eps 1e-8, lamb's 1e-6): jaxmodels.optim.DEFAULT_MOMENTUM / DEFAULT_EPS.
+            "momentum": placeholder(float),
             "nesterov": False,
             "b1": 0.9,
             "b2": 0.999,
-            "eps": 1e-8,
+            "eps": placeholder(float),
             "grad_clip_norm": 0.0,  # 0: off
             "accumulate_steps": 1,  # batches per update; the schedule counts updates
         }

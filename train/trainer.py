@@ -103,7 +103,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"{', '.join(allowed)}{hint}"
             )
     for key in ("weight_decay", "momentum", "grad_clip_norm"):
-        if float(config.optimizer[key]) < 0:
+        if config.optimizer[key] is not None and float(config.optimizer[key]) < 0:
             raise ConfigError(
                 f"config key optimizer.{key} must be >= 0, got {config.optimizer[key]}"
                 + (" (0: no clipping)" if key == "grad_clip_norm" else "")
