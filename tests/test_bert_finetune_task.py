@@ -135,8 +135,54 @@ def test_a_pretraining_vocab_file_is_kept_in_the_workdir(tmp_path):
     assert tokenizer.token_to_id("of") == 6
     assert bert_pretraining.tokenizer_for(config, str(workdir), []).token_to_id("of") == 6
     config.vocab_file = str(tmp_path / "other.txt")
+    # Before the first checkpoint nothing holds the workdir to its vocabulary: a new start
+    # takes the file it is given.
+    assert bert_pretraining.tokenizer_for(config, str(workdir), []).token_to_id("of") == 5
+    config.vocab_file = str(tmp_path / "mine.txt")
+    bert_pretraining.tokenizer_for(config, str(workdir), [])
+    _checkpointed(workdir)
+    config.vocab_file = str(tmp_path / "other.txt")
     with pytest.raises(ConfigError, match=r"vocab_file=\S*other.txt is not the vocabulary"):
         bert_pretraining.tokenizer_for(config, str(workdir), [])
+
+
+def _checkpointed(workdir):
+    """`workdir` as a run that saved a checkpoint leaves it (what the state is does not
+    matter to the task's files)."""
+    from jaxmodels import checkpoint
+
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(1, {"w": jnp.zeros(2)}, {})
+    ckpt.close()
+
+
+def test_a_run_started_from_scratch_keeps_its_vocabulary_given_init_from_later(tmp_path):
+    """Was: resuming with --config.init_from newly set replaced the workdir's vocab.txt
+    with the source's (the checkpoint then trained under other token ids) and recorded the
+    source as the run's start, or, for a source of another architecture, was refused after
+    both files were rewritten, so that the run could not be resumed at all."""
+    config = load_config("bert_finetune.py", "smoke")
+    texts = [f"Document {i} has words. It has a second sentence {i}." for i in range(8)]
+    workdir = tmp_path / "ft"
+    workdir.mkdir()
+    bert_finetune.model_and_tokenizer(config, str(workdir), 3, texts)
+    vocab = (workdir / "vocab.txt").read_text()
+    _checkpointed(workdir)
+    config.init_from = str(tmp_path / "somewhere")  # never read: the run has its own start
+    model, tokenizer, init_params = bert_finetune.model_and_tokenizer(config, str(workdir), 3, [])
+    assert init_params is None and tokenizer.get_vocab_size() == model.config.vocab_size
+    assert (workdir / "vocab.txt").read_text() == vocab
+    assert not (workdir / bert_finetune.INIT_RECORD).exists()
+
+
+def test_a_start_record_left_without_checkpoints_goes(tmp_path):
+    """A start from init_from that ended before its first checkpoint leaves init_from.json;
+    a run then started from scratch there read it when it resumed (another model)."""
+    config = load_config("bert_finetune.py", "smoke")
+    texts = [f"Document {i} has words. It has a second sentence {i}." for i in range(8)]
+    (tmp_path / bert_finetune.INIT_RECORD).write_text('{"init_from": "elsewhere"}')
+    bert_finetune.model_and_tokenizer(config, str(tmp_path), 3, texts)
+    assert not (tmp_path / bert_finetune.INIT_RECORD).exists()
 
 
 @pytest.mark.reference
@@ -188,6 +234,44 @@ def test_from_a_hugging_face_encoder_whatever_its_heads(tmp_path, hf_class, extr
     for name, tree in encoder["params"].items():
         jax.tree.map(np.testing.assert_array_equal, started["bert"][name], tree)
     assert started["classifier"]["kernel"].shape == (32, 10)
+
+
+@pytest.mark.reference
+def test_a_source_that_cannot_hold_the_inputs_is_named_before_anything_is_written(tmp_path):
+    """Were: NaN at step 1 blamed on the learning rate (a vocab.txt longer than the model's
+    embedding table), a traceback naming no config key (max_length past the positions),
+    and in both cases init_from.json and vocab.txt left in the workdir."""
+    from jaxmodels.errors import ConfigError, DataError
+
+    transformers = pytest.importorskip("transformers", reason="needs the reference extra")
+    words = [f"w{i}" for i in range(40)]
+    vocab = "".join(f"{t}\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
+    config = load_config("bert_finetune.py", "smoke")
+    for name, sizes, error, message in (
+        ("short_vocab", {"vocab_size": 30}, DataError, r"has 45 tokens but its model's vocab_"),
+        (
+            "short_positions",
+            {"vocab_size": 45, "max_position_embeddings": 16},
+            ConfigError,
+            rf"max_length={config.max_length} is longer than the 16 positions of init_from=",
+        ),
+    ):
+        hf = tmp_path / name
+        hf_config = transformers.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **sizes,
+        )
+        transformers.BertModel(hf_config).save_pretrained(str(hf))
+        (hf / "vocab.txt").write_text(vocab)
+        config.init_from = str(hf)
+        workdir = tmp_path / f"ft_{name}"
+        workdir.mkdir()
+        with pytest.raises(error, match=message):
+            bert_finetune.model_and_tokenizer(config, str(workdir), 3, [])
+        assert not list(workdir.iterdir())
 
 
 def test_bad_init_from_is_a_clear_error(tmp_path):

@@ -11,6 +11,7 @@ vocabulary trained on the training texts (saved as `workdir/vocab.txt`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import bert, checkpoint
-from jaxmodels.errors import DataError
+from jaxmodels.errors import ConfigError, DataError
 from train.data import mlm, text
 from train.tasks import bert_pretraining, resuming, run_config, write_text_atomically
 
@@ -126,6 +127,24 @@ def _pretraining_architecture(source: str, vocab_size: int) -> tuple[dict[str, A
     return pretrained.to_hf_dict(), pretrained.scan_layers
 
 
+def _check_fits(config: Any, source: str, bert_config: bert.BertConfig, tokenizer: Any) -> None:
+    """`source`'s vocabulary and positions hold what this run feeds its model."""
+    tokens = tokenizer.get_vocab_size()
+    if tokens > bert_config.vocab_size:
+        raise DataError(
+            f"init_from={source}: its vocab.txt has {tokens} tokens but its model's "
+            f"vocab_size is {bert_config.vocab_size} (config.json): ids past the embedding "
+            "table have no row; give the vocab.txt the model was trained with"
+        )
+    if config.max_length > bert_config.max_position_embeddings:
+        raise ConfigError(
+            f"config key max_length={config.max_length} is longer than the "
+            f"{bert_config.max_position_embeddings} positions of init_from={source} "
+            f"(max_position_embeddings): use --config.max_length="
+            f"{bert_config.max_position_embeddings} or less"
+        )
+
+
 def model_and_tokenizer(
     config: Any, workdir: str, num_classes: int, train_texts: list[str]
 ) -> tuple[Any, Any, Any]:
@@ -139,12 +158,18 @@ def model_and_tokenizer(
 
     A run that resumes from its own checkpoints reads its vocabulary and architecture from
     the workdir (copied there at its start), not from `init_from`, which may be gone, and
-    runs as it did, except where this config now sets a field.
+    runs as it did, except where this config now sets a field; one that started without
+    `init_from` goes on from its checkpoints, whatever `init_from` says now.
+
+    Raises:
+      DataError: a source whose vocabulary has more tokens than its model's embedding rows.
+      ConfigError: `max_length` longer than the source's positions.
     """
     source = config.init_from
     runtime = _runtime(config)
     record = os.path.join(workdir, INIT_RECORD)
-    if resuming(workdir) and os.path.exists(record):  # whatever init_from says now
+    resumed = resuming(workdir)
+    if resumed and os.path.exists(record):  # whatever init_from says now
         with open(record, encoding="utf-8") as f:
             kept = json.load(f)
         ran = dict(kept.get("runtime", {"scan_layers": kept.get("scan_layers", False)}))
@@ -156,8 +181,12 @@ def model_and_tokenizer(
             os.path.join(workdir, bert_pretraining.VOCAB_FILE),
             lowercase=kept.get("lowercase", True),
         )
+        _check_fits(config, kept.get("init_from", workdir), bert_config, tokenizer)
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
-    if not source:
+    if not source or resumed:  # (resumed: a run started without init_from; it keeps its own)
+        if not resumed:  # a record left by a start that ended before its first checkpoint
+            with contextlib.suppress(FileNotFoundError):  # (processes remove it at once)
+                os.remove(record)
         tokenizer = bert_pretraining.tokenizer_for(config, workdir, train_texts)
         bert_config = bert_pretraining.model_config(config, tokenizer.get_vocab_size())
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
@@ -177,6 +206,7 @@ def model_and_tokenizer(
         runtime.setdefault("scan_layers", scan_layers)
         bert_config = bert.BertConfig.from_hf_dict(hf, **runtime)
         encoder = bert.layer_layout(pretrained, bert_config.scan_layers)
+    _check_fits(config, source, bert_config, tokenizer)  # before anything is written
     model = bert.BertForSequenceClassification(bert_config, num_labels=num_classes)
     _keep_source(workdir, source, bert_config, vocab_file, lowercase)
 
