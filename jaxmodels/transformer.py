@@ -117,6 +117,15 @@ def _layer_norm(module: nn.Module, name: str) -> nn.LayerNorm:
     )
 
 
+def _check_heads(module: Any) -> None:
+    """`module.embed_dim` splits into `num_heads` heads, or `head_dim` is given."""
+    if module.head_dim is None and module.embed_dim % module.num_heads:
+        raise ConfigError(
+            f"embed_dim {module.embed_dim} is not divisible by num_heads {module.num_heads}; "
+            "choose num_heads dividing embed_dim, or give head_dim"
+        )
+
+
 def _check_tokens(tokens: Array, vocab_size: int, what: str = "token") -> None:
     """Raises ValueError for tokens that are not [batch, length], or (only when concrete)
     for ids outside [0, vocab_size)."""
@@ -796,6 +805,7 @@ class EncoderDecoder(nn.Module):
         return self.tgt_vocab_size or self.vocab_size
 
     def setup(self) -> None:
+        _check_heads(self)
         if self.share_embeddings and self.target_vocab_size != self.vocab_size:
             raise ConfigError(
                 f"share_embeddings needs one vocabulary, but vocab_size={self.vocab_size} "
@@ -974,6 +984,7 @@ class DecoderOnlyLM(nn.Module):
         Returns:
             <float32>[batch, length, vocab]: the logits at t predict token t + 1.
         """
+        _check_heads(self)
         _check_tokens(tokens, self.vocab_size)
         batch, length = tokens.shape
         embed = _embed(self, self.vocab_size, "embed")

@@ -758,3 +758,19 @@ def test_greedy_translate_equals_the_uncached_greedy_loop(
         greedy_translate(model, params, src, jnp.array([3]), max_length=4, bos_id=BOS)
     with pytest.raises(ValueError, match="eos_id=13"):
         greedy_translate(model, params, src, max_length=4, bos_id=BOS, eos_id=13)
+
+
+def test_heads_that_do_not_split_the_width_are_named():
+    """Was attention's "features (16) not divisible by num_heads (3); set head_dim
+    explicitly", from deep inside the first layer."""
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    small = {"vocab_size": 11, "embed_dim": 16, "mlp_dim": 32, "max_len": 8}
+    layers = {"num_encoder_layers": 1, "num_decoder_layers": 1}
+    for model, args in (
+        (DecoderOnlyLM(**small, num_layers=1, num_heads=3), (tokens,)),
+        (EncoderDecoder(**small, **layers, num_heads=3), (tokens, tokens)),
+    ):
+        with pytest.raises(ConfigError, match="embed_dim 16 is not divisible by num_heads 3"):
+            model.init(jax.random.key(0), *args)
+    # A head size given: any number of heads.
+    DecoderOnlyLM(**small, num_layers=1, num_heads=3, head_dim=8).init(jax.random.key(0), tokens)
