@@ -115,6 +115,34 @@ def test_language_model_lowers_eval_loss_and_samples(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()[-2:]
     assert printed == [repr("The " + out[0]), repr("Return" + out[1])]
     assert "note:" not in capsys.readouterr().err
+    # Other draws with another seed (was: the run's seed, always the same samples).
+    config.sample_temperature, config.sample_top_k = 1.0, 0
+    drawn = language_model.sample(config, str(tmp_path), ["The "] * 4, 16)
+    assert (
+        language_model.main(
+            [str(tmp_path), *["The "] * 4, "--tokens", "16", "--temperature", "1", "--top-k", "0"]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines()[-4:] == [repr("The " + s) for s in drawn]
+    assert (
+        language_model.main(
+            [
+                str(tmp_path),
+                *["The "] * 4,
+                "--tokens",
+                "16",
+                "--temperature",
+                "1",
+                "--top-k",
+                "0",
+                "--seed",
+                "7",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines()[-4:] != [repr("The " + s) for s in drawn]
     # More than the model's 64 positions hold: cut, and said so (was silent).
     assert language_model.main([str(tmp_path), "The ", "--tokens", "100"]) == 0
     captured = capsys.readouterr()

@@ -127,12 +127,13 @@ def sample(
     """Continues each prompt with the model of the latest checkpoint in `workdir`.
 
     `config`: the run's config; None reads it from the workdir (`run_config`). From a shell:
-    `python -m train.tasks.language_model WORKDIR "prompt" ... [--tokens N]`.
+    `python -m train.tasks.language_model WORKDIR "prompt" ... [--tokens N] [--seed S]`.
 
     Each prompt is fed after an EOS, the document separator of the training stream (see
     `prompt_tokens`), so an empty prompt samples the start of a document. Sampling uses
     the config keys `sample_temperature` and `sample_top_k` (0: all tokens; temperature 0:
-    greedy); `max_new_tokens` defaults to `sample_tokens`, and is cut so that the prompt
+    greedy), its random draws the key `seed` (the same seed, the same samples);
+    `max_new_tokens` defaults to `sample_tokens`, and is cut so that the prompt
     (with its EOS) plus all new tokens but the last (which is never fed back) fit in the
     model's `max_len`.
 
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, help="new bytes (config: sample_tokens)")
     parser.add_argument("--temperature", type=float, help="0: greedy (config: sample_temperature)")
     parser.add_argument("--top-k", type=int, help="0: all tokens (config: sample_top_k)")
+    parser.add_argument("--seed", type=int, help="of the random draws (config: seed)")
     args = parser.parse_args(argv)
     from jaxmodels.errors import UserError
 
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             config.sample_temperature = args.temperature
         if args.top_k is not None:
             config.sample_top_k = args.top_k
+        if args.seed is not None:
+            config.seed = args.seed
         outs = sample(config, args.workdir, args.prompts, args.tokens)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
