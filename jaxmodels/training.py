@@ -16,7 +16,7 @@ Example (single device works the same as a pod):
   ...     model, tx, [jnp.zeros((8, 28, 28, 1))], jax.random.PRNGKey(0),
   ...     mesh, sharding.logical_rules("data"))
   >>> loss_fn, eval_fn = training.classification_fns(model)
-  >>> step = training.compile_train_step(loss_fn, shardings, mesh)
+  >>> step = training.compile_train_step(loss_fn, shardings, mesh, sharding.logical_rules("data"))
   >>> batch = {"image": jnp.zeros((8, 28, 28, 1)), "label": jnp.zeros((8,), jnp.int32)}
   >>> state, metrics = step(state, batch)
   >>> int(state.step)
@@ -278,7 +278,9 @@ def train_step(
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step; pure. Metrics include loss, grad_norm and learning_rate.
 
-    `rng_impl`: the generator of the step's key (dropout masks), see `step_key`.
+    `rng_impl`: the generator of the step's key (dropout masks), see `step_key`. Jitted by
+    hand rather than by `compile_train_step`, trace it under `mesh_context(mesh, rules)`:
+    the models' activation constraints resolve against the rules.
     """
     rng = step_key(state.rng, state.step, rng_impl)
 
@@ -308,10 +310,15 @@ def compile_train_step(
     loss_fn: LossFn,
     shardings: TrainState,
     mesh: Mesh,
-    rules: Any = (),
+    rules: Any,
     rng_impl: str = "threefry",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """`train_step` jitted once with shardings and state donation."""
+    """`train_step` jitted once with shardings and state donation.
+
+    `rules`: those the state was created with (`create_train_state`). They are needed here
+    too, not only for the parameters: the models constrain some activations by logical
+    axis names, which resolve against them (without them, e.g., BERT's gradients under
+    `fsdp_tp` came out wrong, from XLA's partitioning of its MLM head)."""
     if rng_impl not in STEP_RNG_IMPLS:
         raise ValueError(f"unknown step rng {rng_impl!r}; use one of {STEP_RNG_IMPLS}")
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -325,9 +332,10 @@ def compile_train_step(
 
 
 def compile_eval_step(
-    eval_fn: EvalFn, shardings: TrainState, mesh: Mesh, rules: Any = ()
+    eval_fn: EvalFn, shardings: TrainState, mesh: Mesh, rules: Any
 ) -> Callable[[TrainState, Batch], Metrics]:
-    """Jitted `eval_fn(params, model_state, batch)`, returning replicated metric sums."""
+    """Jitted `eval_fn(params, model_state, batch)`, returning replicated metric sums
+    (`rules`: as for `compile_train_step`)."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
@@ -374,19 +382,46 @@ def _in_mesh(
     return wrapped
 
 
+_DONATED = (
+    "given to an earlier step, which reused its buffers for the state it returned "
+    "(donation): pass the state the last step returned (`state, metrics = step(state, "
+    "batch)`), or copy what you keep of a state before the step"
+)
+
+
+def _first_array(tree: Any) -> jax.Array | None:
+    """The first array of `tree` down its first branches (dicts, tuples, lists), without
+    flattening the rest; None where that branch ends in something else."""
+    for _ in range(64):
+        if isinstance(tree, jax.Array):
+            return None if isinstance(tree, jax.core.Tracer) else tree
+        if isinstance(tree, Mapping) and tree:
+            tree = next(iter(tree.values()))
+        elif isinstance(tree, tuple | list) and tree:
+            tree = tree[0]
+        else:
+            return None
+    return None
+
+
 def _check_not_donated(state: Any) -> None:
     """A state whose buffers an earlier step took over (donation) is refused by name: JAX's
     own error says only "Buffer has been deleted or donated", and on several devices the
-    process can crash instead. Donation takes the whole state, so one leaf tells (walking
-    every leaf costs a large model's step some 0.2 ms of Python)."""
-    leaf = state.step if isinstance(state, TrainState) else next(iter(jax.tree.leaves(state)), None)
-    concrete = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
-    if concrete and leaf.is_deleted():
-        raise ValueError(
-            "this train state was given to an earlier step, which reused its buffers "
-            "for the state it returned (donation): pass the state the last step "
-            "returned (`state, metrics = step(state, batch)`)"
-        )
+    process can crash instead. One array of each part of the state tells: the state as a
+    whole, or a part of an earlier one put back (e.g. parameters kept to roll back to).
+    Walking every leaf would cost a large model's step some 0.2 ms of Python."""
+    parts = [("this train state was", state)]
+    if isinstance(state, TrainState):
+        parts = [
+            ("this train state was", state.step),
+            ("this train state's parameters were", state.params),
+            ("this train state's model state was", state.model_state),
+            ("this train state's optimizer state was", state.opt_state),
+        ]
+    for what, part in parts:
+        leaf = _first_array(part)
+        if leaf is not None and leaf.is_deleted():
+            raise ValueError(f"{what} {_DONATED}")
 
 
 def _check_split(batch: Batch, ways: int) -> None:
@@ -468,6 +503,9 @@ def first_non_finite(tree: Any) -> str | None:
     several processes each program is a collective that every process must run, in the
     same order."""
     leaves = leaves_by_name(tree)
+    gone = [k for k, x in leaves.items() if isinstance(x, jax.Array) and x.is_deleted()]
+    if gone:  # (the compiled check would read freed memory: a crash, not an error)
+        raise ValueError(f"{gone[0]} ({len(gone)} of {len(leaves)} leaves) was {_DONATED}")
     flags = jax.device_get(_finite_flags(list(leaves.values())))
     for name, ok in zip(leaves, flags, strict=True):
         if not ok:

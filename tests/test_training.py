@@ -183,12 +183,19 @@ def test_a_state_the_step_cannot_take_is_refused_by_name():
         model, tx, [jnp.zeros((1, 28, 28, 1))], jax.random.PRNGKey(0), mesh, ()
     )
     loss_fn, _ = training.classification_fns(model)
-    step = training.compile_train_step(loss_fn, shardings, mesh)
+    step = training.compile_train_step(loss_fn, shardings, mesh, ())
     batch = {"image": np.zeros((2, 28, 28, 1), np.float32), "label": np.zeros(2, np.int32)}
     new_state, _ = step(state, batch)
     with pytest.raises(ValueError, match="given to an earlier step.*pass the state the last"):
         step(state, batch)
+    # Parameters kept to roll back to were given away with their state (were: a crash in
+    # XLA, past the check of the state as a whole).
+    kept = new_state.params
     new_state, _ = step(new_state, batch)
+    with pytest.raises(ValueError, match="train state's parameters were given to an earlier"):
+        step(new_state.replace(params=kept), batch)
+    with pytest.raises(ValueError, match=r"Conv_0/bias \(8 of 8 leaves\) was given to an earl"):
+        training.first_non_finite(kept)  # (was a segmentation fault)
     # A state of another, equal-looking optimizer object (was jit's "different pytree
     # metadata" error, listing both optimizers' function addresses).
     other = new_state.replace(tx=optim.make_optimizer("sgd", 0.1, total_steps=10))
@@ -448,9 +455,15 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_named():
     loss_fn, eval_fn = training.classification_fns(model)
     batch = {"image": np.zeros((12, 28, 28, 1), np.float32), "label": np.zeros(12, np.int32)}
     message = "a batch of 12 examples does not split over the mesh's 8 data-parallel devices"
+    # The rules are not optional (were: () by default, under which the models' activation
+    # constraints did nothing, and BERT's gradients under fsdp_tp came out wrong).
+    with pytest.raises(TypeError, match="rules"):
+        training.compile_train_step(loss_fn, shardings, mesh)
+    with pytest.raises(TypeError, match="rules"):
+        training.compile_eval_step(eval_fn, shardings, mesh)
     for step in (
-        training.compile_train_step(loss_fn, shardings, mesh),
-        training.compile_eval_step(eval_fn, shardings, mesh),
+        training.compile_train_step(loss_fn, shardings, mesh, ()),
+        training.compile_eval_step(eval_fn, shardings, mesh, ()),
     ):
         with pytest.raises(ValueError, match=message):
             step(state, batch)
