@@ -37,23 +37,47 @@ def _stored_shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
+def _empty(x: Any) -> bool:
+    """A tree node without arrays: None, or an empty dict, list or tuple (an optax
+    `EmptyState` is an empty named tuple; Orbax's metadata has None for it)."""
+    return x is None or (isinstance(x, dict | list | tuple) and not x)
+
+
 class Checkpointer:
     """Saves and restores a train state plus a JSON data-iterator state.
 
     Args:
       directory: where step folders go (created if missing).
-      max_to_keep: keep the newest K complete checkpoints.
+      max_to_keep: keep the newest K >= 1 complete checkpoints; None: all.
       async_save: write in a background thread.
+      create: create `directory` if missing. In a multi-process run that is a barrier
+        all processes must reach together; `create=False` (for reading a directory that
+        exists) is none.
+
+    Raises:
+      ValueError: max_to_keep < 1 (0 deleted each checkpoint as soon as it was written).
+      CheckpointError: a directory that cannot be created.
     """
 
     def __init__(
-        self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        create: bool = True,
     ):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(
+                f"max_to_keep={max_to_keep} would delete every checkpoint as it is written: "
+                "keep at least 1 (None: all)"
+            )
         self.directory = os.path.abspath(os.fspath(directory))
+        self._closed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=create,
         )
         try:
             self._manager = ocp.CheckpointManager(
@@ -81,7 +105,21 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any] | None = None) -> bool:
         """Starts saving `state` (and `data_state`, plain JSON) as `step`; returns at once if
-        async."""
+        async.
+
+        Raises:
+          TypeError: a data state that is not a dict of plain JSON (saved, it could not be
+            restored as one; tuples come back as lists, and keys as strings).
+          RuntimeError: after `close()`.
+        """
+        if self._closed:
+            raise RuntimeError(
+                f"this Checkpointer of {self.directory} is closed: save with a new one"
+            )
+        if data_state is not None and not isinstance(data_state, dict):
+            raise TypeError(
+                f"data_state must be a dict (a JSON object), got {type(data_state).__name__}"
+            )
         try:  # here, not in the background save, which would lose the whole checkpoint
             json.dumps(data_state or {})
         except (TypeError, ValueError) as e:
@@ -100,6 +138,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        self._closed = True
         self._manager.close()
 
     def _check_compatible(self, step: int, target: Any) -> None:
@@ -130,12 +169,21 @@ class Checkpointer:
             if theirs[k] != ours[k]
         )
         shapes.sort(key=order)
-        if missing or unexpected or shapes:
+        # Nodes without arrays (optax's empty states) are part of the tree too: adam's and
+        # adamw's hold the same arrays in trees of another structure.
+        theirs_empty, ours_empty = (
+            {k for k, v in leaves_by_name(tree, is_leaf=_empty).items() if _empty(v)}
+            for tree in (meta, target)
+        )
+        empty_only = [sorted(theirs_empty - ours_empty), sorted(ours_empty - theirs_empty)]
+        if missing or unexpected or shapes or any(empty_only):
             lines = [f"checkpoint {path} was written by a different model or optimizer:"]
             for title, items in (
                 ("missing in checkpoint", missing),
                 ("not in this model", unexpected),
                 ("shape mismatch", shapes),
+                ("empty (stateless) nodes only in checkpoint", empty_only[0]),
+                ("empty (stateless) nodes only in this state", empty_only[1]),
             ):
                 if items:
                     shown = ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
@@ -144,7 +192,10 @@ class Checkpointer:
             raise CheckpointMismatchError("\n".join(lines))
 
     def _step(self, step: int | None) -> int:
-        """`step` (default: the latest) if this directory holds it complete."""
+        """`step` (default: the latest) if this directory holds it complete, after the saves
+        in flight (the latest is then the step last saved, not the one before it)."""
+        if not self._closed:
+            self.wait()
         steps = self.all_steps()
         if step is None and steps:
             step = max(steps)
@@ -244,14 +295,17 @@ class Checkpointer:
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
-    """Whether `directory` holds a complete checkpoint (it is not created if missing)."""
-    if not os.path.isdir(directory):
-        return False
-    ckpt = Checkpointer(directory, async_save=False)
+    """Whether `directory` holds a complete checkpoint (it is not created if missing).
+
+    A look at the folder's names, which any process may take at any time: Orbax writes a
+    step under a temporary name and renames it to the step's number once complete. (A
+    Checkpointer's construction is a barrier of all processes, which processes asking
+    this at different moments would not agree on.)"""
     try:
-        return ckpt.latest_step() is not None
-    finally:
-        ckpt.close()
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return any(n.isdigit() and os.path.isdir(os.path.join(directory, n)) for n in names)
 
 
 def load_params(directory: str | os.PathLike, step: int | None = None) -> Any:
@@ -259,7 +313,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None) -> Any:
     missing `directory` is an error, not created)."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoint folder {os.path.abspath(directory)}")
-    ckpt = Checkpointer(directory, async_save=False)
+    ckpt = Checkpointer(directory, async_save=False, create=False)
     try:
         return ckpt.restore_params(step)
     finally:

@@ -17,14 +17,15 @@ def brief(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def leaves_by_name(tree: Any) -> dict[str, Any]:
+def leaves_by_name(tree: Any, is_leaf: Any = None) -> dict[str, Any]:
     """A pytree's leaves by the one name messages give them: the path's keys joined by
     "/" (`params/Dense_0/kernel`; sequence indices and dataclass fields alike), as
     checkpoints spell them on disk. Dicts, frozen dicts and `TrainState`s of the same
-    contents give the same names, so trees of either kind compare by name."""
+    contents give the same names, so trees of either kind compare by name. `is_leaf`: as
+    `jax.tree_util`'s (e.g. to name empty nodes too)."""
     return {
         "/".join(_key_name(k) for k in path): leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)
     }
 
 

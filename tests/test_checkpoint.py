@@ -104,6 +104,70 @@ def test_unfinished_save_is_ignored(tmp_path):
     assert checkpoint.Checkpointer(tmp_path).latest_step() == 1
 
 
+def test_unfinished_save_is_no_checkpoint_to_has_checkpoint(tmp_path):
+    """A look at the folder's names, no Orbax manager (whose construction is a barrier of
+    all processes)."""
+    assert not checkpoint.has_checkpoint(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "2.orbax-checkpoint-tmp-123").mkdir()
+    assert not checkpoint.has_checkpoint(tmp_path)
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, state)
+    assert checkpoint.has_checkpoint(tmp_path)
+    ckpt.close()
+
+
+def test_uses_that_would_lose_checkpoints_are_refused(tmp_path):
+    """Were: max_to_keep=0 deleted each checkpoint as soon as it was written; a data state
+    of a list saved and could not be restored; a save after close() failed in Orbax's
+    thread pool ("cannot schedule new futures after shutdown"), leaving a temporary folder."""
+    with pytest.raises(ValueError, match=r"max_to_keep=0 would delete every checkpoint.*None: all"):
+        checkpoint.Checkpointer(tmp_path, max_to_keep=0)
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=None)
+    with pytest.raises(TypeError, match=r"data_state must be a dict \(a JSON object\), got list"):
+        ckpt.save(1, state, [1, 2])
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, state)
+    ckpt.close()
+    with pytest.raises(RuntimeError, match="is closed: save with a new one"):
+        ckpt.save(5, state)
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3", "4"]
+
+
+def test_restore_reads_the_save_in_flight(tmp_path):
+    """Was: the step before it, while latest_step() said the new one a moment later."""
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, state, {"step": 1})
+    ckpt.save(2, state, {"step": 2})
+    assert ckpt.restore(state)[1] == {"step": 2}
+    ckpt.close()
+
+
+def test_another_optimizer_of_the_same_arrays_is_named(tmp_path):
+    """adam's and adamw's states hold the same arrays in trees of another structure: was
+    Orbax's "tree structures do not match" as an unreadable checkpoint, with the advice to
+    delete it."""
+    state, _ = _state({"data": 8}, "data")  # adamw
+    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, state)
+    mesh = sharding.make_mesh(data=8)
+    other, _ = training.create_train_state(
+        cnn.SeedCNN(),
+        optim.make_optimizer("adam", 1e-3, total_steps=10),
+        [jnp.zeros((1, 28, 28, 1))],
+        jax.random.PRNGKey(0),
+        mesh,
+        sharding.logical_rules("data"),
+    )
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)different model or optimizer.*empty"):
+        ckpt.restore(other)
+    restored, _ = ckpt.restore(state)  # its own kind still restores
+    ckpt.close()
+
+
 def test_different_model_is_named(tmp_path):
     state, _ = _state({"data": 8}, "data")
     ckpt = checkpoint.Checkpointer(tmp_path)

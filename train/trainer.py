@@ -570,7 +570,7 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         off; the keys that do it are named) or counts otherwise (another
         accumulate_steps).
     """
-    if not checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints")):
+    if not tasks.resuming(workdir):
         return {}
     try:
         theirs = tasks.run_config(workdir)
@@ -645,7 +645,7 @@ def stopped_at(workdir: str, total_steps: int) -> int | None:
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         return None
-    ckpt = checkpoint.Checkpointer(directory, async_save=False)
+    ckpt = checkpoint.Checkpointer(directory, async_save=False, create=False)
     try:
         latest = ckpt.latest_step()
         if latest is None or latest < total_steps:
