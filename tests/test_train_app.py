@@ -821,6 +821,28 @@ def test_a_workdir_of_another_task_is_named_as_such(tmp_path):
     assert sorted(os.listdir(tmp_path)) == before  # refused before writing anything there
 
 
+def test_a_run_recorded_with_the_old_optimizer_defaults_resumes_as_it_ran(tmp_path):
+    """Runs of versions whose momentum and eps defaults were numbers (0.9, 1e-8 in their
+    config.json) resume with them where the config leaves them None (the optimizer's usual
+    now): an RMSprop run was refused (another optimizer layout), a LAMB run went on with
+    another eps, and every run logged two changes it did not make."""
+    from train.trainer import CHANGES_FILE
+
+    config = load_config("cnn_digits.py", "smoke")
+    config.optimizer.name = "rmsprop"
+    config.optimizer.momentum, config.optimizer.eps = 0.9, 1e-8  # as older versions wrote
+    config.total_steps = config.checkpoint_every = 2
+    train_and_evaluate(config, str(tmp_path))
+    config = load_config("cnn_digits.py", "smoke")
+    config.optimizer.name = "rmsprop"
+    config.total_steps = config.checkpoint_every = 4
+    train_and_evaluate(config, str(tmp_path))
+    recorded = json.loads((tmp_path / "config.json").read_text())["optimizer"]
+    assert (recorded["momentum"], recorded["eps"]) == (0.9, 1e-8)
+    changes = json.loads((tmp_path / CHANGES_FILE).read_text())["changes"]
+    assert changes == {"checkpoint_every": [2, 4], "total_steps": [2, 4]}
+
+
 def test_resuming_with_a_changed_config(tmp_path):
     """Were: another seed, dataset or batch size resumed silently (the data position counts
     batches of the old stream), another optimizer layout failed as an unreadable checkpoint

@@ -558,6 +558,34 @@ def _described(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
+# Keys whose None means "the optimizer's usual value" (jaxmodels.optim.DEFAULT_MOMENTUM,
+# DEFAULT_EPS), which versions before that recorded as numbers (0.9, 1e-8) in config.json.
+_RUN_DEFAULTS = ("momentum", "eps")
+
+
+def with_run_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """`config`, or a copy where keys of `_RUN_DEFAULTS` it leaves None take the value the
+    run in `workdir` recorded: a resumed run goes on as it started (an RMSprop run with
+    momentum 0.9, a LAMB run with eps 1e-8), whatever the usual value is now."""
+    if not tasks.resuming(workdir):
+        return config
+    try:
+        theirs = tasks.run_config(workdir)
+    except ConfigError:
+        return config
+    kept = {
+        k: theirs.optimizer[k]
+        for k in _RUN_DEFAULTS
+        if config.optimizer[k] is None and theirs.get("optimizer", {}).get(k) is not None
+    }
+    if not kept:
+        return config
+    config = config.copy_and_resolve_references()
+    for k, v in kept.items():
+        config.optimizer[k] = float(v)
+    return config
+
+
 def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
     """What `config` changes of the run whose checkpoints `workdir` holds (its `config.json`
     says how it started): {dotted key: (then, now)}; {} for a new run.
@@ -788,6 +816,7 @@ def _train(
     rules = sharding.logical_rules(config.sharding_rules)
     sharding.check_rules_use_mesh(mesh, config.sharding_rules)
     _check_batch(config, mesh)
+    config = with_run_defaults(config, workdir)
     changes = resume_changes(config, workdir)
 
     # Each process loads its part of every batch: usually one part per process; processes
