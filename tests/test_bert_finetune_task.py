@@ -172,17 +172,49 @@ def test_a_run_started_from_scratch_keeps_its_vocabulary_given_init_from_later(t
     model, tokenizer, init_params = bert_finetune.model_and_tokenizer(config, str(workdir), 3, [])
     assert init_params is None and tokenizer.get_vocab_size() == model.config.vocab_size
     assert (workdir / "vocab.txt").read_text() == vocab
-    assert not (workdir / bert_finetune.INIT_RECORD).exists()
+    assert json.loads((workdir / bert_finetune.INIT_RECORD).read_text()) == {"init_from": ""}
 
 
-def test_a_start_record_left_without_checkpoints_goes(tmp_path):
+def test_a_start_record_left_without_checkpoints_is_replaced(tmp_path):
     """A start from init_from that ended before its first checkpoint leaves init_from.json;
     a run then started from scratch there read it when it resumed (another model)."""
     config = load_config("bert_finetune.py", "smoke")
     texts = [f"Document {i} has words. It has a second sentence {i}." for i in range(8)]
     (tmp_path / bert_finetune.INIT_RECORD).write_text('{"init_from": "elsewhere"}')
     bert_finetune.model_and_tokenizer(config, str(tmp_path), 3, texts)
-    assert not (tmp_path / bert_finetune.INIT_RECORD).exists()
+    assert json.loads((tmp_path / bert_finetune.INIT_RECORD).read_text()) == {"init_from": ""}
+
+
+@pytest.mark.reference
+def test_a_run_of_a_version_that_kept_no_start_record_reads_its_source_again(tmp_path):
+    """Versions before the start record resumed a run started from init_from by reading
+    the source again; taking such a run for one started from scratch trained a new
+    vocabulary over its checkpoints' ids."""
+    transformers = pytest.importorskip("transformers", reason="needs the reference extra")
+    hf = tmp_path / "hf"
+    hf_config = transformers.BertConfig(
+        vocab_size=45,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(hf_config).save_pretrained(str(hf))
+    words = [f"w{i}" for i in range(40)]
+    (hf / "vocab.txt").write_text(
+        "".join(f"{t}\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
+    )
+    config = load_config("bert_finetune.py", "smoke")
+    config.init_from = str(hf)
+    workdir = tmp_path / "ft"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort())  # what it started with
+    _checkpointed(workdir)
+    config.init_from = ""
+    model, tokenizer, _ = bert_finetune.model_and_tokenizer(config, str(workdir), 3, [])
+    assert tokenizer.get_vocab_size() == model.config.vocab_size == 45
+    assert json.loads((workdir / bert_finetune.INIT_RECORD).read_text())["init_from"] == str(hf)
 
 
 @pytest.mark.reference

@@ -11,7 +11,6 @@ vocabulary trained on the training texts (saved as `workdir/vocab.txt`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import warnings
@@ -127,6 +126,20 @@ def _pretraining_architecture(source: str, vocab_size: int) -> tuple[dict[str, A
     return pretrained.to_hf_dict(), pretrained.scan_layers
 
 
+def _start_record(workdir: str) -> dict[str, Any]:
+    """How the run in `workdir` (which holds its checkpoints) started: its `INIT_RECORD`;
+    for a run of a version that kept none (of a start from scratch, or of any), the
+    `init_from` of its `config.json`, whose source is then read again as it was then."""
+    path = os.path.join(workdir, INIT_RECORD)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    try:
+        return {"init_from": run_config(workdir).get("init_from") or ""}
+    except ConfigError:  # no config.json to go by
+        return {"init_from": ""}
+
+
 def _check_fits(config: Any, source: str, bert_config: bert.BertConfig, tokenizer: Any) -> None:
     """`source`'s vocabulary and positions hold what this run feeds its model."""
     tokens = tokenizer.get_vocab_size()
@@ -168,10 +181,8 @@ def model_and_tokenizer(
     source = config.init_from
     runtime = _runtime(config)
     record = os.path.join(workdir, INIT_RECORD)
-    resumed = resuming(workdir)
-    if resumed and os.path.exists(record):  # whatever init_from says now
-        with open(record, encoding="utf-8") as f:
-            kept = json.load(f)
+    kept = _start_record(workdir) if resuming(workdir) else None
+    if kept is not None and kept.get("init_from") and "bert" in kept:  # whatever init_from says
         ran = dict(kept.get("runtime", {"scan_layers": kept.get("scan_layers", False)}))
         for k in ("dtype", "param_dtype"):
             if k in ran:
@@ -181,14 +192,15 @@ def model_and_tokenizer(
             os.path.join(workdir, bert_pretraining.VOCAB_FILE),
             lowercase=kept.get("lowercase", True),
         )
-        _check_fits(config, kept.get("init_from", workdir), bert_config, tokenizer)
+        _check_fits(config, kept["init_from"], bert_config, tokenizer)
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
-    if not source or resumed:  # (resumed: a run started without init_from; it keeps its own)
-        if not resumed:  # a record left by a start that ended before its first checkpoint
-            with contextlib.suppress(FileNotFoundError):  # (processes remove it at once)
-                os.remove(record)
+    if kept is not None:  # resumed: started from scratch, or from a source it read again then
+        source = kept.get("init_from", "")
+    if not source:
         tokenizer = bert_pretraining.tokenizer_for(config, workdir, train_texts)
         bert_config = bert_pretraining.model_config(config, tokenizer.get_vocab_size())
+        if kept is None:  # a new start: its record (over one a failed start may have left)
+            write_text_atomically(record, json.dumps({"init_from": ""}))
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
     _check_source(source)
     vocab_file = os.path.join(source, bert_pretraining.VOCAB_FILE)
