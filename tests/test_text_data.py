@@ -280,6 +280,21 @@ def test_words_of_any_script_are_words():
     assert text.words("Жизнь прекрасна; l'été 2024") == ["жизнь", "прекрасна", "l'été", "2024"]
     assert text.words("cafe\u0301") == text.words("caf\u00e9") == ["caf\u00e9"]  # combining
     assert text.words("snake_case x_1") == ["snake", "case", "x", "1"]
+    # Combining marks are part of a word (Devanagari's vowel signs, Arabic's harakat).
+    assert text.words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert text.words("العَرَبِيَّة") == ["العَرَبِيَّة"]
+
+
+def test_a_vocabulary_saved_before_words_of_every_script_splits_as_it_was_made(tmp_path):
+    """A resumed run keeps its ids: a file without the splitting it was made with (older
+    versions) splits ASCII runs, as it was built."""
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"kind": "word", "vocab": ["<pad>", "<unk>", "caf", "na"]}')
+    old = text.WordTokenizer.load(str(path))
+    assert old.encode("Café naïve", 4)[0].tolist() == [2, 3, 1, 0]  # caf, na, <unk> (ve)
+    new = text.WordTokenizer.build(["Café naïve"], 10)
+    new.save(str(path))
+    assert text.WordTokenizer.load(str(path)).encode("café", 2)[0].tolist() == [2, 0]
 
 
 def test_tokenizer_encode_pads_truncates_and_counts():

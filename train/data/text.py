@@ -74,7 +74,7 @@ import re
 import subprocess
 import sys
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -231,14 +231,37 @@ def read_texts(source: Any, text_key: str) -> list[str]:
 # Words to ids.
 
 PAD, UNK = 0, 1
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters and digits of any script
+_ASCII_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+
+
+@functools.cache
+def _word() -> re.Pattern[str]:
+    """Runs of letters, digits and combining marks (which `\\w` lacks: the vowel signs of
+    Devanagari, Arabic's harakat), with inner apostrophes. Built on first use (a pass over
+    the code points, some 0.2 s)."""
+    marks, start = [], None
+    for cp in range(sys.maxunicode + 2):
+        mark = cp <= sys.maxunicode and unicodedata.category(chr(cp)).startswith("M")
+        if mark and start is None:
+            start = cp
+        elif not mark and start is not None:
+            marks.append(f"{re.escape(chr(start))}-{re.escape(chr(cp - 1))}")
+            start = None
+    char = f"(?:[^\\W_]|[{''.join(marks)}])"
+    return re.compile(f"{char}+(?:'{char}+)*")
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words: runs of letters and digits (of any script: `café`, `жизнь`), with
-    inner apostrophes; accents written as combining marks are composed first (NFC), so a
-    word is one token however its text spells it."""
-    return _WORD.findall(unicodedata.normalize("NFC", text).lower())
+    """Lower-cased words: runs of letters, digits and combining marks of any script
+    (`café`, `жизнь`, `हिन्दी`), with inner apostrophes; text is composed first (NFC), so a
+    word is one token however its accents are written."""
+    return _word().findall(unicodedata.normalize("NFC", text).lower())
+
+
+def ascii_words(text: str) -> list[str]:
+    """The words of vocabularies saved before `words` took every script: runs of ASCII
+    letters and digits (a resumed run splits its text as its vocabulary was made)."""
+    return _ASCII_WORD.findall(text.lower())
 
 
 class WordTokenizer:
@@ -252,10 +275,11 @@ class WordTokenizer:
         (array([2, 1, 5, 0, 0], dtype=int32), 3)
     """
 
-    def __init__(self, vocab: list[str]):
+    def __init__(self, vocab: list[str], split: Callable[[str], list[str]] = words):
         if vocab[:2] != ["<pad>", "<unk>"] or len(set(vocab)) != len(vocab):
             raise ValueError("vocab must start with '<pad>', '<unk>' and have no duplicates")
         self.vocab = list(vocab)
+        self.split = split  # text -> words: `words`, or `ascii_words` for an older file
         self._ids = {word: i for i, word in enumerate(self.vocab)}
 
     @classmethod
@@ -279,7 +303,7 @@ class WordTokenizer:
         """
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
-        ids = [self._ids.get(word, UNK) for word in words(text)[:max_length]] or [UNK]
+        ids = [self._ids.get(word, UNK) for word in self.split(text)[:max_length]] or [UNK]
         out = np.zeros(max_length, np.int32)
         out[: len(ids)] = ids
         return out, len(ids)
@@ -287,15 +311,19 @@ class WordTokenizer:
     def save(self, path: str) -> None:
         """Writes the vocabulary as JSON."""
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"kind": "word", "vocab": self.vocab}, f, ensure_ascii=False)
+            record = {"kind": "word", "words": self._SPLITS[self.split], "vocab": self.vocab}
+            json.dump(record, f, ensure_ascii=False)
+
+    _SPLITS = {words: "unicode", ascii_words: "ascii"}  # (a file without the key: ascii)
 
     @classmethod
     def load(cls, path: str) -> WordTokenizer:
-        """Reads a vocabulary written by `save`."""
+        """Reads a vocabulary written by `save`, with the word splitting it was made with."""
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            return cls(data["vocab"])
+            split = {v: k for k, v in cls._SPLITS.items()}[data.get("words", "ascii")]
+            return cls(data["vocab"], split)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"cannot read the vocabulary {path}: {e}") from e
 
