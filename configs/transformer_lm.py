@@ -13,6 +13,8 @@ keys set the temperature / top-k of `train.tasks.language_model.sample`.
   python -m train.tasks.language_model runs/lm "The " "Return" --tokens 64   # samples
 """
 
+from ml_collections.config_dict import placeholder
+
 from train.defaults import base_config, check_variant
 
 
@@ -28,6 +30,7 @@ def get_config(variant: str | None = None):
         "embed_dim": 128,
         "num_layers": 2,
         "num_heads": 4,
+        "head_dim": placeholder(int),  # None: embed_dim // num_heads
         "mlp_dim": 512,
         "dropout_rate": 0.0,
         "remat_policy": "none",  # none | full | dots_saveable | ... (transformer.REMAT_POLICIES)

@@ -14,6 +14,8 @@ downloads), `smoke` (a few steps). Remat and scan-over-layers are `model` keys.
   python -m train --config=configs/transformer_seq2seq.py:smoke --workdir=runs/transformer_seq2seq_smoke
 """
 
+from ml_collections.config_dict import placeholder
+
 from train.defaults import base_config, check_variant
 
 
@@ -30,6 +32,7 @@ def get_config(variant: str | None = None):
         "name": "EncoderDecoder",
         "embed_dim": 64,
         "num_heads": 4,
+        "head_dim": placeholder(int),  # None: embed_dim // num_heads
         "mlp_dim": 256,
         "num_encoder_layers": 2,
         "num_decoder_layers": 2,
@@ -60,6 +63,7 @@ def get_config(variant: str | None = None):
             "name": "EncoderDecoder",
             "embed_dim": 512,
             "num_heads": 8,
+            "head_dim": placeholder(int),  # None: embed_dim // num_heads
             "mlp_dim": 2048,
             "num_encoder_layers": 6,
             "num_decoder_layers": 6,

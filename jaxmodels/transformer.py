@@ -119,6 +119,8 @@ def _layer_norm(module: nn.Module, name: str) -> nn.LayerNorm:
 
 def _check_heads(module: Any) -> None:
     """`module.embed_dim` splits into `num_heads` heads, or `head_dim` is given."""
+    if module.num_heads < 1:
+        raise ConfigError(f"num_heads must be >= 1, got {module.num_heads}")
     if module.head_dim is None and module.embed_dim % module.num_heads:
         raise ConfigError(
             f"embed_dim {module.embed_dim} is not divisible by num_heads {module.num_heads}; "

@@ -312,3 +312,16 @@ def test_cached_greedy_decode_equals_the_uncached_loop():
     ref = jax.jit(lambda p, b: _uncached_greedy_decode(model, p, b, steps))(params, batch)
     assert got.shape == (3, steps) and len(np.unique(ref)) > 2
     np.testing.assert_array_equal(got, ref)
+
+
+def test_a_head_size_is_a_config_key_of_both_transformer_tasks():
+    """The heads error's advice ("or give head_dim") had no key to take it."""
+
+    from train.tasks import language_model
+
+    config = load_config("transformer_lm.py", "smoke")
+    config.model.num_heads, config.model.head_dim = 3, 8
+    model = language_model.make_model(config)
+    assert (model.num_heads, model.head_dim) == (3, 8)
+    model.init(jax.random.key(0), np.zeros((1, 4), np.int32))
+    assert load_config("transformer_seq2seq.py").model.head_dim is None

@@ -772,5 +772,9 @@ def test_heads_that_do_not_split_the_width_are_named():
     ):
         with pytest.raises(ConfigError, match="embed_dim 16 is not divisible by num_heads 3"):
             model.init(jax.random.key(0), *args)
+    with pytest.raises(
+        ConfigError, match="num_heads must be >= 1, got 0"
+    ):  # (was a ZeroDivisionError)
+        DecoderOnlyLM(**small, num_layers=1, num_heads=0).init(jax.random.key(0), tokens)
     # A head size given: any number of heads.
     DecoderOnlyLM(**small, num_layers=1, num_heads=3, head_dim=8).init(jax.random.key(0), tokens)

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jaxmodels import bert, losses
@@ -123,7 +124,7 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
     model = bert.BertForPreTraining(model_config(config, tokenizer.get_vocab_size()))
     train_pairs = masked_pairs(config, train_texts, tokenizer)
     eval_pairs = masked_pairs(config, eval_texts, tokenizer, config.eval_examples or None)
-    if process_index == 0:
+    if jax.process_index() == 0:  # (process_index: this process's part of the batch)
         _note_masking_cap(train_pairs)
 
     def apply(params: Any, batch: Any, train: bool, rngs: Any = None) -> Any:
