@@ -270,7 +270,9 @@ class Checkpointer:
         """Only the model parameters of a checkpoint, as host numpy arrays.
 
         For using a trained model (sampling, fine-tuning, export) without building its
-        optimizer: the tree and its shapes come from the checkpoint's own metadata.
+        optimizer: the tree and its shapes come from the checkpoint's own metadata. (The
+        whole state is read from disk, the optimizer's too, and only the parameters kept:
+        Orbax restores a saved item whole.)
 
         Raises:
           CheckpointError: no checkpoint, no parameters in it, or unreadable files.

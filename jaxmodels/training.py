@@ -210,6 +210,11 @@ def _state_init(
     """(init(rng) -> TrainState, the state's shapes (`jax.ShapeDtypeStruct`), its
     shardings)."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    if not isinstance(example_inputs, list | tuple):  # an array would give its rows
+        raise TypeError(
+            f"example_inputs is the list of the model's positional inputs (got "
+            f"{type(example_inputs).__name__}): pass [x] for a model of one input"
+        )
     inputs = [None if v is None else jnp.asarray(v) for v in example_inputs]
 
     def init_variables(key: jax.Array) -> Any:

@@ -484,3 +484,16 @@ def test_leaves_are_named_alike_in_every_message():
         step=0, params={"w": 1}, model_state={}, opt_state=(), rng=2, tx=None
     )
     assert list(leaves_by_name(state)) == ["step", "params/w", "rng"]
+
+
+def test_example_inputs_are_a_list():
+    """An array was iterated over its rows: errors about a channel axis, or a second
+    `train` argument."""
+    mesh, rules = sharding.make_mesh(data=8), sharding.logical_rules("data")
+    tx = optim.make_optimizer("sgd", 0.1, total_steps=10)
+    with pytest.raises(
+        TypeError, match=r"example_inputs is the list .* \(got ArrayImpl\): pass \[x\]"
+    ):
+        training.create_train_state(
+            cnn.SeedCNN(), tx, jnp.zeros((2, 28, 28, 1)), jax.random.key(0), mesh, rules
+        )
