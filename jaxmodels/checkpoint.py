@@ -38,21 +38,24 @@ def _stored_shape(x: Any) -> tuple[int, ...]:
 
 
 def _empty(x: Any) -> bool:
-    """A tree node without arrays: None, or an empty dict, list or tuple (an optax
-    `EmptyState` is an empty named tuple; Orbax's metadata has None for it)."""
-    return x is None or (isinstance(x, dict | list | tuple) and not x)
+    """A tree node without arrays: None, or a container of no leaves (an optax
+    `EmptyState`, an empty dict or FrozenDict; Orbax's metadata has None or {} for it)."""
+    return x is None or (
+        not hasattr(x, "shape") and jax.tree_util.tree_structure(x).num_leaves == 0
+    )
 
 
 class Checkpointer:
     """Saves and restores a train state plus a JSON data-iterator state.
 
+    Reads (`restore`, `restore_data`, `restore_params`) first wait for the saves in flight,
+    as `wait()` does: a background save that failed raises its error there.
+
     Args:
       directory: where step folders go (created if missing).
       max_to_keep: keep the newest K >= 1 complete checkpoints; None: all.
       async_save: write in a background thread.
-      create: create `directory` if missing. In a multi-process run that is a barrier
-        all processes must reach together; `create=False` (for reading a directory that
-        exists) is none.
+      create: create `directory` if missing; False: read a directory that exists.
 
     Raises:
       ValueError: max_to_keep < 1 (0 deleted each checkpoint as soon as it was written).
@@ -107,9 +110,11 @@ class Checkpointer:
         """Starts saving `state` (and `data_state`, plain JSON) as `step`; returns at once if
         async.
 
+        The data state comes back as JSON has it: tuples as lists, keys as strings.
+
         Raises:
           TypeError: a data state that is not a dict of plain JSON (saved, it could not be
-            restored as one; tuples come back as lists, and keys as strings).
+            restored).
           RuntimeError: after `close()`.
         """
         if self._closed:

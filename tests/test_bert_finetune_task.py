@@ -190,6 +190,8 @@ def test_a_run_of_a_version_that_kept_no_start_record_reads_its_source_again(tmp
     """Versions before the start record resumed a run started from init_from by reading
     the source again; taking such a run for one started from scratch trained a new
     vocabulary over its checkpoints' ids."""
+    from jaxmodels.errors import DataError
+
     transformers = pytest.importorskip("transformers", reason="needs the reference extra")
     hf = tmp_path / "hf"
     hf_config = transformers.BertConfig(
@@ -215,6 +217,12 @@ def test_a_run_of_a_version_that_kept_no_start_record_reads_its_source_again(tmp
     model, tokenizer, _ = bert_finetune.model_and_tokenizer(config, str(workdir), 3, [])
     assert tokenizer.get_vocab_size() == model.config.vocab_size == 45
     assert json.loads((workdir / bert_finetune.INIT_RECORD).read_text())["init_from"] == str(hf)
+    # Its source gone, the error says where the path comes from (not --config.init_from).
+    (workdir / bert_finetune.INIT_RECORD).unlink()
+    hf.rename(tmp_path / "moved")
+    config.init_from = str(tmp_path / "moved")
+    with pytest.raises(DataError, match=r"started from init_from=\S*hf \(its config.json\) .*put"):
+        bert_finetune.model_and_tokenizer(config, str(workdir), 3, [])
 
 
 @pytest.mark.reference

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,7 +105,7 @@ def test_unfinished_save_is_ignored(tmp_path):
     assert checkpoint.Checkpointer(tmp_path).latest_step() == 1
 
 
-def test_unfinished_save_is_no_checkpoint_to_has_checkpoint(tmp_path):
+def test_unfinished_save_is_no_checkpoint_to_has_checkpoint(tmp_path, monkeypatch):
     """A look at the folder's names, no Orbax manager (whose construction is a barrier of
     all processes)."""
     assert not checkpoint.has_checkpoint(tmp_path / "nowhere")
@@ -114,8 +115,13 @@ def test_unfinished_save_is_no_checkpoint_to_has_checkpoint(tmp_path):
     state, _ = _state({"data": 8}, "data")
     ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
     ckpt.save(1, state)
-    assert checkpoint.has_checkpoint(tmp_path)
     ckpt.close()
+
+    def no_manager(*args, **kwargs):
+        raise AssertionError("has_checkpoint made an Orbax manager (a barrier)")
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", no_manager)
+    assert checkpoint.has_checkpoint(tmp_path)
 
 
 def test_uses_that_would_lose_checkpoints_are_refused(tmp_path):
@@ -165,6 +171,13 @@ def test_another_optimizer_of_the_same_arrays_is_named(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"(?s)different model or optimizer.*empty"):
         ckpt.restore(other)
     restored, _ = ckpt.restore(state)  # its own kind still restores
+    ckpt.close()
+    # Empty nodes of another kind (a FrozenDict, which Orbax records as {}) are no change.
+    frozen = state.replace(model_state=flax.core.FrozenDict({}))
+    ckpt = checkpoint.Checkpointer(tmp_path / "frozen", async_save=False)
+    ckpt.save(1, frozen)
+    ckpt.restore(frozen)
+    ckpt.restore(state)
     ckpt.close()
 
 

@@ -295,6 +295,11 @@ def test_a_vocabulary_saved_before_words_of_every_script_splits_as_it_was_made(t
     new = text.WordTokenizer.build(["Café naïve"], 10)
     new.save(str(path))
     assert text.WordTokenizer.load(str(path)).encode("café", 2)[0].tolist() == [2, 0]
+    # A file without the record whose words are not ASCII was made with words of any script.
+    path.write_text('{"kind": "word", "vocab": ["<pad>", "<unk>", "café", "жизнь"]}')
+    assert text.WordTokenizer.load(str(path)).encode("Жизнь café", 2)[0].tolist() == [3, 2]
+    with pytest.raises(ValueError, match="words must be one of"):
+        text.WordTokenizer(["<pad>", "<unk>"], words="bytes")
 
 
 def test_tokenizer_encode_pads_truncates_and_counts():

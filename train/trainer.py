@@ -567,11 +567,8 @@ def with_run_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_col
     """`config`, or a copy where keys of `_RUN_DEFAULTS` it leaves None take the value the
     run in `workdir` recorded: a resumed run goes on as it started (an RMSprop run with
     momentum 0.9, a LAMB run with eps 1e-8), whatever the usual value is now."""
-    if not tasks.resuming(workdir):
-        return config
-    try:
-        theirs = tasks.run_config(workdir)
-    except ConfigError:
+    theirs = tasks.resumed_config(workdir)
+    if theirs is None:
         return config
     kept = {
         k: theirs.optimizer[k]
@@ -598,12 +595,9 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         off; the keys that do it are named) or counts otherwise (another
         accumulate_steps).
     """
-    if not tasks.resuming(workdir):
+    theirs = tasks.resumed_config(workdir)
+    if theirs is None:
         return {}
-    try:
-        theirs = tasks.run_config(workdir)
-    except ConfigError:
-        return {}  # no record to compare with: the checkpoints' own checks still apply
     if theirs.get("task") != config.task:
         raise ConfigError(
             f"--workdir {workdir} holds the checkpoints of a run of another task "

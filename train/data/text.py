@@ -74,7 +74,7 @@ import re
 import subprocess
 import sys
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -275,11 +275,17 @@ class WordTokenizer:
         (array([2, 1, 5, 0, 0], dtype=int32), 3)
     """
 
-    def __init__(self, vocab: list[str], split: Callable[[str], list[str]] = words):
+    SPLITS = {"unicode": words, "ascii": ascii_words}  # how text becomes words
+
+    def __init__(self, vocab: list[str], words: str = "unicode"):
+        """`words`: a key of `SPLITS`: `unicode`; `ascii` for vocabularies made before."""
         if vocab[:2] != ["<pad>", "<unk>"] or len(set(vocab)) != len(vocab):
             raise ValueError("vocab must start with '<pad>', '<unk>' and have no duplicates")
+        if words not in self.SPLITS:
+            raise ValueError(f"words must be one of {sorted(self.SPLITS)}, got {words!r}")
         self.vocab = list(vocab)
-        self.split = split  # text -> words: `words`, or `ascii_words` for an older file
+        self.words = words
+        self._split = self.SPLITS[words]
         self._ids = {word: i for i, word in enumerate(self.vocab)}
 
     @classmethod
@@ -303,27 +309,27 @@ class WordTokenizer:
         """
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
-        ids = [self._ids.get(word, UNK) for word in self.split(text)[:max_length]] or [UNK]
+        ids = [self._ids.get(word, UNK) for word in self._split(text)[:max_length]] or [UNK]
         out = np.zeros(max_length, np.int32)
         out[: len(ids)] = ids
         return out, len(ids)
 
     def save(self, path: str) -> None:
-        """Writes the vocabulary as JSON."""
+        """Writes the vocabulary as JSON, with how text is split into its words."""
         with open(path, "w", encoding="utf-8") as f:
-            record = {"kind": "word", "words": self._SPLITS[self.split], "vocab": self.vocab}
+            record = {"kind": "word", "words": self.words, "vocab": self.vocab}
             json.dump(record, f, ensure_ascii=False)
-
-    _SPLITS = {words: "unicode", ascii_words: "ascii"}  # (a file without the key: ascii)
 
     @classmethod
     def load(cls, path: str) -> WordTokenizer:
-        """Reads a vocabulary written by `save`, with the word splitting it was made with."""
+        """Reads a vocabulary written by `save`, with the word splitting it was made with (a
+        file of a version that did not record it: ASCII runs, its words show)."""
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            split = {v: k for k, v in cls._SPLITS.items()}[data.get("words", "ascii")]
-            return cls(data["vocab"], split)
+            vocab = data["vocab"]
+            ascii_only = all(_ASCII_WORD.fullmatch(w) for w in vocab[2:])
+            return cls(vocab, data.get("words", "ascii" if ascii_only else "unicode"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"cannot read the vocabulary {path}: {e}") from e
 

@@ -72,6 +72,18 @@ def build(config: Any, process_index: int, process_count: int, workdir: str) -> 
 CONFIG_FILE = "config.json"
 
 
+def resumed_config(workdir: str) -> Any | None:
+    """The config the run `workdir` holds the checkpoints of was started with (or last
+    resumed with); None for a new run, or one whose config.json cannot be read (nothing to
+    go by: the checkpoints' own checks still apply)."""
+    if not resuming(workdir):
+        return None
+    try:
+        return run_config(workdir)
+    except ConfigError:
+        return None
+
+
 def resuming(workdir: str) -> bool:
     """Whether `workdir` holds a run's checkpoint: only then do the files a task keeps there
     (a vocabulary) pin anything; a start that ended before its first checkpoint left files

@@ -23,7 +23,13 @@ import numpy as np
 from jaxmodels import bert, checkpoint
 from jaxmodels.errors import ConfigError, DataError
 from train.data import mlm, text
-from train.tasks import bert_pretraining, resuming, run_config, write_text_atomically
+from train.tasks import (
+    bert_pretraining,
+    resumed_config,
+    resuming,
+    run_config,
+    write_text_atomically,
+)
 
 INIT_RECORD = "init_from.json"  # the architecture fine-tuning started from, for resuming
 
@@ -55,8 +61,7 @@ def _check_source(source: str) -> None:
 def _pretrained_bert_params(workdir: str) -> Any:
     """The `bert` parameters of the latest checkpoint of a pretraining workdir, as numpy."""
     root = os.path.join(workdir, "checkpoints")
-    steps = [s for s in os.listdir(root) if s.isdigit()] if os.path.isdir(root) else []
-    if not steps:
+    if not checkpoint.has_checkpoint(root):
         raise DataError(f"init_from={workdir}: no checkpoint in {root}")
     params = checkpoint.load_params(root)
     if "bert" not in params:
@@ -126,18 +131,20 @@ def _pretraining_architecture(source: str, vocab_size: int) -> tuple[dict[str, A
     return pretrained.to_hf_dict(), pretrained.scan_layers
 
 
-def _start_record(workdir: str) -> dict[str, Any]:
-    """How the run in `workdir` (which holds its checkpoints) started: its `INIT_RECORD`;
-    for a run of a version that kept none (of a start from scratch, or of any), the
-    `init_from` of its `config.json`, whose source is then read again as it was then."""
+def _start_record(workdir: str) -> dict[str, Any] | None:
+    """How the run in `workdir` started, if it holds checkpoints (None: a new run): its
+    `INIT_RECORD`; for a run of a version that kept none (of a start from scratch, or of
+    any), the `init_from` of its `config.json` (under "config.json": its source is read
+    again, as that version did)."""
+    if not resuming(workdir):
+        return None
     path = os.path.join(workdir, INIT_RECORD)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    try:
-        return {"init_from": run_config(workdir).get("init_from") or ""}
-    except ConfigError:  # no config.json to go by
-        return {"init_from": ""}
+    theirs = resumed_config(workdir)
+    source = (theirs.get("init_from") if theirs is not None else "") or ""
+    return {"init_from": "", "config.json": source} if source else {"init_from": ""}
 
 
 def _check_fits(config: Any, source: str, bert_config: bert.BertConfig, tokenizer: Any) -> None:
@@ -181,7 +188,7 @@ def model_and_tokenizer(
     source = config.init_from
     runtime = _runtime(config)
     record = os.path.join(workdir, INIT_RECORD)
-    kept = _start_record(workdir) if resuming(workdir) else None
+    kept = _start_record(workdir)
     if kept is not None and kept.get("init_from") and "bert" in kept:  # whatever init_from says
         ran = dict(kept.get("runtime", {"scan_layers": kept.get("scan_layers", False)}))
         for k in ("dtype", "param_dtype"):
@@ -194,8 +201,14 @@ def model_and_tokenizer(
         )
         _check_fits(config, kept["init_from"], bert_config, tokenizer)
         return bert.BertForSequenceClassification(bert_config, num_classes), tokenizer, None
-    if kept is not None:  # resumed: started from scratch, or from a source it read again then
-        source = kept.get("init_from", "")
+    if kept is not None:  # resumed: started from scratch, or from a source it reads again
+        source = kept.get("config.json", "")
+        if source and not os.path.isdir(source):
+            raise DataError(
+                f"the run in {workdir} started from init_from={source} (its config.json) with a "
+                f"version that kept no {INIT_RECORD}: it resumes by reading that source again "
+                "(whatever --config.init_from says now); put it back at that path"
+            )
     if not source:
         tokenizer = bert_pretraining.tokenizer_for(config, workdir, train_texts)
         bert_config = bert_pretraining.model_config(config, tokenizer.get_vocab_size())
