@@ -156,6 +156,19 @@ def _checkpointed(workdir):
     ckpt.close()
 
 
+def _hf_directory(path, hf_class="BertModel", **fields):
+    """A small Hugging Face BERT directory at `path`: `hf_class` of `fields` (over a
+    one-layer, 45-token, 64-position default) and a vocab.txt of 45 tokens."""
+    transformers = pytest.importorskip("transformers", reason="needs the reference extra")
+    sizes = dict(vocab_size=45, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    sizes.update(intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(**{**sizes, **fields})
+    getattr(transformers, hf_class)(config).save_pretrained(str(path))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(40))]
+    (path / "vocab.txt").write_text("".join(f"{t}\n" for t in words))
+    return path
+
+
 def test_a_run_started_from_scratch_keeps_its_vocabulary_given_init_from_later(tmp_path):
     """Was: resuming with --config.init_from newly set replaced the workdir's vocab.txt
     with the source's (the checkpoint then trained under other token ids) and recorded the
@@ -192,21 +205,7 @@ def test_a_run_of_a_version_that_kept_no_start_record_reads_its_source_again(tmp
     vocabulary over its checkpoints' ids."""
     from jaxmodels.errors import DataError
 
-    transformers = pytest.importorskip("transformers", reason="needs the reference extra")
-    hf = tmp_path / "hf"
-    hf_config = transformers.BertConfig(
-        vocab_size=45,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    transformers.BertModel(hf_config).save_pretrained(str(hf))
-    words = [f"w{i}" for i in range(40)]
-    (hf / "vocab.txt").write_text(
-        "".join(f"{t}\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
-    )
+    hf = _hf_directory(tmp_path / "hf")
     config = load_config("bert_finetune.py", "smoke")
     config.init_from = str(hf)
     workdir = tmp_path / "ft"
@@ -238,21 +237,7 @@ def test_a_run_of_a_version_that_kept_no_start_record_reads_its_source_again(tmp
 def test_from_a_hugging_face_encoder_whatever_its_heads(tmp_path, hf_class, extra):
     """Only the encoder of a Hugging Face directory is used: another classifier (of another
     number of labels) or an untied decoder does not matter, a missing pooler starts new."""
-    transformers = pytest.importorskip("transformers", reason="needs the reference extra")
-    words = [f"w{i}" for i in range(40)]
-    vocab = "".join(f"{t}\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
-    hf = tmp_path / "hf"
-    hf_config = transformers.BertConfig(
-        vocab_size=45,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **extra,
-    )
-    getattr(transformers, hf_class)(hf_config).save_pretrained(str(hf))
-    (hf / "vocab.txt").write_text(vocab)
+    hf = _hf_directory(tmp_path / "hf", hf_class, num_hidden_layers=2, **extra)
     config = load_config("bert_finetune.py", "smoke")
     config.init_from = str(hf)
     (tmp_path / "ft").mkdir()
@@ -283,29 +268,17 @@ def test_a_source_that_cannot_hold_the_inputs_is_named_before_anything_is_writte
     and in both cases init_from.json and vocab.txt left in the workdir."""
     from jaxmodels.errors import ConfigError, DataError
 
-    transformers = pytest.importorskip("transformers", reason="needs the reference extra")
-    words = [f"w{i}" for i in range(40)]
-    vocab = "".join(f"{t}\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
     config = load_config("bert_finetune.py", "smoke")
     for name, sizes, error, message in (
         ("short_vocab", {"vocab_size": 30}, DataError, r"has 45 tokens but its model's vocab_"),
         (
             "short_positions",
-            {"vocab_size": 45, "max_position_embeddings": 16},
+            {"max_position_embeddings": 16},
             ConfigError,
             rf"max_length={config.max_length} is longer than the 16 positions of init_from=",
         ),
     ):
-        hf = tmp_path / name
-        hf_config = transformers.BertConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            **sizes,
-        )
-        transformers.BertModel(hf_config).save_pretrained(str(hf))
-        (hf / "vocab.txt").write_text(vocab)
+        hf = _hf_directory(tmp_path / name, **sizes)
         config.init_from = str(hf)
         workdir = tmp_path / f"ft_{name}"
         workdir.mkdir()
