@@ -948,13 +948,15 @@ def test_resuming_on_another_version_of_the_data_is_refused(tmp_path, monkeypatc
     # Naming the run's version (as the message says) is no change of dataset: the
     # checkpoints' record decides; another dataset still is one.
     config.dataset = "sklearn_digits:1.0.0"
-    assert trainer.resume_changes(config, str(tmp_path))["dataset"] == (
+    assert trainer.resume_changes(config, tasks.resumed_config(str(tmp_path)), str(tmp_path))[
+        "dataset"
+    ] == (
         "sklearn_digits",
         "sklearn_digits:1.0.0",
     )
     config.dataset = "mnist:3.0.1"
     with pytest.raises(ConfigError, match="config key dataset"):
-        trainer.resume_changes(config, str(tmp_path))
+        trainer.resume_changes(config, tasks.resumed_config(str(tmp_path)), str(tmp_path))
     monkeypatch.setattr(tasks, "build", build)
     config.dataset = "sklearn_digits"
     assert train_and_evaluate(config, str(tmp_path))  # the same data resumes

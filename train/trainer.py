@@ -563,11 +563,13 @@ def _described(changes: dict[str, tuple[Any, Any]]) -> str:
 _RUN_DEFAULTS = ("momentum", "eps")
 
 
-def with_run_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+def with_run_defaults(
+    config: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict | None
+) -> ml_collections.ConfigDict:
     """`config`, or a copy where keys of `_RUN_DEFAULTS` it leaves None take the value the
-    run in `workdir` recorded: a resumed run goes on as it started (an RMSprop run with
-    momentum 0.9, a LAMB run with eps 1e-8), whatever the usual value is now."""
-    theirs = tasks.resumed_config(workdir)
+    resumed run recorded (`theirs`: `tasks.resumed_config`, None for a new run): it goes on
+    as it started (an RMSprop run with momentum 0.9, a LAMB run with eps 1e-8), whatever
+    the usual value is now."""
     if theirs is None:
         return config
     kept = {
@@ -583,9 +585,12 @@ def with_run_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_col
     return config
 
 
-def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
-    """What `config` changes of the run whose checkpoints `workdir` holds (its `config.json`
-    says how it started): {dotted key: (then, now)}; {} for a new run.
+def resume_changes(
+    config: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict | None, workdir: str
+) -> dict[str, tuple[Any, Any]]:
+    """What `config` changes of the run whose checkpoints `workdir` holds (`theirs`: its
+    `config.json`, how it started, from `tasks.resumed_config`): {dotted key: (then, now)};
+    {} for a new run (`theirs` None).
 
     Raises:
       ConfigError: for a change the checkpoints cannot follow: another task or model
@@ -595,7 +600,6 @@ def resume_changes(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         off; the keys that do it are named) or counts otherwise (another
         accumulate_steps).
     """
-    theirs = tasks.resumed_config(workdir)
     if theirs is None:
         return {}
     if theirs.get("task") != config.task:
@@ -810,8 +814,9 @@ def _train(
     rules = sharding.logical_rules(config.sharding_rules)
     sharding.check_rules_use_mesh(mesh, config.sharding_rules)
     _check_batch(config, mesh)
-    config = with_run_defaults(config, workdir)
-    changes = resume_changes(config, workdir)
+    theirs = tasks.resumed_config(workdir)  # None for a new run
+    config = with_run_defaults(config, theirs)
+    changes = resume_changes(config, theirs, workdir)
 
     # Each process loads its part of every batch: usually one part per process; processes
     # that differ only along `tensor` hold the same rows and load the same part.

@@ -25,7 +25,6 @@ from jaxmodels.errors import ConfigError, DataError
 from train.data import mlm, text
 from train.tasks import (
     bert_pretraining,
-    resumed_config,
     resuming,
     run_config,
     write_text_atomically,
@@ -142,8 +141,10 @@ def _start_record(workdir: str) -> dict[str, Any] | None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    theirs = resumed_config(workdir)
-    source = (theirs.get("init_from") if theirs is not None else "") or ""
+    try:
+        source = run_config(workdir).get("init_from") or ""
+    except ConfigError:  # no config.json to read: nothing to go by (as `resumed_config`)
+        source = ""
     return {"init_from": "", "config.json": source} if source else {"init_from": ""}
 
 
