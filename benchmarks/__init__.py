@@ -39,7 +39,9 @@ Columns of the table (and keys of the ``--json`` rows):
 Families not built yet appear as skipped rows with the reason. ``--set KEY=VALUE`` changes a
 model setting of our runs, ``--batch N`` the batch of every run, ``--impls`` picks our
 implementations, ``--xla-flags`` adds XLA flags to our workload processes. ``--profile DIR``
-adds, per workload, where the step's time goes (`benchmarks.profile`).
+adds, per workload, where the step's time goes (`benchmarks.profile`; a profile that fails
+leaves the row's timings and says so in its note). Output paths (``--json``, ``--plot`` with
+an image ending such as ``.png``, ``--profile``) are checked before anything is measured.
 
 Without a GPU, ``python -m benchmarks.compiled --target h200`` compiles the steps for one
 (`benchmarks.compiled`: kernels, kernel I/O, matmul FLOPs and memory of the compiled step).

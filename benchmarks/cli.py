@@ -287,12 +287,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f'--devices takes a count (>= 1) or "all", got {args.devices!r}')
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0 (seconds per process), got {args.timeout}")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
-            raise UsageError(f"{flag} {path}: there is no folder {folder}; create it first")
-        if folder and not os.access(folder, os.W_OK):
-            raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
+    if args.json:
+        errors.check_output_file("--json", args.json)
+    if args.plot:
+        errors.check_output_file("--plot", args.plot, errors.PLOT_FORMATS)
+    if args.profile:
+        errors.check_output_folder("--profile", args.profile)
 
 
 def _stopped_rows(

@@ -68,7 +68,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from benchmarks import specs
-from benchmarks.errors import UsageError, run
+from benchmarks.errors import UsageError, check_output_file, check_output_folder, run
 
 PROG = "python -m benchmarks.compiled"
 
@@ -584,6 +584,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.json:
+        check_output_file("--json", args.json)
+    if args.hlo:
+        check_output_folder("--hlo", args.hlo)
     import jax
 
     # Compile-only: the host's own backend is the CPU whatever accelerator it has.
@@ -613,7 +617,6 @@ def main(argv: list[str] | None = None) -> int:
             r = row(w, name, args.target, overrides, args.top)
             hlo = r.pop("hlo")
             if args.hlo:
-                os.makedirs(args.hlo, exist_ok=True)
                 path = os.path.join(args.hlo, "-".join(filter(None, [w.name, name])) + ".hlo.txt")
                 with open(path, "w") as f:
                     f.write(hlo)

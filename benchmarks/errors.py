@@ -9,6 +9,7 @@ command line to fix (2) from a workload that failed (1).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,6 +19,56 @@ USAGE_STATUS = 2  # argparse's
 class UsageError(SystemExit):
     """A command line that cannot run; `str()` is the message. A `SystemExit`, so code that
     calls a command's `main` and does not catch it still stops."""
+
+
+# What matplotlib's Agg backend writes, by file name ending.
+PLOT_FORMATS = (
+    ".png",
+    ".pdf",
+    ".svg",
+    ".svgz",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".eps",
+    ".ps",
+)
+
+
+def check_output_file(flag: str, path: str, endings: tuple[str, ...] = ()) -> None:
+    """A file the command writes at its end (`--json`, `--plot`) can be written there, with
+    one of `endings` if given: refused now, not after the whole run has been measured. The
+    file is opened for appending (nothing in it changes) and, where it was not there, removed
+    again."""
+    if endings and not path.lower().endswith(endings):
+        raise UsageError(f"{flag} {path}: give a file name ending in one of {', '.join(endings)}")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; give the name of a file in it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: there is no folder {folder}; create it first")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be written: {e.strerror}") from None
+    if not existed:
+        os.remove(path)
+
+
+def check_output_folder(flag: str, path: str) -> None:
+    """A folder the command writes into (`--profile`, `--hlo`) is one, or can be made now."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file; give a folder (made if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: the folder cannot be made: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the folder is not writable")
 
 
 def run(main: Callable[[], int], prog: str) -> int:

@@ -5,8 +5,9 @@ process (`benchmarks.peers`) read the same sizes from here, so both always measu
 shapes.
 
 Suites: ``gpu`` holds the sizes that mean something on an accelerator; ``cpu`` holds tiny
-sizes of the same workloads that keep the whole suite (with peers) to a minute or two on a
-laptop. CPU numbers exercise the code path; they say nothing about accelerator targets.
+sizes of the same workloads that keep the whole suite to a few minutes on a 2-core CPU
+(with peers too), most of it compilation. CPU numbers exercise the code path; they say
+nothing about accelerator targets.
 
 Transformer workloads:
 

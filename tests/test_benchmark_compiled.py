@@ -316,6 +316,17 @@ def test_a_missing_cuda_plugin_is_named(monkeypatch):
         compiled.main(["--only", "mnist_cnn"])
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_compiling(tmp_path, monkeypatch):
+    """Was: a traceback after every workload had been compiled (--json a folder), or at the
+    first row (--hlo a file)."""
+    monkeypatch.setattr(compiled, "_plugin_versions", lambda: pytest.fail("compiling started"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match=f"--json {tmp_path} is a folder"):
+        compiled.main(["--only", "mnist_cnn", "--json", str(tmp_path)])
+    with pytest.raises(SystemExit, match=f"--hlo {tmp_path}/afile is a file"):
+        compiled.main(["--only", "mnist_cnn", "--hlo", str(tmp_path / "afile")])
+
+
 def test_an_implementation_no_workload_has_is_named(monkeypatch):
     monkeypatch.setattr(compiled, "_plugin_versions", lambda: ((13, 0), (9, 12)))
     with pytest.raises(SystemExit, match=r"--impls \['palas'\]: none of these workloads"):

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -335,6 +336,55 @@ def test_bad_numbers_fail_before_anything_runs(flags, message, monkeypatch):
     monkeypatch.setattr(cli, "_run_suite", no_run)
     with pytest.raises(SystemExit, match=message):
         cli.main(["--suite", "cpu", "--only", "mnist_cnn", *flags])
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    """Were: a traceback after every workload had been measured (a folder as --json, a
+    .txt plot, a file in /proc), or the plot written under another name than asked
+    (matplotlib adds .png to a name without an ending); a file as --profile failed every
+    workload after timing it. A file that is there is left as it is, and nothing is left
+    where there was none."""
+    from benchmarks import cli
+
+    def no_run(args):
+        raise AssertionError("the suite started")
+
+    monkeypatch.setattr(cli, "_run_suite", no_run)
+    kept = tmp_path / "kept.json"
+    kept.write_text("kept")
+    cases = [
+        (["--json", str(tmp_path)], f"--json {tmp_path} is a folder"),
+        (
+            ["--plot", str(tmp_path / "rows.txt")],
+            "rows.txt: give a file name ending in one of .png",
+        ),
+        (["--plot", str(tmp_path / "rows")], "rows: give a file name ending in one of .png"),
+        (["--profile", str(kept)], f"--profile {kept} is a file"),
+    ]
+    if os.path.isdir("/proc"):
+        cases.append((["--json", "/proc/rows.json"], "--json /proc/rows.json cannot be written"))
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            cli.main(["--suite", "cpu", "--only", "mnist_cnn", *flags])
+    for flags in (["--json", str(kept)], ["--plot", str(tmp_path / "rows.PNG")]):
+        with pytest.raises(AssertionError, match="the suite started"):
+            cli.main(["--suite", "cpu", "--only", "mnist_cnn", *flags])
+    assert sorted(os.listdir(tmp_path)) == ["kept.json"]
+    assert kept.read_text() == "kept"
+
+
+def test_a_profile_that_fails_keeps_the_timed_row(tmp_path, monkeypatch):
+    """Was: the workload's row marked failed, its timings thrown away."""
+    from benchmarks import measure, profile
+
+    def broken(*args, **kwargs):
+        raise OSError("no room")
+
+    monkeypatch.setattr(profile, "profile_step", broken)
+    w = specs.suite("cpu", ["mnist_cnn"], None)[0]
+    row = measure.measure(w, "", jax.devices()[:1], 1, 1, 0, profile_dir=str(tmp_path))
+    assert row["step_ms"] > 0 and not row.get("profile")
+    assert row["note"].endswith("profile failed: OSError: no room")
 
 
 def test_a_failed_workload_makes_the_exit_status_1(monkeypatch, capsys):
