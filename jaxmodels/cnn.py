@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxmodels import sharding
 from jaxmodels.layers import BatchNorm, max_pool
 
 __all__ = [
@@ -60,6 +61,14 @@ _resnet_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def _conv_kernel(init_fn: Callable[..., Any] = nn.initializers.lecun_normal()) -> Callable:
     return nn.with_logical_partitioning(init_fn, _CONV_KERNEL_AXES)
+
+
+def _promoted_kernel_gathered(*args: Any, **kwargs: Any) -> list[Any]:
+    """`nn.Conv`'s dtype promotion of (inputs, kernel, bias), then the kernel all-gathered
+    over `fsdp` for its use (`sharding.fsdp_gathered`; after the cast, so a bfloat16 step
+    gathers half the bytes)."""
+    inputs, kernel, *rest = nn.dtypes.promote_dtype(*args, **kwargs)
+    return [inputs, sharding.fsdp_gathered(kernel, _CONV_KERNEL_AXES), *rest]
 
 
 def _channel_param(init_fn: Callable[..., Any]) -> Callable:
@@ -114,6 +123,7 @@ class SeedCNN(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=_conv_kernel(),
             bias_init=_channel_param(nn.initializers.zeros_init()),
+            promote_dtype=_promoted_kernel_gathered,
         )
         x = nn.relu(conv(32)(x))  # [batch, 26, 26, 32]
         x = max_pool(x, (2, 2), strides=(2, 2))  # [batch, 13, 13, 32]
@@ -164,6 +174,7 @@ def _resnet_conv(
         dtype=module.dtype,
         param_dtype=module.param_dtype,
         kernel_init=_conv_kernel(_resnet_conv_init),
+        promote_dtype=_promoted_kernel_gathered,
         **kwargs,
     )
 
