@@ -550,9 +550,9 @@ def _replace_encoders(tree: Any, fn: Callable[[dict[str, Any]], dict[str, Any]])
 
 
 def stack_layers(params: Any) -> Any:
-    """(Unboxed) parameters with `layer_0..layer_{L-1}` turned into the `scan_layers`
-    layout: one `layers` tree, each array stacked on a new leading axis. Already stacked:
-    unchanged."""
+    """Parameters with `layer_0..layer_{L-1}` turned into the `scan_layers` layout: one
+    `layers` tree, each array stacked on a new leading axis. Already stacked: unchanged.
+    Boxed leaves (`init`'s, with their logical names) come back unboxed."""
 
     def stack(encoder: dict[str, Any]) -> dict[str, Any]:
         index = {int(m.group(1)): k for k in encoder if (m := re.fullmatch(r"layer_(\d+)", k))}
@@ -564,11 +564,12 @@ def stack_layers(params: Any) -> Any:
         encoder["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
         return encoder
 
-    return _replace_encoders(params, stack)
+    return _replace_encoders(nn.meta.unbox(params), stack)
 
 
 def unstack_layers(params: Any) -> Any:
-    """The inverse of `stack_layers`: `layers` (stacked) -> `layer_0..layer_{L-1}`."""
+    """The inverse of `stack_layers`: `layers` (stacked) -> `layer_0..layer_{L-1}`; boxed
+    leaves come back unboxed."""
 
     def unstack(encoder: dict[str, Any]) -> dict[str, Any]:
         if "layers" not in encoder:
@@ -579,7 +580,7 @@ def unstack_layers(params: Any) -> Any:
             encoder[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
         return encoder
 
-    return _replace_encoders(params, unstack)
+    return _replace_encoders(nn.meta.unbox(params), unstack)
 
 
 def layer_layout(params: Any, scan_layers: bool) -> Any:

@@ -48,8 +48,10 @@ def _empty(x: Any) -> bool:
 class Checkpointer:
     """Saves and restores a train state plus a JSON data-iterator state.
 
-    Reads (`restore`, `restore_data`, `restore_params`) first wait for the saves in flight,
-    as `wait()` does: a background save that failed raises its error there.
+    Reads (`restore`, `restore_data`, `restore_params`, `latest_step`, `all_steps`) first
+    wait for the saves in flight, as `wait()` does: a background save that failed raises its
+    error there, and the steps listed are those on disk once it is done (keep-last-K may have
+    removed older ones).
 
     Args:
       directory: where step folders go (created if missing).
@@ -99,12 +101,15 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
-        self._manager.reload()
-        return self._manager.latest_step()
+        steps = self.all_steps()
+        return max(steps) if steps else None
 
     def all_steps(self) -> list[int]:
+        """The steps of the complete checkpoints, oldest first."""
+        if not self._closed:
+            self.wait()
         self._manager.reload()
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict[str, Any] | None = None) -> bool:
         """Starts saving `state` (and `data_state`, plain JSON) as `step`; returns at once if
@@ -116,6 +121,7 @@ class Checkpointer:
           TypeError: a data state that is not a dict of plain JSON (saved, it could not be
             restored).
           RuntimeError: after `close()`.
+          CheckpointError: `step` is saved already (a checkpoint is never overwritten).
         """
         if self._closed:
             raise RuntimeError(
@@ -136,7 +142,13 @@ class Checkpointer:
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),
         )
-        return self._manager.save(step, args=args, force=True)
+        try:
+            return self._manager.save(step, args=args, force=True)
+        except getattr(ocp.checkpoint_manager, "StepAlreadyExistsError", ()) as e:
+            raise CheckpointError(
+                f"step {step} is saved already in {self.directory} ({e}): a checkpoint is "
+                "never overwritten; save another step, or delete that step's folder first"
+            ) from None
 
     def wait(self) -> None:
         """Blocks until every pending save is on disk."""
@@ -199,8 +211,6 @@ class Checkpointer:
     def _step(self, step: int | None) -> int:
         """`step` (default: the latest) if this directory holds it complete, after the saves
         in flight (the latest is then the step last saved, not the one before it)."""
-        if not self._closed:
-            self.wait()
         steps = self.all_steps()
         if step is None and steps:
             step = max(steps)

@@ -24,7 +24,8 @@ attended to. Logits are float32 whatever the compute `dtype`.
 
 Parameter names: a plain stack names its blocks `layers_0`, `layers_1`, ...; a scanned
 stack has one `layers` subtree whose leaves have a leading [num_layers] axis (stack the
-per-layer trees with `jnp.stack` to convert).
+per-layer trees with `jnp.stack` to convert, after `nn.meta.unbox`: `init` returns boxed
+leaves, which carry their logical names and do not stack).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -238,7 +239,8 @@ class Mlp(nn.Module):
     Attributes:
         hidden_dim: width of the hidden layer.
         out_dim: output width; default the input width.
-        activation: a name in `ACTIVATIONS`.
+        activation: a name in `ACTIVATIONS`: "gelu" is GELU's tanh approximation (as in
+          GPT-2), "gelu_exact" the erf form (BERT's "gelu", `jaxmodels.layers.gelu`).
         dropout_rate: dropout on the hidden activations in training.
         use_bias: biases in both layers.
         kernel_init: kernel initialiser (default Glorot uniform).

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -403,6 +404,22 @@ def test_remat_policy_gives_the_same_gradients(train):
     for policy in ("dots_no_batch", "nothing_saveable") if train else ("dots_saveable",):
         for a, b in zip(reference, jax.tree.leaves(grads(policy)), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_boxed_parameters_stack_and_unstack():
+    """`init`'s boxed leaves (with their logical names): was a bare AssertionError from
+    Flax when the stacked tree was applied."""
+    ids, _, _ = _batch()
+    model = bert.BertModel(SMALL)
+    boxed = model.init(jax.random.key(0), ids)["params"]
+    stacked = bert.stack_layers(boxed)
+    scanned = bert.BertModel(dataclasses.replace(SMALL, scan_layers=True))
+    expected = model.apply({"params": nn.meta.unbox(boxed)}, ids)
+    got = scanned.apply({"params": stacked}, ids)
+    jax.tree.map(partial(np.testing.assert_allclose, atol=1e-5), got, expected)
+    unstacked = bert.unstack_layers(scanned.init(jax.random.key(0), ids)["params"])
+    assert "layer_0" in unstacked["encoder"]
+    model.apply({"params": unstacked}, ids)
 
 
 def test_scan_layers_is_the_same_function_with_stacked_parameters():

@@ -87,12 +87,28 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
 
 def test_keeps_last_k(tmp_path):
+    """The steps listed are those on disk after the saves in flight (were: the steps before
+    them, one of which keep-last-K then removed)."""
     state, _ = _state({"data": 8}, "data")
     ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2)
-    for step in (1, 2, 3):
+    for step in (1, 2, 3, 4):
         ckpt.save(step, state)
-    ckpt.wait()
-    assert ckpt.all_steps() == [2, 3]
+    assert ckpt.all_steps() == [3, 4]
+    assert ckpt.latest_step() == 4
+    ckpt.save(5, state)
+    assert ckpt.latest_step() == 5
+    ckpt.close()
+
+
+def test_a_step_saved_already_is_named(tmp_path):
+    """Was Orbax's StepAlreadyExistsError, not a CheckpointError."""
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(2, state, {"step": 2})
+    with pytest.raises(CheckpointError, match=r"step 2 is saved already in .*never overwritten"):
+        ckpt.save(2, state, {"step": 3})
+    assert ckpt.restore_data() == {"step": 2}
+    ckpt.close()
 
 
 def test_unfinished_save_is_ignored(tmp_path):
