@@ -290,7 +290,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.json:
         errors.check_output_file("--json", args.json)
     if args.plot:
-        errors.check_output_file("--plot", args.plot, errors.PLOT_FORMATS)
+        errors.check_output_file("--plot", args.plot, errors.plot_endings())
     if args.profile:
         errors.check_output_folder("--profile", args.profile)
 
@@ -603,12 +603,12 @@ def main(argv: list[str] | None = None) -> int:
             "--set changes our model but not the peers': compare with --peers in a run "
             "without --set"
         )
-    _check_numbers(args)
     if args.xla_flags and args.in_process:
         raise UsageError(
             "--xla-flags takes effect when XLA starts, in each workload's own process: "
             "drop --in-process"
         )
+    _check_numbers(args)  # after the checks above: it makes the --profile folder
 
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     # SIGTERM or Ctrl-C: the running process group is killed, and what was measured is

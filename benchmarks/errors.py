@@ -9,6 +9,7 @@ command line to fix (2) from a workload that failed (1).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -21,27 +22,18 @@ class UsageError(SystemExit):
     calls a command's `main` and does not catch it still stops."""
 
 
-# What matplotlib's Agg backend writes, by file name ending.
-PLOT_FORMATS = (
-    ".png",
-    ".pdf",
-    ".svg",
-    ".svgz",
-    ".jpg",
-    ".jpeg",
-    ".webp",
-    ".tif",
-    ".tiff",
-    ".eps",
-    ".ps",
-)
+def plot_endings() -> tuple[str, ...]:
+    """The file endings matplotlib's Agg backend (the one the plot uses) writes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return tuple(f".{k}" for k in FigureCanvasAgg.get_supported_filetypes())
 
 
 def check_output_file(flag: str, path: str, endings: tuple[str, ...] = ()) -> None:
     """A file the command writes at its end (`--json`, `--plot`) can be written there, with
-    one of `endings` if given: refused now, not after the whole run has been measured. The
-    file is opened for appending (nothing in it changes) and, where it was not there, removed
-    again."""
+    one of `endings` if given: refused now, not after the whole run has been measured. A
+    file that is there is left as it is; where there is none, one is made and removed again
+    (nothing is made where a link points)."""
     if endings and not path.lower().endswith(endings):
         raise UsageError(f"{flag} {path}: give a file name ending in one of {', '.join(endings)}")
     if os.path.isdir(path):
@@ -49,13 +41,18 @@ def check_output_file(flag: str, path: str, endings: tuple[str, ...] = ()) -> No
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path}: there is no folder {folder}; create it first")
-    existed = os.path.exists(path)
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path} cannot be written: permission denied")
+        return
     try:
-        with open(path, "a"):
-            pass
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:  # a link to nowhere, or made meanwhile: left as it is
+        return
     except OSError as e:
         raise UsageError(f"{flag} {path} cannot be written: {e.strerror}") from None
-    if not existed:
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
 
 

@@ -99,14 +99,16 @@ class Checkpointer:
                 "Choose a writable --workdir."
             ) from e
 
-    def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
-        steps = self.all_steps()
+    def latest_step(self, *, wait: bool = True) -> int | None:
+        """The newest complete checkpoint's step, or None (`wait`: as `all_steps`)."""
+        steps = self.all_steps(wait=wait)
         return max(steps) if steps else None
 
-    def all_steps(self) -> list[int]:
-        """The steps of the complete checkpoints, oldest first."""
-        if not self._closed:
+    def all_steps(self, *, wait: bool = True) -> list[int]:
+        """The steps of the complete checkpoints, oldest first, once the saves in flight are
+        done; `wait=False`: those complete now, without waiting (nor raising the error of a
+        background save that failed)."""
+        if wait and not self._closed:
             self.wait()
         self._manager.reload()
         return sorted(self._manager.all_steps())

@@ -356,9 +356,9 @@ def test_outputs_that_cannot_be_written_are_refused_before_anything_runs(tmp_pat
         (["--json", str(tmp_path)], f"--json {tmp_path} is a folder"),
         (
             ["--plot", str(tmp_path / "rows.txt")],
-            "rows.txt: give a file name ending in one of .png",
+            "rows.txt: give a file name ending in one of ",
         ),
-        (["--plot", str(tmp_path / "rows")], "rows: give a file name ending in one of .png"),
+        (["--plot", str(tmp_path / "rows")], "rows: give a file name ending in one of "),
         (["--profile", str(kept)], f"--profile {kept} is a file"),
     ]
     if os.path.isdir("/proc"):
@@ -366,11 +366,18 @@ def test_outputs_that_cannot_be_written_are_refused_before_anything_runs(tmp_pat
     for flags, message in cases:
         with pytest.raises(SystemExit, match=re.escape(message)):
             cli.main(["--suite", "cpu", "--only", "mnist_cnn", *flags])
-    for flags in (["--json", str(kept)], ["--plot", str(tmp_path / "rows.PNG")]):
+    nowhere = tmp_path / "nowhere.json"
+    nowhere.symlink_to(tmp_path / "missing" / "target.json")
+    for flags in (
+        ["--json", str(kept)],
+        ["--plot", str(tmp_path / "rows.PNG")],
+        ["--plot", str(tmp_path / "rows.pdf")],
+        ["--json", str(nowhere)],  # was: the link removed, its target made
+    ):
         with pytest.raises(AssertionError, match="the suite started"):
             cli.main(["--suite", "cpu", "--only", "mnist_cnn", *flags])
-    assert sorted(os.listdir(tmp_path)) == ["kept.json"]
-    assert kept.read_text() == "kept"
+    assert sorted(os.listdir(tmp_path)) == ["kept.json", "nowhere.json"]
+    assert kept.read_text() == "kept" and nowhere.is_symlink()
 
 
 def test_a_profile_that_fails_keeps_the_timed_row(tmp_path, monkeypatch):

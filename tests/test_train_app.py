@@ -631,6 +631,33 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(v)) for v in params.values())
 
 
+def test_a_failed_save_does_not_hide_the_non_finite_loss(tmp_path, monkeypatch):
+    """A background save that failed was raised in place of the NaN's diagnosis, from the
+    wait for saves in flight that names the last good checkpoint."""
+    config = load_config("cnn_digits.py", "smoke")
+    config.optimizer.name = "sgd"
+    config.total_steps = 10
+    train_and_evaluate(config, str(tmp_path))
+    real_wait = checkpoint.Checkpointer.wait
+    failed = []
+
+    def failing_wait(self):
+        real_wait(self)
+        if self.all_steps(wait=False) != [10]:  # a save of this run
+            failed.append(True)
+            raise OSError("a background save failed")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "wait", failing_wait)
+    config.total_steps = 40
+    config.checkpoint_every = config.log_every = 1
+    config.optimizer.learning_rate = 1e30
+    with pytest.raises(OSError, match="a background save failed") as info:
+        train_and_evaluate(config, str(tmp_path))
+    assert failed
+    assert isinstance(info.value.__context__, NonFiniteError)
+    assert "first non-finite parameter" in str(info.value.__context__)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_a_non_finite_state_is_never_saved(tmp_path):
     """The loss of a step comes from the parameters before its update: an update to inf on a

@@ -943,7 +943,10 @@ def _train(
             (bar.write if bar is not None else print)(f"step {step}: {text}{note}")
 
     def stop(what: str) -> None:
-        kept = ckpt.latest_step()
+        try:
+            kept = ckpt.latest_step()  # a save in flight of a good state counts
+        except Exception:  # that save failed: its error comes when the run closes
+            kept = ckpt.latest_step(wait=False)
         where = (
             f"Stopped; the last good checkpoint is step {kept} in {ckpt.directory}."
             if kept is not None
