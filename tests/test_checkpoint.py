@@ -9,6 +9,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -263,4 +264,25 @@ def test_restore_params_reads_only_the_parameters(tmp_path, caplog):
     assert "does not exist" not in caplog.text
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         checkpoint.Checkpointer(tmp_path / "empty").restore_params()
+    ckpt.close()
+
+
+def test_restore_params_leaves_the_optimizer_state_on_disk(tmp_path, monkeypatch):
+    """Was: the whole state read (the AdamW moments are twice the parameters) and the
+    parameters kept."""
+    state, _ = _state({"data": 8}, "data")
+    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, state)
+    handler = ocp.type_handlers.NumpyHandler
+    read, deserialize = [], handler.deserialize
+
+    async def spy(self, infos, args=None):
+        read.extend(info.name for info in infos)
+        return await deserialize(self, infos, args)
+
+    monkeypatch.setattr(handler, "deserialize", spy)
+    params = ckpt.restore_params()
+    _assert_equal(params, state.params)
+    n_params = len(jax.tree.leaves(state.params))
+    assert len(read) == n_params and all(name.startswith("params.") for name in read), read
     ckpt.close()
