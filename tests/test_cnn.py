@@ -168,6 +168,7 @@ def test_resnet18_param_count_matches_torchvision():
     assert _num_params(ResNet18(num_classes=1000), (1, 224, 224, 3)) == 11_689_512
 
 
+@pytest.mark.reference
 def test_resnet18_param_count_equals_torchvision_model():
     pytest.importorskip("torch", reason="needs PyTorch")
     torchvision = pytest.importorskip("torchvision", reason="needs torchvision")
