@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from typing import Any
 
 from benchmarks import errors, report, specs, timing
@@ -229,6 +230,10 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
                 f"--set {' '.join(unknown)}: {w.name} has no such model setting; "
                 f"choose from {workloads.settings(w)}"
             )
+        for key, value in model_overrides(args.set).items():
+            error = workloads.setting_error(w, key, value)
+            if error:
+                raise UsageError(f"--set {error}")
         # "default": each workload's first implementation (as in benchmarks.compiled).
         known.add("default")
         for n, impl in enumerate(workloads.impls(w)):
@@ -255,12 +260,16 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_overrides(settings: list[str]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` settings as a dict; a VALUE that is no Python literal is a string."""
+    """``--set KEY=VALUE`` settings as a dict; a VALUE that is no Python literal is a string,
+    but true and false in any case are the bools."""
     out: dict[str, Any] = {}
     for setting in settings:
         key, sep, text = setting.partition("=")
         if not sep or not key.isidentifier():
             raise UsageError(f"--set {setting!r}: expected KEY=VALUE, e.g. scan_layers=True")
+        if text.lower() in ("true", "false"):
+            out[key] = text.lower() == "true"
+            continue
         try:
             out[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -353,7 +362,13 @@ def _run_here(
                 )
         except Exception as e:
             if not args.in_process:
-                raise  # a workload process: its exit status and last line tell the suite
+                # A workload process: its exit status and last line tell the suite. The
+                # traceback first, then the error's own line (JAX ends a traceback with a
+                # footer of its own, which would be the last line).
+                traceback.print_exc()
+                sys.stdout.flush()
+                print(brief(e), file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
             # As a workload process's failure: its row, and the other workloads go on.
             error = brief(e)
             _log(f"    failed: {error}")

@@ -340,6 +340,22 @@ def settings(w: Workload) -> list[str]:
     return sorted(fields - _SET_BY_BUILDERS | set(w.model))
 
 
+def setting_error(w: Workload, key: str, value: Any) -> str | None:
+    """Why `--set key=value` does not fit workload `w` (a value of another type than the
+    setting's: "maybe" where scan_layers is a bool would be a true string), or None."""
+    fields = {f.name: f for f in dataclasses.fields(_SETTINGS_OF[w.family])}
+    field = fields.get(key)
+    default = w.model.get(key, getattr(field, "default", None))
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+    if accepted is None or (
+        isinstance(value, accepted) and isinstance(value, bool) == (bool in accepted)
+    ):
+        return None
+    kind = type(default).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"{key}={value!r}: {w.name}'s {key} is {article} {kind} (here {default!r})"
+
+
 def _lstm_impls(w: Workload, nvidia: bool) -> list[str]:
     """scan, and on an NVIDIA GPU cuDNN and the fused Pallas kernels (hidden sizes they
     take); then the stock-Flax baseline."""

@@ -419,6 +419,11 @@ def test_a_failed_workload_makes_the_exit_status_1(monkeypatch, capsys):
         (["--only", "mnist_cnn", "--devices", "2"], "--devices 2: this machine has 1 device(s)"),
         # were failed workloads, found in each workload's process
         (["--only", "mnist_cnn", "--set", "foo=1"], "--set foo: mnist_cnn has no such model"),
+        # was measured as the scanned model: "maybe" (or "false") a true string
+        (
+            ["--only", "bert_base", "--set", "scan_layers=maybe"],
+            "--set scan_layers='maybe': bert_base's scan_layers is a bool (here False)",
+        ),
         (["--only", "mnist_cnn", "--xla-flags=--xla_bogus=1"], "--xla-flags --xla_bogus=1: XLA"),
     ],
 )
@@ -930,3 +935,28 @@ def test_next_token_loss_is_the_mean_over_the_first_seq_minus_one_positions():
     sums = eval_fn(params, {}, {"tokens": tokens})
     assert float(sums["count"]) == 3 * 7
     assert float(sums["loss"]) == pytest.approx(float(expected.sum()), rel=1e-6)
+
+
+def test_a_workload_process_that_fails_reports_its_error_not_jaxs_footer():
+    """Was: "failed: For simplicity, JAX has removed its internal frames ...", the last line
+    of JAX's filtered traceback, in the log and the row; the error itself nowhere."""
+    argv = ["--suite", "cpu", "--only", "transformer_lm", "--steps", "1", "--windows", "1"]
+    argv += ["--warmup", "1", "--set", "remat_policy=bogus"]
+    proc = _run("benchmarks", *argv, status=1, timeout=300)
+    assert "failed: ConfigError: unknown remat_policy 'bogus'" in proc.stdout, proc.stdout
+    assert "For simplicity" not in proc.stdout
+
+
+def test_set_takes_true_and_false_in_any_case_and_refuses_another_type():
+    """Was: "false" kept as the string "false", which a model reads as true."""
+    from benchmarks import cli, workloads
+
+    assert cli.model_overrides(["scan_layers=false", "remat=TRUE"]) == {
+        "scan_layers": False,
+        "remat": True,
+    }
+    (bert_base,) = specs.suite("cpu", ["bert_base"])
+    assert workloads.setting_error(bert_base, "scan_layers", False) is None
+    assert "is an int (here " in workloads.setting_error(bert_base, "hidden_size", "abc")
+    assert "is an int" in workloads.setting_error(bert_base, "hidden_size", True)
+    assert workloads.setting_error(bert_base, "hidden_dropout", 0) is None  # a float's int
