@@ -37,6 +37,16 @@ def _stored_shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
+def _as_step(step: Any) -> int:
+    """`step` as an int: a checkpoint's step is a non-negative integer (NumPy's too); a
+    string or float is refused (saved, "40" or 40.0 made a folder no one lists)."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(
+            f"a checkpoint step is a non-negative integer, got {step!r} ({type(step).__name__})"
+        )
+    return int(step)
+
+
 def _host_array(metadata: Any) -> jax.ShapeDtypeStruct:
     """The restore target of a leaf that Orbax's metadata describes (read as numpy)."""
     return jax.ShapeDtypeStruct(metadata.shape, metadata.dtype)
@@ -84,6 +94,11 @@ class Checkpointer:
             )
         self.directory = os.path.abspath(os.fspath(directory))
         self._closed = False
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} is a file; choose a folder (a new "
+                "one is created), e.g. another --workdir"
+            )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -103,6 +118,15 @@ class Checkpointer:
                 f"cannot create checkpoint directory {self.directory}: {e}. "
                 "Choose a writable --workdir."
             ) from e
+        # A save that cannot make its folder fails in the background, and Orbax's other
+        # threads of that save then wait for ever: the process would never exit.
+        if create and not os.access(self.directory, os.W_OK | os.X_OK):
+            self._manager.close()
+            raise CheckpointError(
+                f"cannot write checkpoints in {self.directory} (not writable by this "
+                "process, or on a read-only file system); choose a writable --workdir, or "
+                "make that folder writable"
+            )
 
     def latest_step(self, *, wait: bool = True) -> int | None:
         """The newest complete checkpoint's step, or None (`wait`: as `all_steps`)."""
@@ -128,11 +152,22 @@ class Checkpointer:
           TypeError: a data state that is not a dict of plain JSON (saved, it could not be
             restored).
           RuntimeError: after `close()`.
-          CheckpointError: `step` is saved already (a checkpoint is never overwritten).
+          CheckpointError: `step` is saved already (a checkpoint is never overwritten), or
+            is before the latest checkpoint here.
+          ValueError: `step` is not a non-negative integer.
         """
         if self._closed:
             raise RuntimeError(
                 f"this Checkpointer of {self.directory} is closed: save with a new one"
+            )
+        step = _as_step(step)
+        saved = self._manager.all_steps()  # those on disk when it started, and its saves since
+        if saved and step < max(saved):
+            # Keep-last-K keeps the newest saves, whatever their steps: it would delete a
+            # later step's checkpoint, and the latest would no longer be this run's last.
+            raise CheckpointError(
+                f"step {step} is before the latest checkpoint in {self.directory} (step "
+                f"{max(saved)}): save later steps, or into another directory"
             )
         if data_state is not None and not isinstance(data_state, dict):
             raise TypeError(
@@ -158,8 +193,25 @@ class Checkpointer:
             ) from None
 
     def wait(self) -> None:
-        """Blocks until every pending save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every pending save is on disk.
+
+        Raises:
+          CheckpointError: a background save failed (e.g. the disk is full); the complete
+            checkpoints before it are kept.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - any failure of the save, with its folder
+            if "No space left on device" in str(e):  # (TensorStore's says so pages in)
+                raise CheckpointError(
+                    f"saving a checkpoint in {self.directory} failed: no space left on the "
+                    "device. The complete checkpoints there are kept: free some space (or "
+                    "choose another --workdir) and run again to resume from the latest"
+                ) from e
+            raise CheckpointError(
+                f"saving a checkpoint in {self.directory} failed ({brief(e)}); the complete "
+                "checkpoints there are kept: run again to resume from the latest"
+            ) from e
 
     def close(self) -> None:
         self._closed = True
@@ -218,6 +270,7 @@ class Checkpointer:
     def _step(self, step: int | None) -> int:
         """`step` (default: the latest) if this directory holds it complete, after the saves
         in flight (the latest is then the step last saved, not the one before it)."""
+        step = None if step is None else _as_step(step)
         steps = self.all_steps()
         if step is None and steps:
             step = max(steps)

@@ -112,6 +112,60 @@ def test_a_step_saved_already_is_named(tmp_path):
     ckpt.close()
 
 
+def test_a_step_that_is_no_count_or_before_the_latest_is_refused(tmp_path):
+    """Were saved: "40" and 30.0 as folders no one lists, -3 too, and 5 after 10 and 20 made
+    keep-last-2 delete step 10, a later one."""
+    state = {"params": {"w": np.ones(3, np.float32)}}
+    ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2, async_save=False)
+    ckpt.save(10, state)
+    ckpt.save(np.int64(20), state)  # NumPy's integers are steps
+    for step in ("40", 30.0, -3, True):
+        with pytest.raises(ValueError, match="a checkpoint step is a non-negative integer"):
+            ckpt.save(step, state)
+    with pytest.raises(CheckpointError, match=r"step 5 is before the latest checkpoint .*20"):
+        ckpt.save(5, state)
+    with pytest.raises(
+        ValueError, match=r"got '20' \(str\)"
+    ):  # was "no step 20; its steps: [.., 20]"
+        ckpt.restore_data(step="20")
+    assert ckpt.all_steps() == [10, 20] and sorted(os.listdir(tmp_path)) == ["10", "20"]
+    ckpt.close()
+
+
+def test_a_directory_that_cannot_take_checkpoints_is_refused_at_once(tmp_path, monkeypatch):
+    """Was found by the first save, in the background, after which Orbax's other threads of
+    that save waited for ever: the process never ended."""
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CheckpointError, match="checkpoint directory .*a_file is a file"):
+        checkpoint.Checkpointer(tmp_path / "a_file")
+    locked = str(tmp_path / "locked")
+    os.mkdir(locked)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: p != locked and access(p, mode))
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoints in .*locked \(not"):
+        checkpoint.Checkpointer(locked)
+    checkpoint.Checkpointer(locked, create=False).close()  # reading needs no writing
+
+
+def test_a_save_that_fails_in_the_background_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """Was TensorStore's ValueError, whose message names the disk being full some 300
+    characters in, after pages of Orbax's tracebacks."""
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    full = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "opt_state.mu" ... No space left on device'
+    )
+    for error, message in ((full, "no space left on the device"), (OSError("boom"), "boom")):
+
+        def failing(error=error):
+            raise error
+
+        monkeypatch.setattr(ckpt._manager, "wait_until_finished", failing)
+        with pytest.raises(CheckpointError, match=f"in {tmp_path} failed.*{message}"):
+            ckpt.wait()
+    monkeypatch.undo()
+    ckpt.close()
+
+
 def test_unfinished_save_is_ignored(tmp_path):
     state, _ = _state({"data": 8}, "data")
     ckpt = checkpoint.Checkpointer(tmp_path)
