@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxmodels import optim, rnn, sharding, training
+from jaxmodels.errors import ConfigError
 from tests.test_train_app import load_config
 from train import logs
 from train.data import text
@@ -68,6 +69,23 @@ def test_vocabulary_larger_than_the_model_is_refused(tmp_path):
     config.vocab_size = 10
     with pytest.raises(Exception, match="vocab_size=10"):
         train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("pooling", "avg", r"ValueError: pooling must be one of .*got 'avg'"),
+        ("hidden_size", 0, "ZeroDivisionError"),
+    ],
+)
+def test_a_model_setting_the_model_cannot_take_is_a_config_error(tmp_path, key, value, message):
+    """Were the model's own errors, tracebacks and all, and the new workdir was left with
+    the run's vocabulary in it."""
+    config = load_config("lstm_text.py", "smoke")
+    config.model[key] = value
+    with pytest.raises(ConfigError, match=f"cannot build its model and data: {message}"):
+        train_and_evaluate(config, str(tmp_path / "new"))
+    assert not os.path.exists(tmp_path / "new")  # made by this start, and nothing of the run
 
 
 def _lstm_step(mesh_kw, rules_name):

@@ -38,6 +38,7 @@ from jaxmodels.errors import (
     DataError,
     NonFiniteError,
     UserError,
+    brief,
 )
 from train import STOP_SIGNALS, end_by_sigint, setup_stopped, tasks
 from train.defaults import base_config
@@ -250,11 +251,20 @@ def _lock(f: Any) -> str | None:
 
 def _remove_if_unused(workdir: str) -> None:
     """Removes a workdir this start created and failed in before writing anything of the
-    run (process 0): the lock and a compilation cache alone are not worth keeping."""
+    run (process 0): the lock, a compilation cache and the vocabulary made for the run
+    (made anew by the next start, see `tasks.resuming`) alone are not worth keeping."""
+    from train.tasks.bert_pretraining import VOCAB_FILE
+    from train.tasks.text_classification import TOKENIZER_FILE
+
     if jax.process_index() != 0:
         return
     try:
-        if not set(os.listdir(workdir)) <= {LOCK_FILE, "compilation_cache"}:
+        if not set(os.listdir(workdir)) <= {
+            LOCK_FILE,
+            "compilation_cache",
+            TOKENIZER_FILE,
+            VOCAB_FILE,
+        }:
             return
         shutil.rmtree(workdir)
     except OSError:
@@ -820,11 +830,21 @@ def _train(
 
     # Each process loads its part of every batch: usually one part per process; processes
     # that differ only along `tensor` hold the same rows and load the same part.
-    task = tasks.build(config, *_batch_part(mesh), workdir)
-    tx = _make_optimizer(config)
-    state, shardings = training.create_train_state(
-        task.model, tx, task.example_inputs, jax.random.PRNGKey(config.seed), mesh, rules
-    )
+    try:
+        task = tasks.build(config, *_batch_part(mesh), workdir)
+        tx = _make_optimizer(config)
+        state, shardings = training.create_train_state(
+            task.model, tx, task.example_inputs, jax.random.PRNGKey(config.seed), mesh, rules
+        )
+    except UserError:
+        raise
+    except (ValueError, TypeError, ZeroDivisionError, IndexError) as e:
+        # A model or data setting out of range fails in the model's (or the pipeline's)
+        # first use: a ConfigError here, with that error, before the workdir changes.
+        raise ConfigError(
+            f"this config cannot build its model and data: {brief(e)} (check the model.* "
+            "and data settings, against the model's docstring)"
+        ) from e
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     preempt.deferred()  # from here on, resources to close: the loop's checks see a stop signal
     ckpt = checkpoint.Checkpointer(
