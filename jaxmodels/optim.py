@@ -51,6 +51,10 @@ def make_schedule(
         raise ConfigError(
             f"warmup_steps={warmup_steps} must be between 0 and total_steps={total_steps}"
         )
+    if not end_factor >= 0:  # a negative final rate ascends the loss
+        raise ConfigError(
+            f"end_factor must be >= 0 (the final rate over the peak rate), got {end_factor}"
+        )
     decay_steps = max(total_steps - warmup_steps, 1)
     if schedule == "constant":
         main = optax.constant_schedule(learning_rate)
@@ -127,8 +131,15 @@ def make_optimizer(
     momentum = DEFAULT_MOMENTUM.get(name) if momentum is None else momentum
     eps = DEFAULT_EPS.get(name) if eps is None else eps
     for key, value in (("weight_decay", weight_decay), ("momentum", momentum)):
-        if value is not None and value < 0:  # a negative one pushes the weights away
+        if value is not None and not value >= 0:  # a negative one pushes the weights away
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    # Decay rates of running averages: 1 or more and the averages never forget (b1 = 1
+    # gave NaN); the same for momentum.
+    for key, value in (("momentum", momentum), ("b1", b1), ("b2", b2)):
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if eps is not None and not eps > 0:  # what keeps Adam's and RMSprop's division finite
+        raise ConfigError(f"eps must be > 0, got {eps}")
     if grad_clip_norm is not None and grad_clip_norm < 0:  # it would reverse the update
         raise ConfigError(
             f"grad_clip_norm must be > 0 (None or 0: no clipping), got {grad_clip_norm}"

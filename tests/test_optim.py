@@ -112,6 +112,25 @@ def test_options_an_optimizer_would_ignore_raise(name, kwargs, message):
         optim.make_optimizer(name, 1e-3, total_steps=10, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        # Were accepted: eps -1 trained to below chance, b1 1 gave NaN, and a negative
+        # end_factor a negative learning rate (the loss ascended).
+        ("adam", {"eps": -1.0}, r"eps must be > 0, got -1.0"),
+        ("rmsprop", {"eps": 0.0}, r"eps must be > 0, got 0.0"),
+        ("adamw", {"b1": 1.0}, r"b1 must be in \[0, 1\), got 1.0"),
+        ("lamb", {"b2": 1.5}, r"b2 must be in \[0, 1\), got 1.5"),
+        ("sgd", {"momentum": 1.5}, r"momentum must be in \[0, 1\), got 1.5"),
+        ("adam", {"schedule": "linear", "end_factor": -1.0}, r"end_factor must be >= 0"),
+        ("adam", {"eps": float("nan")}, r"eps must be > 0, got nan"),
+    ],
+)
+def test_values_that_break_training_quietly_raise(name, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        optim.make_optimizer(name, 1e-3, total_steps=10, **kwargs)
+
+
 def test_rmsprop_takes_nesterov_and_sgd_its_accumulator_dtype():
     params, loss = _least_squares()
     grads = jax.grad(loss)(params)

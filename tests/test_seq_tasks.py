@@ -203,6 +203,7 @@ def test_language_model_prompts_start_with_eos_like_documents(monkeypatch):
             -1.0,
             r"sample_temperature \(--temperature\) must be >= 0",
         ),  # greedy
+        ("sample_temperature", float("nan"), r"must be >= 0 \(0: greedy\), got nan"),
         ("sample_top_k", 1000, r"between 0 \(all tokens\) and the model's vocabulary size 259"),
     ],
 )

@@ -350,6 +350,12 @@ def test_compilation_cache_setting_is_restored_after_a_run(tmp_path):
     with trainer.compilation_cache("", str(tmp_path)) as path:
         assert path is None and jax.config.jax_compilation_cache_dir is None
     assert jax.config.jax_compilation_cache_dir == before
+    # Was a warning of JAX's, and the run said it cached there.
+    (tmp_path / "a_file").write_text("x")
+    cache = trainer.compilation_cache(str(tmp_path / "a_file"), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"compilation_cache_dir: .*a_file is a file"):
+        cache.__enter__()
+    assert jax.config.jax_compilation_cache_dir == before
 
 
 def test_profile_steps_trace_the_chosen_steps(tmp_path):
@@ -438,6 +444,9 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
         ("dtype", "int32", "not a floating-point dtype"),
         ("dtype", "float64", r"'float64' computes in float32 unless .* \(JAX_ENABLE_X64=1\)"),
         ("seed", -1, "seed must be >= 0"),
+        # Were Grain's and NumPy's tracebacks.
+        ("data_threads", -1, "data_threads must be >= 0, got -1"),
+        ("eval_examples", -5, "eval_examples must be >= 0, got -5"),
         ("optimizer.grad_clip_norm", -1.0, r"optimizer.grad_clip_norm must be >= 0, got -1.0 \(0"),
         ("optimizer.weight_decay", -0.1, "optimizer.weight_decay must be >= 0"),
         ("max_length", 0, "max_length must be > 0"),

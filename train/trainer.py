@@ -87,6 +87,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "profile_steps",
         "profile_skip_steps",
         "seed",
+        "eval_examples",
+        "data_threads",
+        "prefetch",
     ):
         if int(config[key]) < 0:
             raise ConfigError(f"config key {key} must be >= 0, got {config[key]}")
@@ -283,6 +286,11 @@ def compilation_cache(setting: str, workdir: str) -> Iterator[str | None]:
             workdir, "compilation_cache"
         )
     path = os.path.abspath(os.path.expanduser(setting)) if setting else None
+    if path and os.path.exists(path) and not os.path.isdir(path):  # JAX only warns
+        raise ConfigError(
+            f"config key compilation_cache_dir: {path} is a file; name a folder (made if "
+            "missing), or '' for no cache"
+        )
     previous = jax.config.jax_compilation_cache_dir
 
     def point_at(directory: str | None) -> None:

@@ -180,7 +180,7 @@ def _check_sampling(tokens: int, temperature: float, top_k: int, vocab_size: int
         raise ConfigError(
             f"new tokens (--tokens, config key sample_tokens) must be >= 1, got {tokens}"
         )
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise ConfigError(
             f"sample_temperature (--temperature) must be >= 0 (0: greedy), got {temperature}"
         )
