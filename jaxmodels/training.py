@@ -432,13 +432,14 @@ def _check_not_donated(state: Any) -> None:
 def _check_split(batch: Batch, ways: int) -> None:
     """A batch's leading axis is split over the mesh's data x fsdp devices (JAX's own error
     names a shape and a sharding, not the batch size to change)."""
-    for leaf in jax.tree.leaves(batch):
+    for name, leaf in leaves_by_name(batch).items():
         shape = getattr(leaf, "shape", ())
         if shape and shape[0] % ways:
             raise ValueError(
-                f"a batch of {shape[0]} examples does not split over the mesh's {ways} "
-                "data-parallel devices (data x fsdp): use a batch size that is a multiple "
-                f"of {ways}, or a mesh with fewer data-parallel devices"
+                f"a batch of {shape[0]} examples (batch['{name}']'s leading axis) does not "
+                f"split over the mesh's {ways} data-parallel devices (data x fsdp): use a "
+                f"batch size that is a multiple of {ways}, or a mesh with fewer "
+                "data-parallel devices"
             )
 
 
@@ -469,6 +470,14 @@ def classification_fns(
             return model.apply(variables, **args, **kwargs)
         return model.apply(variables, *args, **kwargs)
 
+    def labels(batch: Batch) -> jax.Array:
+        if "label" not in batch:
+            raise KeyError(
+                f"the batch has keys {sorted(batch)}; classification_fns' losses need its "
+                "integer classes under 'label'"
+            )
+        return batch["label"]
+
     def loss_fn(params: Any, model_state: Any, batch: Batch, rng: jax.Array) -> Any:
         variables = {"params": params, **model_state}
         logits, new_state = apply(
@@ -478,14 +487,14 @@ def classification_fns(
             mutable=list(model_state.keys()),
             rngs={"dropout": rng},
         )
-        loss_sum, count = losses.cross_entropy(logits, batch["label"], None, label_smoothing)
+        loss_sum, count = losses.cross_entropy(logits, labels(batch), None, label_smoothing)
         accuracy = losses.correct(logits, batch["label"]) / count
         return loss_sum / count, (dict(new_state), {"accuracy": accuracy})
 
     def eval_fn(params: Any, model_state: Any, batch: Batch) -> Metrics:
         logits = apply({"params": params, **model_state}, batch, train=False)
         weights = batch.get("weight")
-        loss_sum, count = losses.cross_entropy(logits, batch["label"], weights)
+        loss_sum, count = losses.cross_entropy(logits, labels(batch), weights)
         return {
             "loss": loss_sum,
             "accuracy": losses.correct(logits, batch["label"], weights),

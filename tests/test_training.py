@@ -454,7 +454,10 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_named():
     )
     loss_fn, eval_fn = training.classification_fns(model)
     batch = {"image": np.zeros((12, 28, 28, 1), np.float32), "label": np.zeros(12, np.int32)}
-    message = "a batch of 12 examples does not split over the mesh's 8 data-parallel devices"
+    message = (
+        r"a batch of 12 examples \(batch\['image'\]'s leading axis\) does not split over "
+        "the mesh's 8 data-parallel devices"
+    )
     # The rules are not optional (were: () by default, under which the models' activation
     # constraints did nothing, and BERT's gradients under fsdp_tp came out wrong).
     with pytest.raises(TypeError, match="rules"):
@@ -469,6 +472,15 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_named():
             step(state, batch)
         with pytest.raises(ValueError, match=message):
             step.lower(state, batch)
+    # An array of another size is named (was "a batch of 3 examples" for a batch of 16).
+    batch = {"image": np.zeros((16, 28, 28, 1), np.float32), "label": np.zeros(16, np.int32)}
+    train_step = training.compile_train_step(loss_fn, shardings, mesh, ())
+    with pytest.raises(ValueError, match=r"a batch of 3 examples \(batch\['extra'\]'s"):
+        train_step(state, {**batch, "extra": np.zeros(3, np.float32)})
+    # A batch without labels names the key it needs (was KeyError: 'label').
+    labels = batch.pop("label")
+    with pytest.raises(KeyError, match=r"the batch has keys \['image', 'labels'\];.*'label'"):
+        train_step(state, {**batch, "labels": labels})
 
 
 def test_leaves_are_named_alike_in_every_message():
