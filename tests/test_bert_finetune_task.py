@@ -299,3 +299,9 @@ def test_bad_init_from_is_a_clear_error(tmp_path):
     (tmp_path / "pre" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
     with pytest.raises(DataError, match=r"init_from=\S*pre: no checkpoint in"):
         _finetune(tmp_path, "ft", init_from=str(tmp_path / "pre"))
+    # A pretraining workdir whose checkpoints/ was deleted (was read as a Hugging Face
+    # directory: "no weights ...: expected model.safetensors or pytorch_model.bin").
+    (tmp_path / "pre" / "checkpoints").rmdir()
+    (tmp_path / "pre" / "config.json").write_text('{"task": "bert_pretraining"}')
+    with pytest.raises(DataError, match=r"init_from=\S*pre: no checkpoint in"):
+        _finetune(tmp_path, "ft", init_from=str(tmp_path / "pre"))

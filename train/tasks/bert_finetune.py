@@ -34,9 +34,16 @@ INIT_RECORD = "init_from.json"  # the architecture fine-tuning started from, for
 
 
 def _is_hf_directory(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(
-        os.path.join(path, "checkpoints")
-    )
+    """A Hugging Face directory: a config.json that is not a run's of this library (which
+    names its task; its checkpoints may have been deleted)."""
+    config = os.path.join(path, "config.json")
+    if not os.path.exists(config) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return False
+    try:
+        with open(config, encoding="utf-8") as f:
+            return "task" not in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return True  # (and from_pretrained says what it cannot read)
 
 
 def _check_source(source: str) -> None:
