@@ -446,6 +446,8 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
         ("seed", -1, "seed must be >= 0"),
         # Were Grain's and NumPy's tracebacks.
         ("data_threads", -1, "data_threads must be >= 0, got -1"),
+        # Was found at the first train step, after the run's record had been rewritten.
+        ("model.dropout_rate", 1.5, r"model.dropout_rate must be in \[0, 1\), got 1.5"),
         ("eval_examples", -5, "eval_examples must be >= 0, got -5"),
         ("optimizer.grad_clip_norm", -1.0, r"optimizer.grad_clip_norm must be >= 0, got -1.0 \(0"),
         ("optimizer.weight_decay", -0.1, "optimizer.weight_decay must be >= 0"),
@@ -473,7 +475,7 @@ def test_bad_config_files_variants_and_workdirs_fail_cleanly(tmp_path):
 )
 def test_values_that_cannot_run_are_named(key, value, message):
     config = load_config("cnn_digits.py")
-    node, name = (config.optimizer, key.split(".")[1]) if "." in key else (config, key)
+    node, name = (config[key.split(".")[0]], key.split(".")[1]) if "." in key else (config, key)
     setattr(node, name, value)
     with pytest.raises(ConfigError, match=message):
         validate_config(config)

@@ -93,6 +93,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ):
         if int(config[key]) < 0:
             raise ConfigError(f"config key {key} must be >= 0, got {config[key]}")
+    for key, value in config.model.items():  # (found otherwise at the first train step)
+        if "dropout" in key and isinstance(value, (int, float)) and not 0 <= value < 1:
+            raise ConfigError(f"config key model.{key} must be in [0, 1), got {value}")
     if int(config.vocab_size) < 2:
         raise ConfigError(
             f"config key vocab_size must be >= 2 (padding and unknown words), got "
