@@ -505,6 +505,26 @@ def test_a_checkpoint_past_total_steps_is_refused(tmp_path):
     assert (tmp_path / "config.json").read_text() == saved  # the run's record is kept
 
 
+def test_a_resume_without_the_runs_record_says_so_and_keeps_an_unreadable_one(tmp_path, capsys):
+    """Was silent: another seed and batch size resumed unchecked, and an unreadable
+    config.json was overwritten."""
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 4
+    train_and_evaluate(config, str(tmp_path))
+    (tmp_path / "config.json").write_text('{"task": "image_cl')
+    config.total_steps = 6
+    capsys.readouterr()
+    train_and_evaluate(config, str(tmp_path))
+    err = capsys.readouterr().err
+    assert "warning: resuming without the run's record: " in err
+    assert "config.json cannot be read" in err and "kept as config.json.unreadable" in err
+    assert (tmp_path / "config.json.unreadable").read_text() == '{"task": "image_cl'
+    os.remove(tmp_path / "config.json")
+    config.total_steps = 8
+    train_and_evaluate(config, str(tmp_path))
+    assert "config.json is missing. Whether this config" in capsys.readouterr().err
+
+
 def test_warmup_counts_training_steps_with_accumulation():
     """total_steps and warmup_steps both count batches; with 4 batches per update the
     warmup of 8 batches ends after 2 updates (was: after 8 updates, 32 batches)."""

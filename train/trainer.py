@@ -826,6 +826,25 @@ def train_and_evaluate(
             return {}
 
 
+def _unchecked_resume(workdir: str) -> None:
+    """Says that a run resumed without its record (`config.json` missing or unreadable)
+    cannot be checked against it, and keeps an unreadable record aside (this start writes
+    its own config there)."""
+    path = os.path.join(workdir, tasks.CONFIG_FILE)
+    reason, kept = f"{path} is missing", ""
+    if os.path.exists(path):
+        os.replace(path, path + ".unreadable")
+        reason = f"{path} cannot be read"
+        kept = f"; the unreadable file is kept as {tasks.CONFIG_FILE}.unreadable"
+    print(
+        f"warning: resuming without the run's record: {reason}. Whether this config "
+        "continues that run (seed, batch_size, dataset, model, optimizer) cannot be checked; "
+        f"the checkpoints' own checks still apply{kept}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _train(
     config: ml_collections.ConfigDict, workdir: str, cache_dir: str | None, preempt: _Preemption
 ) -> dict[str, float]:
@@ -836,6 +855,8 @@ def _train(
     sharding.check_rules_use_mesh(mesh, config.sharding_rules)
     _check_batch(config, mesh)
     theirs = tasks.resumed_config(workdir)  # None for a new run
+    if theirs is None and tasks.resuming(workdir) and lead:
+        _unchecked_resume(workdir)
     config = with_run_defaults(config, theirs)
     changes = resume_changes(config, theirs, workdir)
 
