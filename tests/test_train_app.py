@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -523,6 +524,26 @@ def test_a_resume_without_the_runs_record_says_so_and_keeps_an_unreadable_one(tm
     config.total_steps = 8
     train_and_evaluate(config, str(tmp_path))
     assert "config.json is missing. Whether this config" in capsys.readouterr().err
+
+
+def test_a_start_at_step_0_keeps_the_logs_of_an_earlier_start_aside(tmp_path):
+    """Were overwritten: a run whose checkpoints were deleted (to free space) lost its
+    metrics and config when the workdir was used again."""
+    config = load_config("cnn_digits.py", "smoke")
+    config.total_steps = config.checkpoint_every = 4
+    train_and_evaluate(config, str(tmp_path))
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    for seed in (3, 4):  # twice, within a second or not
+        shutil.rmtree(tmp_path / "checkpoints")
+        config.seed = seed
+        train_and_evaluate(config, str(tmp_path))
+    first, second = sorted(os.listdir(tmp_path / "previous"))
+    assert (tmp_path / "previous" / first / "metrics.jsonl").read_text() == rows
+    for folder, seed in ((first, 0), (second, 3)):
+        recorded = json.loads((tmp_path / "previous" / folder / "config.json").read_text())
+        assert recorded["seed"] == seed
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 4
+    assert [r["step"] for r in logs.read_metrics(str(tmp_path)) if "eval/loss" in r] == [4]
 
 
 def test_warmup_counts_training_steps_with_accumulation():

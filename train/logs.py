@@ -17,11 +17,13 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
         if not enabled:
             return
@@ -123,7 +125,7 @@ def logged_eval(path: str, step: int) -> dict[str, float] | None:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The rows of `workdir/metrics.jsonl`."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -40,7 +40,7 @@ from jaxmodels.errors import (
     UserError,
     brief,
 )
-from train import STOP_SIGNALS, end_by_sigint, setup_stopped, tasks
+from train import STOP_SIGNALS, end_by_sigint, logs, setup_stopped, tasks
 from train.defaults import base_config
 from train.logs import MetricWriter, logged_eval
 
@@ -826,6 +826,32 @@ def train_and_evaluate(
             return {}
 
 
+def _set_aside_earlier_start(workdir: str) -> None:
+    """Moves the logs of a start without checkpoints (killed before its first, or whose
+    checkpoints were deleted) into previous/<time>/ before this start, which begins at step
+    0, writes its own: they were overwritten, the metrics of a whole run among them."""
+    try:
+        with open(os.path.join(workdir, logs.METRICS_FILE), encoding="utf-8") as f:
+            if not any(line.strip() for line in f):
+                return
+    except FileNotFoundError:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    folder, n = os.path.join(workdir, "previous", stamp), 1
+    while os.path.exists(folder):  # two starts in one second
+        n += 1
+        folder = os.path.join(workdir, "previous", f"{stamp}-{n}")
+    os.makedirs(folder)
+    for name in (logs.METRICS_FILE, tasks.CONFIG_FILE, CHANGES_FILE):
+        if os.path.exists(os.path.join(workdir, name)):
+            os.replace(os.path.join(workdir, name), os.path.join(folder, name))
+    print(
+        f"starting at step 0 in a workdir without checkpoints: the logs there (of a start "
+        f"that made none, or whose checkpoints were deleted) are kept in {folder}",
+        flush=True,
+    )
+
+
 def _unchecked_resume(workdir: str) -> None:
     """Says that a run resumed without its record (`config.json` missing or unreadable)
     cannot be checked against it, and keeps an unreadable record aside (this start writes
@@ -917,6 +943,8 @@ def _train(
     refresh = functools.partial(optim.with_schedule, schedule=schedule)
     state = state.replace(opt_state=jax.jit(refresh, donate_argnums=0)(state.opt_state))
     if lead:
+        if not start:
+            _set_aside_earlier_start(workdir)
         if changes and start:
             # config.json becomes this config; what it changed, and from which step, is kept.
             record = {"step": start, "changes": {k: list(v) for k, v in changes.items()}}
