@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import operator
 import os
 from typing import Any
 
@@ -38,13 +39,18 @@ def _stored_shape(x: Any) -> tuple[int, ...]:
 
 
 def _as_step(step: Any) -> int:
-    """`step` as an int: a checkpoint's step is a non-negative integer (NumPy's too); a
-    string or float is refused (saved, "40" or 40.0 made a folder no one lists)."""
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    """`step` as an int: a checkpoint's step is a non-negative integer (a NumPy or JAX
+    integer scalar too, e.g. `state.step`); a string or float is refused (saved, "40" or
+    40.0 made a folder no one lists)."""
+    try:
+        value = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        value = None
+    if value is None or value < 0:
         raise ValueError(
             f"a checkpoint step is a non-negative integer, got {step!r} ({type(step).__name__})"
         )
-    return int(step)
+    return value
 
 
 def _host_array(metadata: Any) -> jax.ShapeDtypeStruct:
@@ -125,7 +131,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"cannot write checkpoints in {self.directory} (not writable by this "
                 "process, or on a read-only file system); choose a writable --workdir, or "
-                "make that folder writable"
+                "make that folder writable (to only read its checkpoints: create=False)"
             )
 
     def latest_step(self, *, wait: bool = True) -> int | None:
@@ -167,7 +173,8 @@ class Checkpointer:
             # later step's checkpoint, and the latest would no longer be this run's last.
             raise CheckpointError(
                 f"step {step} is before the latest checkpoint in {self.directory} (step "
-                f"{max(saved)}): save later steps, or into another directory"
+                f"{max(saved)}): save later steps, or into another directory (or delete the "
+                "later steps' folders first)"
             )
         if data_state is not None and not isinstance(data_state, dict):
             raise TypeError(
@@ -205,12 +212,12 @@ class Checkpointer:
             if "No space left on device" in str(e):  # (TensorStore's says so pages in)
                 raise CheckpointError(
                     f"saving a checkpoint in {self.directory} failed: no space left on the "
-                    "device. The complete checkpoints there are kept: free some space (or "
-                    "choose another --workdir) and run again to resume from the latest"
+                    "device. The complete checkpoints there are kept: free some space, or "
+                    "save elsewhere (the training application resumes from the latest)"
                 ) from e
             raise CheckpointError(
                 f"saving a checkpoint in {self.directory} failed ({brief(e)}); the complete "
-                "checkpoints there are kept: run again to resume from the latest"
+                "checkpoints there are kept (the training application resumes from the latest)"
             ) from e
 
     def close(self) -> None:

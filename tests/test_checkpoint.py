@@ -118,8 +118,9 @@ def test_a_step_that_is_no_count_or_before_the_latest_is_refused(tmp_path):
     state = {"params": {"w": np.ones(3, np.float32)}}
     ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2, async_save=False)
     ckpt.save(10, state)
-    ckpt.save(np.int64(20), state)  # NumPy's integers are steps
-    for step in ("40", 30.0, -3, True):
+    ckpt.save(np.int64(20), state)  # NumPy's integers are steps, and JAX's (state.step)
+    assert ckpt.restore_data(step=jnp.asarray(20, jnp.int32)) == {}
+    for step in ("40", 30.0, -3, True, jnp.asarray(7.0), np.arange(2)):
         with pytest.raises(ValueError, match="a checkpoint step is a non-negative integer"):
             ckpt.save(step, state)
     with pytest.raises(CheckpointError, match=r"step 5 is before the latest checkpoint .*20"):
