@@ -75,7 +75,9 @@ def test_vocabulary_larger_than_the_model_is_refused(tmp_path):
     ("key", "value", "message"),
     [
         ("pooling", "avg", r"ValueError: pooling must be one of .*got 'avg'"),
-        ("hidden_size", 0, "ZeroDivisionError"),
+        ("hidden_size", 0, r"ZeroDivisionError: .*\(raised at /\S+:\d+; most likely"),
+        # was found by the first checkpoint, which cannot save an array of size 0
+        ("embed_dim", 0, None),
     ],
 )
 def test_a_model_setting_the_model_cannot_take_is_a_config_error(tmp_path, key, value, message):
@@ -83,7 +85,11 @@ def test_a_model_setting_the_model_cannot_take_is_a_config_error(tmp_path, key, 
     the run's vocabulary in it."""
     config = load_config("lstm_text.py", "smoke")
     config.model[key] = value
-    with pytest.raises(ConfigError, match=f"cannot build its model and data: {message}"):
+    if message is None:
+        message = r"makes parameters of size 0 \(Embed_0/embedding, "
+    else:
+        message = f"cannot build its model and data: {message}"
+    with pytest.raises(ConfigError, match=message):
         train_and_evaluate(config, str(tmp_path / "new"))
     assert not os.path.exists(tmp_path / "new")  # made by this start, and nothing of the run
 

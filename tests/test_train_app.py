@@ -338,7 +338,7 @@ def test_resumed_run_compiles_from_the_workdirs_cache(tmp_path):
     assert not os.path.exists(tmp_path / "from_env") or not os.listdir(tmp_path / "from_env")
 
 
-def test_compilation_cache_setting_is_restored_after_a_run(tmp_path):
+def test_compilation_cache_setting_is_restored_after_a_run(tmp_path, monkeypatch):
     import jax
 
     from train import trainer
@@ -354,7 +354,11 @@ def test_compilation_cache_setting_is_restored_after_a_run(tmp_path):
     # Was a warning of JAX's, and the run said it cached there.
     (tmp_path / "a_file").write_text("x")
     cache = trainer.compilation_cache(str(tmp_path / "a_file"), str(tmp_path))
-    with pytest.raises(ConfigError, match=r"compilation_cache_dir: .*a_file is a file"):
+    with pytest.raises(ConfigError, match=r"config key compilation_cache_dir: .*a_file is a"):
+        cache.__enter__()
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "a_file"))
+    cache = trainer.compilation_cache("auto", str(tmp_path))  # named where it came from
+    with pytest.raises(ConfigError, match=r"^\$JAX_COMPILATION_CACHE_DIR: .*a_file is a"):
         cache.__enter__()
     assert jax.config.jax_compilation_cache_dir == before
 
@@ -524,6 +528,12 @@ def test_a_resume_without_the_runs_record_says_so_and_keeps_an_unreadable_one(tm
     config.total_steps = 8
     train_and_evaluate(config, str(tmp_path))
     assert "config.json is missing. Whether this config" in capsys.readouterr().err
+    # A second unreadable record does not replace the first one kept.
+    (tmp_path / "config.json").write_text("{")
+    config.total_steps = 10
+    train_and_evaluate(config, str(tmp_path))
+    assert "kept as config.json.unreadable-2" in capsys.readouterr().err
+    assert (tmp_path / "config.json.unreadable-2").read_text() == "{"
 
 
 def test_a_start_at_step_0_keeps_the_logs_of_an_earlier_start_aside(tmp_path):
@@ -539,6 +549,8 @@ def test_a_start_at_step_0_keeps_the_logs_of_an_earlier_start_aside(tmp_path):
         train_and_evaluate(config, str(tmp_path))
     first, second = sorted(os.listdir(tmp_path / "previous"))
     assert (tmp_path / "previous" / first / "metrics.jsonl").read_text() == rows
+    # TensorBoard's event files too (it showed the starts' curves as one run's)
+    assert os.listdir(tmp_path / "previous" / first / "tensorboard")
     for folder, seed in ((first, 0), (second, 3)):
         recorded = json.loads((tmp_path / "previous" / folder / "config.json").read_text())
         assert recorded["seed"] == seed

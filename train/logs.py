@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricWriter:
@@ -32,7 +33,7 @@ class MetricWriter:
         except ImportError:
             SummaryWriter = None  # noqa: N806 - optional extra
         if SummaryWriter is not None:
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

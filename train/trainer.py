@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +40,7 @@ from jaxmodels.errors import (
     NonFiniteError,
     UserError,
     brief,
+    leaves_by_name,
 )
 from train import STOP_SIGNALS, end_by_sigint, logs, setup_stopped, tasks
 from train.defaults import base_config
@@ -259,6 +261,7 @@ def _remove_if_unused(workdir: str) -> None:
     """Removes a workdir this start created and failed in before writing anything of the
     run (process 0): the lock, a compilation cache and the vocabulary made for the run
     (made anew by the next start, see `tasks.resuming`) alone are not worth keeping."""
+    from train.tasks.bert_finetune import INIT_RECORD
     from train.tasks.bert_pretraining import VOCAB_FILE
     from train.tasks.text_classification import TOKENIZER_FILE
 
@@ -270,6 +273,7 @@ def _remove_if_unused(workdir: str) -> None:
             "compilation_cache",
             TOKENIZER_FILE,
             VOCAB_FILE,
+            INIT_RECORD,
         }:
             return
         shutil.rmtree(workdir)
@@ -284,15 +288,16 @@ def compilation_cache(setting: str, workdir: str) -> Iterator[str | None]:
     setting of this process is restored afterwards."""
     from jax.experimental.compilation_cache import compilation_cache as cache
 
+    given = "config key compilation_cache_dir"
     if setting == "auto":
-        setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-            workdir, "compilation_cache"
-        )
+        from_env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        setting = from_env or os.path.join(workdir, "compilation_cache")
+        given = "$JAX_COMPILATION_CACHE_DIR" if from_env else "compilation_cache_dir='auto'"
     path = os.path.abspath(os.path.expanduser(setting)) if setting else None
     if path and os.path.exists(path) and not os.path.isdir(path):  # JAX only warns
         raise ConfigError(
-            f"config key compilation_cache_dir: {path} is a file; name a folder (made if "
-            "missing), or '' for no cache"
+            f"{given}: {path} is a file; name a folder (made if missing) in config key "
+            "compilation_cache_dir, or '' for no cache"
         )
     previous = jax.config.jax_compilation_cache_dir
 
@@ -826,10 +831,20 @@ def train_and_evaluate(
             return {}
 
 
+def _free_name(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ... : the first that does not exist."""
+    found, n = path, 1
+    while os.path.exists(found):
+        n += 1
+        found = f"{path}-{n}"
+    return found
+
+
 def _set_aside_earlier_start(workdir: str) -> None:
     """Moves the logs of a start without checkpoints (killed before its first, or whose
     checkpoints were deleted) into previous/<time>/ before this start, which begins at step
-    0, writes its own: they were overwritten, the metrics of a whole run among them."""
+    0, writes its own: they were overwritten, the metrics of a whole run among them (and
+    TensorBoard would show both starts' event files as one run)."""
     try:
         with open(os.path.join(workdir, logs.METRICS_FILE), encoding="utf-8") as f:
             if not any(line.strip() for line in f):
@@ -837,12 +852,9 @@ def _set_aside_earlier_start(workdir: str) -> None:
     except FileNotFoundError:
         return
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    folder, n = os.path.join(workdir, "previous", stamp), 1
-    while os.path.exists(folder):  # two starts in one second
-        n += 1
-        folder = os.path.join(workdir, "previous", f"{stamp}-{n}")
+    folder = _free_name(os.path.join(workdir, "previous", stamp))
     os.makedirs(folder)
-    for name in (logs.METRICS_FILE, tasks.CONFIG_FILE, CHANGES_FILE):
+    for name in (logs.METRICS_FILE, tasks.CONFIG_FILE, CHANGES_FILE, logs.TENSORBOARD_DIR):
         if os.path.exists(os.path.join(workdir, name)):
             os.replace(os.path.join(workdir, name), os.path.join(folder, name))
     print(
@@ -852,16 +864,16 @@ def _set_aside_earlier_start(workdir: str) -> None:
     )
 
 
-def _unchecked_resume(workdir: str) -> None:
+def _unchecked_resume(workdir: str) -> str | None:
     """Says that a run resumed without its record (`config.json` missing or unreadable)
-    cannot be checked against it, and keeps an unreadable record aside (this start writes
-    its own config there)."""
+    cannot be checked against it; returns the name to keep an unreadable record under when
+    this start writes its own (None: nothing to keep)."""
     path = os.path.join(workdir, tasks.CONFIG_FILE)
-    reason, kept = f"{path} is missing", ""
+    reason, aside, kept = f"{path} is missing", None, ""
     if os.path.exists(path):
-        os.replace(path, path + ".unreadable")
+        aside = _free_name(path + ".unreadable")
         reason = f"{path} cannot be read"
-        kept = f"; the unreadable file is kept as {tasks.CONFIG_FILE}.unreadable"
+        kept = f"; the unreadable file is kept as {os.path.basename(aside)}"
     print(
         f"warning: resuming without the run's record: {reason}. Whether this config "
         "continues that run (seed, batch_size, dataset, model, optimizer) cannot be checked; "
@@ -869,6 +881,19 @@ def _unchecked_resume(workdir: str) -> None:
         file=sys.stderr,
         flush=True,
     )
+    return aside
+
+
+def _raised_at(error: BaseException) -> str:
+    """Where `error` was raised: its traceback's innermost frame, as path:line (relative to
+    this project where it is in it)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return "?"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.abspath(frames[-1].filename)
+    shown = os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+    return f"{shown}:{frames[-1].lineno}"
 
 
 def _train(
@@ -881,8 +906,9 @@ def _train(
     sharding.check_rules_use_mesh(mesh, config.sharding_rules)
     _check_batch(config, mesh)
     theirs = tasks.resumed_config(workdir)  # None for a new run
+    unreadable_aside = None
     if theirs is None and tasks.resuming(workdir) and lead:
-        _unchecked_resume(workdir)
+        unreadable_aside = _unchecked_resume(workdir)
     config = with_run_defaults(config, theirs)
     changes = resume_changes(config, theirs, workdir)
 
@@ -900,9 +926,14 @@ def _train(
         # A model or data setting out of range fails in the model's (or the pipeline's)
         # first use: a ConfigError here, with that error, before the workdir changes.
         raise ConfigError(
-            f"this config cannot build its model and data: {brief(e)} (check the model.* "
-            "and data settings, against the model's docstring)"
+            f"this config cannot build its model and data: {brief(e)} (raised at "
+            f"{_raised_at(e)}; most likely a model.* or data setting out of range)"
         ) from e
+    empty = [name for name, x in leaves_by_name(state.params).items() if x.size == 0]
+    if empty:  # (were found by the first checkpoint, which cannot save them)
+        raise ConfigError(
+            f"this config makes parameters of size 0 ({', '.join(empty[:4])}): a model.* size of 0?"
+        )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     preempt.deferred()  # from here on, resources to close: the loop's checks see a stop signal
     ckpt = checkpoint.Checkpointer(
@@ -951,6 +982,8 @@ def _train(
             with open(os.path.join(workdir, CHANGES_FILE), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"resuming with a changed config (kept in {CHANGES_FILE}): {_described(changes)}")
+        if unreadable_aside and os.path.exists(os.path.join(workdir, tasks.CONFIG_FILE)):
+            os.replace(os.path.join(workdir, tasks.CONFIG_FILE), unreadable_aside)
         tasks.write_text_atomically(
             os.path.join(workdir, tasks.CONFIG_FILE), config.to_json_best_effort(indent=2)
         )
