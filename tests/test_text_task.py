@@ -75,7 +75,7 @@ def test_vocabulary_larger_than_the_model_is_refused(tmp_path):
     ("key", "value", "message"),
     [
         ("pooling", "avg", r"ValueError: pooling must be one of .*got 'avg'"),
-        ("hidden_size", 0, r"ZeroDivisionError: .*\(raised at /\S+:\d+; most likely"),
+        ("hidden_size", 0, r"ZeroDivisionError: .*\(raised at \S+:\d+; most likely"),
         # was found by the first checkpoint, which cannot save an array of size 0
         ("embed_dim", 0, None),
     ],
