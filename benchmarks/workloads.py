@@ -340,18 +340,36 @@ def settings(w: Workload) -> list[str]:
     return sorted(fields - _SET_BY_BUILDERS | set(w.model))
 
 
+_PLAIN_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}
+
+
+def _setting_types(default: Any, annotation: Any) -> tuple[type, ...] | None:
+    """The plain types a setting takes: its default's, or where the default is None those
+    its annotation names (``"int | None"``); None where that is not known."""
+    if default is not None:
+        return (type(default),) if type(default) in _PLAIN_TYPES.values() else None
+    names = [n.strip() for n in str(annotation).split("|")]
+    if "None" not in names or any(n not in _PLAIN_TYPES for n in names):
+        return None
+    return tuple(_PLAIN_TYPES[n] for n in names)
+
+
 def setting_error(w: Workload, key: str, value: Any) -> str | None:
     """Why `--set key=value` does not fit workload `w` (a value of another type than the
-    setting's: "maybe" where scan_layers is a bool would be a true string), or None."""
+    setting's: "maybe" where scan_layers is a bool would be a true string), or None. A
+    setting whose default is None takes the types of its annotation (`remat_policy`, a
+    `str | None`, takes a string or None)."""
     fields = {f.name: f for f in dataclasses.fields(_SETTINGS_OF[w.family])}
     field = fields.get(key)
     default = w.model.get(key, getattr(field, "default", None))
-    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
-    if accepted is None or (
-        isinstance(value, accepted) and isinstance(value, bool) == (bool in accepted)
-    ):
+    types = _setting_types(default, getattr(field, "type", None))
+    if types is None:
         return None
-    kind = type(default).__name__
+    # A float setting takes an int; a bool (an int to Python) only where bool is named.
+    accepted = types + ((int,) if float in types else ())
+    if isinstance(value, accepted) and (not isinstance(value, bool) or bool in types):
+        return None
+    kind = " or ".join(t.__name__ if t is not type(None) else "None" for t in types)
     article = "an" if kind[0] in "aeiou" else "a"
     return f"{key}={value!r}: {w.name}'s {key} is {article} {kind} (here {default!r})"
 

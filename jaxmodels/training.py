@@ -432,11 +432,13 @@ def _check_not_donated(state: Any) -> None:
 def _check_split(batch: Batch, ways: int) -> None:
     """A batch's leading axis is split over the mesh's data x fsdp devices (JAX's own error
     names a shape and a sharding, not the batch size to change)."""
-    for name, leaf in leaves_by_name(batch).items():
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
         shape = getattr(leaf, "shape", ())
         if shape and shape[0] % ways:
+            # As Python indexes it: batch['inputs']['ids'], not the checkpoints' a/b names.
+            name = "batch" + jax.tree_util.keystr(path)
             raise ValueError(
-                f"a batch of {shape[0]} examples (batch['{name}']'s leading axis) does not "
+                f"a batch of {shape[0]} examples ({name}'s leading axis) does not "
                 f"split over the mesh's {ways} data-parallel devices (data x fsdp): use a "
                 f"batch size that is a multiple of {ways}, or a mesh with fewer "
                 "data-parallel devices"

@@ -960,3 +960,21 @@ def test_set_takes_true_and_false_in_any_case_and_refuses_another_type():
     assert "is an int (here " in workloads.setting_error(bert_base, "hidden_size", "abc")
     assert "is an int" in workloads.setting_error(bert_base, "hidden_size", True)
     assert workloads.setting_error(bert_base, "hidden_dropout", 0) is None  # a float's int
+    assert "is a float (here" in workloads.setting_error(bert_base, "hidden_dropout", False)
+
+
+def test_set_of_a_setting_whose_default_is_none_takes_its_annotations_types():
+    """Was: any value, since the check compared with the default's type (None's)."""
+    from benchmarks import workloads
+
+    (bert_base,) = specs.suite("cpu", ["bert_base"])
+    assert workloads.setting_error(bert_base, "remat_policy", "dots") is None
+    assert workloads.setting_error(bert_base, "remat_policy", None) is None
+    message = workloads.setting_error(bert_base, "remat_policy", 3)
+    assert message == "remat_policy=3: bert_base's remat_policy is a str or None (here None)"
+    assert workloads.setting_error(bert_base, "classifier_dropout", 0) is None  # float | None
+    assert "float or None" in workloads.setting_error(bert_base, "classifier_dropout", "x")
+    (lstm,) = specs.suite("cpu", ["lstm_article"])
+    assert workloads.setting_error(lstm, "unroll", 8) is None
+    assert "is an int or None" in workloads.setting_error(lstm, "unroll", 2.5)
+    assert "is an int or None" in workloads.setting_error(lstm, "unroll", True)

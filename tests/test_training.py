@@ -477,6 +477,9 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_named():
     train_step = training.compile_train_step(loss_fn, shardings, mesh, ())
     with pytest.raises(ValueError, match=r"a batch of 3 examples \(batch\['extra'\]'s"):
         train_step(state, {**batch, "extra": np.zeros(3, np.float32)})
+    # A nested one as Python indexes it (was batch['extra/ids']).
+    with pytest.raises(ValueError, match=r"a batch of 3 examples \(batch\['extra'\]\['ids'\]'s"):
+        train_step(state, {**batch, "extra": {"ids": np.zeros(3, np.int32)}})
     # A batch without labels names the key it needs (was KeyError: 'label').
     labels = batch.pop("label")
     with pytest.raises(KeyError, match=r"the batch has keys \['image', 'labels'\];.*'label'"):
