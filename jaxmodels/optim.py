@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -30,6 +31,9 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd", "lamb", "lars")
 # What `momentum=None` and `eps=None` mean: each optimizer's usual value (RMSprop's papers,
 # optax, PyTorch and Keras have no momentum; LAMB's paper and optax's lamb use eps 1e-6).
 DEFAULT_MOMENTUM = {"sgd": 0.9, "lars": 0.9, "rmsprop": 0.0}
+# The optimizers that take `momentum` and `nesterov` (Adam's, AdamW's and LAMB's first
+# moment decays by `b1` instead).
+MOMENTUM_OPTIMIZERS = tuple(DEFAULT_MOMENTUM)
 DEFAULT_EPS = {"adam": 1e-8, "adamw": 1e-8, "lamb": 1e-6, "rmsprop": 1e-8}
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -81,6 +85,15 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
+def _no_momentum(name: str, momentum: float | None, nesterov: bool, b1: float) -> str:
+    given = ", ".join(f"{k}={v}" for k, v in (("momentum", momentum), ("nesterov", nesterov)) if v)
+    return (
+        f"{given} has no effect on {name}, which has no momentum ({name}'s first moment "
+        f"decays by b1, here {b1}); momentum and nesterov are for "
+        f"{', '.join(MOMENTUM_OPTIMIZERS)}"
+    )
+
+
 def make_optimizer(
     name: str,
     learning_rate: float,
@@ -110,7 +123,8 @@ def make_optimizer(
         (sgd, rmsprop, adam); never applied to biases and norm scales (1-D parameters, and
         any named `*bias` or `*scale`).
       momentum, nesterov: for sgd, rmsprop and lars; momentum None: the optimizer's usual
-        (`DEFAULT_MOMENTUM`: 0.9 for sgd and lars, none for rmsprop).
+        (`DEFAULT_MOMENTUM`: 0.9 for sgd and lars, none for rmsprop). Given to adam, adamw
+        or lamb, which have none, they are ignored with a warning.
       b1, b2: for adam, adamw and lamb; eps: for those and rmsprop, None: the optimizer's
         usual (`DEFAULT_EPS`: 1e-8, lamb 1e-6).
       grad_clip_norm: clip the gradient to this global norm first (None or 0: off).
@@ -128,6 +142,9 @@ def make_optimizer(
         raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
     if accumulate_steps < 1:
         raise ConfigError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+    if name not in MOMENTUM_OPTIMIZERS and (momentum or nesterov):
+        warnings.warn(_no_momentum(name, momentum, nesterov, b1), stacklevel=2)
+        momentum, nesterov = None, False
     momentum = DEFAULT_MOMENTUM.get(name) if momentum is None else momentum
     eps = DEFAULT_EPS.get(name) if eps is None else eps
     for key, value in (("weight_decay", weight_decay), ("momentum", momentum)):

@@ -1,6 +1,8 @@
 """Tests for jaxmodels.optim: every optimizer trains, schedules, logged learning rate,
 gradient accumulation, weight-decay masking and gradient clipping."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,6 +131,24 @@ def test_options_an_optimizer_would_ignore_raise(name, kwargs, message):
 def test_values_that_break_training_quietly_raise(name, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         optim.make_optimizer(name, 1e-3, total_steps=10, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "lamb"])
+def test_momentum_given_to_an_optimizer_without_it_is_ignored_with_a_warning(name):
+    """Was ignored without a word."""
+    params = {"w": jnp.ones((2, 2))}
+    plain = optim.make_optimizer(name, 1e-3, total_steps=10)
+    with pytest.warns(UserWarning, match=rf"momentum=0.9, nesterov=True has no effect on {name}"):
+        given = optim.make_optimizer(name, 1e-3, total_steps=10, momentum=0.9, nesterov=True)
+    # Even one its range check would refuse: it is not used.
+    with pytest.warns(UserWarning, match=rf"momentum=1.5 has no effect on {name}.*b1, here 0.9"):
+        optim.make_optimizer(name, 1e-3, total_steps=10, momentum=1.5)
+    assert jax.tree.structure(given.init(params)) == jax.tree.structure(plain.init(params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optim.make_optimizer(name, 1e-3, total_steps=10, momentum=0.0)  # none, as it is
+        for other in optim.MOMENTUM_OPTIMIZERS:
+            optim.make_optimizer(other, 1e-3, total_steps=10, momentum=0.9, nesterov=True)
 
 
 def test_rmsprop_takes_nesterov_and_sgd_its_accumulator_dtype():

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -588,6 +589,30 @@ def test_unknown_key_in_config_file_is_named():
         config.optimzer = {"name": "sgd"}
     with pytest.raises(ConfigError, match="unknown config key 'optimzer'.*'optimizer"):
         validate_config(config)
+
+
+def test_momentum_keys_an_optimizer_ignores_are_named_in_a_warning(capsys):
+    """Were ignored without a word (Adam has no momentum); the optimizer built from such a
+    config does not warn a second time."""
+    from train import trainer
+
+    config = load_config("cnn_digits.py")
+    config.optimizer.name = "adamw"
+    config.optimizer.momentum = 0.9
+    validate_config(config)
+    err = capsys.readouterr().err
+    assert (
+        "warning: config key optimizer.momentum=0.9 has no effect on adamw, which has no "
+        "momentum (its first moment decays by optimizer.b1, here 0.9)"
+    ) in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer._make_optimizer(config)
+        config.optimizer.name = "sgd"
+        config.optimizer.nesterov = True
+        validate_config(config)
+        trainer._make_optimizer(config)
+    assert capsys.readouterr().err == ""
 
 
 def test_unknown_step_rng_is_named():

@@ -171,6 +171,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config key optimizer.learning_rate must be > 0 (the peak rate), got "
             f"{config.optimizer.learning_rate}"
         )
+    o = config.optimizer
+    ignored = [f"optimizer.{k}={o[k]}" for k in ("momentum", "nesterov") if o[k]]
+    if ignored and o.name not in optim.MOMENTUM_OPTIMIZERS and jax.process_index() == 0:
+        print(
+            f"warning: config key {' and '.join(ignored)} has no effect on {o.name}, which has "
+            f"no momentum (its first moment decays by optimizer.b1, here {o.b1}); momentum "
+            f"and nesterov are for {', '.join(optim.MOMENTUM_OPTIMIZERS)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _check_batch(config: Any, mesh: Any) -> None:
@@ -330,12 +340,15 @@ def _schedule_args(config: Any) -> dict[str, Any]:
 def _make_optimizer(config: Any) -> Any:
     """The optimizer of `config`, its schedule as `_schedule_args` says."""
     o = config.optimizer
+    # Momentum keys of an optimizer without momentum are ignored (`validate_config` warns
+    # of those the config sets; records of earlier versions hold momentum 0.9 for all).
+    uses_momentum = o.name in optim.MOMENTUM_OPTIMIZERS
     return optim.make_optimizer(
         o.name,
         **_schedule_args(config),
         weight_decay=o.weight_decay,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
+        momentum=o.momentum if uses_momentum else None,
+        nesterov=o.nesterov if uses_momentum else False,
         b1=o.b1,
         b2=o.b2,
         eps=o.eps,
