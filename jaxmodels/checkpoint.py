@@ -109,6 +109,10 @@ class Checkpointer:
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=create,
+            # Each save makes its step's folder before it returns, so a folder that cannot be
+            # made fails that call. Made in the background, its failure left Orbax's other
+            # threads of that save waiting for their signal (20 minutes) at the process's end.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         try:
             self._manager = ocp.CheckpointManager(
@@ -124,8 +128,7 @@ class Checkpointer:
                 f"cannot create checkpoint directory {self.directory}: {e}. "
                 "Choose a writable --workdir."
             ) from e
-        # A save that cannot make its folder fails in the background, and Orbax's other
-        # threads of that save then wait for ever: the process would never exit.
+        # Refused here rather than by the first save, after the first steps' work.
         if create and not os.access(self.directory, os.W_OK | os.X_OK):
             self._manager.close()
             raise CheckpointError(
@@ -158,8 +161,9 @@ class Checkpointer:
           TypeError: a data state that is not a dict of plain JSON (saved, it could not be
             restored).
           RuntimeError: after `close()`.
-          CheckpointError: `step` is saved already (a checkpoint is never overwritten), or
-            is before the latest checkpoint here.
+          CheckpointError: `step` is saved already (a checkpoint is never overwritten), is
+            before the latest checkpoint here, or its folder cannot be made (the folder
+            turned read-only, say); a failure of the background writing comes from `wait`.
           ValueError: `step` is not a non-negative integer.
         """
         if self._closed:
@@ -198,6 +202,12 @@ class Checkpointer:
                 f"step {step} is saved already in {self.directory} ({e}): a checkpoint is "
                 "never overwritten; save another step, or delete that step's folder first"
             ) from None
+        except OSError as e:  # its folder could not be made (read-only now, gone, full)
+            raise CheckpointError(
+                f"saving step {step} in {self.directory} failed: {brief(e)}. This save "
+                "touched no complete checkpoint there (the training application resumes "
+                "from the latest); make the folder writable again, or save elsewhere"
+            ) from e
 
     def wait(self) -> None:
         """Blocks until every pending save is on disk.

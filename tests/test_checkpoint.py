@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import flax
 import jax
@@ -15,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmodels import checkpoint, cnn, optim, sharding, training
 from jaxmodels.errors import CheckpointError, CheckpointMismatchError
+from tests.helpers import ROOT, app_env
 
 
 def _state(mesh_kw, rules_name="fsdp", model=None, seed=0):
@@ -146,6 +149,43 @@ def test_a_directory_that_cannot_take_checkpoints_is_refused_at_once(tmp_path, m
     with pytest.raises(CheckpointError, match=r"cannot write checkpoints in .*locked \(not"):
         checkpoint.Checkpointer(locked)
     checkpoint.Checkpointer(locked, create=False).close()  # reading needs no writing
+
+
+_FOLDER_GONE = """
+import os, shutil, sys
+import jax.numpy as jnp
+from jaxmodels import checkpoint
+from jaxmodels.errors import CheckpointError
+directory = sys.argv[1]
+ckpt = checkpoint.Checkpointer(directory)
+ckpt.save(1, {"w": jnp.ones(8)})
+ckpt.wait()
+shutil.rmtree(directory)  # what was a folder is now a file: no step folder can be made
+open(directory, "w").close()
+try:
+    ckpt.save(2, {"w": jnp.ones(8)})
+except CheckpointError as e:
+    print(e)
+ckpt.close()
+"""
+
+
+def test_a_save_that_cannot_make_its_folder_fails_at_once_and_the_process_ends(tmp_path):
+    """Was a failure in the background (from `wait`), after which Orbax's other threads of
+    that save waited 20 minutes for their signal before the process could end (as when
+    the checkpoints' file system turns read-only mid-run)."""
+    directory = str(tmp_path / "checkpoints")
+    proc = subprocess.run(
+        [sys.executable, "-c", _FOLDER_GONE, directory],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=app_env(),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"saving step 2 in {directory} failed: NotADirectoryError" in proc.stdout
+    assert "This save touched no complete checkpoint there" in proc.stdout
 
 
 def test_a_save_that_fails_in_the_background_is_a_checkpoint_error(tmp_path, monkeypatch):
