@@ -4,6 +4,7 @@ vocabulary across restarts, and a sharded step equals the single-device step."""
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -74,21 +75,34 @@ def test_vocabulary_larger_than_the_model_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("pooling", "avg", r"ValueError: pooling must be one of .*got 'avg'"),
-        ("hidden_size", 0, r"ZeroDivisionError: .*\(raised at \S+:\d+; most likely"),
-        # was found by the first checkpoint, which cannot save an array of size 0
-        ("embed_dim", 0, None),
+        (
+            "pooling",
+            "avg",
+            r"cannot build its model and data: ValueError: pooling must be one of .*got "
+            r"'avg' \(raised at \S+:\d+; most likely",
+        ),
+        # Were a ZeroDivisionError where the model first used it, and the size-0
+        # parameters below: the key is named.
+        ("hidden_size", 0, "config key model.hidden_size must be >= 1 .*got 0"),
+        ("num_layers", -1, "config key model.num_layers must be >= 1 .*got -1"),
+        ("embed_dim", 0, "config key model.embed_dim must be >= 1"),
+        # A size the keys' pattern misses is still found before the first checkpoint (which
+        # cannot save an array of size 0).
+        ("embed_dim", "unchecked 0", r"makes parameters of size 0 \(Embed_0/embedding, "),
     ],
 )
-def test_a_model_setting_the_model_cannot_take_is_a_config_error(tmp_path, key, value, message):
+def test_a_model_setting_the_model_cannot_take_is_a_config_error(
+    tmp_path, monkeypatch, key, value, message
+):
     """Were the model's own errors, tracebacks and all, and the new workdir was left with
     the run's vocabulary in it."""
+    from train import trainer
+
     config = load_config("lstm_text.py", "smoke")
+    if value == "unchecked 0":
+        monkeypatch.setattr(trainer, "_MODEL_COUNT", re.compile("(?!)"))
+        value = 0
     config.model[key] = value
-    if message is None:
-        message = r"makes parameters of size 0 \(Embed_0/embedding, "
-    else:
-        message = f"cannot build its model and data: {message}"
     with pytest.raises(ConfigError, match=message):
         train_and_evaluate(config, str(tmp_path / "new"))
     assert not os.path.exists(tmp_path / "new")  # made by this start, and nothing of the run

@@ -18,6 +18,7 @@ import difflib
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -56,6 +57,10 @@ def _flat(c: Any, prefix: str = "", *, into_model: bool = False) -> dict[str, An
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# Model keys that are sizes or counts (hidden_size, num_layers, head_dim, ...): at least 1.
+_MODEL_COUNT = re.compile(r"num_\w+|\w+_(size|dim|layers|heads|filters|features)")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -98,6 +103,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key, value in config.model.items():  # (found otherwise at the first train step)
         if "dropout" in key and isinstance(value, (int, float)) and not 0 <= value < 1:
             raise ConfigError(f"config key model.{key} must be in [0, 1), got {value}")
+        # (found otherwise where the model first uses it: a ZeroDivisionError, a reshape)
+        if _MODEL_COUNT.fullmatch(key) and type(value) is int and value < 1:
+            raise ConfigError(
+                f"config key model.{key} must be >= 1 (a size or a count), got {value}"
+            )
     if int(config.vocab_size) < 2:
         raise ConfigError(
             f"config key vocab_size must be >= 2 (padding and unknown words), got "
