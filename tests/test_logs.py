@@ -91,3 +91,41 @@ def test_plot_command_line(tmp_path):
         [*cmd, "--metrics", "acc"], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert bad.returncode == 2 and "error: no metric 'acc'" in bad.stderr
+
+
+def test_one_traceback_per_error_keeps_every_message_and_the_first_traceback():
+    """A full disk made several of Orbax's threads log the same error's whole traceback,
+    some 300 lines before the application's own one-line error."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    logger = logging.getLogger("tests.one_traceback_per_error")
+    logger.propagate = False
+    logger.addHandler(logging.StreamHandler(stream))
+    logger.addFilter(logs.OneTracebackPerError())
+
+    def log_error(message, error, wrap=None):
+        try:
+            try:
+                raise error
+            except ValueError as e:
+                if wrap is None:
+                    raise
+                raise RuntimeError(wrap) from e
+        except (ValueError, RuntimeError):
+            logger.exception(message)
+
+    log_error("first thread", ValueError("RESOURCE_EXHAUSTED: disk full"))
+    log_error("second thread", ValueError("RESOURCE_EXHAUSTED: disk full"), wrap="commit failed")
+    log_error("third thread", ValueError("something else"))
+    lines = stream.getvalue().splitlines()
+    assert [line for line in lines if "thread" in line] == [
+        "first thread",
+        "second thread",
+        "third thread",
+    ]
+    assert stream.getvalue().count("Traceback") == 2  # the first error's, and the other's
+    second, third = lines.index("second thread"), lines.index("third thread")
+    assert lines[second + 1] == "third thread"  # the repeat: its message line only
+    assert lines[third + 1].startswith("Traceback") and lines[-1] == "ValueError: something else"

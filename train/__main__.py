@@ -57,6 +57,9 @@ def main(argv: list[str]) -> int:
     from jaxmodels.errors import UserError
 
     logging.set_verbosity(logging.WARNING)  # Orbax/TFDS are chatty at INFO
+    from train.logs import OneTracebackPerError
+
+    logging.get_absl_logger().addFilter(OneTracebackPerError())
 
     if multi:
         error = _start_processes(jax)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -19,6 +20,34 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+class OneTracebackPerError(logging.Filter):
+    """A logger filter that leaves each error's traceback to the first record of it: later
+    records of the same error keep their message line. A background checkpoint save that
+    fails (a full disk) is logged by several of Orbax's threads, each with the whole
+    traceback of the same error, pages before the application's own one-line error. The
+    error is the innermost one of the record's exception (its cause or context), by type
+    and message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return True
+        for _ in range(100):  # (a chain may loop)
+            inner = error.__cause__ or error.__context__
+            if inner is None:
+                break
+            error = inner
+        key = (type(error).__name__, str(error))
+        if key in self._seen:
+            record.exc_info, record.exc_text = None, None
+        self._seen.add(key)
+        return True
 
 
 class MetricWriter:
