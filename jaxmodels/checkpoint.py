@@ -32,10 +32,26 @@ from jaxmodels.errors import CheckpointError, CheckpointMismatchError, brief, le
 def _stored_shape(x: Any) -> tuple[int, ...]:
     """The shape a leaf has on disk: a typed PRNG key (`jax.random.key`) is stored as its
     key data (e.g. uint32[..., 2])."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if _is_key(x):
         abstract = jax.ShapeDtypeStruct(x.shape, x.dtype)
         return tuple(jax.eval_shape(jax.random.key_data, abstract).shape)
     return tuple(x.shape)
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _kind_of(restored: Any, wanted: Any) -> Any:
+    """`restored` as the kind of PRNG key `wanted` is: Orbax gives back a key as it was
+    saved, a typed key (`jax.random.key`) or its raw data (`jax.random.PRNGKey`), whatever
+    the target's."""
+    if not hasattr(restored, "dtype") or _is_key(restored) == _is_key(wanted):
+        return restored
+    if _is_key(restored):
+        return jax.random.key_data(restored)
+    impl = jax.random.key_impl(wanted) if isinstance(wanted, jax.Array) else wanted.dtype._impl
+    return jax.random.wrap_key_data(restored, impl=impl)
 
 
 def _as_step(step: Any) -> int:
@@ -344,7 +360,8 @@ class Checkpointer:
                 f"could not read checkpoint {path} ({brief(e)}). Delete that folder to "
                 "resume from the previous checkpoint, or use a new --workdir."
             ) from e
-        return restored["state"], dict(restored["data"] or {})
+        state = jax.tree.map(_kind_of, restored["state"], target)
+        return state, dict(restored["data"] or {})
 
     def restore_data(self, step: int | None = None) -> dict[str, Any]:
         """Only the data state (the JSON saved beside the train state) of a checkpoint."""

@@ -347,9 +347,25 @@ def with_schedule(opt_state: Any, schedule: optax.Schedule) -> Any:
     return jax.tree.map(refresh, opt_state, is_leaf=_is_injected)
 
 
-def current_learning_rate(opt_state: Any) -> jax.Array:
-    """The learning rate the next update will use, read from an optimizer's state."""
+def injected_learning_rate(opt_state: Any) -> jax.Array | None:
+    """The learning rate the next update will use, read from an optimizer's state; None
+    where the state holds none (an optimizer not built with `optax.inject_hyperparams`)."""
     for _, value in optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate"):
         if hasattr(value, "shape"):  # the value, not the schedule's own state
             return value
-    raise ValueError("optimizer state has no injected learning_rate")
+    return None
+
+
+def current_learning_rate(opt_state: Any) -> jax.Array:
+    """The learning rate the next update will use, read from an optimizer's state.
+
+    Raises:
+      ValueError: the state holds none (see `injected_learning_rate`).
+    """
+    value = injected_learning_rate(opt_state)
+    if value is None:
+        raise ValueError(
+            "optimizer state has no injected learning_rate: build the optimizer with "
+            "make_optimizer, or wrap it in optax.inject_hyperparams"
+        )
+    return value

@@ -225,22 +225,39 @@ def state_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[
     Args:
       abstract_boxed_tree: the output of `jax.eval_shape` of an init function, with the
         `nn.LogicallyPartitioned` boxes still on (not unboxed). Leaves without names are
-        replicated.
+        replicated. Leaves boxed by Flax's `nn.with_partitioning` (`nn.Partitioned`) name
+        mesh axes, not logical ones: they are split as named, without the rules.
       mesh: the device mesh.
       rules: logical -> mesh rules (see `logical_rules`).
 
     Returns:
       A pytree of `NamedSharding` with the structure of the *unboxed* tree.
+
+    Raises:
+      ValueError: an `nn.with_partitioning` box names an axis this mesh lacks.
     """
-    logical = nn.get_partition_spec(abstract_boxed_tree)
-    shapes = jax.tree.map(
-        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
-        abstract_boxed_tree,
-        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+
+    def spec_of(path: Any, x: Any) -> PartitionSpec:
+        if isinstance(x, nn.LogicallyPartitioned):
+            return nn.logical_to_mesh_axes(x.names, rules)
+        if not isinstance(x, nn.Partitioned):
+            return PartitionSpec()
+        # (were read as logical names, which the rules do not map: replicated, silently)
+        named = [a for n in x.names for a in (n if isinstance(n, tuple) else (n,))]
+        unknown = [a for a in named if a is not None and a not in mesh.shape]
+        if unknown:
+            raise ValueError(
+                f"{jax.tree_util.keystr(path)} is split over mesh axis {unknown[0]!r} "
+                f"(nn.with_partitioning names mesh axes), which this mesh lacks (its axes: "
+                f"{', '.join(mesh.axis_names)}): name one of those, or name logical axes "
+                "with nn.with_logical_partitioning for the rules to map"
+            )
+        return PartitionSpec(*x.names)
+
+    def leaf(path: Any, x: Any) -> NamedSharding:
+        value = x.value if isinstance(x, nn.meta.AxisMetadata) else x
+        return NamedSharding(mesh, _fit_spec(spec_of(path, x), value.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(
+        leaf, abstract_boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
     )
-    mesh_specs = nn.logical_to_mesh(logical, rules)
-
-    def leaf(spec: PartitionSpec, x: Any) -> NamedSharding:
-        return NamedSharding(mesh, _fit_spec(spec, x.shape, mesh))
-
-    return jax.tree.map(leaf, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -33,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -96,7 +97,8 @@ def create_train_state(
       model: a Flax module called as `model(*example_inputs, train=False)`.
       tx: the optimizer.
       example_inputs: positional inputs with the right shapes and dtypes (any batch size;
-        None for an optional input left out).
+        each an array or a pytree of arrays, e.g. a dict of features; None for an optional
+        input left out).
       rng: PRNG key for the initialisation.
       mesh, rules: where and how to shard (see `jaxmodels.sharding`).
       params: start from these parameters instead of random ones (fine-tuning: e.g.
@@ -215,7 +217,8 @@ def _state_init(
             f"example_inputs is the list of the model's positional inputs (got "
             f"{type(example_inputs).__name__}): pass [x] for a model of one input"
         )
-    inputs = [None if v is None else jnp.asarray(v) for v in example_inputs]
+    # Each input may be a pytree (a dict of features, a tuple); None stays None.
+    inputs = [jax.tree.map(jnp.asarray, v) for v in example_inputs]
 
     def init_variables(key: jax.Array) -> Any:
         return model.init({"params": key, "dropout": key}, *inputs, train=False)
@@ -281,7 +284,9 @@ def step_key(rng: jax.Array, step: jax.Array, impl: str = "threefry") -> jax.Arr
 def train_step(
     state: TrainState, batch: Batch, loss_fn: LossFn, rng_impl: str = "threefry"
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer step; pure. Metrics include loss, grad_norm and learning_rate.
+    """One optimizer step; pure. Metrics include loss, grad_norm and learning_rate (where
+    the optimizer's state holds it: `optim.make_optimizer`'s, or any other built with
+    `optax.inject_hyperparams`; a plain optax optimizer's step has no learning_rate).
 
     `rng_impl`: the generator of the step's key (dropout masks), see `step_key`. Jitted by
     hand rather than by `compile_train_step`, trace it under `mesh_context(mesh, rules)`:
@@ -299,12 +304,10 @@ def train_step(
     tx = optax.with_extra_args_support(state.tx)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        **metrics,
-        "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "learning_rate": optim.current_learning_rate(state.opt_state),
-    }
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    learning_rate = optim.injected_learning_rate(state.opt_state)
+    if learning_rate is not None:
+        metrics["learning_rate"] = learning_rate
     new_state = state.replace(
         step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
     )
@@ -433,10 +436,17 @@ def _check_split(batch: Batch, ways: int) -> None:
     """A batch's leading axis is split over the mesh's data x fsdp devices (JAX's own error
     names a shape and a sharding, not the batch size to change)."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
-        shape = getattr(leaf, "shape", ())
-        if shape and shape[0] % ways:
-            # As Python indexes it: batch['inputs']['ids'], not the checkpoints' a/b names.
-            name = "batch" + jax.tree_util.keystr(path)
+        shape = np.shape(leaf)
+        # As Python indexes it: batch['inputs']['ids'], not the checkpoints' a/b names.
+        name = "batch" + jax.tree_util.keystr(path)
+        if not shape:  # (JAX's error: "incompatible with its sharding annotation")
+            raise ValueError(
+                f"{name} is a scalar: every array of a batch is split over the mesh's "
+                "data-parallel devices along its first axis (the examples); give it one "
+                "(a value per example), or pass the value to the step another way (e.g. "
+                "in the loss function)"
+            )
+        if shape[0] % ways:
             raise ValueError(
                 f"a batch of {shape[0]} examples ({name}'s leading axis) does not "
                 f"split over the mesh's {ways} data-parallel devices (data x fsdp): use a "

@@ -381,3 +381,28 @@ def test_restore_params_leaves_the_optimizer_state_on_disk(tmp_path, monkeypatch
     n_params = len(jax.tree.leaves(state.params))
     assert len(read) == n_params and all(name.startswith("params.") for name in read), read
     ckpt.close()
+
+
+def test_restore_gives_the_kind_of_prng_key_the_target_has(tmp_path):
+    """Was the kind the checkpoint had: a state saved with `jax.random.PRNGKey` (raw
+    uint32[2]) came back so onto a target of typed keys (`jax.random.key`), and the other
+    way round."""
+    mesh, rules = sharding.make_mesh(data=8), sharding.logical_rules("data")
+    tx = optim.make_optimizer("sgd", 0.1, total_steps=10)
+    model, example = cnn.SeedCNN(), [jnp.zeros((1, 28, 28, 1))]
+    for saved_key, target_key in (
+        (jax.random.PRNGKey(3), None),  # the target's default: a typed key
+        (jax.random.key(3), jax.random.PRNGKey(0)),
+    ):
+        state, _ = training.create_train_state(model, tx, example, saved_key, mesh, rules)
+        ckpt = checkpoint.Checkpointer(tmp_path / str(target_key is None), async_save=False)
+        ckpt.save(1, state)
+        target, _ = training.abstract_train_state(model, tx, example, mesh, rules, rng=target_key)
+        restored, _ = ckpt.restore(target)
+        ckpt.close()
+        assert restored.rng.dtype == target.rng.dtype and restored.rng.shape == target.rng.shape
+        raw = [
+            jax.random.key_data(k) if k.dtype != jnp.uint32 else k
+            for k in (state.rng, restored.rng)
+        ]
+        np.testing.assert_array_equal(*raw)

@@ -477,6 +477,9 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_named():
     train_step = training.compile_train_step(loss_fn, shardings, mesh, ())
     with pytest.raises(ValueError, match=r"a batch of 3 examples \(batch\['extra'\]'s"):
         train_step(state, {**batch, "extra": np.zeros(3, np.float32)})
+    # A scalar cannot be split (was JAX's "incompatible with its sharding annotation").
+    with pytest.raises(ValueError, match=r"batch\['epoch'\] is a scalar: every array of a"):
+        train_step(state, {**batch, "epoch": 2})
     # A nested one as Python indexes it (was batch['extra/ids']).
     with pytest.raises(ValueError, match=r"a batch of 3 examples \(batch\['extra'\]\['ids'\]'s"):
         train_step(state, {**batch, "extra": {"ids": np.zeros(3, np.int32)}})
@@ -512,3 +515,73 @@ def test_example_inputs_are_a_list():
         training.create_train_state(
             cnn.SeedCNN(), tx, jnp.zeros((2, 28, 28, 1)), jax.random.key(0), mesh, rules
         )
+
+
+class _Features(flax.linen.Module):
+    """A model whose one input is a dict of features, and whose second is a pair of arrays
+    of different widths."""
+
+    @flax.linen.compact
+    def __call__(self, features, pair, train=False):
+        dense = flax.linen.Dense
+        x = dense(4)(features["a"]) + dense(4)(features["b"]) + dense(4)(pair[0] * pair[1][:, :1])
+        return dense(4, kernel_init=flax.linen.with_partitioning(_init, (None, "fsdp")))(x)
+
+
+_init = flax.linen.initializers.lecun_normal()
+
+
+def _features_batch(n):
+    rng = np.random.default_rng(0)
+    return {
+        "features": {"a": rng.normal(size=(n, 5)), "b": rng.normal(size=(n, 2))},
+        "pair": (rng.normal(size=(n, 3)), rng.normal(size=(n, 7))),
+        "label": rng.integers(0, 3, n),
+    }
+
+
+def test_pytree_inputs_plain_optax_and_mesh_axis_annotations():
+    """A model input that is a dict or a tuple of arrays failed in create_train_state
+    (NumPy's "entry not a 2- or 3- tuple"); a plain optax optimizer failed at the first
+    step ("no injected learning_rate"); a kernel given mesh axes by Flax's
+    `nn.with_partitioning` was replicated (its names read as logical ones)."""
+    mesh, rules = sharding.make_mesh(data=4, fsdp=2), sharding.logical_rules("fsdp")
+    example = {k: jax.tree.map(lambda x: x[:1], v) for k, v in _features_batch(1).items()}
+    inputs = [example["features"], example["pair"]]
+    batch = _features_batch(8)
+    losses = {}
+    for name, tx in (
+        ("adam", optim.make_optimizer("adam", 1e-2, total_steps=10)),
+        ("plain", optax.adam(1e-2)),
+    ):
+        model = _Features()
+        state, shardings = training.create_train_state(
+            model, tx, inputs, jax.random.key(0), mesh, rules
+        )
+        assert state.params["Dense_3"]["kernel"].sharding.spec == P(None, "fsdp")
+        loss_fn, _ = training.classification_fns(model, inputs=lambda b: (b["features"], b["pair"]))
+        step = training.compile_train_step(loss_fn, shardings, mesh, rules)
+        losses[name] = []
+        for _ in range(3):
+            state, metrics = step(state, batch)
+            losses[name].append(float(metrics["loss"]))
+        assert ("learning_rate" in metrics) == (name == "adam")
+    np.testing.assert_allclose(losses["plain"], losses["adam"], rtol=1e-6)
+    assert losses["adam"][-1] < losses["adam"][0]
+
+
+def test_a_mesh_axis_annotation_this_mesh_lacks_is_named():
+    class Model(flax.linen.Module):
+        @flax.linen.compact
+        def __call__(self, x, train=False):
+            init = flax.linen.with_partitioning(_init, (None, "model"))
+            return flax.linen.Dense(4, kernel_init=init)(x)
+
+    mesh, rules = sharding.make_mesh(data=8), sharding.logical_rules("data")
+    tx = optim.make_optimizer("sgd", 0.1, total_steps=10)
+    x = jnp.zeros((1, 3))
+    with pytest.raises(ValueError, match="'model'.* not found in mesh"):  # Flax's own check
+        training.create_train_state(Model(), tx, [x], jax.random.key(0), mesh, rules)
+    abstract = jax.eval_shape(Model().init, jax.random.key(0), x)  # outside a mesh
+    with pytest.raises(ValueError, match=r"\['params'\]\['Dense_0'\]\['kernel'\] is split over "):
+        sharding.state_shardings(abstract, mesh, rules)
