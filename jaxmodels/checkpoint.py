@@ -177,9 +177,11 @@ class Checkpointer:
           TypeError: a data state that is not a dict of plain JSON (saved, it could not be
             restored).
           RuntimeError: after `close()`.
-          CheckpointError: `step` is saved already (a checkpoint is never overwritten), is
-            before the latest checkpoint here, or its folder cannot be made (the folder
-            turned read-only, say); a failure of the background writing comes from `wait`.
+          CheckpointError: an earlier save failed in the background (as `wait` says it:
+            each save first waits for the one before); `step` is saved already (a checkpoint
+            is never overwritten), or is before the latest checkpoint here; this save cannot
+            write (the folder turned read-only, say). A failure of this save's background
+            writing comes from the next `wait` or `save`.
           ValueError: `step` is not a non-negative integer.
         """
         if self._closed:
@@ -187,6 +189,9 @@ class Checkpointer:
                 f"this Checkpointer of {self.directory} is closed: save with a new one"
             )
         step = _as_step(step)
+        # Orbax's save waits for the save before it too, and would raise its failure as this
+        # step's (its raw error, or an OSError read as this save's own below).
+        self.wait()
         saved = self._manager.all_steps()  # those on disk when it started, and its saves since
         if saved and step < max(saved):
             # Keep-last-K keeps the newest saves, whatever their steps: it would delete a
@@ -218,11 +223,11 @@ class Checkpointer:
                 f"step {step} is saved already in {self.directory} ({e}): a checkpoint is "
                 "never overwritten; save another step, or delete that step's folder first"
             ) from None
-        except OSError as e:  # its folder could not be made (read-only now, gone, full)
+        except OSError as e:  # e.g. its folder could not be made (read-only now, gone, full)
             raise CheckpointError(
-                f"saving step {step} in {self.directory} failed: {brief(e)}. This save "
-                "touched no complete checkpoint there (the training application resumes "
-                "from the latest); make the folder writable again, or save elsewhere"
+                f"saving step {step} in {self.directory} failed: {brief(e)}. Check that the "
+                "folder is writable and has space, or save elsewhere (the training "
+                "application resumes from the latest complete checkpoint)"
             ) from e
 
     def wait(self) -> None:

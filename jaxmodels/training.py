@@ -97,8 +97,8 @@ def create_train_state(
       model: a Flax module called as `model(*example_inputs, train=False)`.
       tx: the optimizer.
       example_inputs: positional inputs with the right shapes and dtypes (any batch size;
-        each an array or a pytree of arrays, e.g. a dict of features; None for an optional
-        input left out).
+        each an array, a nested list of numbers, or a pytree of arrays such as a dict of
+        features or a tuple; None for an optional input left out).
       rng: PRNG key for the initialisation.
       mesh, rules: where and how to shard (see `jaxmodels.sharding`).
       params: start from these parameters instead of random ones (fine-tuning: e.g.
@@ -217,8 +217,12 @@ def _state_init(
             f"example_inputs is the list of the model's positional inputs (got "
             f"{type(example_inputs).__name__}): pass [x] for a model of one input"
         )
-    # Each input may be a pytree (a dict of features, a tuple); None stays None.
-    inputs = [jax.tree.map(jnp.asarray, v) for v in example_inputs]
+    # Each input may be a pytree (a dict of features, a tuple); a list is one array (of
+    # nested rows of numbers); None stays None.
+    inputs = [
+        jnp.asarray(v) if isinstance(v, list) else jax.tree.map(jnp.asarray, v)
+        for v in example_inputs
+    ]
 
     def init_variables(key: jax.Array) -> Any:
         return model.init({"params": key, "dropout": key}, *inputs, train=False)

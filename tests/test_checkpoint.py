@@ -185,7 +185,7 @@ def test_a_save_that_cannot_make_its_folder_fails_at_once_and_the_process_ends(t
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"saving step 2 in {directory} failed: NotADirectoryError" in proc.stdout
-    assert "This save touched no complete checkpoint there" in proc.stdout
+    assert "Check that the folder is writable and has space" in proc.stdout
 
 
 def test_a_save_that_fails_in_the_background_is_a_checkpoint_error(tmp_path, monkeypatch):
@@ -203,6 +203,10 @@ def test_a_save_that_fails_in_the_background_is_a_checkpoint_error(tmp_path, mon
         monkeypatch.setattr(ckpt._manager, "wait_until_finished", failing)
         with pytest.raises(CheckpointError, match=f"in {tmp_path} failed.*{message}"):
             ckpt.wait()
+        # The next save says so too (was Orbax's raw error, or an OSError reported as the
+        # next step's failure).
+        with pytest.raises(CheckpointError, match=f"a checkpoint in {tmp_path} failed.*{message}"):
+            ckpt.save(7, {"w": jnp.ones(2)})
     monkeypatch.undo()
     ckpt.close()
 

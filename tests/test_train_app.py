@@ -613,6 +613,12 @@ def test_momentum_keys_an_optimizer_ignores_are_named_in_a_warning(capsys):
         validate_config(config)
         trainer._make_optimizer(config)
     assert capsys.readouterr().err == ""
+    config.optimizer.name = "lamb"
+    validate_config(config)
+    assert (
+        "warning: config keys optimizer.momentum=0.9 and optimizer.nesterov=True have no "
+        "effect on lamb"
+    ) in capsys.readouterr().err
 
 
 def test_unknown_step_rng_is_named():

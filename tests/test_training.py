@@ -567,6 +567,17 @@ def test_pytree_inputs_plain_optax_and_mesh_axis_annotations():
             losses[name].append(float(metrics["loss"]))
         assert ("learning_rate" in metrics) == (name == "adam")
     np.testing.assert_allclose(losses["plain"], losses["adam"], rtol=1e-6)
+    # A list stays one array (of nested rows), as before.
+
+    class Flat(flax.linen.Module):
+        @flax.linen.compact
+        def __call__(self, x, train=False):
+            return flax.linen.Dense(2)(x.reshape(x.shape[0], -1))
+
+    state, _ = training.create_train_state(
+        Flat(), optax.sgd(0.1), [[[1.0, 2.0, 3.0]]], jax.random.key(0), mesh, rules
+    )
+    assert state.params["Dense_0"]["kernel"].shape == (3, 2)
     assert losses["adam"][-1] < losses["adam"][0]
 
 

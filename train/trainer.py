@@ -185,7 +185,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ignored = [f"optimizer.{k}={o[k]}" for k in ("momentum", "nesterov") if o[k]]
     if ignored and o.name not in optim.MOMENTUM_OPTIMIZERS and jax.process_index() == 0:
         print(
-            f"warning: config key {' and '.join(ignored)} has no effect on {o.name}, which has "
+            f"warning: config {'keys' if len(ignored) > 1 else 'key'} {' and '.join(ignored)} "
+            f"{'have' if len(ignored) > 1 else 'has'} no effect on {o.name}, which has "
             f"no momentum (its first moment decays by optimizer.b1, here {o.b1}); momentum "
             f"and nesterov are for {', '.join(optim.MOMENTUM_OPTIMIZERS)}",
             file=sys.stderr,
